@@ -1,0 +1,26 @@
+"""torchslim: compress and accelerate trained PyTorch models.
+
+Example:
+    >>> import torchslim as ts
+    >>> model = ts.models.lenet_300_100()
+    >>> data = ts.data.fashion_mnist()                                   # doctest: +SKIP
+    >>> ts.prune_(model, ts.MagnitudePruneConfig(sparsity=0.9), data=data)  # doctest: +SKIP
+    >>> ts.share_(model, ts.ShareConfig(bits=5), data=data)                 # doctest: +SKIP
+    >>> ts.save(model, "lenet.tslim")                                       # doctest: +SKIP
+    >>> restored = ts.load("lenet.tslim", model=ts.models.lenet_300_100())  # doctest: +SKIP
+"""
+
+from torchslim import errors
+from torchslim.artifact.tslim import load, save
+from torchslim.core import data, models
+from torchslim.core.plan import CompressionPlan, LayerDecision
+from torchslim.errors import TorchslimError
+from torchslim.train.fit import TrainConfig, fit
+from torchslim.transforms.prune import MagnitudePruneConfig, prune_
+from torchslim.transforms.share import ShareConfig, share_
+
+__version__ = "0.1.0"
+__all__ = [
+    "CompressionPlan", "LayerDecision", "MagnitudePruneConfig", "ShareConfig", "TorchslimError", "TrainConfig",
+    "data", "errors", "fit", "load", "models", "prune_", "save", "share_",
+]  # fmt: skip

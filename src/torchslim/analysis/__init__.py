@@ -1,0 +1,1 @@
+"""What is in a model: which layers can be compressed and what they cost. Never mutates."""

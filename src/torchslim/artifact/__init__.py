@@ -1,0 +1,1 @@
+"""The `.tslim` artifact: codecs, save and load (spec: docs/format.md)."""

@@ -1,0 +1,223 @@
+"""Entropy coding of sparse, weight-shared tensors (docs/format.md, section 3).
+
+The arithmetic is constriction's ANS coder; what is written here is only the modelling the
+format defines: a row-by-row mask with per-column adaptive Bernoulli probabilities, and
+one categorical model over codebook indices whose counts are stored as varints. Everything
+a stream needs to decode is in the blob or the manifest entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import constriction
+import numpy as np
+import torch
+
+from torchslim.errors import ArtifactError
+
+ALPHA = 4.0
+"""Prior strength of the position model: the layer density counts as this many rows."""
+MAX_CODEBOOK = 256
+_FLOATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPES = {v: k for k, v in _FLOATS.items()}
+
+
+def _bernoulli():
+    return constriction.stream.model.Bernoulli(perfect=False)
+
+
+def _words(coder) -> bytes:
+    return coder.get_compressed().astype("<u4").tobytes()
+
+
+def _coder(buf: bytes):
+    if len(buf) % 4:
+        raise ArtifactError(f"coded stream of {len(buf)} bytes is not a whole number of 32-bit words")
+    try:
+        return constriction.stream.stack.AnsCoder(np.frombuffer(buf, dtype="<u4").astype(np.uint32))
+    except ValueError as exc:
+        raise ArtifactError(f"coded stream is corrupted: {exc}") from None
+
+
+def varints(values: np.ndarray) -> bytes:
+    """Unsigned LEB128: 7 bits per byte, high bit set on every byte but the last."""
+    out = bytearray()
+    for v in values.tolist():
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def read_varints(buf: bytes, count: int, offset: int = 0) -> tuple[list[int], int]:
+    """Read ``count`` LEB128 varints from ``buf`` at ``offset``; return them and the new offset."""
+    values = []
+    for _ in range(count):
+        value, shift = 0, 0
+        while True:
+            if offset >= len(buf) or shift > 35:
+                raise ArtifactError(f"varint at byte {offset} of a blob runs past its end")
+            byte = buf[offset]
+            offset += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        values.append(value)
+    return values, offset
+
+
+def _position_probs(mask: np.ndarray, alpha: float) -> np.ndarray:
+    """p[r, c] = (ones above in column c + alpha * density) / (r + alpha), float64."""
+    rows = mask.shape[0]
+    density = float(mask.sum()) / mask.size
+    above = np.cumsum(mask, axis=0, dtype=np.int64) - mask  # (R, C) ones in earlier rows
+    return (above.astype(np.float64) + alpha * density) / (np.arange(rows, dtype=np.float64)[:, None] + alpha)
+
+
+def encode_positions(mask: np.ndarray, alpha: float = ALPHA) -> bytes:
+    """Code a boolean (R, C) mask row by row (section 3.2)."""
+    coder = constriction.stream.stack.AnsCoder()
+    probs = _position_probs(mask, alpha)
+    coder.encode_reverse(mask.astype(np.int32).ravel(), _bernoulli(), probs.ravel())
+    return _words(coder)
+
+
+def decode_positions(buf: bytes, rows: int, cols: int, nnz: int, alpha: float) -> np.ndarray:
+    """Inverse of :func:`encode_positions`; ``nnz`` gives the density the model starts from."""
+    coder = _coder(buf)
+    density = nnz / (rows * cols)
+    above = np.zeros(cols, dtype=np.int64)
+    mask = np.empty((rows, cols), dtype=bool)
+    model = _bernoulli()
+    for r in range(rows):
+        probs = (above.astype(np.float64) + alpha * density) / (np.float64(r) + alpha)
+        mask[r] = coder.decode(model, probs) != 0
+        above += mask[r]
+    return mask
+
+
+def _categorical(counts: np.ndarray):
+    probs = counts.astype(np.float64) / float(counts.sum())
+    return constriction.stream.model.Categorical(probs, perfect=False)
+
+
+def encode_indices(indices: np.ndarray, counts: np.ndarray) -> bytes:
+    """Code cluster indices with one categorical model over their counts (section 3.3)."""
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(indices.astype(np.int32), _categorical(counts))
+    return _words(coder)
+
+
+def decode_indices(buf: bytes, counts: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`encode_indices`."""
+    return _coder(buf).decode(_categorical(counts), int(counts.sum()))
+
+
+def entropy_bits(counts: np.ndarray) -> float:
+    """Order-0 empirical Shannon bound of a stream with these symbol counts, in bits."""
+    counts = counts[counts > 0].astype(np.float64)
+    n = counts.sum()
+    return float(-(counts * np.log2(counts / n)).sum()) if n else 0.0
+
+
+@dataclass(frozen=True)
+class Coded:
+    """One coded tensor: its blob and its manifest entry."""
+
+    blob: bytes
+    entry: dict
+
+
+def _matrix(t: torch.Tensor) -> np.ndarray:
+    rows = t.shape[0] if t.dim() > 0 else 1
+    return t.detach().reshape(rows, -1).float().numpy()  # (R, C)
+
+
+def encode_tensor(t: torch.Tensor, alpha: float = ALPHA) -> Coded | None:
+    """Code a float tensor as codebook/values + positions + indices; ``None`` if not codable."""
+    if t.dtype not in _FLOATS or t.numel() == 0:
+        return None
+    w = _matrix(t)
+    mask = w != 0
+    values = w[mask]  # row-major non-zeros
+    codebook, index = np.unique(values, return_inverse=True)
+    shared = codebook.size <= MAX_CODEBOOK
+    positions = encode_positions(mask, alpha) if values.size < w.size else b""
+    if shared:
+        counts = np.bincount(index, minlength=codebook.size)
+        head = codebook.astype("<f4").tobytes() + varints(counts)
+        stream = encode_indices(index, counts) if values.size else b""
+    else:
+        head, stream = values.astype("<f4").tobytes(), b""
+    entry = {
+        "dtype": _FLOATS[t.dtype],
+        "shape": list(t.shape),
+        "nnz": int(values.size),
+        "values": "codebook" if shared else "raw",
+        "k": int(codebook.size) if shared else 0,
+        "alpha": alpha,
+        "sections": [len(head), len(positions), len(stream)],
+    }
+    return Coded(head + positions + stream, entry)
+
+
+def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
+    """Rebuild the tensor ``name`` from its blob and manifest entry, checking every length."""
+    try:
+        shape, nnz, k = [int(s) for s in entry["shape"]], int(entry["nnz"]), int(entry["k"])
+        head_len, pos_len, idx_len = (int(s) for s in entry["sections"])
+        dtype, kind, alpha = _DTYPES[entry["dtype"]], entry["values"], float(entry["alpha"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"tensor {name!r}: malformed manifest entry ({exc!r})") from None
+    numel = math.prod(shape)
+    rows = shape[0] if shape else 1
+    if head_len + pos_len + idx_len != len(blob) or not 0 <= nnz <= numel or min(shape, default=1) < 0:
+        raise ArtifactError(f"tensor {name!r}: sections {entry['sections']} do not fit a {len(blob)}-byte blob")
+    if kind not in ("codebook", "raw") or alpha <= 0 or (kind == "codebook" and not 0 <= k <= MAX_CODEBOOK):
+        raise ArtifactError(f"tensor {name!r}: unsupported value coding {kind!r} (k={k}, alpha={alpha})")
+    head, pos, idx = blob[:head_len], blob[head_len : head_len + pos_len], blob[head_len + pos_len :]
+    cols = numel // rows if rows else 0
+    if nnz == numel:
+        mask = np.ones((rows, cols), dtype=bool)
+    else:
+        mask = decode_positions(pos, rows, cols, nnz, alpha)
+    if int(mask.sum()) != nnz:
+        raise ArtifactError(f"tensor {name!r}: position stream holds {int(mask.sum())} non-zeros, manifest says {nnz}")
+    if kind == "codebook":
+        codebook = np.frombuffer(head[: 4 * k], dtype="<f4")
+        counts, end = read_varints(head, k, 4 * k)
+        counts = np.asarray(counts, dtype=np.int64)
+        if end != head_len or codebook.size != k or int(counts.sum()) != nnz or (counts < 1).any():
+            raise ArtifactError(f"tensor {name!r}: codebook counts do not match nnz={nnz}")
+        values = codebook[decode_indices(idx, counts)] if nnz else codebook[:0]
+    else:
+        if head_len != 4 * nnz:
+            raise ArtifactError(f"tensor {name!r}: {head_len} bytes of raw values for nnz={nnz}")
+        values = np.frombuffer(head, dtype="<f4")
+    out = np.zeros((rows, cols), dtype=np.float32)
+    out[mask] = values
+    return torch.from_numpy(out).reshape(shape).to(dtype)
+
+
+def stream_bounds(t: torch.Tensor, alpha: float = ALPHA) -> dict[str, float]:
+    """Shannon bounds, in bits, of the streams a tensor codes to.
+
+    ``positions_h0``: order-0 entropy of the mask (``numel * H(density)``);
+    ``positions_model``: ideal code length under the format's adaptive column model;
+    ``indices_h0``: order-0 entropy of the codebook indices.
+    """
+    w = _matrix(t)
+    mask = w != 0
+    nnz = int(mask.sum())
+    out = {"positions_h0": 0.0, "positions_model": 0.0, "indices_h0": 0.0}
+    if 0 < nnz < w.size:
+        out["positions_h0"] = entropy_bits(np.array([nnz, w.size - nnz]))
+        p = _position_probs(mask, alpha)
+        out["positions_model"] = float(-np.log2(np.where(mask, p, 1.0 - p)).sum())
+    _, index = np.unique(w[mask], return_inverse=True)
+    out["indices_h0"] = entropy_bits(np.bincount(index)) if nnz else 0.0
+    return out

@@ -1,0 +1,200 @@
+"""``save`` and ``load`` of `.tslim` files (spec: docs/format.md).
+
+Nothing here unpickles or imports code named in a file: the container is parsed by
+safetensors, the manifest by ``json``, and the model is rebuilt by a builder the caller
+passes (or a zoo builder named in the manifest and looked up in a literal dict).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from torchslim.artifact.codecs import decode_tensor, encode_tensor
+from torchslim.core.files import write_atomic
+from torchslim.errors import ArtifactError, ShapeMismatchError
+
+FORMAT, VERSION = "tslim", 1
+_REQUIRED = ("format", "version", "coded", "model", "plan", "metrics", "fingerprint")
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def encode(
+    model: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    plan: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    zoo: Mapping[str, Any] | None = None,
+) -> bytes:
+    """The bytes of a `.tslim` file for ``model`` (a module or a state_dict)."""
+    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    stored, entries = {}, {}
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        coded = encode_tensor(t)
+        if coded is not None and len(coded.blob) < t.numel() * t.element_size():
+            stored[name] = torch.frombuffer(bytearray(coded.blob), dtype=torch.uint8)
+            entries[name] = coded.entry
+        else:
+            stored[name] = t
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "coded": entries,
+        "model": dict(zoo) if zoo else None,
+        "plan": dict(plan or {}),
+        "metrics": dict(metrics or {}),
+        "fingerprint": fingerprint(stored),
+    }
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return st_save(stored, metadata={"tslim": text})
+
+
+def save(
+    model: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    plan: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    zoo: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` as a `.tslim` file, atomically.
+
+    Zeros become coded positions, layers with at most 256 distinct non-zero values become
+    codebook + entropy-coded indices, everything else is stored natively. The file appears
+    only when complete; a failure leaves any earlier file at ``path`` untouched.
+
+    Example:
+        >>> ts.save(model, "lenet.tslim")  # doctest: +SKIP
+    """
+    data = encode(model, plan=plan, metrics=metrics, zoo=zoo)
+    return write_atomic(Path(path), data)
+
+
+def fingerprint(stored: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over each stored tensor's name, dtype and bytes, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(stored):
+        t = stored[name].contiguous()
+        digest.update(name.encode() + b"\0" + _ST_DTYPES[t.dtype].encode() + b"\0")
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Parse and verify a `.tslim` file; return ``(manifest, stored tensors)``. Decodes nothing."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) < 8:
+        raise ArtifactError(f"{path}: {len(raw)} bytes is too short for a .tslim (safetensors) file")
+    header_len = int.from_bytes(raw[:8], "little")
+    if header_len > len(raw) - 8:
+        raise ArtifactError(
+            f"{path}: not a .tslim file (the first 8 bytes announce a {header_len}-byte header but the file "
+            f"has {len(raw)} bytes): truncated, or not safetensors at all (a pickle or zip checkpoint?)"
+        )
+    try:
+        stored = st_load(raw)
+        header = json.loads(raw[8 : 8 + header_len])
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not a valid safetensors container: {exc}") from None
+    manifest = _manifest(path, header)
+    coded = manifest["coded"]
+    if not isinstance(coded, dict) or not set(coded) <= set(stored):
+        raise ArtifactError(f"{path}: the manifest lists coded tensors that the container lacks")
+    if fingerprint(stored) != manifest["fingerprint"]:
+        raise ArtifactError(f"{path}: content fingerprint mismatch; the file is corrupted (bit flip or edit)")
+    return manifest, stored
+
+
+def _manifest(path: Path, header: Any) -> dict:
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or "tslim" not in meta:
+        raise ArtifactError(f"{path}: a safetensors file without a tslim manifest; save it with torchslim.save")
+    try:
+        manifest = json.loads(meta["tslim"])
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: the tslim manifest is not valid JSON ({exc})") from None
+    missing = [k for k in _REQUIRED if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path}: the manifest lacks {missing}")
+    if manifest["format"] != FORMAT or manifest["version"] != VERSION:
+        raise ArtifactError(
+            f"{path}: format {manifest['format']!r} version {manifest['version']!r}; this torchslim reads "
+            f"{FORMAT!r} version {VERSION}: upgrade torchslim"
+        )
+    return manifest
+
+
+def decode_state(manifest: dict, stored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Decode every tensor of a verified file into a state_dict."""
+    state = {}
+    for name, t in stored.items():
+        entry = manifest["coded"].get(name)
+        if entry is None:
+            state[name] = t
+        elif isinstance(entry, dict) and t.dtype == torch.uint8:
+            state[name] = decode_tensor(t.numpy().tobytes(), entry, name)
+        else:
+            raise ArtifactError(f"tensor {name!r}: a coded entry must be a mapping over a U8 blob")
+    return state
+
+
+def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Rebuild a runnable model from a `.tslim` file.
+
+    Args:
+        path: the file.
+        model: a freshly built model of the right architecture, or a builder returning one.
+            When omitted, the zoo model named in the file is built.
+
+    Example:
+        >>> restored = ts.load("lenet.tslim", model=ts.models.lenet_300_100())  # doctest: +SKIP
+    """
+    manifest, stored = read(path)
+    state = decode_state(manifest, stored)
+    module = _target(manifest, model, path)
+    expected = module.state_dict()
+    extra, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+    if extra or missing:
+        raise ShapeMismatchError(
+            f"{path}: the model does not match the file: tensors only in the file {extra[:5]}, "
+            f"only in the model {missing[:5]}; pass the builder of the model that was saved"
+        )
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ShapeMismatchError(
+                f"{path}: {name} has shape {tuple(t.shape)} in the file but {tuple(expected[name].shape)} in the "
+                "model; pass the builder of the model that was saved"
+            )
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def _target(manifest: dict, model: nn.Module | Callable[[], nn.Module] | None, path: Any) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    if model is not None:
+        return model()
+    zoo = manifest.get("model")
+    if not zoo:
+        raise ArtifactError(f"{path}: the file holds a user model; pass model=<a fresh instance or builder>")
+    from torchslim.core.models import build_model
+
+    return build_model(zoo["zoo"], **zoo.get("kwargs", {}))

@@ -1,0 +1,35 @@
+"""Every user-facing failure in torchslim is one of these errors.
+
+Each message names what was wrong (the key, the layer, the file, the offset) and says what
+to do about it. Catch :class:`TorchslimError` to catch them all.
+"""
+
+from __future__ import annotations
+
+
+class TorchslimError(Exception):
+    """Base class of every error torchslim raises on purpose."""
+
+
+class ConfigError(TorchslimError, ValueError):
+    """A config, plan or argument value is out of range or of the wrong kind."""
+
+
+class DataError(TorchslimError):
+    """A dataset is missing, unreadable or not what the model expects."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """A built-in dataset's files are not on this machine."""
+
+
+class ArtifactError(TorchslimError):
+    """A `.tslim` file is not readable: not safetensors, truncated, corrupted or foreign."""
+
+
+class ShapeMismatchError(ArtifactError):
+    """The model given to `load` does not have the shapes stored in the file."""
+
+
+class RecipeError(TorchslimError, ValueError):
+    """A recipe file has unknown keys, wrong types or missing values."""

@@ -1,0 +1,1 @@
+"""Measurements: accuracy, agreement, real bytes on disk, latency."""

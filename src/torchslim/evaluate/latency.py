@@ -1,0 +1,52 @@
+"""Latency with warm-up and medians, at a stated batch size and thread count."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median and spread of one forward pass. Times in milliseconds."""
+
+    batch: int
+    threads: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+    backend: str = "eager"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module, example: torch.Tensor, threads: int = 2, warmup: int = 10, repeats: int = 50
+) -> Latency:
+    """Time ``model(example)`` after ``warmup`` calls; report the median of ``repeats`` calls.
+
+    Example:
+        >>> lat = measure_latency(model, torch.zeros(64, 1, 28, 28))  # doctest: +SKIP
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model.eval()
+        for _ in range(warmup):
+            model(example)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(example)
+            times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(previous)
+    deciles = statistics.quantiles(times, n=10)
+    return Latency(example.shape[0], threads, statistics.median(times), deciles[0], deciles[-1], repeats)

@@ -1,0 +1,134 @@
+"""The recipe schema. Every model forbids unknown keys, so a misspelled key is an error naming it.
+
+A recipe names a model, a dataset, how the dense baseline is trained, the compression
+steps in order, and where outputs go. All problems in a file are reported at once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from torchslim.errors import RecipeError
+
+BUILTIN = Path(__file__).parent / "builtin"
+DEFAULT_RECIPE = "lenet_300_100"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="zoo model: lenet_300_100 or lenet5")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSection(_Strict):
+    name: str = "fashion_mnist"
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(1000, ge=1)
+    calib_size: int = Field(2048, ge=1)
+    seed: int = 0
+
+
+class TrainSection(_Strict):
+    epochs: int = Field(ge=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class PruneSection(_Strict):
+    sparsity: Union[float, dict[str, float]]
+    scope: str = Field("layer", pattern="^(layer|global)$")
+    steps: int = Field(1, ge=1)
+    finetune: TrainSection | None = None
+
+
+class ShareSection(_Strict):
+    bits: Union[int, dict[str, int]]
+    finetune: TrainSection | None = None
+    kmeans_iters: int = Field(100, ge=1)
+
+
+class Step(_Strict):
+    """Exactly one of the keys: ``prune`` or ``share``."""
+
+    prune: PruneSection | None = None
+    share: ShareSection | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> "Step":
+        given = [k for k in ("prune", "share") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a step has exactly one of 'prune' or 'share', got {given or 'none'}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "prune" if self.prune is not None else "share"
+
+
+class LatencySection(_Strict):
+    batches: list[int] = Field(default_factory=lambda: [1, 64])
+    repeats: int = Field(50, ge=1)
+    warmup: int = Field(10, ge=0)
+
+
+class Outputs(_Strict):
+    dir: str = "runs/{name}"
+    artifact: str = "{name}.tslim"
+
+
+class Recipe(_Strict):
+    name: str
+    model: ModelSpec
+    data: DataSection = DataSection()
+    baseline: TrainSection = TrainSection(epochs=15, lr=3e-3)
+    steps: list[Step] = Field(min_length=1)
+    outputs: Outputs = Outputs()
+    latency: LatencySection = LatencySection()
+    threads: int = Field(2, ge=1)
+    seed: int = 0
+
+    def out_dir(self) -> Path:
+        return Path(self.outputs.dir.format(name=self.name))
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    """Validate YAML text as a recipe; raise :class:`RecipeError` listing every problem."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with keys name, model, steps, ...")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            what = "unknown key (misspelled?)" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {where}: {what}")
+        raise RecipeError(f"{source}: {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with torchslim."""
+    return sorted(p.stem for p in BUILTIN.glob("*.yaml"))
+
+
+def load_recipe(ref: str | os.PathLike | None = None) -> Recipe:
+    """Load a recipe from a path, or a built-in by name (default: LeNet-300-100)."""
+    ref = DEFAULT_RECIPE if ref is None else ref
+    path = Path(ref)
+    if not path.is_file() and (BUILTIN / f"{ref}.yaml").is_file():
+        path = BUILTIN / f"{ref}.yaml"
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(ref)!r} not found: give a YAML path or a built-in name {builtin_recipes()}")
+    return parse_recipe(path.read_text(), str(path))

@@ -1,0 +1,1 @@
+"""Report data -> JSON and Markdown."""

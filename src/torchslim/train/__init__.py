@@ -1,0 +1,1 @@
+"""The small training loops the transforms need: fine-tuning and baseline training."""

@@ -1,0 +1,171 @@
+"""Magnitude pruning (weight trimming), one-shot or iterative, with fixed masks while fine-tuning.
+
+Han et al. 2015 ("Learning both Weights and Connections"): remove the smallest-magnitude
+weights, fine-tune the rest, repeat. Masks are applied with ``torch.nn.utils.prune`` so
+the fine-tuning loop keeps pruned weights at zero without knowing about them; at the end
+the masks are made permanent (plain zeros in ``weight``), so the model carries no hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Literal, Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from torchslim.analysis.cost import weight_layers
+from torchslim.core.data import Data
+from torchslim.core.plan import CompressionPlan, LayerDecision, check_sparsity, match_layer
+from torchslim.errors import ConfigError
+from torchslim.train.fit import Progress, TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MagnitudePruneConfig:
+    """How much to prune, where, and how to recover.
+
+    Attributes:
+        sparsity: one fraction for every weight layer, or a map from module name or
+            ``re:`` pattern to a fraction (layers no key names are left dense, with the
+            reason recorded).
+        scope: ``"layer"`` prunes each layer to its own target; ``"global"`` ranks all
+            weights of the targeted layers together under one threshold (one number only).
+        steps: prune in this many rounds with sparsity rising on a cubic schedule
+            (Zhu & Gupta 2017), fine-tuning after each round (Han et al. 2015).
+        finetune: training after each round; ``None`` or no data means one-shot, no training.
+
+    Example:
+        >>> cfg = MagnitudePruneConfig(sparsity={"fc1": 0.92, "re:fc[23]": 0.9}, steps=3)
+    """
+
+    sparsity: float | Mapping[str, float] = 0.9
+    scope: Literal["layer", "global"] = "layer"
+    steps: int = 1
+    finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=2, lr=1e-3))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sparsity, Mapping):
+            for key, value in self.sparsity.items():
+                check_sparsity(value, f"sparsity[{key!r}]")
+            if self.scope == "global":
+                raise ConfigError("scope='global' takes one sparsity number, not a per-layer map")
+        else:
+            check_sparsity(self.sparsity, "sparsity")
+        if self.scope not in ("layer", "global"):
+            raise ConfigError(f"scope={self.scope!r}: use 'layer' or 'global'")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps={self.steps!r}: use a whole number >= 1")
+
+    def targets(self, model: nn.Module) -> tuple[dict[str, float], dict[str, str]]:
+        """Final sparsity per layer, and why each other weight layer is skipped."""
+        names = [name for name, _ in weight_layers(model)]
+        if not isinstance(self.sparsity, Mapping):
+            return {n: float(self.sparsity) for n in names}, {}
+        unused = [k for k in self.sparsity if not any(match_layer([k], n) for n in names)]
+        if unused:
+            raise ConfigError(f"sparsity keys {unused} match no Linear/Conv layer; layers are {names}")
+        targets, skipped = {}, {}
+        for n in names:
+            key = match_layer(self.sparsity, n)
+            if key is None:
+                skipped[n] = "no sparsity rule names this layer"
+            else:
+                targets[n] = float(self.sparsity[key])
+        return targets, skipped
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What ``prune_`` did: the per-layer plan it realised and the loss after each round."""
+
+    plan: CompressionPlan
+    history: list[dict]
+
+
+def schedule(final: float, steps: int) -> list[float]:
+    """Cubic sparsity ramp ending at ``final``: ``final * (1 - (1 - i/steps)**3)``."""
+    return [final * (1.0 - (1.0 - i / steps) ** 3) for i in range(1, steps + 1)]
+
+
+def prune_(
+    model: nn.Module, config: MagnitudePruneConfig, data: Data | None = None, progress: Progress | None = None
+) -> PruneResult:
+    """Prune ``model``'s Linear/Conv weights by magnitude, in place, fine-tuning between rounds.
+
+    Example:
+        >>> result = prune_(model, MagnitudePruneConfig(sparsity=0.9, steps=3), data=data)  # doctest: +SKIP
+    """
+    targets, skipped = config.targets(model)
+    layers = {n: m for n, m in weight_layers(model) if n in targets}
+    others = [m for n, m in weight_layers(model) if n not in targets]
+    with frozen_zeros(others):
+        history = _rounds(model, config, data, layers, targets, progress)
+    plan = CompressionPlan()
+    for name, m in layers.items():
+        plan = plan.merged(name, sparsity=float((m.weight == 0).float().mean()))
+    for name, why in skipped.items():
+        plan = plan.merged(name, skip=why)
+    return PruneResult(plan, history)
+
+
+def _rounds(model, config, data, layers, targets, progress) -> list[dict]:
+    history = []
+    try:
+        for step in range(config.steps):
+            wanted = {n: schedule(t, config.steps)[step] for n, t in targets.items()}
+            masks = _global_masks(layers, wanted) if config.scope == "global" else _layer_masks(layers, wanted)
+            for name, mask in masks.items():
+                torch_prune.custom_from_mask(layers[name], "weight", mask)
+            losses = []
+            if data is not None and config.finetune is not None:
+                losses = fit(model, data, config.finetune, progress)
+            history.append({"step": step + 1, "sparsity": wanted, "losses": losses})
+            log.info("prune round %d/%d done", step + 1, config.steps)
+    finally:
+        for m in layers.values():
+            if torch_prune.is_pruned(m):
+                torch_prune.remove(m, "weight")
+    return history
+
+
+@contextlib.contextmanager
+def frozen_zeros(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Keep the zero weights of ``modules`` at zero while the block trains the model."""
+    sparse = [m for m in modules if bool((m.weight == 0).any())]
+    for m in sparse:
+        torch_prune.custom_from_mask(m, "weight", (m.weight != 0).float())
+    try:
+        yield
+    finally:
+        for m in sparse:
+            torch_prune.remove(m, "weight")
+
+
+@torch.no_grad()
+def _layer_masks(layers: Mapping[str, nn.Module], wanted: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    return {n: _smallest_off(layers[n].weight.abs().flatten(), wanted[n]).view_as(layers[n].weight) for n in layers}
+
+
+@torch.no_grad()
+def _global_masks(layers: Mapping[str, nn.Module], wanted: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    scores = torch.cat([m.weight.abs().flatten() for m in layers.values()])
+    flat = _smallest_off(scores, next(iter(wanted.values())))
+    masks, start = {}, 0
+    for n, m in layers.items():
+        masks[n] = flat[start : start + m.weight.numel()].view_as(m.weight)
+        start += m.weight.numel()
+    return masks
+
+
+def _smallest_off(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """A 0/1 mask turning off the ``fraction`` smallest scores (ties broken by position)."""
+    k = int(round(fraction * scores.numel()))
+    mask = torch.ones_like(scores)
+    mask[torch.argsort(scores, stable=True)[:k]] = 0.0
+    return mask

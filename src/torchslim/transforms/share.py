@@ -1,0 +1,156 @@
+"""Weight sharing by per-layer k-means, then trained quantisation (Deep Compression, sec. 3).
+
+Each layer's non-zero weights are clustered into ``2**bits`` centroids (linear initialisation
+between the smallest and largest weight, as the paper found best), and every weight is
+replaced by its centroid. Fine-tuning then trains the centroids themselves: the layer's
+``weight`` becomes a parametrization ``codebook[index]``, so autograd sums the gradients of
+all weights sharing a centroid into that centroid, and pruned weights (index pointing at a
+constant zero) stay zero. At the end the parametrization is removed, leaving a plain weight
+with at most ``2**bits`` distinct non-zero values; ``torchslim.save`` finds the codebook
+from those values, so the model carries no side state.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from torchslim.analysis.cost import weight_layers
+from torchslim.core.data import Data
+from torchslim.core.plan import CompressionPlan, LayerDecision, match_layer
+from torchslim.errors import ConfigError
+from torchslim.transforms.prune import frozen_zeros
+from torchslim.train.fit import Progress, TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShareConfig:
+    """Codebook sizes and centroid fine-tuning.
+
+    Attributes:
+        bits: bits per index for every weight layer, or a map from module name or ``re:``
+            pattern to bits (1..8). Layers no key names keep their weights, reason recorded.
+        finetune: trained quantisation of the centroids; ``None`` or no data skips it.
+        kmeans_iters: Lloyd iterations of the k-means.
+
+    Example:
+        >>> cfg = ShareConfig(bits={"re:conv.*": 8, "re:fc.*": 5})
+    """
+
+    bits: int | Mapping[str, int] = 5
+    finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=2, lr=1e-4))
+    kmeans_iters: int = 100
+
+    def __post_init__(self) -> None:
+        values = self.bits.items() if isinstance(self.bits, Mapping) else [("bits", self.bits)]
+        for key, value in values:
+            LayerDecision(bits=value)  # validates the range with a clear message
+        if self.kmeans_iters < 1:
+            raise ConfigError(f"kmeans_iters={self.kmeans_iters}: use at least 1")
+
+    def targets(self, model: nn.Module) -> tuple[dict[str, int], dict[str, str]]:
+        """Bits per layer, and why each other weight layer is skipped."""
+        names = [name for name, _ in weight_layers(model)]
+        if not isinstance(self.bits, Mapping):
+            return {n: int(self.bits) for n in names}, {}
+        unused = [k for k in self.bits if not any(match_layer([k], n) for n in names)]
+        if unused:
+            raise ConfigError(f"bits keys {unused} match no Linear/Conv layer; layers are {names}")
+        targets, skipped = {}, {}
+        for n in names:
+            key = match_layer(self.bits, n)
+            if key is None:
+                skipped[n] = "no bits rule names this layer"
+            else:
+                targets[n] = int(self.bits[key])
+        return targets, skipped
+
+
+@dataclass(frozen=True)
+class ShareResult:
+    """What ``share_`` did: bits per layer, and the fine-tuning losses."""
+
+    plan: CompressionPlan
+    losses: list[float]
+
+
+class SharedWeight(nn.Module):
+    """Parametrization ``weight = [codebook, 0][index]``; index == len(codebook) means pruned."""
+
+    def __init__(self, index: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("index", index)
+
+    def forward(self, codebook: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([codebook, codebook.new_zeros(1)])
+        return table[self.index]  # same shape as the layer's weight
+
+
+def kmeans_codebook(weight: torch.Tensor, bits: int, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster the non-zero entries of ``weight``: returns ``(codebook, index)``.
+
+    ``index`` has ``weight``'s shape; zeros get ``index == len(codebook)``. The codebook is
+    sorted and has at most ``2**bits`` entries (fewer when there are fewer distinct values).
+    """
+    from sklearn.cluster import KMeans
+
+    flat = weight.detach().flatten().double().numpy()
+    nonzero = flat != 0
+    values = flat[nonzero]
+    distinct = np.unique(values)
+    k = min(2**bits, distinct.size)
+    index = np.full(flat.shape, k, dtype=np.int64)
+    if k == 0:
+        return torch.zeros(0), torch.from_numpy(index).view_as(weight)
+    if k == distinct.size:
+        centroids = distinct
+    else:
+        init = np.linspace(values.min(), values.max(), k).reshape(-1, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # empty-cluster relocation notes are expected
+            km = KMeans(k, init=init, n_init=1, max_iter=iters, tol=0.0).fit(values.reshape(-1, 1))
+        centroids = np.sort(km.cluster_centers_.ravel())
+    codebook = torch.from_numpy(centroids).float()
+    edges = (codebook[1:] + codebook[:-1]) / 2
+    index[nonzero] = torch.bucketize(torch.from_numpy(values).float(), edges).numpy()
+    return codebook, torch.from_numpy(index).view_as(weight)
+
+
+def share_(
+    model: nn.Module, config: ShareConfig, data: Data | None = None, progress: Progress | None = None
+) -> ShareResult:
+    """Replace each targeted layer's weights by a k-means codebook, then train the centroids.
+
+    Example:
+        >>> result = share_(model, ShareConfig(bits=5), data=data)  # doctest: +SKIP
+    """
+    targets, skipped = config.targets(model)
+    layers = {n: m for n, m in weight_layers(model) if n in targets}
+    for name, m in layers.items():
+        codebook, index = kmeans_codebook(m.weight, targets[name], config.kmeans_iters)
+        parametrize.register_parametrization(m, "weight", SharedWeight(index), unsafe=True)
+        m.parametrizations.weight.original = nn.Parameter(codebook)
+    others = [m for n, m in weight_layers(model) if n not in targets]
+    losses: list[float] = []
+    try:
+        if data is not None and config.finetune is not None:
+            with frozen_zeros(others):
+                losses = fit(model, data, config.finetune, progress)
+    finally:
+        for m in layers.values():
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    plan = CompressionPlan()
+    for name, bits in targets.items():
+        plan = plan.merged(name, bits=bits)
+    for name, why in skipped.items():
+        plan = plan.merged(name, skip=why)
+    return ShareResult(plan, losses)

@@ -1,0 +1,77 @@
+import copy
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from torchslim.analysis.cost import layer_costs
+from torchslim.errors import ConfigError
+from torchslim.evaluate.metrics import accuracy
+from torchslim.train.fit import TrainConfig
+from torchslim.transforms.prune import MagnitudePruneConfig, prune_
+from torchslim.transforms.share import SharedWeight, ShareConfig, kmeans_codebook, share_
+
+
+def test_kmeans_codebook_maps_every_nonzero_to_its_nearest_centroid():
+    torch.manual_seed(0)
+    w = torch.randn(40, 30)
+    w[w.abs() < 0.5] = 0
+    codebook, index = kmeans_codebook(w, bits=3)
+    assert codebook.numel() == 8 and torch.all(codebook[1:] > codebook[:-1])
+    assert torch.all(index[w == 0] == 8) and torch.all(index[w != 0] < 8)
+    nearest = (w[w != 0][:, None] - codebook[None]).abs().argmin(1)
+    assert torch.equal(index[w != 0], nearest)
+
+
+def test_fewer_distinct_values_than_clusters_keeps_them_exactly():
+    w = torch.tensor([[0.0, 1.5, -2.0], [1.5, 0.0, 0.25]])
+    codebook, index = kmeans_codebook(w, bits=4)
+    assert codebook.tolist() == [-2.0, 0.25, 1.5]
+    assert torch.equal(torch.cat([codebook, torch.zeros(1)])[index], w)
+
+
+def test_centroid_gradient_is_the_sum_of_its_weights_gradients():
+    index = torch.tensor([[0, 1, 2], [1, 1, 0]])
+    weight_grad = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    codebook = torch.tensor([0.5, -0.5], requires_grad=True)
+    (SharedWeight(index)(codebook) * weight_grad).sum().backward()
+    assert codebook.grad.tolist() == [1.0 + 6.0, 2.0 + 4.0 + 5.0]
+
+
+def test_share_after_prune_keeps_zeros_and_bounds_distinct_values(digits, digits_mlp):
+    model = copy.deepcopy(digits_mlp)
+    prune_(model, MagnitudePruneConfig(sparsity=0.8, finetune=None))
+    zeros = {c.name: c.params - c.nonzero for c in layer_costs(model)}
+    before = model.fc1.weight.detach().clone()
+    result = share_(model, ShareConfig(bits={"re:fc[12]": 4, "fc3": 2}, finetune=TrainConfig(epochs=1, lr=1e-3)), digits)
+    costs = {c.name: c for c in layer_costs(model)}
+    assert costs["fc1"].distinct <= 16 and costs["fc3"].distinct <= 4
+    assert {n: c.params - c.nonzero for n, c in costs.items()} == zeros
+    assert torch.equal(model.fc1.weight == 0, before == 0)
+    assert not parametrize.is_parametrized(model.fc1)
+    assert result.plan.resolve("fc3").bits == 2 and result.losses
+    assert accuracy(model, digits.eval_loader()) > 0.8
+
+
+def test_trained_quantisation_moves_centroids(digits, digits_mlp):
+    model = copy.deepcopy(digits_mlp)
+    share_(model, ShareConfig(bits=3, finetune=None))
+    untrained = set(model.fc2.weight.detach().unique().tolist())
+    share_(model, ShareConfig(bits=3, finetune=TrainConfig(epochs=1, lr=1e-2)), digits)
+    trained = set(model.fc2.weight.detach().unique().tolist())
+    assert len(trained) <= 8 and trained != untrained
+
+
+def test_unnamed_layers_keep_their_weights_and_zeros(digits, digits_mlp):
+    model = copy.deepcopy(digits_mlp)
+    prune_(model, MagnitudePruneConfig(sparsity={"fc3": 0.5}, finetune=None))
+    fc3 = model.fc3.weight.detach().clone()
+    result = share_(model, ShareConfig(bits={"fc1": 3}, finetune=TrainConfig(epochs=1, lr=1e-3)), digits)
+    assert torch.equal(model.fc3.weight == 0, fc3 == 0)
+    assert result.plan.resolve("fc2").skip == "no bits rule names this layer"
+
+
+@pytest.mark.parametrize("bits", [0, 9, {"fc1": 12}])
+def test_bad_bits(bits):
+    with pytest.raises(ConfigError, match="bits"):
+        ShareConfig(bits=bits)
