@@ -106,7 +106,12 @@ def _categorical(counts: np.ndarray):
 
 
 def encode_indices(indices: np.ndarray, counts: np.ndarray) -> bytes:
-    """Code cluster indices with one categorical model over their counts (section 3.3)."""
+    """Code cluster indices with one categorical model over their counts (section 3.3).
+
+    A one-entry codebook needs no stream: every index is 0.
+    """
+    if counts.size == 1:
+        return b""
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(indices.astype(np.int32), _categorical(counts))
     return _words(coder)
@@ -114,6 +119,10 @@ def encode_indices(indices: np.ndarray, counts: np.ndarray) -> bytes:
 
 def decode_indices(buf: bytes, counts: np.ndarray) -> np.ndarray:
     """Inverse of :func:`encode_indices`."""
+    if counts.size == 1:
+        if buf:
+            raise ArtifactError("a one-entry codebook must have an empty index stream")
+        return np.zeros(int(counts[0]), dtype=np.int64)
     return _coder(buf).decode(_categorical(counts), int(counts.sum()))
 
 

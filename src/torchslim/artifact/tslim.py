@@ -45,8 +45,9 @@ def encode(
     for name, t in state.items():
         t = t.detach().cpu().contiguous()
         coded = encode_tensor(t)
-        if coded is not None and len(coded.blob) < t.numel() * t.element_size():
-            stored[name] = torch.frombuffer(bytearray(coded.blob), dtype=torch.uint8)
+        if coded is not None and len(coded.blob) + len(_compact(coded.entry)) < t.numel() * t.element_size():
+            blob = bytearray(coded.blob)
+            stored[name] = torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
             entries[name] = coded.entry
         else:
             stored[name] = t
@@ -59,8 +60,11 @@ def encode(
         "metrics": dict(metrics or {}),
         "fingerprint": fingerprint(stored),
     }
-    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return st_save(stored, metadata={"tslim": text})
+    return st_save(stored, metadata={"tslim": _compact(manifest)})
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def save(

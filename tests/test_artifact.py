@@ -1,0 +1,194 @@
+import hashlib
+import json
+import pickle
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import torchslim.artifact.tslim as tslim
+from torchslim.artifact.inspect import inspect_file
+from torchslim.artifact.tslim import decode_state, encode, load, read, save
+from torchslim.core.models import lenet_300_100
+from torchslim.errors import ArtifactError, ShapeMismatchError
+from torchslim.evaluate.metrics import fp32_safetensors_bytes
+from torchslim.transforms.prune import MagnitudePruneConfig, prune_
+from torchslim.transforms.share import ShareConfig, share_
+
+
+def _tiny() -> nn.Module:
+    """A fixed model: a sparse Linear with 4 shared values, a dense bias, a BatchNorm with its counter."""
+    model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8))
+    i, j = torch.meshgrid(torch.arange(8), torch.arange(16), indexing="ij")
+    weight = ((i * 16 + j) % 4 - 1.5) * 0.5 * ((i + j) % 3 == 0)  # values in {-0.75, -0.25, 0.25, 0.75}
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+        model[0].bias.copy_(torch.linspace(-0.5, 0.5, 8))
+    return model.eval()
+
+
+# The exact bytes of _tiny() as a .tslim file (docs/format.md, version 1). A change here is a
+# format change: bump the version and say so in docs/format.md.
+TINY_SHA256 = "08ac86bfccfb6691d4aa1131b6a737b0cd431d6e4986de7780129e87fa37ec1c"
+
+
+def test_tiny_model_has_exact_bytes(tmp_path):
+    path = save(_tiny(), tmp_path / "tiny.tslim")
+    raw = path.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == TINY_SHA256
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    manifest = json.loads(header["__metadata__"]["tslim"])
+    assert set(manifest["coded"]) == {"0.weight"} and manifest["coded"]["0.weight"]["k"] == 4
+    assert manifest["coded"]["0.weight"]["nnz"] == 43
+    assert header["0.bias"]["dtype"] == "F32" and header["1.num_batches_tracked"]["dtype"] == "I64"
+
+
+@pytest.fixture(scope="module")
+def compressed(digits_mlp):
+    import copy
+
+    model = copy.deepcopy(digits_mlp)
+    prune_(model, MagnitudePruneConfig(sparsity={"fc1": 0.9, "fc2": 0.9}, finetune=None))
+    share_(model, ShareConfig(bits={"fc1": 4, "fc2": 4}, finetune=None))
+    return model.eval()
+
+
+def test_load_reproduces_outputs_bit_for_bit_and_saves_are_identical(tmp_path, compressed):
+    a = save(compressed, tmp_path / "a.tslim", plan={"fc1": {"sparsity": 0.9}}, metrics={"accuracy": 0.9})
+    b = save(compressed, tmp_path / "b.tslim", plan={"fc1": {"sparsity": 0.9}}, metrics={"accuracy": 0.9})
+    assert a.read_bytes() == b.read_bytes()
+    restored = load(a, model=lenet_300_100(in_features=64))
+    x = torch.randn(32, 1, 8, 8)
+    assert torch.equal(restored(x), compressed(x))
+    assert fp32_safetensors_bytes(compressed) / a.stat().st_size > 10
+    manifest, _ = read(a)
+    assert manifest["plan"] == {"fc1": {"sparsity": 0.9}} and manifest["metrics"] == {"accuracy": 0.9}
+    assert set(manifest["coded"]) == {"fc1.weight", "fc2.weight"}  # fc3 is dense: coding would not pay
+
+
+def test_zoo_models_load_without_a_builder(tmp_path, compressed):
+    path = save(compressed, tmp_path / "z.tslim", zoo={"zoo": "lenet_300_100", "kwargs": {"in_features": 64}})
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(load(path)(x), compressed(x))
+    user = save(compressed, tmp_path / "u.tslim")
+    with pytest.raises(ArtifactError, match="pass model="):
+        load(user)
+    assert torch.equal(load(user, model=lambda: lenet_300_100(in_features=64))(x), compressed(x))
+
+
+def test_inspect_accounts_for_every_byte_of_payload(tmp_path, compressed):
+    path = save(compressed, tmp_path / "i.tslim")
+    rows, _ = inspect_file(path)
+    by_name = {r.name: r for r in rows}
+    fc1 = by_name["fc1.weight"]
+    assert fc1.coded and fc1.kept == int((compressed.fc1.weight != 0).sum()) and fc1.codebook_bits == 4
+    assert fc1.bytes == fc1.header_bytes + fc1.position_bytes + fc1.index_bytes
+    assert fc1.index_bytes <= 1.05 * fc1.index_h0_bytes + 8
+    assert fc1.position_bytes <= 1.05 * fc1.position_h0_bytes + 8
+    assert not by_name["fc1.bias"].coded and by_name["fc1.bias"].bytes == 300 * 4
+    assert sum(r.bytes for r in rows) < path.stat().st_size
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path, compressed):
+    path = save(compressed, tmp_path / "s.tslim")
+    with pytest.raises(ShapeMismatchError, match=r"fc1.weight has shape \(300, 64\) in the file but \(300, 784\)"):
+        load(path, model=lenet_300_100())
+    with pytest.raises(ShapeMismatchError, match="only in the model"):
+        load(path, model=nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_truncated_file_is_rejected(tmp_path, compressed):
+    raw = save(compressed, tmp_path / "t.tslim").read_bytes()
+    for cut in (0, 5, 100, len(raw) // 2, len(raw) - 1):
+        (tmp_path / "cut.tslim").write_bytes(raw[:cut])
+        with pytest.raises(ArtifactError):
+            read(tmp_path / "cut.tslim")
+
+
+def test_flipped_bit_in_data_fails_the_fingerprint(tmp_path, compressed):
+    raw = bytearray(save(compressed, tmp_path / "f.tslim").read_bytes())
+    raw[-10] ^= 0x01
+    (tmp_path / "f.tslim").write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="fingerprint mismatch"):
+        load(tmp_path / "f.tslim", model=lenet_300_100(in_features=64))
+
+
+def test_not_safetensors_and_foreign_safetensors(tmp_path):
+    (tmp_path / "text.tslim").write_text("hello, this is not a model at all")
+    with pytest.raises(ArtifactError, match="not a .tslim file"):
+        read(tmp_path / "text.tslim")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.tslim"))
+    with pytest.raises(ArtifactError, match="without a tslim manifest"):
+        read(tmp_path / "plain.tslim")
+    with pytest.raises(ArtifactError, match="cannot read"):
+        read(tmp_path / "missing.tslim")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (open, ("PWNED", "w"))
+
+
+def test_pickle_renamed_to_tslim_is_rejected_and_never_unpickled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.tslim").write_bytes(pickle.dumps({"state": _Exploit()}))
+    torch.save({"w": torch.zeros(3)}, tmp_path / "ckpt.tslim")  # a zip checkpoint as torch writes it
+    for name in ("model.tslim", "ckpt.tslim"):
+        with pytest.raises(ArtifactError, match="not a .tslim file|not a valid safetensors"):
+            load(tmp_path / name, model=lenet_300_100())
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_unknown_version_is_rejected(tmp_path, compressed):
+    from safetensors.torch import save as st_save
+
+    data = encode(compressed)
+    manifest = json.loads(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["tslim"])
+    manifest["version"] = 99
+    tensors = read_tensors(data)
+    (tmp_path / "v.tslim").write_bytes(st_save(tensors, metadata={"tslim": json.dumps(manifest)}))
+    with pytest.raises(ArtifactError, match="version 99.*upgrade torchslim"):
+        read(tmp_path / "v.tslim")
+
+
+def read_tensors(data: bytes) -> dict:
+    from safetensors.torch import load as st_load
+
+    return st_load(data)
+
+
+def test_failed_save_keeps_the_earlier_file(tmp_path, compressed, monkeypatch):
+    path = save(compressed, tmp_path / "keep.tslim")
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tslim, "encode", boom)
+    with pytest.raises(RuntimeError):
+        save(compressed, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.tslim"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzzed_files_fail_cleanly_or_decode_the_original(tmp_path_factory, data):
+    raw = bytearray(encode(_tiny()))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    path = tmp_path_factory.mktemp("fuzz") / "f.tslim"
+    path.write_bytes(bytes(raw))
+    try:
+        manifest, stored = read(path)
+        state = decode_state(manifest, stored)
+    except ArtifactError:
+        return
+    original = _tiny().state_dict()
+    assert set(state) == set(original)
+    assert all(torch.equal(state[k], original[k]) for k in original)

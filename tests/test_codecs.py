@@ -1,0 +1,109 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torchslim.artifact.codecs import (
+    decode_indices,
+    decode_positions,
+    decode_tensor,
+    encode_indices,
+    encode_positions,
+    encode_tensor,
+    entropy_bits,
+    read_varints,
+    stream_bounds,
+    varints,
+)
+from torchslim.errors import ArtifactError
+
+
+@given(st.lists(st.integers(0, 2**32), max_size=50))
+def test_varints_round_trip(values):
+    buf = varints(np.array(values, dtype=np.int64))
+    assert read_varints(buf, len(values)) == (values, len(buf))
+
+
+def test_varint_widths_and_truncation():
+    assert varints(np.array([0, 127, 128, 300])) == bytes([0, 127, 0x80, 1, 0xAC, 2])
+    with pytest.raises(ArtifactError, match="runs past"):
+        read_varints(bytes([0x80]), 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 40), st.floats(0.0, 1.0), st.integers(0, 10_000))
+def test_positions_round_trip(rows, cols, density, seed):
+    mask = np.random.default_rng(seed).random((rows, cols)) < density
+    buf = encode_positions(mask, alpha=4.0)
+    assert np.array_equal(decode_positions(buf, rows, cols, int(mask.sum()), 4.0), mask)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 7), min_size=1, max_size=300))
+def test_indices_round_trip(symbols):
+    idx = np.array(symbols)
+    counts = np.bincount(idx)
+    counts = counts[counts > 0]
+    dense = np.searchsorted(np.flatnonzero(np.bincount(idx)), idx)  # drop unused symbols
+    assert np.array_equal(decode_indices(encode_indices(dense, counts), counts), dense)
+
+
+def test_entropy_bits_against_hand_values():
+    assert entropy_bits(np.array([5, 5])) == pytest.approx(10.0)
+    assert entropy_bits(np.array([1, 3])) == pytest.approx(-(math.log2(0.25) + 3 * math.log2(0.75)))
+    assert entropy_bits(np.array([7, 0])) == 0.0
+
+
+def _sparse_shared(shape, density=0.08, k=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.linspace(-1, 1, k)
+    w = codebook[torch.randint(0, k, shape, generator=g)]
+    return w * (torch.rand(shape, generator=g) < density)
+
+
+def test_shared_tensor_round_trips_exactly_and_streams_meet_their_bounds():
+    w = _sparse_shared((300, 784))
+    coded = encode_tensor(w)
+    assert coded.entry["values"] == "codebook" and coded.entry["k"] == 32
+    assert torch.equal(decode_tensor(coded.blob, coded.entry, "w"), w)
+    head, pos, idx = coded.entry["sections"]
+    bounds = stream_bounds(w)
+    fixed = 8  # the ANS coder's final state, per stream
+    assert pos <= 1.05 * bounds["positions_h0"] / 8 + fixed
+    assert idx <= 1.05 * bounds["indices_h0"] / 8 + fixed
+    assert pos >= bounds["positions_model"] / 8 - 1  # a lossless code cannot beat its model's bound
+
+
+def test_raw_values_dense_tensors_and_other_dtypes_round_trip():
+    g = torch.Generator().manual_seed(1)
+    raw = torch.randn(100, 40, generator=g) * (torch.rand(100, 40, generator=g) < 0.1)
+    coded = encode_tensor(raw)
+    assert coded.entry["values"] == "raw"
+    assert torch.equal(decode_tensor(coded.blob, coded.entry, "raw"), raw)
+    dense = torch.tensor([0.5, -0.25, 0.5]).to(torch.float16)
+    coded = encode_tensor(dense)
+    assert coded.entry["sections"][1] == 0  # no zeros: no position stream
+    assert torch.equal(decode_tensor(coded.blob, coded.entry, "h"), dense)
+    assert encode_tensor(torch.arange(5)) is None
+    zeros = torch.zeros(3, 4)
+    assert torch.equal(decode_tensor(encode_tensor(zeros).blob, encode_tensor(zeros).entry, "z"), zeros)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"sections": [1, 2, 3]}, "do not fit"),
+        ({"nnz": 10**9}, "do not fit"),
+        ({"values": "lzma"}, "unsupported"),
+        ({"shape": "x"}, "malformed"),
+        ({"nnz": 5}, "non-zeros|nnz"),
+    ],
+)
+def test_inconsistent_entries_are_rejected(change, message):
+    w = _sparse_shared((20, 30), density=0.2, k=4)
+    coded = encode_tensor(w)
+    with pytest.raises(ArtifactError, match=message):
+        decode_tensor(coded.blob, {**coded.entry, **change}, "w")
