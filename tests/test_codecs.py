@@ -33,12 +33,23 @@ def test_varint_widths_and_truncation():
         read_varints(bytes([0x80]), 1)
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.integers(1, 12), st.integers(1, 40), st.floats(0.0, 1.0), st.integers(0, 10_000))
-def test_positions_round_trip(rows, cols, density, seed):
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 40), st.floats(0.0, 1.0), st.integers(0, 10_000), st.booleans())
+def test_positions_round_trip(rows, cols, density, seed, rowcol):
     mask = np.random.default_rng(seed).random((rows, cols)) < density
-    buf = encode_positions(mask, alpha=4.0)
-    assert np.array_equal(decode_positions(buf, rows, cols, int(mask.sum()), 4.0), mask)
+    if rowcol and not 0 < mask.sum() < mask.size:
+        rowcol = False  # the row model needs a density strictly inside (0, 1)
+    buf = encode_positions(mask, alpha=4.0, rowcol=rowcol)
+    assert np.array_equal(decode_positions(buf, rows, cols, int(mask.sum()), 4.0, rowcol), mask)
+
+
+def test_row_aware_model_wins_when_rows_differ():
+    rng = np.random.default_rng(0)
+    mask = rng.random((200, 300)) < np.where(np.arange(200) % 2 == 0, 0.01, 0.3)[:, None]  # 1 % / 30 % rows
+    col, rowcol = encode_positions(mask, rowcol=False), encode_positions(mask, rowcol=True)
+    assert len(rowcol) < 0.9 * len(col)
+    coded = encode_tensor(torch.from_numpy(mask * 0.5).float())
+    assert coded.entry["positions"] == "rowcol"
 
 
 @settings(max_examples=30, deadline=None)
@@ -70,7 +81,7 @@ def test_shared_tensor_round_trips_exactly_and_streams_meet_their_bounds():
     assert coded.entry["values"] == "codebook" and coded.entry["k"] == 32
     assert torch.equal(decode_tensor(coded.blob, coded.entry, "w"), w)
     head, pos, idx = coded.entry["sections"]
-    bounds = stream_bounds(w)
+    bounds = stream_bounds(w, rowcol=coded.entry["positions"] == "rowcol")
     fixed = 8  # the ANS coder's final state, per stream
     assert pos <= 1.05 * bounds["positions_h0"] / 8 + fixed
     assert idx <= 1.05 * bounds["indices_h0"] / 8 + fixed

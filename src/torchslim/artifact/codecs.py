@@ -70,31 +70,56 @@ def read_varints(buf: bytes, count: int, offset: int = 0) -> tuple[list[int], in
     return values, offset
 
 
-def _position_probs(mask: np.ndarray, alpha: float) -> np.ndarray:
-    """p[r, c] = (ones above in column c + alpha * density) / (r + alpha), float64."""
-    rows = mask.shape[0]
+P_MIN = 2.0**-12
+"""Probabilities of the row-aware position model are clipped to [P_MIN, 1 - P_MIN]."""
+
+
+def _column_probs(above: np.ndarray, row: np.ndarray | float, density: float, alpha: float) -> np.ndarray:
+    """(ones above in the column + alpha * density) / (rows above + alpha), float64."""
+    return (above.astype(np.float64) + alpha * density) / (row + alpha)
+
+
+def _row_rate(count: np.ndarray | int, cols: int, density: float) -> np.ndarray | float:
+    return (np.float64(count) + 0.5 * density) / (cols + 0.5)
+
+
+def _position_probs(mask: np.ndarray, alpha: float, rowcol: bool) -> np.ndarray:
+    """The probability of a 1 at each cell under the model of docs/format.md section 3.2."""
+    rows, cols = mask.shape
     density = float(mask.sum()) / mask.size
     above = np.cumsum(mask, axis=0, dtype=np.int64) - mask  # (R, C) ones in earlier rows
-    return (above.astype(np.float64) + alpha * density) / (np.arange(rows, dtype=np.float64)[:, None] + alpha)
+    p = _column_probs(above, np.arange(rows, dtype=np.float64)[:, None], density, alpha)
+    if rowcol:
+        rate = _row_rate(mask.sum(axis=1, dtype=np.int64), cols, density)[:, None]  # (R, 1)
+        p = np.clip(p * rate / density, P_MIN, 1.0 - P_MIN)
+    return p
 
 
-def encode_positions(mask: np.ndarray, alpha: float = ALPHA) -> bytes:
-    """Code a boolean (R, C) mask row by row (section 3.2)."""
+def encode_positions(mask: np.ndarray, alpha: float = ALPHA, rowcol: bool = False) -> bytes:
+    """Code a boolean (R, C) mask row by row (section 3.2); ``rowcol`` prefixes row counts."""
     coder = constriction.stream.stack.AnsCoder()
-    probs = _position_probs(mask, alpha)
+    probs = _position_probs(mask, alpha, rowcol)
     coder.encode_reverse(mask.astype(np.int32).ravel(), _bernoulli(), probs.ravel())
-    return _words(coder)
+    head = varints(mask.sum(axis=1, dtype=np.int64)) if rowcol else b""
+    return head + _words(coder)
 
 
-def decode_positions(buf: bytes, rows: int, cols: int, nnz: int, alpha: float) -> np.ndarray:
+def decode_positions(buf: bytes, rows: int, cols: int, nnz: int, alpha: float, rowcol: bool = False) -> np.ndarray:
     """Inverse of :func:`encode_positions`; ``nnz`` gives the density the model starts from."""
-    coder = _coder(buf)
     density = nnz / (rows * cols)
+    offset = 0
+    if rowcol:
+        counts, offset = read_varints(buf, rows)
+        if sum(counts) != nnz or max(counts, default=0) > cols:
+            raise ArtifactError(f"row counts of a position stream sum to {sum(counts)}, not nnz={nnz}")
+    coder = _coder(buf[offset:])
     above = np.zeros(cols, dtype=np.int64)
     mask = np.empty((rows, cols), dtype=bool)
     model = _bernoulli()
     for r in range(rows):
-        probs = (above.astype(np.float64) + alpha * density) / (np.float64(r) + alpha)
+        probs = _column_probs(above, np.float64(r), density, alpha)
+        if rowcol:
+            probs = np.clip(probs * _row_rate(counts[r], cols, density) / density, P_MIN, 1.0 - P_MIN)
         mask[r] = coder.decode(model, probs) != 0
         above += mask[r]
     return mask
@@ -155,7 +180,13 @@ def encode_tensor(t: torch.Tensor, alpha: float = ALPHA) -> Coded | None:
     values = w[mask]  # row-major non-zeros
     codebook, index = np.unique(values, return_inverse=True)
     shared = codebook.size <= MAX_CODEBOOK
-    positions = encode_positions(mask, alpha) if values.size < w.size else b""
+    positions, rowcol = b"", False
+    if 0 < values.size < w.size:
+        candidates = [encode_positions(mask, alpha, False), encode_positions(mask, alpha, True)]
+        rowcol = len(candidates[1]) < len(candidates[0])
+        positions = candidates[rowcol]
+    elif values.size == 0:
+        positions = encode_positions(mask, alpha, False)
     if shared:
         counts = np.bincount(index, minlength=codebook.size)
         head = codebook.astype("<f4").tobytes() + varints(counts)
@@ -169,6 +200,7 @@ def encode_tensor(t: torch.Tensor, alpha: float = ALPHA) -> Coded | None:
         "values": "codebook" if shared else "raw",
         "k": int(codebook.size) if shared else 0,
         "alpha": alpha,
+        "positions": "rowcol" if rowcol else "col",
         "sections": [len(head), len(positions), len(stream)],
     }
     return Coded(head + positions + stream, entry)
@@ -180,6 +212,7 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
         shape, nnz, k = [int(s) for s in entry["shape"]], int(entry["nnz"]), int(entry["k"])
         head_len, pos_len, idx_len = (int(s) for s in entry["sections"])
         dtype, kind, alpha = _DTYPES[entry["dtype"]], entry["values"], float(entry["alpha"])
+        rowcol = {"col": False, "rowcol": True}[entry["positions"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"tensor {name!r}: malformed manifest entry ({exc!r})") from None
     numel = math.prod(shape)
@@ -193,7 +226,7 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
     if nnz == numel:
         mask = np.ones((rows, cols), dtype=bool)
     else:
-        mask = decode_positions(pos, rows, cols, nnz, alpha)
+        mask = decode_positions(pos, rows, cols, nnz, alpha, rowcol)
     if int(mask.sum()) != nnz:
         raise ArtifactError(f"tensor {name!r}: position stream holds {int(mask.sum())} non-zeros, manifest says {nnz}")
     if kind == "codebook":
@@ -212,11 +245,12 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
     return torch.from_numpy(out).reshape(shape).to(dtype)
 
 
-def stream_bounds(t: torch.Tensor, alpha: float = ALPHA) -> dict[str, float]:
+def stream_bounds(t: torch.Tensor, alpha: float = ALPHA, rowcol: bool = False) -> dict[str, float]:
     """Shannon bounds, in bits, of the streams a tensor codes to.
 
     ``positions_h0``: order-0 entropy of the mask (``numel * H(density)``);
-    ``positions_model``: ideal code length under the format's adaptive column model;
+    ``positions_model``: ideal code length of the ANS words under the format's position model
+    plus the stored row counts when ``rowcol`` selects the row-aware variant;
     ``indices_h0``: order-0 entropy of the codebook indices.
     """
     w = _matrix(t)
@@ -225,8 +259,10 @@ def stream_bounds(t: torch.Tensor, alpha: float = ALPHA) -> dict[str, float]:
     out = {"positions_h0": 0.0, "positions_model": 0.0, "indices_h0": 0.0}
     if 0 < nnz < w.size:
         out["positions_h0"] = entropy_bits(np.array([nnz, w.size - nnz]))
-        p = _position_probs(mask, alpha)
+        p = _position_probs(mask, alpha, rowcol)
         out["positions_model"] = float(-np.log2(np.where(mask, p, 1.0 - p)).sum())
+        if rowcol:  # the row counts are stored, not modelled
+            out["positions_model"] += 8 * len(varints(mask.sum(axis=1, dtype=np.int64)))
     _, index = np.unique(w[mask], return_inverse=True)
     out["indices_h0"] = entropy_bits(np.bincount(index)) if nnz else 0.0
     return out

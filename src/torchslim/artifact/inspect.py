@@ -59,7 +59,7 @@ def inspect_file(path: str | os.PathLike) -> tuple[list[TensorRow], dict]:
             continue
         head, pos, idx = entry["sections"]
         nnz, k = entry["nnz"], entry["k"]
-        b = stream_bounds(t, float(entry["alpha"]))
+        b = stream_bounds(t, float(entry["alpha"]), entry["positions"] == "rowcol")
         rows.append(TensorRow(
             name, list(t.shape), True, t.numel(), nnz,
             math.ceil(math.log2(k)) if k > 1 else (1 if k else None),

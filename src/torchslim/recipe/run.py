@@ -31,17 +31,25 @@ ProgressFactory = Callable[[str], Progress]
 
 
 def _train(section: TrainSection | None, seed: int) -> TrainConfig | None:
-    return None if section is None else TrainConfig(section.epochs, section.lr, section.weight_decay, seed)
+    if section is None:
+        return None
+    return TrainConfig(
+        section.epochs, section.lr, section.weight_decay, seed, section.distill_weight, section.temperature
+    )
 
 
-def _apply(step: Step, model: torch.nn.Module, data, seed: int, progress: Progress | None) -> CompressionPlan:
+def _apply(step: Step, model: torch.nn.Module, data, seed: int, progress: Progress | None, baseline) -> CompressionPlan:
+    section = step.prune or step.share
+    assert section is not None  # the schema guarantees one of the two
+    teacher = baseline if section.finetune is not None and section.finetune.teacher else None
     if step.prune is not None:
         p = step.prune
         cfg = MagnitudePruneConfig(p.sparsity, p.scope, p.steps, _train(p.finetune, seed))  # type: ignore[arg-type]
-        return prune_(model, cfg, data, progress).plan
+        return prune_(model, cfg, data, progress, teacher).plan
     s = step.share
-    assert s is not None  # the schema guarantees one of the two
-    return share_(model, ShareConfig(s.bits, _train(s.finetune, seed), s.kmeans_iters), data, progress).plan
+    assert s is not None
+    cfg = ShareConfig(s.bits, _train(s.finetune, seed), s.kmeans_iters)  # type: ignore[arg-type]
+    return share_(model, cfg, data, progress, teacher).plan
 
 
 def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[str, Any]:
@@ -63,7 +71,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[
     model, plan = copy.deepcopy(baseline), CompressionPlan()
     for i, step in enumerate(recipe.steps):
         t0 = time.perf_counter()
-        plan = plan.updated(_apply(step, model, data, recipe.seed, bar(f"step {i + 1}: {step.kind}")))
+        plan = plan.updated(_apply(step, model, data, recipe.seed, bar(f"step {i + 1}: {step.kind}"), baseline))
         timings[f"step{i + 1}_{step.kind}_s"] = time.perf_counter() - t0
     model.eval()
 

@@ -40,6 +40,9 @@ class TrainSection(_Strict):
     epochs: int = Field(ge=0)
     lr: float = Field(gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    teacher: bool = Field(False, description="also distill from the uncompressed baseline's soft targets")
+    distill_weight: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(2.0, gt=0)
 
 
 class PruneSection(_Strict):
@@ -94,6 +97,12 @@ class Recipe(_Strict):
     latency: LatencySection = LatencySection()
     threads: int = Field(2, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _baseline_has_no_teacher(self) -> "Recipe":
+        if self.baseline.teacher:
+            raise ValueError("baseline.teacher: the dense baseline is the teacher; it cannot have one")
+        return self
 
     def out_dir(self) -> Path:
         return Path(self.outputs.dir.format(name=self.name))

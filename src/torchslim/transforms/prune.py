@@ -94,9 +94,16 @@ def schedule(final: float, steps: int) -> list[float]:
 
 
 def prune_(
-    model: nn.Module, config: MagnitudePruneConfig, data: Data | None = None, progress: Progress | None = None
+    model: nn.Module,
+    config: MagnitudePruneConfig,
+    data: Data | None = None,
+    progress: Progress | None = None,
+    teacher: nn.Module | None = None,
 ) -> PruneResult:
     """Prune ``model``'s Linear/Conv weights by magnitude, in place, fine-tuning between rounds.
+
+    With a ``teacher`` (typically the unpruned model), fine-tuning also matches its softened
+    outputs (``config.finetune.distill_weight``, ``temperature``).
 
     Example:
         >>> result = prune_(model, MagnitudePruneConfig(sparsity=0.9, steps=3), data=data)  # doctest: +SKIP
@@ -105,7 +112,7 @@ def prune_(
     layers = {n: m for n, m in weight_layers(model) if n in targets}
     others = [m for n, m in weight_layers(model) if n not in targets]
     with frozen_zeros(others):
-        history = _rounds(model, config, data, layers, targets, progress)
+        history = _rounds(model, config, data, layers, targets, progress, teacher)
     plan = CompressionPlan()
     for name, m in layers.items():
         plan = plan.merged(name, sparsity=float((m.weight == 0).float().mean()))
@@ -114,7 +121,7 @@ def prune_(
     return PruneResult(plan, history)
 
 
-def _rounds(model, config, data, layers, targets, progress) -> list[dict]:
+def _rounds(model, config, data, layers, targets, progress, teacher) -> list[dict]:
     history = []
     try:
         for step in range(config.steps):
@@ -124,7 +131,7 @@ def _rounds(model, config, data, layers, targets, progress) -> list[dict]:
                 torch_prune.custom_from_mask(layers[name], "weight", mask)
             losses = []
             if data is not None and config.finetune is not None:
-                losses = fit(model, data, config.finetune, progress)
+                losses = fit(model, data, config.finetune, progress, teacher)
             history.append({"step": step + 1, "sparsity": wanted, "losses": losses})
             log.info("prune round %d/%d done", step + 1, config.steps)
     finally:

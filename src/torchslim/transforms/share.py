@@ -126,9 +126,15 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, iters: int = 100) -> tuple[
 
 
 def share_(
-    model: nn.Module, config: ShareConfig, data: Data | None = None, progress: Progress | None = None
+    model: nn.Module,
+    config: ShareConfig,
+    data: Data | None = None,
+    progress: Progress | None = None,
+    teacher: nn.Module | None = None,
 ) -> ShareResult:
     """Replace each targeted layer's weights by a k-means codebook, then train the centroids.
+
+    With a ``teacher``, centroid training also matches its softened outputs.
 
     Example:
         >>> result = share_(model, ShareConfig(bits=5), data=data)  # doctest: +SKIP
@@ -144,7 +150,7 @@ def share_(
     try:
         if data is not None and config.finetune is not None:
             with frozen_zeros(others):
-                losses = fit(model, data, config.finetune, progress)
+                losses = fit(model, data, config.finetune, progress, teacher)
     finally:
         for m in layers.values():
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
