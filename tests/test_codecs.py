@@ -94,6 +94,10 @@ def test_raw_values_dense_tensors_and_other_dtypes_round_trip():
     coded = encode_tensor(raw)
     assert coded.entry["values"] == "raw"
     assert torch.equal(decode_tensor(coded.blob, coded.entry, "raw"), raw)
+    halves = torch.randn(400, generator=g).half().float()
+    coded = encode_tensor(halves)
+    assert coded.entry["values"] == "raw16" and coded.entry["sections"][0] == 2 * 400
+    assert torch.equal(decode_tensor(coded.blob, coded.entry, "halves"), halves)
     dense = torch.tensor([0.5, -0.25, 0.5]).to(torch.float16)
     coded = encode_tensor(dense)
     assert coded.entry["sections"][1] == 0  # no zeros: no position stream

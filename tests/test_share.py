@@ -62,6 +62,13 @@ def test_trained_quantisation_moves_centroids(digits, digits_mlp):
     assert len(trained) <= 8 and trained != untrained
 
 
+def test_half_biases_are_exact_float16_values(digits_mlp):
+    model = copy.deepcopy(digits_mlp)
+    share_(model, ShareConfig(bits={"fc1": 4}, finetune=None, half_biases=True))
+    assert torch.equal(model.fc1.bias, model.fc1.bias.half().float())
+    assert not torch.equal(model.fc2.bias, model.fc2.bias.half().float())
+
+
 def test_unnamed_layers_keep_their_weights_and_zeros(digits, digits_mlp):
     model = copy.deepcopy(digits_mlp)
     prune_(model, MagnitudePruneConfig(sparsity={"fc3": 0.5}, finetune=None))

@@ -171,15 +171,31 @@ def _matrix(t: torch.Tensor) -> np.ndarray:
     return t.detach().reshape(rows, -1).float().numpy()  # (R, C)
 
 
+def _value_codings(values: np.ndarray) -> dict[str, tuple[bytes, bytes, int]]:
+    """Every applicable coding of the non-zero values: name -> (value section, index stream, k)."""
+    out = {"raw": (values.astype("<f4").tobytes(), b"", 0)}
+    half = values.astype("<f2")
+    if np.array_equal(half.astype(np.float32), values, equal_nan=True):
+        out["raw16"] = (half.tobytes(), b"", 0)
+    codebook, index = np.unique(values, return_inverse=True)
+    if codebook.size <= MAX_CODEBOOK:
+        counts = np.bincount(index, minlength=codebook.size)
+        stream = encode_indices(index, counts) if values.size else b""
+        out["codebook"] = (codebook.astype("<f4").tobytes() + varints(counts), stream, int(codebook.size))
+    return out
+
+
 def encode_tensor(t: torch.Tensor, alpha: float = ALPHA) -> Coded | None:
-    """Code a float tensor as codebook/values + positions + indices; ``None`` if not codable."""
+    """Code a float tensor as values + positions + indices; ``None`` if not codable.
+
+    Each choice the format leaves open (position model, value coding) is made by trying the
+    options and keeping the smallest.
+    """
     if t.dtype not in _FLOATS or t.numel() == 0:
         return None
     w = _matrix(t)
     mask = w != 0
     values = w[mask]  # row-major non-zeros
-    codebook, index = np.unique(values, return_inverse=True)
-    shared = codebook.size <= MAX_CODEBOOK
     positions, rowcol = b"", False
     if 0 < values.size < w.size:
         candidates = [encode_positions(mask, alpha, False), encode_positions(mask, alpha, True)]
@@ -187,18 +203,15 @@ def encode_tensor(t: torch.Tensor, alpha: float = ALPHA) -> Coded | None:
         positions = candidates[rowcol]
     elif values.size == 0:
         positions = encode_positions(mask, alpha, False)
-    if shared:
-        counts = np.bincount(index, minlength=codebook.size)
-        head = codebook.astype("<f4").tobytes() + varints(counts)
-        stream = encode_indices(index, counts) if values.size else b""
-    else:
-        head, stream = values.astype("<f4").tobytes(), b""
+    codings = _value_codings(values)
+    kind = min(codings, key=lambda name: (len(codings[name][0]) + len(codings[name][1]), name))
+    head, stream, k = codings[kind]
     entry = {
         "dtype": _FLOATS[t.dtype],
         "shape": list(t.shape),
         "nnz": int(values.size),
-        "values": "codebook" if shared else "raw",
-        "k": int(codebook.size) if shared else 0,
+        "values": kind,
+        "k": k,
         "alpha": alpha,
         "positions": "rowcol" if rowcol else "col",
         "sections": [len(head), len(positions), len(stream)],
@@ -219,7 +232,7 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
     rows = shape[0] if shape else 1
     if head_len + pos_len + idx_len != len(blob) or not 0 <= nnz <= numel or min(shape, default=1) < 0:
         raise ArtifactError(f"tensor {name!r}: sections {entry['sections']} do not fit a {len(blob)}-byte blob")
-    if kind not in ("codebook", "raw") or alpha <= 0 or (kind == "codebook" and not 0 <= k <= MAX_CODEBOOK):
+    if kind not in ("codebook", "raw", "raw16") or alpha <= 0 or (kind == "codebook" and not 0 <= k <= MAX_CODEBOOK):
         raise ArtifactError(f"tensor {name!r}: unsupported value coding {kind!r} (k={k}, alpha={alpha})")
     head, pos, idx = blob[:head_len], blob[head_len : head_len + pos_len], blob[head_len + pos_len :]
     cols = numel // rows if rows else 0
@@ -237,9 +250,10 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
             raise ArtifactError(f"tensor {name!r}: codebook counts do not match nnz={nnz}")
         values = codebook[decode_indices(idx, counts)] if nnz else codebook[:0]
     else:
-        if head_len != 4 * nnz:
-            raise ArtifactError(f"tensor {name!r}: {head_len} bytes of raw values for nnz={nnz}")
-        values = np.frombuffer(head, dtype="<f4")
+        width = 4 if kind == "raw" else 2
+        if head_len != width * nnz or idx_len:
+            raise ArtifactError(f"tensor {name!r}: {head_len} bytes of {kind} values for nnz={nnz}")
+        values = np.frombuffer(head, dtype="<f4" if kind == "raw" else "<f2").astype(np.float32)
     out = np.zeros((rows, cols), dtype=np.float32)
     out[mask] = values
     return torch.from_numpy(out).reshape(shape).to(dtype)

@@ -48,7 +48,7 @@ def _apply(step: Step, model: torch.nn.Module, data, seed: int, progress: Progre
         return prune_(model, cfg, data, progress, teacher).plan
     s = step.share
     assert s is not None
-    cfg = ShareConfig(s.bits, _train(s.finetune, seed), s.kmeans_iters)  # type: ignore[arg-type]
+    cfg = ShareConfig(s.bits, _train(s.finetune, seed), s.kmeans_iters, s.half_biases)  # type: ignore[arg-type]
     return share_(model, cfg, data, progress, teacher).plan
 
 

@@ -56,6 +56,7 @@ class ShareSection(_Strict):
     bits: Union[int, dict[str, int]]
     finetune: TrainSection | None = None
     kmeans_iters: int = Field(100, ge=1)
+    half_biases: bool = False
 
 
 class Step(_Strict):

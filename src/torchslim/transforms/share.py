@@ -41,6 +41,8 @@ class ShareConfig:
             pattern to bits (1..8). Layers no key names keep their weights, reason recorded.
         finetune: trained quantisation of the centroids; ``None`` or no data skips it.
         kmeans_iters: Lloyd iterations of the k-means.
+        half_biases: after training, round the biases of the shared layers to values that
+            float16 represents exactly, so the file stores them in 2 bytes instead of 4.
 
     Example:
         >>> cfg = ShareConfig(bits={"re:conv.*": 8, "re:fc.*": 5})
@@ -49,6 +51,7 @@ class ShareConfig:
     bits: int | Mapping[str, int] = 5
     finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=2, lr=1e-4))
     kmeans_iters: int = 100
+    half_biases: bool = False
 
     def __post_init__(self) -> None:
         values = self.bits.items() if isinstance(self.bits, Mapping) else [("bits", self.bits)]
@@ -154,6 +157,11 @@ def share_(
     finally:
         for m in layers.values():
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    if config.half_biases:
+        with torch.no_grad():
+            for m in layers.values():
+                if m.bias is not None:
+                    m.bias.copy_(m.bias.half().float())
     plan = CompressionPlan()
     for name, bits in targets.items():
         plan = plan.merged(name, bits=bits)
