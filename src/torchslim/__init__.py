@@ -15,6 +15,7 @@ from torchslim.artifact.tslim import load, save
 from torchslim.core import data, models
 from torchslim.core.plan import CompressionPlan, LayerDecision
 from torchslim.errors import TorchslimError
+from torchslim.evaluate.metrics import accuracy
 from torchslim.train.fit import TrainConfig, fit
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
 from torchslim.transforms.share import ShareConfig, share_
@@ -22,5 +23,5 @@ from torchslim.transforms.share import ShareConfig, share_
 __version__ = "0.1.0"
 __all__ = [
     "CompressionPlan", "LayerDecision", "MagnitudePruneConfig", "ShareConfig", "TorchslimError", "TrainConfig",
-    "data", "errors", "fit", "load", "models", "prune_", "save", "share_",
+    "accuracy", "data", "errors", "fit", "load", "models", "prune_", "save", "share_",
 ]  # fmt: skip
