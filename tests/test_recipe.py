@@ -47,6 +47,8 @@ def test_unknown_and_misspelled_keys_are_named_all_at_once():
     [
         ("name: x\nmodel: {name: lenet5}\nsteps: [{prune: {sparsity: 0.5}, share: {bits: 4}}]", "exactly one"),
         ("name: x\nmodel: {name: lenet5}\nsteps: []", "steps"),
+        ("name: x\nmodel: {name: lenet5}\nsteps: [{prune: {sparsity: 1.5}}]", r"steps.0: .*outside \[0, 1\)"),
+        ("name: x\nmodel: {name: lenet5}\nsteps: [{share: {bits: {fc1: 12}}}]", "steps.0: .*bits=12"),
         ("[1, 2]", "YAML mapping"),
         ("name: [unclosed", "not valid YAML"),
     ],

@@ -38,6 +38,18 @@ def test_centroid_gradient_is_the_sum_of_its_weights_gradients():
     assert codebook.grad.tolist() == [1.0 + 6.0, 2.0 + 4.0 + 5.0]
 
 
+def test_centroid_gradients_are_bitwise_reproducible():
+    torch.manual_seed(0)
+    index = torch.randint(0, 17, (300, 784))
+    weight_grad = torch.randn(300, 784)
+    grads = []
+    for _ in range(3):
+        codebook = torch.randn(16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        (SharedWeight(index)(codebook) * weight_grad).sum().backward()
+        grads.append(codebook.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
 def test_share_after_prune_keeps_zeros_and_bounds_distinct_values(digits, digits_mlp):
     model = copy.deepcopy(digits_mlp)
     prune_(model, MagnitudePruneConfig(sparsity=0.8, finetune=None))

@@ -35,6 +35,7 @@ class TensorRow:
     index_bytes: int = 0
     index_h0_bytes: float = 0.0
     header_bytes: int = 0
+    values: str = "dense"
 
     @property
     def rate(self) -> float:
@@ -58,14 +59,14 @@ def inspect_file(path: str | os.PathLike) -> tuple[list[TensorRow], dict]:
                                   t.numel() * t.element_size(), fp32))  # fmt: skip
             continue
         head, pos, idx = entry["sections"]
-        nnz, k = entry["nnz"], entry["k"]
+        nnz, k, shared = entry["nnz"], entry["k"], entry["values"] == "codebook"
         b = stream_bounds(t, float(entry["alpha"]), entry["positions"] == "rowcol")
         rows.append(TensorRow(
             name, list(t.shape), True, t.numel(), nnz,
-            math.ceil(math.log2(k)) if k > 1 else (1 if k else None),
-            8 * idx / nnz if nnz and entry["values"] == "codebook" else None,
+            max(1, math.ceil(math.log2(k))) if shared and k else None,
+            8 * idx / nnz if nnz and shared else None,
             8 * pos / nnz if nnz else None,
             head + pos + idx, fp32, pos, b["positions_h0"] / 8, b["positions_model"] / 8, idx,
-            b["indices_h0"] / 8, head,
+            b["indices_h0"] / 8 if shared else 0.0, head, entry["values"],
         ))  # fmt: skip
     return rows, manifest

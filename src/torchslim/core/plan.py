@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 from torchslim.errors import ConfigError
 
@@ -60,6 +60,30 @@ def match_layer(keys: Iterable[str], name: str) -> str | None:
         if key.startswith("re:") and re.fullmatch(key[3:], name):
             return key
     return None
+
+
+T = TypeVar("T")
+
+
+def layer_targets(names: list[str], spec: T | Mapping[str, T], what: str) -> tuple[dict[str, T], dict[str, str]]:
+    """Resolve one value for every layer, or a per-layer map, against the layers ``names``.
+
+    Returns ``(value per targeted layer, reason per skipped layer)``. A key of the map that
+    matches no layer is an error naming it (a typo would otherwise skip a layer silently).
+    """
+    if not isinstance(spec, Mapping):
+        return {n: spec for n in names}, {}
+    unused = [k for k in spec if not any(match_layer([k], n) for n in names)]
+    if unused:
+        raise ConfigError(f"{what} keys {unused} match no Linear/Conv layer; layers are {names}")
+    targets, skipped = {}, {}
+    for n in names:
+        key = match_layer(spec, n)
+        if key is None:
+            skipped[n] = f"no {what} rule names this layer"
+        else:
+            targets[n] = spec[key]
+    return targets, skipped
 
 
 @dataclass(frozen=True)

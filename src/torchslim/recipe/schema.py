@@ -13,7 +13,9 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from torchslim.errors import RecipeError
+from torchslim.errors import ConfigError, RecipeError
+from torchslim.transforms.prune import MagnitudePruneConfig
+from torchslim.transforms.share import ShareConfig
 
 BUILTIN = Path(__file__).parent / "builtin"
 DEFAULT_RECIPE = "lenet_300_100"
@@ -70,6 +72,14 @@ class Step(_Strict):
         given = [k for k in ("prune", "share") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a step has exactly one of 'prune' or 'share', got {given or 'none'}")
+        try:  # the transforms' own checks, before any training starts
+            if self.prune is not None:
+                MagnitudePruneConfig(self.prune.sparsity, self.prune.scope, self.prune.steps, None)  # type: ignore[arg-type]
+            else:
+                assert self.share is not None
+                ShareConfig(self.share.bits, None, self.share.kmeans_iters)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @property

@@ -36,7 +36,14 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
-LAYER_COLUMNS = ("tensor", "shape", "weights", "kept", "codebook bits", "bits/index", "bits/position",
+def _value_bits(row: dict[str, Any]) -> str:
+    """Codebook bits for shared tensors, else how values are stored (fp16 / fp32 / dense)."""
+    if row["codebook_bits"] is not None:
+        return str(row["codebook_bits"])
+    return {"raw": "fp32", "raw16": "fp16"}.get(row.get("values", "dense"), "-")
+
+
+LAYER_COLUMNS = ("tensor", "shape", "weights", "kept", "codebook bits / values", "bits/index", "bits/position",
                  "bytes", "rate", "positions real / H0 / model B", "indices real / H0 B")  # fmt: skip
 
 
@@ -48,7 +55,7 @@ def layer_rows(layers: list[dict[str, Any]]) -> list[tuple[str, ...]]:
         out.append((
             r["name"], "x".join(map(str, r["shape"])), f"{r['weights']:,}",
             _pct(r["kept"] / r["weights"] if r["weights"] else None),
-            _num(r["codebook_bits"], "{}"), _num(r["index_bits"]), _num(r["position_bits"]),
+            _value_bits(r), _num(r["index_bits"]), _num(r["position_bits"]),
             f"{r['bytes']:,}", f"{r['rate']:.1f}x",
             f"{r['position_bytes']:,} / {r['position_h0_bytes']:,.0f} / {r['position_model_bytes']:,.0f}" if coded else "-",
             f"{r['index_bytes']:,} / {r['index_h0_bytes']:,.0f}" if coded and r["index_bits"] is not None else "-",
@@ -56,7 +63,7 @@ def layer_rows(layers: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return out
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -71,17 +78,17 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Artifact `{report['artifact']}`: {c['bytes']:,} bytes, {c['ratio']:.1f}x smaller than fp32 "
         f"safetensors. Accuracies are measured on the model loaded back from that file.",
         "## Before / after",
-        _table(("metric", "baseline", "compressed"), summary_rows(report)),
+        markdown_table(("metric", "baseline", "compressed"), summary_rows(report)),
         "Latency runs the decoded weights with PyTorch's dense eager kernels; the pruned zeros and "
         "shared values make the file small, not the dense matmuls faster.",
         "## Per layer",
         "Bytes are payload bytes; H0 is the order-0 Shannon bound of the stream, model the ideal "
         "code length under the coder's adaptive position model (docs/format.md).",
-        _table(LAYER_COLUMNS, layer_rows(report["layers"])),
+        markdown_table(LAYER_COLUMNS, layer_rows(report["layers"])),
         "## Plan",
         "```json\n" + json.dumps(report["plan"], indent=2, sort_keys=True) + "\n```",
         "## Timings",
-        _table(("phase", "seconds"), [(k, f"{v:.1f}") for k, v in report["timings"].items()]),
+        markdown_table(("phase", "seconds"), [(k, f"{v:.1f}") for k, v in report["timings"].items()]),
     ]
     return "\n\n".join(parts) + "\n"
 

@@ -19,7 +19,7 @@ from torch.nn.utils import prune as torch_prune
 
 from torchslim.analysis.cost import weight_layers
 from torchslim.core.data import Data
-from torchslim.core.plan import CompressionPlan, LayerDecision, check_sparsity, match_layer
+from torchslim.core.plan import CompressionPlan, check_sparsity, layer_targets
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
 
@@ -65,19 +65,8 @@ class MagnitudePruneConfig:
     def targets(self, model: nn.Module) -> tuple[dict[str, float], dict[str, str]]:
         """Final sparsity per layer, and why each other weight layer is skipped."""
         names = [name for name, _ in weight_layers(model)]
-        if not isinstance(self.sparsity, Mapping):
-            return {n: float(self.sparsity) for n in names}, {}
-        unused = [k for k in self.sparsity if not any(match_layer([k], n) for n in names)]
-        if unused:
-            raise ConfigError(f"sparsity keys {unused} match no Linear/Conv layer; layers are {names}")
-        targets, skipped = {}, {}
-        for n in names:
-            key = match_layer(self.sparsity, n)
-            if key is None:
-                skipped[n] = "no sparsity rule names this layer"
-            else:
-                targets[n] = float(self.sparsity[key])
-        return targets, skipped
+        targets, skipped = layer_targets(names, self.sparsity, "sparsity")
+        return {n: float(v) for n, v in targets.items()}, skipped
 
 
 @dataclass(frozen=True)
@@ -115,7 +104,7 @@ def prune_(
         history = _rounds(model, config, data, layers, targets, progress, teacher)
     plan = CompressionPlan()
     for name, m in layers.items():
-        plan = plan.merged(name, sparsity=float((m.weight == 0).float().mean()))
+        plan = plan.merged(name, sparsity=round(int((m.weight == 0).sum()) / m.weight.numel(), 6))
     for name, why in skipped.items():
         plan = plan.merged(name, skip=why)
     return PruneResult(plan, history)

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 
 from torchslim.analysis.cost import weight_layers
 from torchslim.core.data import Data
-from torchslim.core.plan import CompressionPlan, LayerDecision, match_layer
+from torchslim.core.plan import CompressionPlan, LayerDecision, layer_targets
 from torchslim.errors import ConfigError
 from torchslim.transforms.prune import frozen_zeros
 from torchslim.train.fit import Progress, TrainConfig, fit
@@ -63,19 +63,8 @@ class ShareConfig:
     def targets(self, model: nn.Module) -> tuple[dict[str, int], dict[str, str]]:
         """Bits per layer, and why each other weight layer is skipped."""
         names = [name for name, _ in weight_layers(model)]
-        if not isinstance(self.bits, Mapping):
-            return {n: int(self.bits) for n in names}, {}
-        unused = [k for k in self.bits if not any(match_layer([k], n) for n in names)]
-        if unused:
-            raise ConfigError(f"bits keys {unused} match no Linear/Conv layer; layers are {names}")
-        targets, skipped = {}, {}
-        for n in names:
-            key = match_layer(self.bits, n)
-            if key is None:
-                skipped[n] = "no bits rule names this layer"
-            else:
-                targets[n] = int(self.bits[key])
-        return targets, skipped
+        targets, skipped = layer_targets(names, self.bits, "bits")
+        return {n: int(v) for n, v in targets.items()}, skipped
 
 
 @dataclass(frozen=True)
@@ -94,8 +83,8 @@ class SharedWeight(nn.Module):
         self.register_buffer("index", index)
 
     def forward(self, codebook: torch.Tensor) -> torch.Tensor:
-        table = torch.cat([codebook, codebook.new_zeros(1)])
-        return table[self.index]  # same shape as the layer's weight
+        table = torch.cat([codebook, codebook.new_zeros(1)])  # (k + 1,)
+        return table.index_select(0, self.index.flatten()).view(self.index.shape)  # the weight's shape
 
 
 def kmeans_codebook(weight: torch.Tensor, bits: int, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
