@@ -54,6 +54,15 @@ def test_iterative_schedule_keeps_masks_fixed_while_fine_tuning(digits, digits_m
     assert accuracy(model, digits.eval_loader()) > 0.85
 
 
+def test_progress_counts_over_all_rounds(digits, digits_mlp):
+    calls = []
+    cfg = MagnitudePruneConfig(sparsity=0.5, steps=3, finetune=TrainConfig(epochs=1, lr=1e-3))
+    prune_(copy.deepcopy(digits_mlp), cfg, digits, progress=lambda done, total: calls.append((done, total)))
+    per_round = len(digits.train_loader())
+    assert {total for _, total in calls} == {3 * per_round}
+    assert [done for done, _ in calls] == list(range(1, 3 * per_round + 1))
+
+
 def test_frozen_zeros_survive_training(digits, digits_mlp):
     model = copy.deepcopy(digits_mlp)
     with torch.no_grad():

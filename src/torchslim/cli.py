@@ -25,9 +25,12 @@ def _bars() -> Iterator:
     with Progress(*columns, console=console, transient=False) as progress:
 
         def factory(description: str):
-            task = progress.add_task(description, total=None)
+            task = None  # created on the first update, so steps that train nothing show no bar
 
             def update(done: int, total: int) -> None:
+                nonlocal task
+                if task is None:
+                    task = progress.add_task(description, total=total)
                 progress.update(task, completed=done, total=total)
 
             return update
@@ -60,6 +63,8 @@ def compress(
     except TorchslimError as exc:
         _fail(exc)
         return
+    if report["baseline_cached"]:
+        console.print("baseline: loaded from the cache (no training)")
     console.print(_rich_table("before / after", ("metric", "baseline", "compressed"), summary_rows(report)))
     console.print(_rich_table("per layer", LAYER_COLUMNS, layer_rows(report["layers"])))
     out_dir = Path(report["artifact"]).parent

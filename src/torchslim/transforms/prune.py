@@ -120,7 +120,7 @@ def _rounds(model, config, data, layers, targets, progress, teacher) -> list[dic
                 torch_prune.custom_from_mask(layers[name], "weight", mask)
             losses = []
             if data is not None and config.finetune is not None:
-                losses = fit(model, data, config.finetune, progress, teacher)
+                losses = fit(model, data, config.finetune, _overall(progress, step, config.steps), teacher)
             history.append({"step": step + 1, "sparsity": wanted, "losses": losses})
             log.info("prune round %d/%d done", step + 1, config.steps)
     finally:
@@ -128,6 +128,13 @@ def _rounds(model, config, data, layers, targets, progress, teacher) -> list[dic
             if torch_prune.is_pruned(m):
                 torch_prune.remove(m, "weight")
     return history
+
+
+def _overall(progress: Progress | None, step: int, steps: int) -> Progress | None:
+    """Report one round's training progress as progress over all rounds."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(step * total + done, steps * total)
 
 
 @contextlib.contextmanager
