@@ -39,3 +39,21 @@ def test_bad_bits_unknown_field_and_bad_regex():
         CompressionPlan.from_dict({"fc1": {"sparsty": 0.5}})
     with pytest.raises(ConfigError, match="regular expression"):
         CompressionPlan.from_dict({"re:fc[": {"bits": 4}})
+
+
+def test_transform_configs_come_from_a_plan():
+    from torchslim.transforms.prune import MagnitudePruneConfig
+    from torchslim.transforms.share import ShareConfig
+
+    plan = CompressionPlan.from_dict(
+        {"fc1": {"sparsity": 0.9, "bits": 4}, "re:fc[23]": {"sparsity": 0.5}, "fc3": {"skip": "output layer"}}
+    )
+    prune_cfg = MagnitudePruneConfig.from_plan(plan, steps=2, finetune=None)
+    assert prune_cfg.sparsity == {"fc1": 0.9, "re:fc[23]": 0.5, "fc3": None} and prune_cfg.steps == 2
+    from torchslim.core.models import lenet_300_100
+
+    targets, skipped = prune_cfg.targets(lenet_300_100())
+    assert targets == {"fc1": 0.9, "fc2": 0.5} and skipped == {"fc3": "the sparsity rule 'fc3' skips this layer"}
+    assert ShareConfig.from_plan(plan, finetune=None).bits == {"fc1": 4, "fc3": None}
+    with pytest.raises(ConfigError, match="no bits"):
+        ShareConfig.from_plan(CompressionPlan.from_dict({"fc1": {"sparsity": 0.5}}))

@@ -81,6 +81,8 @@ def layer_targets(names: list[str], spec: T | Mapping[str, T], what: str) -> tup
         key = match_layer(spec, n)
         if key is None:
             skipped[n] = f"no {what} rule names this layer"
+        elif spec[key] is None:
+            skipped[n] = f"the {what} rule {key!r} skips this layer"
         else:
             targets[n] = spec[key]
     return targets, skipped
@@ -124,6 +126,14 @@ class CompressionPlan:
             changes = {f.name: getattr(decision, f.name) for f in fields(decision) if getattr(decision, f.name) is not None}
             plan = plan.merged(key, **changes)
         return plan
+
+    def field_map(self, name: str) -> dict[str, Any]:
+        """Rule key -> value of one field (``"sparsity"`` or ``"bits"``), for rules that set it.
+
+        A skipping rule maps to ``None``, which transform configs read as "leave this layer
+        alone" (so an exact skip still wins over a pattern that sets the field).
+        """
+        return {k: None if d.skip else getattr(d, name) for k, d in self.rules if d.skip or getattr(d, name) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; ``None`` fields are left out."""

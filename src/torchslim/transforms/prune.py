@@ -52,7 +52,8 @@ class MagnitudePruneConfig:
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, Mapping):
             for key, value in self.sparsity.items():
-                check_sparsity(value, f"sparsity[{key!r}]")
+                if value is not None:  # None: leave that layer alone
+                    check_sparsity(value, f"sparsity[{key!r}]")
             if self.scope == "global":
                 raise ConfigError("scope='global' takes one sparsity number, not a per-layer map")
         else:
@@ -61,6 +62,14 @@ class MagnitudePruneConfig:
             raise ConfigError(f"scope={self.scope!r}: use 'layer' or 'global'")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps={self.steps!r}: use a whole number >= 1")
+
+    @classmethod
+    def from_plan(cls, plan: CompressionPlan, **kwargs: object) -> "MagnitudePruneConfig":
+        """The per-layer sparsities of ``plan``; other fields from ``kwargs``."""
+        sparsity = plan.field_map("sparsity")
+        if not any(v is not None for v in sparsity.values()):
+            raise ConfigError("the plan sets no sparsity for any layer")
+        return cls(sparsity=sparsity, **kwargs)  # type: ignore[arg-type]
 
     def targets(self, model: nn.Module) -> tuple[dict[str, float], dict[str, str]]:
         """Final sparsity per layer, and why each other weight layer is skipped."""

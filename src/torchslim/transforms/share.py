@@ -56,9 +56,17 @@ class ShareConfig:
     def __post_init__(self) -> None:
         values = self.bits.items() if isinstance(self.bits, Mapping) else [("bits", self.bits)]
         for key, value in values:
-            LayerDecision(bits=value)  # validates the range with a clear message
+            LayerDecision(bits=value)  # validates the range with a clear message (None: skip)
         if self.kmeans_iters < 1:
             raise ConfigError(f"kmeans_iters={self.kmeans_iters}: use at least 1")
+
+    @classmethod
+    def from_plan(cls, plan: CompressionPlan, **kwargs: object) -> "ShareConfig":
+        """The per-layer bits of ``plan``; other fields from ``kwargs``."""
+        bits = plan.field_map("bits")
+        if not any(v is not None for v in bits.values()):
+            raise ConfigError("the plan sets no bits for any layer")
+        return cls(bits=bits, **kwargs)  # type: ignore[arg-type]
 
     def targets(self, model: nn.Module) -> tuple[dict[str, int], dict[str, str]]:
         """Bits per layer, and why each other weight layer is skipped."""
