@@ -143,22 +143,62 @@ def test_pickle_renamed_to_tslim_is_rejected_and_never_unpickled(tmp_path, monke
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_unknown_version_is_rejected(tmp_path, compressed):
+def _rewrite(tmp_path, model, change):
+    """A copy of ``model``'s file whose manifest ``change`` edited (the fingerprint still holds)."""
+    from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    data = encode(compressed)
+    data = encode(model, zoo={"zoo": "lenet_300_100", "kwargs": {"in_features": 64}})
     manifest = json.loads(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["tslim"])
-    manifest["version"] = 99
-    tensors = read_tensors(data)
-    (tmp_path / "v.tslim").write_bytes(st_save(tensors, metadata={"tslim": json.dumps(manifest)}))
+    change(manifest)
+    path = tmp_path / "edited.tslim"
+    path.write_bytes(st_save(st_load(data), metadata={"tslim": json.dumps(manifest)}))
+    return path
+
+
+def test_unknown_version_is_rejected(tmp_path, compressed):
+    path = _rewrite(tmp_path, compressed, lambda m: m.update(version=99))
     with pytest.raises(ArtifactError, match="version 99.*upgrade torchslim"):
-        read(tmp_path / "v.tslim")
+        read(path)
 
 
-def read_tensors(data: bytes) -> dict:
-    from safetensors.torch import load as st_load
+def _entry(key, value):
+    return lambda m: m["coded"]["fc1.weight"].update({key: value})
 
-    return st_load(data)
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_entry("shape", [2**20, 2**20]), "not a codable shape|has shape"),
+        (_entry("shape", [300, -64]), "not a codable shape|shape"),
+        (_entry("sections", [-4, 0, 10**6]), "do not fit"),
+        (_entry("alpha", float("nan")), "unsupported value coding"),
+        (_entry("positions", "zigzag"), "malformed"),
+        (_entry("dtype", "complex64"), "malformed"),
+        (lambda m: m["coded"].update({"fc1.weight": [1, 2]}), "mapping|shape"),
+        (lambda m: m["coded"].update({"fc3.bias": m["coded"]["fc1.weight"]}), "U8|mapping|shape|decoded"),
+    ],
+)
+def test_hostile_manifests_fail_with_artifact_errors(tmp_path, compressed, change, message):
+    path = _rewrite(tmp_path, compressed, change)
+    with pytest.raises(ArtifactError, match=message):
+        load(path)
+    with pytest.raises(ArtifactError):
+        m, stored = read(path)
+        decode_state(m, stored)
+        load(path, model=lenet_300_100(in_features=64))
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [({"zoo": "os.system", "kwargs": {}}, "unknown model"), ({"zoo": "lenet5", "kwargs": {"image_size": 4}}, "cannot build")],
+)
+def test_manifest_model_names_only_zoo_builders(tmp_path, compressed, model, message):
+    path = _rewrite(tmp_path, compressed, lambda m: m.update(model=model))
+    with pytest.raises(ArtifactError, match=message):
+        load(path)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(load(path, model=lenet_300_100(in_features=64))(x), compressed(x))  # a given model wins
 
 
 def test_failed_save_keeps_the_earlier_file(tmp_path, compressed, monkeypatch):

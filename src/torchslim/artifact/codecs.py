@@ -20,6 +20,8 @@ from torchslim.errors import ArtifactError
 ALPHA = 4.0
 """Prior strength of the position model: the layer density counts as this many rows."""
 MAX_CODEBOOK = 256
+MAX_NUMEL = 2**31
+"""Largest coded tensor a reader accepts: a bound on what a hostile manifest can make it allocate."""
 _FLOATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPES = {v: k for k, v in _FLOATS.items()}
 
@@ -38,6 +40,13 @@ def _coder(buf: bytes):
     try:
         return constriction.stream.stack.AnsCoder(np.frombuffer(buf, dtype="<u4").astype(np.uint32))
     except ValueError as exc:
+        raise ArtifactError(f"coded stream is corrupted: {exc}") from None
+
+
+def _decode(coder, model, arg) -> np.ndarray:
+    try:
+        return coder.decode(model, arg)
+    except (ValueError, RuntimeError) as exc:
         raise ArtifactError(f"coded stream is corrupted: {exc}") from None
 
 
@@ -120,7 +129,7 @@ def decode_positions(buf: bytes, rows: int, cols: int, nnz: int, alpha: float, r
         probs = _column_probs(above, np.float64(r), density, alpha)
         if rowcol:
             probs = np.clip(probs * _row_rate(counts[r], cols, density) / density, P_MIN, 1.0 - P_MIN)
-        mask[r] = coder.decode(model, probs) != 0
+        mask[r] = _decode(coder, model, probs) != 0
         above += mask[r]
     return mask
 
@@ -148,7 +157,7 @@ def decode_indices(buf: bytes, counts: np.ndarray) -> np.ndarray:
         if buf:
             raise ArtifactError("a one-entry codebook must have an empty index stream")
         return np.zeros(int(counts[0]), dtype=np.int64)
-    return _coder(buf).decode(_categorical(counts), int(counts.sum()))
+    return _decode(_coder(buf), _categorical(counts), int(counts.sum()))
 
 
 def entropy_bits(counts: np.ndarray) -> float:
@@ -230,9 +239,11 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
         raise ArtifactError(f"tensor {name!r}: malformed manifest entry ({exc!r})") from None
     numel = math.prod(shape)
     rows = shape[0] if shape else 1
-    if head_len + pos_len + idx_len != len(blob) or not 0 <= nnz <= numel or min(shape, default=1) < 0:
+    if min(shape, default=1) < 0 or not 0 < numel <= MAX_NUMEL:
+        raise ArtifactError(f"tensor {name!r}: shape {shape} is not a codable shape (1 to {MAX_NUMEL} elements)")
+    if min(head_len, pos_len, idx_len) < 0 or head_len + pos_len + idx_len != len(blob) or not 0 <= nnz <= numel:
         raise ArtifactError(f"tensor {name!r}: sections {entry['sections']} do not fit a {len(blob)}-byte blob")
-    if kind not in ("codebook", "raw", "raw16") or alpha <= 0 or (kind == "codebook" and not 0 <= k <= MAX_CODEBOOK):
+    if kind not in ("codebook", "raw", "raw16") or not (0 < alpha < math.inf) or not 0 <= k <= MAX_CODEBOOK:
         raise ArtifactError(f"tensor {name!r}: unsupported value coding {kind!r} (k={k}, alpha={alpha})")
     head, pos, idx = blob[:head_len], blob[head_len : head_len + pos_len], blob[head_len + pos_len :]
     cols = numel // rows if rows else 0

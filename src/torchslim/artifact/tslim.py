@@ -21,14 +21,15 @@ from torch import nn
 
 from torchslim.artifact.codecs import decode_tensor, encode_tensor
 from torchslim.core.files import write_atomic
-from torchslim.errors import ArtifactError, ShapeMismatchError
+from torchslim.errors import ArtifactError, ConfigError, ShapeMismatchError
 
 FORMAT, VERSION = "tslim", 1
 _REQUIRED = ("format", "version", "coded", "model", "plan", "metrics", "fingerprint")
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
 
 
@@ -93,6 +94,8 @@ def fingerprint(stored: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(stored):
         t = stored[name].contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ArtifactError(f"tensor {name!r} has dtype {t.dtype}, which the .tslim format does not store")
         digest.update(name.encode() + b"\0" + _ST_DTYPES[t.dtype].encode() + b"\0")
         digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + digest.hexdigest()
@@ -172,23 +175,36 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
         >>> restored = ts.load("lenet.tslim", model=ts.models.lenet_300_100())  # doctest: +SKIP
     """
     manifest, stored = read(path)
-    state = decode_state(manifest, stored)
     module = _target(manifest, model, path)
-    expected = module.state_dict()
-    extra, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    shapes = _shapes(manifest, stored)
+    extra, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
     if extra or missing:
         raise ShapeMismatchError(
             f"{path}: the model does not match the file: tensors only in the file {extra[:5]}, "
             f"only in the model {missing[:5]}; pass the builder of the model that was saved"
         )
-    for name, t in state.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
+    for name, shape in shapes.items():
+        if shape != expected[name]:
             raise ShapeMismatchError(
-                f"{path}: {name} has shape {tuple(t.shape)} in the file but {tuple(expected[name].shape)} in the "
+                f"{path}: {name} has shape {shape} in the file but {expected[name]} in the "
                 "model; pass the builder of the model that was saved"
             )
+    state = decode_state(manifest, stored)  # only now: shapes are checked before any decoding
     module.load_state_dict(state)
     return module.eval()
+
+
+def _shapes(manifest: dict, stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """The decoded shape of every stored tensor, read from the container and the manifest."""
+    shapes = {}
+    for name, t in stored.items():
+        entry = manifest["coded"].get(name)
+        try:
+            shapes[name] = tuple(t.shape) if entry is None else tuple(int(d) for d in entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"tensor {name!r}: the manifest gives no valid shape") from None
+    return shapes
 
 
 def _target(manifest: dict, model: nn.Module | Callable[[], nn.Module] | None, path: Any) -> nn.Module:
@@ -199,6 +215,11 @@ def _target(manifest: dict, model: nn.Module | Callable[[], nn.Module] | None, p
     zoo = manifest.get("model")
     if not zoo:
         raise ArtifactError(f"{path}: the file holds a user model; pass model=<a fresh instance or builder>")
-    from torchslim.core.models import build_model
+    from torchslim.core.models import ZOO, build_model
 
-    return build_model(zoo["zoo"], **zoo.get("kwargs", {}))
+    if not isinstance(zoo, dict) or zoo.get("zoo") not in ZOO or not isinstance(zoo.get("kwargs", {}), dict):
+        raise ArtifactError(f"{path}: manifest names an unknown model {zoo!r}; pass model=<a builder>")
+    try:
+        return build_model(zoo["zoo"], **zoo.get("kwargs", {}))
+    except ConfigError as exc:
+        raise ArtifactError(f"{path}: cannot build the model the manifest names: {exc}") from None
