@@ -172,7 +172,11 @@ def _entry(key, value):
         (_entry("shape", [2**20, 2**20]), "not a codable shape|has shape"),
         (_entry("shape", [300, -64]), "not a codable shape|shape"),
         (_entry("sections", [-4, 0, 10**6]), "do not fit"),
-        (_entry("alpha", float("nan")), "unsupported value coding"),
+        (_entry("alpha", float("nan")), "not valid JSON"),
+        (_entry("alpha", -1.0), "unsupported value coding"),
+        (_entry("nnz", 1e400), "not valid JSON"),
+        (lambda m: m.update(version=True), "version"),
+        (lambda m: m["coded"].update({"fc1.weight": None}), "mapping"),
         (_entry("positions", "zigzag"), "malformed"),
         (_entry("dtype", "complex64"), "malformed"),
         (lambda m: m["coded"].update({"fc1.weight": [1, 2]}), "mapping|shape"),
@@ -189,9 +193,22 @@ def test_hostile_manifests_fail_with_artifact_errors(tmp_path, compressed, chang
         load(path, model=lenet_300_100(in_features=64))
 
 
+def test_decoding_without_a_model_is_bounded(tmp_path):
+    path = save({"w": torch.zeros(300, 301)}, tmp_path / "zeros.tslim")  # 90,300 zeros in a few bytes
+    manifest, stored = read(path)
+    with pytest.raises(ArtifactError, match="more than the 1,000"):
+        decode_state(manifest, stored, max_elements=1000)
+    assert torch.equal(decode_state(manifest, stored)["w"], torch.zeros(300, 301))
+
+
 @pytest.mark.parametrize(
     "model, message",
-    [({"zoo": "os.system", "kwargs": {}}, "unknown model"), ({"zoo": "lenet5", "kwargs": {"image_size": 4}}, "cannot build")],
+    [
+        ({"zoo": "os.system", "kwargs": {}}, "unknown model"),
+        ({"zoo": ["lenet5"]}, "unknown model"),
+        ({"zoo": "lenet5", "kwargs": {"image_size": 4}}, "cannot build"),
+        ({"zoo": "lenet_300_100", "kwargs": {"in_features": 10**7}}, "integers from 1"),
+    ],
 )
 def test_manifest_model_names_only_zoo_builders(tmp_path, compressed, model, message):
     path = _rewrite(tmp_path, compressed, lambda m: m.update(model=model))

@@ -113,7 +113,12 @@ def test_raw_values_dense_tensors_and_other_dtypes_round_trip():
         ({"sections": [1, 2, 3]}, "do not fit"),
         ({"nnz": 10**9}, "do not fit"),
         ({"values": "lzma"}, "unsupported"),
-        ({"shape": "x"}, "malformed"),
+        ({"shape": "x"}, "shape"),
+        ({"shape": [20, 30.0]}, "integer"),
+        ({"nnz": True}, "integer"),
+        ({"sections": [10**400 // 10**399, 0]}, "three"),
+        ({"positions": "rowcol", "nnz": 0}, "nnz|sections"),
+        ({"k": 300}, "do not fit"),
         ({"nnz": 5}, "non-zeros|nnz"),
     ],
 )

@@ -23,6 +23,7 @@ def test_one_shot_layer_sparsity_is_exact_and_removes_the_smallest(digits_mlp):
     assert before[kept].min() >= before[~kept].max()
     assert result.plan.resolve("fc2").sparsity == pytest.approx(0.9, abs=1e-3)
     assert not hasattr(model.fc1, "weight_orig"), "masks must be made permanent"
+    assert not torch.signbit(model.fc1.weight[~kept]).any(), "pruned entries are +0.0, never -0.0"
 
 
 def test_per_layer_map_skips_unnamed_layers_with_a_reason(digits_mlp):
@@ -72,6 +73,11 @@ def test_frozen_zeros_survive_training(digits, digits_mlp):
     with frozen_zeros([model.fc3]):
         assert hasattr(model.fc3, "weight_mask")
     assert not hasattr(model.fc3, "weight_mask")
+
+
+def test_global_scope_without_weight_layers_is_an_error():
+    with pytest.raises(ConfigError, match="at least one Linear/Conv"):
+        prune_(torch.nn.Sequential(torch.nn.ReLU()), MagnitudePruneConfig(sparsity=0.5, scope="global", finetune=None))
 
 
 def test_schedule_is_cubic_and_ends_at_target():

@@ -49,6 +49,8 @@ def test_unknown_and_misspelled_keys_are_named_all_at_once():
         ("name: x\nmodel: {name: lenet5}\nsteps: []", "steps"),
         ("name: x\nmodel: {name: lenet5}\nsteps: [{prune: {sparsity: 1.5}}]", r"steps.0: .*outside \[0, 1\)"),
         ("name: x\nmodel: {name: lenet5}\nsteps: [{share: {bits: {fc1: 12}}}]", "steps.0: .*bits=12"),
+        ("name: x\nmodel: {name: resnet}\nsteps: [{prune: {sparsity: 0.5}}]", "model: .*unknown model 'resnet'"),
+        ("name: x\nmodel: {name: lenet5}\ndata: {name: cifar}\nsteps: [{prune: {sparsity: 0.5}}]", "data.name"),
         ("[1, 2]", "YAML mapping"),
         ("name: [unclosed", "not valid YAML"),
     ],
@@ -56,6 +58,15 @@ def test_unknown_and_misspelled_keys_are_named_all_at_once():
 def test_malformed_recipes(text, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(text)
+
+
+def test_null_skips_a_layer_and_braces_in_paths_are_literal():
+    r = parse_recipe(
+        "name: x\nmodel: {name: lenet5}\nsteps: [{prune: {sparsity: {'re:.*': 0.5, fc2: null}}}]\n"
+        "outputs: {dir: 'out/{name}-{x}', artifact: 'a{b}.tslim'}"
+    )
+    assert r.steps[0].prune.sparsity == {"re:.*": 0.5, "fc2": None}
+    assert str(r.artifact_path()) == "out/x-{x}/a{b}.tslim"
 
 
 def test_missing_recipe_file_lists_builtins():

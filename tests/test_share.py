@@ -30,6 +30,22 @@ def test_fewer_distinct_values_than_clusters_keeps_them_exactly():
     assert torch.equal(torch.cat([codebook, torch.zeros(1)])[index], w)
 
 
+def test_a_failure_leaves_no_layer_parametrized(digits_mlp):
+    model = copy.deepcopy(digits_mlp)
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        share_(model, ShareConfig(bits=3, finetune=None))
+    assert not any(parametrize.is_parametrized(m) for m in (model.fc1, model.fc2, model.fc3))
+
+
+def test_adjacent_floats_stay_distinct():
+    a = 1.0 + 2.0**-23
+    w = torch.tensor([[a, 1.0 + 2.0**-22, 0.0]])
+    codebook, index = kmeans_codebook(w, bits=2)
+    assert torch.equal(torch.cat([codebook, torch.zeros(1)])[index], w)
+
+
 def test_centroid_gradient_is_the_sum_of_its_weights_gradients():
     index = torch.tensor([[0, 1, 2], [1, 1, 0]])
     weight_grad = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])

@@ -21,7 +21,7 @@ ALPHA = 4.0
 """Prior strength of the position model: the layer density counts as this many rows."""
 MAX_CODEBOOK = 256
 MAX_NUMEL = 2**31
-"""Largest coded tensor a reader accepts: a bound on what a hostile manifest can make it allocate."""
+"""Largest coded tensor the format allows (docs/format.md, section 3)."""
 _FLOATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPES = {v: k for k, v in _FLOATS.items()}
 
@@ -117,6 +117,8 @@ def decode_positions(buf: bytes, rows: int, cols: int, nnz: int, alpha: float, r
     """Inverse of :func:`encode_positions`; ``nnz`` gives the density the model starts from."""
     density = nnz / (rows * cols)
     offset = 0
+    if rowcol and not 0 < nnz < rows * cols:
+        raise ArtifactError(f"the row-aware position model needs 0 < nnz < {rows * cols}, got nnz={nnz}")
     if rowcol:
         counts, offset = read_varints(buf, rows)
         if sum(counts) != nnz or max(counts, default=0) > cols:
@@ -175,9 +177,13 @@ class Coded:
     entry: dict
 
 
+def _rows(shape: list[int] | torch.Size) -> int:
+    """Rows of the (R, C) view: the first dimension of a matrix or higher; 1 for rank 0 and 1."""
+    return int(shape[0]) if len(shape) >= 2 else 1
+
+
 def _matrix(t: torch.Tensor) -> np.ndarray:
-    rows = t.shape[0] if t.dim() > 0 else 1
-    return t.detach().reshape(rows, -1).float().numpy()  # (R, C)
+    return t.detach().reshape(_rows(t.shape), -1).float().numpy()  # (R, C)
 
 
 def _value_codings(values: np.ndarray) -> dict[str, tuple[bytes, bytes, int]]:
@@ -228,46 +234,74 @@ def encode_tensor(t: torch.Tensor, alpha: float = ALPHA) -> Coded | None:
     return Coded(head + positions + stream, entry)
 
 
+def _strict_int(value: object, what: str, name: str) -> int:
+    if type(value) is not int:  # JSON true, 1.0, "1" and 1e400 are not counts
+        raise ArtifactError(f"tensor {name!r}: manifest field {what} must be an integer, got {value!r}")
+    return value
+
+
+def entry_shape(entry: object, name: str) -> list[int]:
+    """The decoded shape a coded entry declares, checked to be a list of sizes within bounds."""
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not isinstance(shape, list):
+        raise ArtifactError(f"tensor {name!r}: a coded entry must be a mapping with a 'shape' list")
+    dims = [_strict_int(d, "shape", name) for d in shape]
+    if min(dims, default=1) < 0 or not 0 < math.prod(dims) <= MAX_NUMEL:
+        raise ArtifactError(f"tensor {name!r}: shape {dims} is not a codable shape (1 to {MAX_NUMEL} elements)")
+    return dims
+
+
 def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
-    """Rebuild the tensor ``name`` from its blob and manifest entry, checking every length."""
-    try:
-        shape, nnz, k = [int(s) for s in entry["shape"]], int(entry["nnz"]), int(entry["k"])
-        head_len, pos_len, idx_len = (int(s) for s in entry["sections"])
-        dtype, kind, alpha = _DTYPES[entry["dtype"]], entry["values"], float(entry["alpha"])
-        rowcol = {"col": False, "rowcol": True}[entry["positions"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"tensor {name!r}: malformed manifest entry ({exc!r})") from None
+    """Rebuild the tensor ``name`` from its blob and manifest entry, checking every field first."""
+    shape = entry_shape(entry, name)
+    nnz, k = _strict_int(entry.get("nnz"), "nnz", name), _strict_int(entry.get("k"), "k", name)
+    sections = entry.get("sections")
+    if not isinstance(sections, list) or len(sections) != 3:
+        raise ArtifactError(f"tensor {name!r}: 'sections' must be a list of three byte lengths")
+    head_len, pos_len, idx_len = (_strict_int(x, "sections", name) for x in sections)
+    kind, alpha, model = entry.get("values"), entry.get("alpha"), entry.get("positions")
+    if entry.get("dtype") not in _DTYPES or model not in ("col", "rowcol"):
+        raise ArtifactError(f"tensor {name!r}: malformed manifest entry (dtype {entry.get('dtype')!r}, positions {model!r})")
     numel = math.prod(shape)
-    rows = shape[0] if shape else 1
-    if min(shape, default=1) < 0 or not 0 < numel <= MAX_NUMEL:
-        raise ArtifactError(f"tensor {name!r}: shape {shape} is not a codable shape (1 to {MAX_NUMEL} elements)")
+    rows = _rows(shape)
     if min(head_len, pos_len, idx_len) < 0 or head_len + pos_len + idx_len != len(blob) or not 0 <= nnz <= numel:
-        raise ArtifactError(f"tensor {name!r}: sections {entry['sections']} do not fit a {len(blob)}-byte blob")
-    if kind not in ("codebook", "raw", "raw16") or not (0 < alpha < math.inf) or not 0 <= k <= MAX_CODEBOOK:
-        raise ArtifactError(f"tensor {name!r}: unsupported value coding {kind!r} (k={k}, alpha={alpha})")
+        raise ArtifactError(f"tensor {name!r}: sections {sections} do not fit a {len(blob)}-byte blob")
+    width = {"codebook": None, "raw": 4, "raw16": 2}.get(kind, 0) if isinstance(kind, str) else 0
+    if width == 0 or type(alpha) not in (int, float) or not 0 < alpha < math.inf:
+        raise ArtifactError(f"tensor {name!r}: unsupported value coding {kind!r} (alpha={alpha!r})")
+    if (width and (k != 0 or idx_len or head_len != width * nnz)) or (not width and not 0 < k <= min(nnz, MAX_CODEBOOK) and nnz):
+        raise ArtifactError(f"tensor {name!r}: {kind} values with k={k} do not fit {head_len} bytes for nnz={nnz}")
+    if (nnz in (0, numel) and model == "rowcol") or (nnz == numel and pos_len):
+        raise ArtifactError(f"tensor {name!r}: a position section that nnz={nnz} of {numel} rules out")
     head, pos, idx = blob[:head_len], blob[head_len : head_len + pos_len], blob[head_len + pos_len :]
-    cols = numel // rows if rows else 0
+    cols = numel // rows
     if nnz == numel:
         mask = np.ones((rows, cols), dtype=bool)
     else:
-        mask = decode_positions(pos, rows, cols, nnz, alpha, rowcol)
+        mask = decode_positions(pos, rows, cols, nnz, float(alpha), model == "rowcol")
     if int(mask.sum()) != nnz:
         raise ArtifactError(f"tensor {name!r}: position stream holds {int(mask.sum())} non-zeros, manifest says {nnz}")
-    if kind == "codebook":
-        codebook = np.frombuffer(head[: 4 * k], dtype="<f4")
-        counts, end = read_varints(head, k, 4 * k)
-        counts = np.asarray(counts, dtype=np.int64)
-        if end != head_len or codebook.size != k or int(counts.sum()) != nnz or (counts < 1).any():
-            raise ArtifactError(f"tensor {name!r}: codebook counts do not match nnz={nnz}")
-        values = codebook[decode_indices(idx, counts)] if nnz else codebook[:0]
-    else:
-        width = 4 if kind == "raw" else 2
-        if head_len != width * nnz or idx_len:
-            raise ArtifactError(f"tensor {name!r}: {head_len} bytes of {kind} values for nnz={nnz}")
-        values = np.frombuffer(head, dtype="<f4" if kind == "raw" else "<f2").astype(np.float32)
+    values = _decode_values(head, idx, kind, k, nnz, name) if nnz else np.zeros(0, dtype=np.float32)
     out = np.zeros((rows, cols), dtype=np.float32)
     out[mask] = values
-    return torch.from_numpy(out).reshape(shape).to(dtype)
+    return torch.from_numpy(out).reshape(shape).to(_DTYPES[entry["dtype"]])
+
+
+def _decode_values(head: bytes, idx: bytes, kind: str, k: int, nnz: int, name: str) -> np.ndarray:
+    if kind != "codebook":
+        return np.frombuffer(head, dtype="<f4" if kind == "raw" else "<f2").astype(np.float32)
+    if len(head) < 4 * k:
+        raise ArtifactError(f"tensor {name!r}: value section too short for a {k}-entry codebook")
+    codebook = np.frombuffer(head[: 4 * k], dtype="<f4")
+    counts, end = read_varints(head, k, 4 * k)
+    counts = np.asarray(counts, dtype=np.int64)
+    if end != len(head) or int(counts.sum()) != nnz or (counts < 1).any():
+        raise ArtifactError(f"tensor {name!r}: codebook counts do not match nnz={nnz}")
+    if k == 1:
+        if idx:
+            raise ArtifactError(f"tensor {name!r}: a one-entry codebook must have an empty index stream")
+        return np.full(nnz, codebook[0], dtype=np.float32)
+    return codebook[decode_indices(idx, counts)]
 
 
 def stream_bounds(t: torch.Tensor, alpha: float = ALPHA, rowcol: bool = False) -> dict[str, float]:

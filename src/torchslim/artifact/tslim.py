@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -19,11 +20,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from torchslim.artifact.codecs import decode_tensor, encode_tensor
+from torchslim.artifact.codecs import decode_tensor, encode_tensor, entry_shape
 from torchslim.core.files import write_atomic
 from torchslim.errors import ArtifactError, ConfigError, ShapeMismatchError
 
 FORMAT, VERSION = "tslim", 1
+MAX_ZOO_ARG = 65536
+"""Zoo builder arguments (sizes, class counts) a file may name; bounds what loading allocates."""
 _REQUIRED = ("format", "version", "coded", "model", "plan", "metrics", "fingerprint")
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -102,7 +105,11 @@ def fingerprint(stored: Mapping[str, torch.Tensor]) -> str:
 
 
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Parse and verify a `.tslim` file; return ``(manifest, stored tensors)``. Decodes nothing."""
+    """Parse a `.tslim` file and check its container, manifest keys and fingerprint.
+
+    Returns ``(manifest, stored tensors)``. Decodes nothing: each coded entry is checked when
+    :func:`decode_state` decodes it.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -119,8 +126,8 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         stored = st_load(raw)
         header = json.loads(raw[8 : 8 + header_len])
-    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: not a valid safetensors container: {exc}") from None
+    except (SafetensorError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: not a valid safetensors container: {exc!r}") from None
     manifest = _manifest(path, header)
     coded = manifest["coded"]
     if not isinstance(coded, dict) or not set(coded) <= set(stored):
@@ -130,18 +137,22 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     return manifest, stored
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in a manifest")
+
+
 def _manifest(path: Path, header: Any) -> dict:
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or "tslim" not in meta:
         raise ArtifactError(f"{path}: a safetensors file without a tslim manifest; save it with torchslim.save")
     try:
-        manifest = json.loads(meta["tslim"])
-    except ValueError as exc:
-        raise ArtifactError(f"{path}: the tslim manifest is not valid JSON ({exc})") from None
+        manifest = json.loads(meta["tslim"], parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: the tslim manifest is not valid JSON ({exc!r})") from None
     missing = [k for k in _REQUIRED if not isinstance(manifest, dict) or k not in manifest]
     if missing:
         raise ArtifactError(f"{path}: the manifest lacks {missing}")
-    if manifest["format"] != FORMAT or manifest["version"] != VERSION:
+    if manifest["format"] != FORMAT or type(manifest["version"]) is not int or manifest["version"] != VERSION:
         raise ArtifactError(
             f"{path}: format {manifest['format']!r} version {manifest['version']!r}; this torchslim reads "
             f"{FORMAT!r} version {VERSION}: upgrade torchslim"
@@ -149,17 +160,30 @@ def _manifest(path: Path, header: Any) -> dict:
     return manifest
 
 
-def decode_state(manifest: dict, stored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Decode every tensor of a verified file into a state_dict."""
+def decode_state(
+    manifest: dict, stored: Mapping[str, torch.Tensor], max_elements: int | None = 2**26
+) -> dict[str, torch.Tensor]:
+    """Decode every tensor of a verified file into a state_dict.
+
+    ``max_elements`` caps the total size of the coded tensors decoded, so that a small hostile
+    file cannot make the reader allocate without bound; ``load`` lifts it once the shapes have
+    been checked against the caller's model.
+    """
+    coded = manifest["coded"]
+    total = sum(math.prod(entry_shape(coded[n], n)) for n in coded)
+    if max_elements is not None and total > max_elements:
+        raise ArtifactError(
+            f"the file's coded tensors hold {total:,} elements, more than the {max_elements:,} this reader "
+            "decodes without a model; use load(path, model=...) for a model of that size"
+        )
     state = {}
     for name, t in stored.items():
-        entry = manifest["coded"].get(name)
-        if entry is None:
+        if name not in coded:
             state[name] = t
-        elif isinstance(entry, dict) and t.dtype == torch.uint8:
-            state[name] = decode_tensor(t.numpy().tobytes(), entry, name)
+        elif t.dtype == torch.uint8 and t.dim() == 1:
+            state[name] = decode_tensor(t.numpy().tobytes(), coded[name], name)
         else:
-            raise ArtifactError(f"tensor {name!r}: a coded entry must be a mapping over a U8 blob")
+            raise ArtifactError(f"tensor {name!r}: a coded tensor must be stored as a 1-D U8 blob")
     return state
 
 
@@ -190,21 +214,15 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
                 f"{path}: {name} has shape {shape} in the file but {expected[name]} in the "
                 "model; pass the builder of the model that was saved"
             )
-    state = decode_state(manifest, stored)  # only now: shapes are checked before any decoding
+    state = decode_state(manifest, stored, None)  # only now: the model bounds what is decoded
     module.load_state_dict(state)
     return module.eval()
 
 
 def _shapes(manifest: dict, stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """The decoded shape of every stored tensor, read from the container and the manifest."""
-    shapes = {}
-    for name, t in stored.items():
-        entry = manifest["coded"].get(name)
-        try:
-            shapes[name] = tuple(t.shape) if entry is None else tuple(int(d) for d in entry["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise ArtifactError(f"tensor {name!r}: the manifest gives no valid shape") from None
-    return shapes
+    coded = manifest["coded"]
+    return {n: tuple(entry_shape(coded[n], n)) if n in coded else tuple(t.shape) for n, t in stored.items()}
 
 
 def _target(manifest: dict, model: nn.Module | Callable[[], nn.Module] | None, path: Any) -> nn.Module:
@@ -217,9 +235,12 @@ def _target(manifest: dict, model: nn.Module | Callable[[], nn.Module] | None, p
         raise ArtifactError(f"{path}: the file holds a user model; pass model=<a fresh instance or builder>")
     from torchslim.core.models import ZOO, build_model
 
-    if not isinstance(zoo, dict) or zoo.get("zoo") not in ZOO or not isinstance(zoo.get("kwargs", {}), dict):
+    name, kwargs = (zoo.get("zoo"), zoo.get("kwargs", {})) if isinstance(zoo, dict) else (None, None)
+    if not isinstance(name, str) or name not in ZOO or not isinstance(kwargs, dict):
         raise ArtifactError(f"{path}: manifest names an unknown model {zoo!r}; pass model=<a builder>")
+    if not all(type(v) is int and 1 <= v <= MAX_ZOO_ARG for v in kwargs.values()):
+        raise ArtifactError(f"{path}: zoo arguments {kwargs} must be integers from 1 to {MAX_ZOO_ARG}")
     try:
-        return build_model(zoo["zoo"], **zoo.get("kwargs", {}))
-    except ConfigError as exc:
+        return build_model(name, **kwargs)
+    except (ConfigError, RuntimeError, ValueError) as exc:
         raise ArtifactError(f"{path}: cannot build the model the manifest names: {exc}") from None

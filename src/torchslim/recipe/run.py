@@ -75,8 +75,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[
         timings[f"step{i + 1}_{step.kind}_s"] = time.perf_counter() - t0
     model.eval()
 
-    out = recipe.out_dir()
-    artifact = out / recipe.outputs.artifact.format(name=recipe.name)
+    out, artifact = recipe.out_dir(), recipe.artifact_path()
     t0 = time.perf_counter()
     mem_acc = accuracy(model, data.eval_loader())
     zoo = {"zoo": recipe.model.name, "kwargs": recipe.model.kwargs}

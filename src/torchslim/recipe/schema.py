@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from torchslim.core.models import ZOO
 from torchslim.errors import ConfigError, RecipeError
 from torchslim.transforms.prune import MagnitudePruneConfig
 from torchslim.transforms.share import ShareConfig
@@ -29,9 +30,15 @@ class ModelSpec(_Strict):
     name: str = Field(description="zoo model: lenet_300_100 or lenet5")
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _in_zoo(self) -> "ModelSpec":
+        if self.name not in ZOO:
+            raise ValueError(f"unknown model {self.name!r}; the zoo has {sorted(ZOO)}")
+        return self
+
 
 class DataSection(_Strict):
-    name: str = "fashion_mnist"
+    name: Literal["fashion_mnist", "digits"] = "fashion_mnist"
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(1000, ge=1)
     calib_size: int = Field(2048, ge=1)
@@ -48,14 +55,14 @@ class TrainSection(_Strict):
 
 
 class PruneSection(_Strict):
-    sparsity: Union[float, dict[str, float]]
+    sparsity: Union[float, dict[str, Optional[float]]]
     scope: str = Field("layer", pattern="^(layer|global)$")
     steps: int = Field(1, ge=1)
     finetune: TrainSection | None = None
 
 
 class ShareSection(_Strict):
-    bits: Union[int, dict[str, int]]
+    bits: Union[int, dict[str, Optional[int]]]
     finetune: TrainSection | None = None
     kmeans_iters: int = Field(100, ge=1)
     half_biases: bool = False
@@ -116,7 +123,10 @@ class Recipe(_Strict):
         return self
 
     def out_dir(self) -> Path:
-        return Path(self.outputs.dir.format(name=self.name))
+        return Path(self.outputs.dir.replace("{name}", self.name))
+
+    def artifact_path(self) -> Path:
+        return self.out_dir() / self.outputs.artifact.replace("{name}", self.name)
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:

@@ -132,11 +132,18 @@ def _rounds(model, config, data, layers, targets, progress, teacher) -> list[dic
                 losses = fit(model, data, config.finetune, _overall(progress, step, config.steps), teacher)
             history.append({"step": step + 1, "sparsity": wanted, "losses": losses})
             log.info("prune round %d/%d done", step + 1, config.steps)
-    finally:
-        for m in layers.values():
-            if torch_prune.is_pruned(m):
-                torch_prune.remove(m, "weight")
+    finally:  # on an error too: the model keeps the rounds done so far, with no hooks left
+        _make_permanent(layers.values())
     return history
+
+
+def _make_permanent(modules: Iterable[nn.Module]) -> None:
+    """Fold the masks into ``weight`` and drop the hooks; pruned entries become +0.0."""
+    for m in modules:
+        if torch_prune.is_pruned(m):
+            torch_prune.remove(m, "weight")
+            with torch.no_grad():
+                m.weight.add_(0.0)  # weight_orig * 0 is -0.0 for negative weights; -0.0 + 0.0 is +0.0
 
 
 def _overall(progress: Progress | None, step: int, steps: int) -> Progress | None:
@@ -155,8 +162,7 @@ def frozen_zeros(modules: Iterable[nn.Module]) -> Iterator[None]:
     try:
         yield
     finally:
-        for m in sparse:
-            torch_prune.remove(m, "weight")
+        _make_permanent(sparse)
 
 
 @torch.no_grad()
@@ -166,6 +172,8 @@ def _layer_masks(layers: Mapping[str, nn.Module], wanted: Mapping[str, float]) -
 
 @torch.no_grad()
 def _global_masks(layers: Mapping[str, nn.Module], wanted: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    if not layers:
+        raise ConfigError("scope='global' needs at least one Linear/Conv layer to rank")
     scores = torch.cat([m.weight.abs().flatten() for m in layers.values()])
     flat = _smallest_off(scores, next(iter(wanted.values())))
     masks, start = {}, 0

@@ -42,7 +42,9 @@ class ShareConfig:
         finetune: trained quantisation of the centroids; ``None`` or no data skips it.
         kmeans_iters: Lloyd iterations of the k-means.
         half_biases: after training, round the biases of the shared layers to values that
-            float16 represents exactly, so the file stores them in 2 bytes instead of 4.
+            float16 represents exactly (skipping a bias with values beyond float16's range), so
+            a file can store them in 2 bytes each instead of 4 (for a bias big enough that its
+            coded entry pays for itself, about 60 values or more).
 
     Example:
         >>> cfg = ShareConfig(bits={"re:conv.*": 8, "re:fc.*": 5})
@@ -83,6 +85,10 @@ class ShareResult:
     losses: list[float]
 
 
+HALF_MAX = 65504.0
+"""Largest finite float16; a bias beyond it keeps its float32 values."""
+
+
 class SharedWeight(nn.Module):
     """Parametrization ``weight = [codebook, 0][index]``; index == len(codebook) means pruned."""
 
@@ -111,18 +117,17 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, iters: int = 100) -> tuple[
     index = np.full(flat.shape, k, dtype=np.int64)
     if k == 0:
         return torch.zeros(0), torch.from_numpy(index).view_as(weight)
-    if k == distinct.size:
-        centroids = distinct
-    else:
-        init = np.linspace(values.min(), values.max(), k).reshape(-1, 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # empty-cluster relocation notes are expected
-            km = KMeans(k, init=init, n_init=1, max_iter=iters, tol=0.0).fit(values.reshape(-1, 1))
-        centroids = np.sort(km.cluster_centers_.ravel())
-    codebook = torch.from_numpy(centroids).float()
-    edges = (codebook[1:] + codebook[:-1]) / 2
-    index[nonzero] = torch.bucketize(torch.from_numpy(values).float(), edges).numpy()
-    return codebook, torch.from_numpy(index).view_as(weight)
+    if k == distinct.size:  # already shared: keep every value exactly
+        index[nonzero] = np.searchsorted(distinct, values)
+        return torch.from_numpy(distinct).float(), torch.from_numpy(index).view_as(weight)
+    init = np.linspace(values.min(), values.max(), k).reshape(-1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # empty-cluster relocation notes are expected
+        km = KMeans(k, init=init, n_init=1, max_iter=iters, tol=0.0).fit(values.reshape(-1, 1))
+    codebook = np.sort(km.cluster_centers_.ravel()).astype(np.float32)
+    edges = (codebook[1:].astype(np.float64) + codebook[:-1]) / 2  # nearest centroid, in float64
+    index[nonzero] = np.searchsorted(edges, values, side="left")
+    return torch.from_numpy(codebook), torch.from_numpy(index).view_as(weight)
 
 
 def share_(
@@ -141,23 +146,24 @@ def share_(
     """
     targets, skipped = config.targets(model)
     layers = {n: m for n, m in weight_layers(model) if n in targets}
-    for name, m in layers.items():
-        codebook, index = kmeans_codebook(m.weight, targets[name], config.kmeans_iters)
-        parametrize.register_parametrization(m, "weight", SharedWeight(index), unsafe=True)
-        m.parametrizations.weight.original = nn.Parameter(codebook)
     others = [m for n, m in weight_layers(model) if n not in targets]
     losses: list[float] = []
     try:
+        for name, m in layers.items():
+            codebook, index = kmeans_codebook(m.weight, targets[name], config.kmeans_iters)
+            parametrize.register_parametrization(m, "weight", SharedWeight(index), unsafe=True)
+            m.parametrizations.weight.original = nn.Parameter(codebook)
         if data is not None and config.finetune is not None:
             with frozen_zeros(others):
                 losses = fit(model, data, config.finetune, progress, teacher)
-    finally:
+    finally:  # on an error too: no layer is left parametrized
         for m in layers.values():
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            if parametrize.is_parametrized(m, "weight"):
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     if config.half_biases:
         with torch.no_grad():
             for m in layers.values():
-                if m.bias is not None:
+                if m.bias is not None and bool(m.bias.abs().max() <= HALF_MAX):
                     m.bias.copy_(m.bias.half().float())
     plan = CompressionPlan()
     for name, bits in targets.items():
