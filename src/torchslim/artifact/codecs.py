@@ -117,9 +117,9 @@ def decode_positions(buf: bytes, rows: int, cols: int, nnz: int, alpha: float, r
     """Inverse of :func:`encode_positions`; ``nnz`` gives the density the model starts from."""
     density = nnz / (rows * cols)
     offset = 0
-    if rowcol and not 0 < nnz < rows * cols:
-        raise ArtifactError(f"the row-aware position model needs 0 < nnz < {rows * cols}, got nnz={nnz}")
     if rowcol:
+        if not 0 < nnz < rows * cols:
+            raise ArtifactError(f"the row-aware position model needs 0 < nnz < {rows * cols}, got nnz={nnz}")
         counts, offset = read_varints(buf, rows)
         if sum(counts) != nnz or max(counts, default=0) > cols:
             raise ArtifactError(f"row counts of a position stream sum to {sum(counts)}, not nnz={nnz}")
@@ -297,10 +297,6 @@ def _decode_values(head: bytes, idx: bytes, kind: str, k: int, nnz: int, name: s
     counts = np.asarray(counts, dtype=np.int64)
     if end != len(head) or int(counts.sum()) != nnz or (counts < 1).any():
         raise ArtifactError(f"tensor {name!r}: codebook counts do not match nnz={nnz}")
-    if k == 1:
-        if idx:
-            raise ArtifactError(f"tensor {name!r}: a one-entry codebook must have an empty index stream")
-        return np.full(nnz, codebook[0], dtype=np.float32)
     return codebook[decode_indices(idx, counts)]
 
 
