@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,3 +52,55 @@ def layer_costs(model: nn.Module) -> list[LayerCost]:
 def count_params(model: nn.Module) -> int:
     """All parameters and buffers that a state_dict would hold."""
     return sum(t.numel() for t in model.state_dict().values())
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _macs(module: nn.Module, inp: tuple, out: object) -> int:
+    """Multiply-accumulates of one call of ``module`` for the whole batch."""
+    if isinstance(module, _CONVS):
+        k = module.in_channels // module.groups * math.prod(module.kernel_size)
+        return out.numel() * k  # type: ignore[union-attr]
+    if isinstance(module, nn.Linear):
+        return out.numel() * module.in_features  # type: ignore[union-attr]
+    if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
+        seq = out[0]  # (B, T, D * H) or (T, B, D * H)
+        steps = seq.numel() // (seq.shape[-1])
+        gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[type(module)]
+        dirs = 2 if module.bidirectional else 1
+        h, i = module.hidden_size, module.input_size
+        per_step = gates * h * (i + h) + (gates * h * (dirs * h + h) * (module.num_layers - 1))
+        return steps * dirs * per_step
+    if isinstance(module, nn.MultiheadAttention):
+        q = inp[0]  # (L, B, E) or (B, L, E)
+        tokens, e = q.numel() // q.shape[-1], module.embed_dim
+        length = q.shape[1] if module.batch_first else q.shape[0]
+        return tokens * (4 * e * e + 2 * length * e)
+    return 0
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per input sample of every Conv, Linear, recurrent and attention layer.
+
+    Counted with forward hooks on one run over ``example``; element-wise work (activations,
+    BatchNorm, adds) is not counted, as is usual for MAC figures.
+    """
+    batch = example.shape[0] if isinstance(example, torch.Tensor) else 1
+    counts: dict[str, int] = {}
+    kinds = (*_CONVS, nn.Linear, nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)
+
+    def hook(name: str):
+        return lambda m, inp, out: counts.__setitem__(name, counts.get(name, 0) + _macs(m, inp, out) // batch)
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, kinds)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return counts

@@ -21,10 +21,13 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from torchslim.artifact.codecs import decode_tensor, encode_tensor, entry_shape
+from torchslim.artifact.structure import describe, resize_
 from torchslim.core.files import write_atomic
 from torchslim.errors import ArtifactError, ConfigError, ShapeMismatchError
 
-FORMAT, VERSION = "tslim", 1
+FORMAT, VERSION = "tslim", 2
+READS = (1, 2)
+"""Versions this reader reads: 1 has no ``modules`` key (no structural pruning), 2 requires it."""
 MAX_ZOO_ARG = 65536
 """Zoo builder arguments (sizes, class counts) a file may name; bounds what loading allocates."""
 _REQUIRED = ("format", "version", "coded", "model", "plan", "metrics", "fingerprint")
@@ -45,6 +48,7 @@ def encode(
 ) -> bytes:
     """The bytes of a `.tslim` file for ``model`` (a module or a state_dict)."""
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    modules = describe(model) if isinstance(model, nn.Module) else None
     stored, entries = {}, {}
     for name, t in state.items():
         t = t.detach().cpu().contiguous()
@@ -64,6 +68,7 @@ def encode(
         "metrics": dict(metrics or {}),
         "fingerprint": fingerprint(stored),
     }
+    manifest["modules"] = modules or {}
     return st_save(stored, metadata={"tslim": _compact(manifest)})
 
 
@@ -152,11 +157,13 @@ def _manifest(path: Path, header: Any) -> dict:
     missing = [k for k in _REQUIRED if not isinstance(manifest, dict) or k not in manifest]
     if missing:
         raise ArtifactError(f"{path}: the manifest lacks {missing}")
-    if manifest["format"] != FORMAT or type(manifest["version"]) is not int or manifest["version"] != VERSION:
+    if manifest["format"] != FORMAT or type(manifest["version"]) is not int or manifest["version"] not in READS:
         raise ArtifactError(
             f"{path}: format {manifest['format']!r} version {manifest['version']!r}; this torchslim reads "
-            f"{FORMAT!r} version {VERSION}: upgrade torchslim"
+            f"{FORMAT!r} versions {list(READS)}: upgrade torchslim"
         )
+    if manifest["version"] >= 2 and not isinstance(manifest.get("modules"), dict):
+        raise ArtifactError(f"{path}: a version {manifest['version']} manifest needs a 'modules' object")
     return manifest
 
 
@@ -200,8 +207,9 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     """
     manifest, stored = read(path)
     module = _target(manifest, model, path)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     shapes = _shapes(manifest, stored)
+    resize_(module, manifest.get("modules"), shapes, path)  # structurally pruned files shrink the model
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     extra, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
     if extra or missing:
         raise ShapeMismatchError(

@@ -54,6 +54,121 @@ class LeNet5(nn.Module):
         return self.fc2(x)
 
 
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual add; a 1x1 conv-BN shortcut when the shape changes."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))  # (B, C_out, H / stride, W / stride)
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNetMini(nn.Module):
+    """A ResNet for 28x28 images: a stride-2 stem, three basic blocks (widths w, 2w, 4w), pooling.
+
+    Residual adds couple the stem with ``layer1.conv2`` and each block's ``conv2`` with its
+    shortcut, so channels there can only be removed together.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, 2, 1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(width)
+        self.layer1 = BasicBlock(width, width, 1)
+        self.layer2 = BasicBlock(width, 2 * width, 2)
+        self.layer3 = BasicBlock(2 * width, 4 * width, 2)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))  # (B, w, 14, 14) for 28x28 inputs
+        x = self.layer3(self.layer2(self.layer1(x)))  # (B, 4w, 4, 4)
+        return self.fc(x.mean((2, 3)))  # (B, num_classes)
+
+
+class SeparableBlock(nn.Module):
+    """MobileNet's depthwise 3x3 conv-BN-ReLU followed by a pointwise 1x1 conv-BN-ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(in_ch, in_ch, 3, stride, 1, groups=in_ch, bias=False)
+        self.dw_bn = nn.BatchNorm2d(in_ch)
+        self.pw = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+        self.pw_bn = nn.BatchNorm2d(out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.dw_bn(self.dw(x)))  # (B, C_in, H / stride, W / stride)
+        return torch.relu(self.pw_bn(self.pw(x)))  # (B, C_out, H / stride, W / stride)
+
+
+class MobileNetMini(nn.Module):
+    """A MobileNet-style net for 28x28 images: a stride-2 stem and four depthwise separable blocks."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, 2, 1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(width)
+        widths = [(width, 2 * width, 1), (2 * width, 4 * width, 2), (4 * width, 4 * width, 1), (4 * width, 8 * width, 2)]
+        self.blocks = nn.Sequential(*(SeparableBlock(i, o, s) for i, o, s in widths))
+        self.fc = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))  # (B, w, 14, 14) for 28x28 inputs
+        x = self.blocks(x)  # (B, 8w, 4, 4)
+        return self.fc(x.mean((2, 3)))  # (B, num_classes)
+
+
+class ConcatNet(nn.Module):
+    """Inception- and DenseNet-style concatenations: branches joined with ``torch.cat``.
+
+    ``mixed`` concatenates a 1x1 branch, a 1x1 -> 3x3 branch and a pool -> 1x1 branch; ``dense``
+    concatenates its input with a 3x3 conv of it, so the stem's channels feed both.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 2 * width, 3, 2, 1)
+        self.b1 = nn.Conv2d(2 * width, width, 1)
+        self.b2_reduce = nn.Conv2d(2 * width, width, 1)
+        self.b2 = nn.Conv2d(width, 2 * width, 3, 1, 1)
+        self.b3 = nn.Conv2d(2 * width, width, 1)
+        self.dense = nn.Conv2d(4 * width, 2 * width, 3, 1, 1)
+        self.bn = nn.BatchNorm2d(6 * width)
+        self.fc = nn.Linear(6 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))  # (B, 2w, 14, 14)
+        pooled = torch.max_pool2d(x, 3, 1, 1)
+        x = torch.cat([self.b1(x), self.b2(torch.relu(self.b2_reduce(x))), self.b3(pooled)], 1)  # (B, 4w, 14, 14)
+        x = torch.relu(x)
+        x = torch.cat([x, self.dense(x)], 1)  # (B, 6w, 14, 14)
+        x = torch.relu(self.bn(torch.max_pool2d(x, 2)))  # (B, 6w, 7, 7)
+        return self.fc(x.mean((2, 3)))
+
+
+class RowRNN(nn.Module):
+    """A sequence classifier that reads an image row by row with an LSTM or GRU."""
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_classes: int) -> None:
+        super().__init__()
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = rnn(input_size, hidden_size, batch_first=True)
+        self.fc = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1, 2) if x.dim() == 4 else x  # (B, rows, row_width): one row per time step
+        out, _ = self.rnn(x)  # (B, rows, hidden)
+        return self.fc(out[:, -1])  # (B, num_classes)
+
+
 def lenet_300_100(in_features: int = 784, num_classes: int = 10) -> nn.Module:
     """Build LeNet-300-100 (266,610 parameters for 28x28 inputs)."""
     return LeNet300100(in_features, num_classes)
@@ -64,7 +179,35 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) ->
     return LeNet5(in_channels, num_classes, image_size)
 
 
-ZOO: dict[str, Callable[..., nn.Module]] = {"lenet_300_100": lenet_300_100, "lenet5": lenet5}
+def resnet_mini(in_channels: int = 1, num_classes: int = 10, width: int = 32) -> nn.Module:
+    """Build the residual CNN for 28x28 images (308,074 parameters at width 32)."""
+    return ResNetMini(in_channels, num_classes, width)
+
+
+def mobilenet_mini(in_channels: int = 1, num_classes: int = 10, width: int = 32) -> nn.Module:
+    """Build the depthwise separable CNN for 28x28 images."""
+    return MobileNetMini(in_channels, num_classes, width)
+
+
+def concat_net(in_channels: int = 1, num_classes: int = 10, width: int = 16) -> nn.Module:
+    """Build the CNN with Inception- and DenseNet-style concatenations."""
+    return ConcatNet(in_channels, num_classes, width)
+
+
+def lstm_classifier(input_size: int = 28, hidden_size: int = 128, num_classes: int = 10) -> nn.Module:
+    """Build the row-by-row LSTM classifier for 28x28 images."""
+    return RowRNN("lstm", input_size, hidden_size, num_classes)
+
+
+def gru_classifier(input_size: int = 28, hidden_size: int = 128, num_classes: int = 10) -> nn.Module:
+    """Build the row-by-row GRU classifier for 28x28 images."""
+    return RowRNN("gru", input_size, hidden_size, num_classes)
+
+
+ZOO: dict[str, Callable[..., nn.Module]] = {
+    "lenet_300_100": lenet_300_100, "lenet5": lenet5, "resnet_mini": resnet_mini, "mobilenet_mini": mobilenet_mini,
+    "concat_net": concat_net, "lstm_classifier": lstm_classifier, "gru_classifier": gru_classifier,
+}  # fmt: skip
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

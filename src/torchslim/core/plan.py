@@ -25,16 +25,20 @@ class LayerDecision:
     Attributes:
         sparsity: fraction of weights set to zero, in [0, 1).
         bits: codebook size as bits per shared-weight index (2**bits clusters), 1..8.
+        channels: fraction of the layer's output channels removed by structured pruning, in [0, 1).
         skip: why the layer is left untouched; a skipped layer always carries a reason.
     """
 
     sparsity: float | None = None
     bits: int | None = None
+    channels: float | None = None
     skip: str | None = None
 
     def __post_init__(self) -> None:
         if self.sparsity is not None:
             check_sparsity(self.sparsity, "sparsity")
+        if self.channels is not None:
+            check_sparsity(self.channels, "channels")
         if self.bits is not None and (not isinstance(self.bits, int) or not 1 <= self.bits <= 8):
             raise ConfigError(f"bits={self.bits!r}: use an integer from 1 to 8 (2 to 256 clusters)")
 
@@ -128,7 +132,7 @@ class CompressionPlan:
         return plan
 
     def field_map(self, name: str) -> dict[str, Any]:
-        """Rule key -> value of one field (``"sparsity"`` or ``"bits"``), for rules that set it.
+        """Rule key -> value of one field (e.g. ``"sparsity"``), for rules that set it.
 
         A skipping rule maps to ``None``, which transform configs read as "leave this layer
         alone" (so an exact skip still wins over a pattern that sets the field).

@@ -1,0 +1,236 @@
+"""Which channels must be removed together: coupling groups on Torch-Pruning's DependencyGraph.
+
+Torch-Pruning traces the model with autograd and knows how residual adds, concatenations,
+splits, depthwise convolutions, BatchNorm, flatten-then-Linear and attention tie channels of
+different layers together. torchslim asks it for every group once, turns each into a plain
+:class:`CouplingGroup` (names, sizes, why it is skipped) and keeps the graph only to slice the
+model later. Building the graph never changes the model.
+
+torchslim registers its own slicing functions for LSTM and GRU hidden units (every gate's rows
+and the recurrent columns together); Torch-Pruning's LSTM slicer handles neither GRU nor the
+recurrent weight's columns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from torchslim.core.plan import match_layer
+from torchslim.errors import ConfigError, TorchslimError
+
+_GATES = {nn.LSTM: 4, nn.GRU: 3}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer touched when a group loses channels: its out side (rows) or in side (columns)."""
+
+    module: str
+    kind: str
+    side: str  # "out" | "in"
+
+    def __str__(self) -> str:
+        return f"{self.module}[{self.side}]"
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One coupled tensor slice of a group: ``module``'s channels ``idxs`` on ``side``.
+
+    ``root_idxs[i]`` is the group channel that ``idxs[i]`` belongs to (concatenations offset
+    them, flatten-then-Linear repeats them).
+    """
+
+    module: nn.Module = field(repr=False)
+    name: str
+    side: str
+    idxs: tuple[int, ...] = field(repr=False)
+    root_idxs: tuple[int, ...] = field(repr=False)
+    index: int  # position in the Torch-Pruning group
+
+
+@dataclass
+class CouplingGroup:
+    """Channels of several layers that stand or fall together, rooted at one layer's outputs."""
+
+    root: str
+    channels: int
+    members: list[Member]
+    skip: str | None = None
+    multiple: int = 1  # the channel count must stay a multiple of this (attention heads)
+    slices: list[Slice] = field(default_factory=list, repr=False)
+    handle: Any = field(default=None, repr=False, compare=False)  # the Torch-Pruning group
+
+    def __str__(self) -> str:
+        state = f"skipped: {self.skip}" if self.skip else f"{self.channels} channels"
+        return f"{self.root}: {state}; " + ", ".join(map(str, self.members))
+
+
+def _recurrent_pruner() -> Any:
+    import torch_pruning as tp
+
+    class RecurrentPruner(tp.pruner.function.BasePruningFunc):
+        """Slices the hidden units of a one-layer, one-direction LSTM or GRU."""
+
+        def prune_out_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
+            keep = _keep(layer.hidden_size, idxs)
+            rows = torch.cat([keep + g * layer.hidden_size for g in range(_GATES[type(layer)])])  # gate blocks
+            for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+                if hasattr(layer, name):
+                    p = getattr(layer, name).data[rows]  # (G * H_kept, ...)
+                    if name == "weight_hh_l0":
+                        p = p[:, keep]  # (G * H_kept, H_kept)
+                    setattr(layer, name, nn.Parameter(p.contiguous()))
+            layer.hidden_size = len(keep)
+            layer.flatten_parameters()
+            return layer
+
+        def prune_in_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
+            keep = _keep(layer.input_size, idxs)
+            layer.weight_ih_l0 = nn.Parameter(layer.weight_ih_l0.data[:, keep].contiguous())  # (G * H, I_kept)
+            layer.input_size = len(keep)
+            layer.flatten_parameters()
+            return layer
+
+        def get_out_channels(self, layer: nn.RNNBase) -> int:
+            return layer.hidden_size
+
+        def get_in_channels(self, layer: nn.RNNBase) -> int:
+            return layer.input_size
+
+    return RecurrentPruner()
+
+
+def _keep(n: int, idxs: Sequence[int]) -> torch.Tensor:
+    drop = set(int(i) for i in idxs)
+    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
+
+
+@dataclass
+class Coupling:
+    """Every coupling group of a model, and the traced graph that slices it."""
+
+    groups: list[CouplingGroup]
+    graph: Any = field(repr=False)
+    names: dict[nn.Module, str] = field(repr=False)
+
+    def __str__(self) -> str:
+        return "\n".join(str(g) for g in self.groups)
+
+    def prunable(self) -> list[CouplingGroup]:
+        return [g for g in self.groups if g.skip is None]
+
+
+def analyse(
+    model: nn.Module, example: torch.Tensor | tuple, exclude: Iterable[str] = (), min_channels: int = 1
+) -> Coupling:
+    """Trace ``model`` on ``example`` and list its coupling groups; the model is not changed.
+
+    Args:
+        model: the model (its current shapes are analysed).
+        example: one input batch (or a tuple of inputs) for tracing.
+        exclude: module names or ``re:`` patterns whose channels must stay; every group that
+            touches one of their out sides is recorded as skipped.
+        min_channels: groups with no more channels than this are recorded as skipped.
+
+    Example:
+        >>> print(analyse(ts.models.resnet_mini(), torch.zeros(1, 1, 28, 28)))  # doctest: +SKIP
+    """
+    import torch_pruning as tp
+
+    names = {m: n for n, m in model.named_modules()}
+    unsupported = _unsupported(model)
+    recurrent = _recurrent_pruner()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=example,
+                customized_pruners={nn.LSTM: recurrent, nn.GRU: recurrent},
+                ignored_layers=[m for m, _ in unsupported],
+                verbose=False,
+            )
+    except TorchslimError:
+        raise
+    except Exception as exc:  # tracing runs user code: any failure there is the model's
+        raise ConfigError(
+            f"cannot trace {type(model).__name__} for structured pruning ({type(exc).__name__}: {exc}); "
+            "check that the example input fits the model's forward and that forward uses tensors only"
+        ) from exc
+    finally:
+        model.train(was_training)
+    outputs = _output_modules(graph)
+    groups = []
+    roots = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU)
+    for tg in graph.get_all_groups(root_module_types=roots):
+        groups.append(_describe(tg, graph, names, outputs))
+    exclude = list(exclude)
+    for g in groups:
+        g.skip = g.skip or _skip_reason(g, exclude, min_channels, unsupported, names)
+    return Coupling(groups, graph, names)
+
+
+def _describe(tg: Any, graph: Any, names: dict, outputs: set) -> CouplingGroup:
+    members, slices, skip, multiple = [], [], None, 1
+    for k, item in enumerate(tg):
+        module, handler = item.dep.target.module, item.dep.handler
+        if module not in names:
+            continue  # a functional op (add, cat, relu) or a bare nn.Parameter: sliced with the group
+        side = "out" if graph.is_out_channel_pruning_fn(handler) else "in"
+        slices.append(Slice(module, names[module], side, tuple(item.idxs), tuple(item.root_idxs), k))
+        member = Member(names[module], type(module).__name__, side)
+        if member not in members:
+            members.append(member)
+        if side == "out" and module in outputs:
+            skip = f"{member.module} produces the model's output; its width is the output size"
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < module.groups != module.out_channels:
+            skip = f"{member.module} is a grouped convolution (groups={module.groups}); torchslim does not slice those"
+        if isinstance(module, nn.MultiheadAttention):
+            multiple = math.lcm(multiple, module.num_heads)
+        if isinstance(module, nn.RNNBase) and (module.num_layers != 1 or module.bidirectional or module.proj_size):
+            skip = f"{member.module}: only one-layer, one-direction {type(module).__name__}s without projections are sliced"
+    root = tg[0].dep.target.module
+    channels = graph.get_out_channels(root)
+    return CouplingGroup(names.get(root, "?"), int(channels), members, skip, multiple, slices, handle=tg)
+
+
+def _output_modules(graph: Any) -> set:
+    """Modules whose output nobody in the model consumes: their width is the model's output."""
+    return {m for m, node in graph.module2node.items() if isinstance(m, nn.Module) and not node.outputs}
+
+
+_SUPPORTED = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
+    nn.GroupNorm, nn.PReLU, nn.Embedding, nn.LSTM, nn.GRU, nn.MultiheadAttention,
+)  # fmt: skip
+
+
+def _unsupported(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Modules that hold their own parameters but that no slicing function knows."""
+    out = []
+    for name, m in model.named_modules():
+        own = [p for _, p in m.named_parameters(recurse=False)]
+        if own and not isinstance(m, _SUPPORTED):
+            out.append((m, name))
+    return out
+
+
+def _skip_reason(
+    g: CouplingGroup, exclude: list[str], min_channels: int, unsupported: list, names: dict
+) -> str | None:
+    hit = [m.module for m in g.members if m.side == "out" and match_layer(exclude, m.module)]
+    if hit:
+        return f"excluded by the configuration ({hit[0]})"
+    odd = [n for _, n in unsupported if any(m.module.startswith(n + ".") or m.module == n for m in g.members)]
+    if odd:
+        return f"{odd[0]} holds parameters of a layer type torchslim cannot slice"
+    if g.channels <= min_channels:
+        return f"already at the floor of {min_channels} channels"
+    return None
