@@ -13,6 +13,7 @@ recurrent weight's columns.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -127,7 +128,11 @@ class Coupling:
 
 
 def analyse(
-    model: nn.Module, example: torch.Tensor | tuple, exclude: Iterable[str] = (), min_channels: int = 1
+    model: nn.Module,
+    example: torch.Tensor | tuple,
+    exclude: Iterable[str] = (),
+    min_channels: int = 1,
+    probe: bool = True,
 ) -> Coupling:
     """Trace ``model`` on ``example`` and list its coupling groups; the model is not changed.
 
@@ -137,6 +142,8 @@ def analyse(
         exclude: module names or ``re:`` patterns whose channels must stay; every group that
             touches one of their out sides is recorded as skipped.
         min_channels: groups with no more channels than this are recorded as skipped.
+        probe: when the model holds parameters of layer types torchslim cannot slice, try
+            removing one channel of each group on a copy and skip the groups that break it.
 
     Example:
         >>> print(analyse(ts.models.resnet_mini(), torch.zeros(1, 1, 28, 28)))  # doctest: +SKIP
@@ -174,7 +181,25 @@ def analyse(
     exclude = list(exclude)
     for g in groups:
         g.skip = g.skip or _skip_reason(g, exclude, min_channels, unsupported, names)
+    if probe and unsupported:
+        _probe(model, example, groups, unsupported)
     return Coupling(groups, graph, names)
+
+
+def _probe(model: nn.Module, example: Any, groups: list[CouplingGroup], unsupported: list) -> None:
+    """Skip the groups whose channels also pass through a layer no slicing function knows."""
+    odd = ", ".join(n for _, n in unsupported)
+    for g in groups:
+        if g.skip is not None:
+            continue
+        clone = copy.deepcopy(model).eval()
+        twin = next(t for t in analyse(clone, example, probe=False).groups if t.root == g.root)
+        twin.handle.prune([0])
+        try:
+            with torch.no_grad():
+                clone(*example) if isinstance(example, tuple) else clone(example)
+        except RuntimeError:
+            g.skip = f"its channels also pass through {odd}, which hold parameters torchslim cannot slice"
 
 
 def _describe(tg: Any, graph: Any, names: dict, outputs: set) -> CouplingGroup:

@@ -12,7 +12,6 @@ the caller's own model holds.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
@@ -36,11 +35,19 @@ SIZE_ATTRS: dict[type, tuple[str, ...]] = {
 """Per module type, the attributes that say how big it is (and that structured pruning changes)."""
 
 
+def size_attrs(m: nn.Module) -> tuple[str, ...]:
+    """The size attributes of ``m``'s type or of the nearest known type it derives from."""
+    for cls in type(m).__mro__:
+        if cls in SIZE_ATTRS:
+            return SIZE_ATTRS[cls]
+    return ()
+
+
 def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{module name: {"type": class name, attribute: value, ...}}`` for every module of a known type."""
     out = {}
     for name, m in model.named_modules():
-        attrs = SIZE_ATTRS.get(type(m))
+        attrs = size_attrs(m)
         if attrs and name:
             entry: dict[str, Any] = {"type": type(m).__name__}
             for a in attrs:
@@ -68,11 +75,14 @@ def resize_(model: nn.Module, modules: Any, shapes: Mapping[str, tuple[int, ...]
         changed = _set_sizes(m, name, entry, path)
         if changed:
             _reallocate(m, name, shapes, path)
+    for name, m in owned.items():  # bare parameters of other modules (a per-channel gain) follow their group
+        if not size_attrs(m):
+            _reallocate(m, name, shapes, path)
 
 
 def _set_sizes(m: nn.Module, name: str, entry: dict, path: Any) -> bool:
     changed = False
-    for attr in SIZE_ATTRS[type(m)]:
+    for attr in size_attrs(m):
         if attr not in entry:
             raise ShapeMismatchError(f"{path}: module {name!r} lacks the size {attr!r} in the manifest")
         have, want = getattr(m, attr), entry[attr]
@@ -99,11 +109,11 @@ def _fits(want: Any, have: Any) -> bool:
 def _reallocate(m: nn.Module, name: str, shapes: Mapping[str, tuple[int, ...]], path: Any) -> None:
     """Give ``m``'s own tensors the file's (smaller) shapes; their values come from the file."""
     for pname, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-        key = f"{name}.{pname}"
+        key = f"{name}.{pname}" if name else pname
         shape = shapes.get(key)
         if shape is None or tuple(shape) == tuple(p.shape):
             continue
-        if len(shape) != p.dim() or math.prod(shape) > p.numel():
+        if len(shape) != p.dim() or any(a > b for a, b in zip(shape, p.shape)):
             raise ShapeMismatchError(
                 f"{path}: {key} has shape {tuple(shape)} in the file, which does not shrink {tuple(p.shape)}"
             )

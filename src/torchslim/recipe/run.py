@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from torchslim.analysis.cost import count_params
+from torchslim.analysis.cost import count_params, layer_macs
 from torchslim.artifact.inspect import inspect_file
 from torchslim.artifact.tslim import load, save
 from torchslim.core.data import DataSpec, load_data
@@ -22,6 +22,7 @@ from torchslim.recipe.schema import Recipe, Step, TrainSection
 from torchslim.report.render import write_report
 from torchslim.train.baseline import trained_baseline
 from torchslim.train.fit import Progress, TrainConfig
+from torchslim.transforms.channels import channel_prune_
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
 from torchslim.transforms.share import ShareConfig, share_
 
@@ -38,10 +39,17 @@ def _train(section: TrainSection | None, seed: int) -> TrainConfig | None:
     )
 
 
-def _apply(step: Step, model: torch.nn.Module, data, seed: int, progress: Progress | None, baseline) -> CompressionPlan:
-    section = step.prune or step.share
-    assert section is not None  # the schema guarantees one of the two
+def _apply(
+    step: Step, model: torch.nn.Module, data, seed: int, progress: Progress | None, baseline, structure: list
+) -> CompressionPlan:
+    section = step.channels or step.prune or step.share
+    assert section is not None  # the schema guarantees exactly one
     teacher = baseline if section.finetune is not None and section.finetune.teacher else None
+    if step.channels is not None:
+        cfg = step.channels.config(_train(step.channels.finetune, seed), seed)
+        result = channel_prune_(model, cfg, data, progress=progress, teacher=teacher)
+        structure.append({"criterion": cfg.criterion, **result.to_dict()})
+        return result.plan
     if step.prune is not None:
         p = step.prune
         cfg = MagnitudePruneConfig(p.sparsity, p.scope, p.steps, _train(p.finetune, seed))  # type: ignore[arg-type]
@@ -68,10 +76,10 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[
     baseline, cached = trained_baseline(recipe.model.name, data, base_cfg, recipe.model.kwargs, bar("baseline"))
     timings["baseline_s"] = time.perf_counter() - start
 
-    model, plan = copy.deepcopy(baseline), CompressionPlan()
+    model, plan, structure = copy.deepcopy(baseline), CompressionPlan(), []
     for i, step in enumerate(recipe.steps):
         t0 = time.perf_counter()
-        plan = plan.updated(_apply(step, model, data, recipe.seed, bar(f"step {i + 1}: {step.kind}"), baseline))
+        plan = plan.updated(_apply(step, model, data, recipe.seed, bar(f"step {i + 1}: {step.kind}"), baseline, structure))
         timings[f"step{i + 1}_{step.kind}_s"] = time.perf_counter() - t0
     model.eval()
 
@@ -94,6 +102,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[
         "compressed": _measure(restored, data, recipe, file_bytes(artifact)),
         "plan": plan.to_dict(),
         "layers": [row.to_dict() for row in inspect_file(artifact)[0]],
+        "structure": structure,
         "artifact": str(artifact),
     }
     report["compressed"]["agreement"] = agreement(restored, baseline, data.eval_loader())
@@ -123,6 +132,7 @@ def _measure(model: torch.nn.Module, data, recipe: Recipe, nbytes: int) -> dict[
         "accuracy": accuracy(model, data.eval_loader()),
         "bytes": nbytes,
         "params": count_params(model),
+        "macs": sum(layer_macs(model, example[:1]).values()),
         "nonzero": int(sum(int((t != 0).sum()) for t in model.state_dict().values())),
         "latency": latency,
     }

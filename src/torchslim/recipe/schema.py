@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from torchslim.core.models import ZOO
 from torchslim.errors import ConfigError, RecipeError
+from torchslim.transforms.channels import ChannelPruneConfig
 from torchslim.transforms.prune import MagnitudePruneConfig
 from torchslim.transforms.share import ShareConfig
 
@@ -27,7 +28,7 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    name: str = Field(description="zoo model: lenet_300_100 or lenet5")
+    name: str = Field(description="a zoo model name, e.g. lenet_300_100 or resnet_mini")
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -68,19 +69,45 @@ class ShareSection(_Strict):
     half_biases: bool = False
 
 
-class Step(_Strict):
-    """Exactly one of the keys: ``prune`` or ``share``."""
+class ChannelsSection(_Strict):
+    """Structured pruning (``ChannelPruneConfig``): exactly one of macs, params or ratio."""
 
+    macs: Optional[float] = None
+    params: Optional[float] = None
+    ratio: Union[float, dict[str, Optional[float]], None] = None
+    criterion: str = "l2"
+    scope: str = "layer"
+    steps: int = 1
+    round_to: int = 8
+    min_channels: int = 8
+    exclude: list[str] = Field(default_factory=list)
+    calib_batches: int = 4
+    finetune: TrainSection | None = None
+
+    def config(self, finetune: Any = None, seed: int = 0) -> ChannelPruneConfig:
+        fields = self.model_dump(exclude={"finetune", "exclude"})
+        return ChannelPruneConfig(**fields, exclude=tuple(self.exclude), finetune=finetune, seed=seed)
+
+
+STEP_KINDS = ("channels", "prune", "share")
+
+
+class Step(_Strict):
+    """Exactly one of the keys: ``channels``, ``prune`` or ``share``."""
+
+    channels: ChannelsSection | None = None
     prune: PruneSection | None = None
     share: ShareSection | None = None
 
     @model_validator(mode="after")
     def _one_key(self) -> "Step":
-        given = [k for k in ("prune", "share") if getattr(self, k) is not None]
+        given = [k for k in STEP_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a step has exactly one of 'prune' or 'share', got {given or 'none'}")
+            raise ValueError(f"a step has exactly one of {list(STEP_KINDS)}, got {given or 'none'}")
         try:  # the transforms' own checks, before any training starts
-            if self.prune is not None:
+            if self.channels is not None:
+                self.channels.config()
+            elif self.prune is not None:
                 MagnitudePruneConfig(self.prune.sparsity, self.prune.scope, self.prune.steps, None)  # type: ignore[arg-type]
             else:
                 assert self.share is not None
@@ -91,7 +118,7 @@ class Step(_Strict):
 
     @property
     def kind(self) -> str:
-        return "prune" if self.prune is not None else "share"
+        return next(k for k in STEP_KINDS if getattr(self, k) is not None)
 
 
 class LatencySection(_Strict):
@@ -120,6 +147,9 @@ class Recipe(_Strict):
     def _baseline_has_no_teacher(self) -> "Recipe":
         if self.baseline.teacher:
             raise ValueError("baseline.teacher: the dense baseline is the teacher; it cannot have one")
+        kinds = [s.kind for s in self.steps]
+        if "channels" in kinds and any(k != "channels" for k in kinds[: max(i for i, k in enumerate(kinds) if k == "channels")]):
+            raise ValueError("steps: 'channels' steps must come before 'prune' and 'share' (they resize the layers those mask)")
         return self
 
     def out_dir(self) -> Path:

@@ -27,6 +27,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("compression ratio", "1.0x", f"{c['ratio']:.1f}x"),
         ("non-zero weights", f"{b['nonzero']:,}", f"{c['nonzero']:,}"),
     ]
+    if "macs" in b:
+        rows.append(("multiply-accumulates per sample", f"{b['macs']:,}", f"{c['macs']:,}"))
     for key, lat in b["latency"].items():
         clat = c["latency"][key]
         rows.append(
@@ -63,6 +65,33 @@ def layer_rows(layers: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return out
 
 
+GROUP_COLUMNS = ("group (root layer)", "criterion", "channels before", "after", "coupled layers", "skipped because")
+STRUCTURE_COLUMNS = ("layer", "kind", "in before / after", "out before / after", "MACs before / after")
+
+
+def structure_parts(structure: list[dict[str, Any]]) -> list[str]:
+    """Markdown for each structured-pruning step: per coupling group and per layer."""
+    parts = []
+    for i, s in enumerate(structure, 1):
+        groups = [
+            (g["root"], g["criterion"], str(g["before"]), str(g["after"]), ", ".join(g["members"]), g["skip"] or "")
+            for g in s["groups"]
+        ]
+        layers = [
+            (r["layer"], r["kind"], "{} / {}".format(*r["in"]), "{} / {}".format(*r["out"]), "{:,} / {:,}".format(*r["macs"]))
+            for r in s["layers"]
+        ]
+        parts += [
+            f"## Channels removed (structured step {i})",
+            f"MACs per sample {s['macs_before']:,} -> {s['macs_after']:,} "
+            f"({s['macs_before'] / max(s['macs_after'], 1):.2f}x fewer); parameters {s['params_before']:,} -> "
+            f"{s['params_after']:,}.",
+            markdown_table(GROUP_COLUMNS, groups),
+            markdown_table(STRUCTURE_COLUMNS, layers),
+        ]
+    return parts
+
+
 def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -79,9 +108,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"safetensors. Accuracies are measured on the model loaded back from that file.",
         "## Before / after",
         markdown_table(("metric", "baseline", "compressed"), summary_rows(report)),
-        "Latency runs the decoded weights with PyTorch's dense eager kernels; the pruned zeros and "
-        "shared values make the file small, not the dense matmuls faster.",
-        "## Per layer",
+        "Latency runs the decoded weights with PyTorch's dense eager kernels: removed channels make "
+        "them faster; unstructured zeros and shared values make the file small, not the matmuls faster.",
+        *structure_parts(report.get("structure", [])),
+        "## Per tensor in the file",
         "Bytes are payload bytes; H0 is the order-0 Shannon bound of the stream, model the ideal "
         "code length under the coder's adaptive position model (docs/format.md).",
         markdown_table(LAYER_COLUMNS, layer_rows(report["layers"])),

@@ -293,7 +293,7 @@ def _keep_fn(groups: list[CouplingGroup], scores: dict, config: ChannelPruneConf
 def _cost_after(model: nn.Module, keep: dict, scores: dict, config: ChannelPruneConfig, example, which: str) -> int:
     """MACs or parameters of a copy of ``model`` pruned to ``keep`` (the model is not touched)."""
     clone = copy.deepcopy(model)
-    for g in analyse(clone, example, config.exclude, config.min_channels).groups:
+    for g in analyse(clone, example, config.exclude, config.min_channels, probe=False).groups:
         if g.root in keep and keep[g.root] < g.channels:
             drop = torch.argsort(scores[g.root])[: g.channels - keep[g.root]]
             g.handle.prune(sorted(int(i) for i in drop))
