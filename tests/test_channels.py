@@ -60,6 +60,41 @@ def test_concat_maps_each_branch_to_its_slice_of_the_joined_tensor():
     assert bn.idxs == tuple(range(64, 96))  # the dense branch is appended after the 64 mixed channels
 
 
+def test_a_chunk_whose_halves_feed_different_layers_is_skipped_and_the_branches_pruned():
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 16, 3, 2, 1), nn.Linear(16, 10)
+            self.a, self.b = nn.Conv2d(8, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 1, 1)
+
+        def forward(self, x):
+            a, b = torch.chunk(torch.relu(self.conv(x)), 2, dim=1)  # (B, 8, 14, 14) each
+            return self.fc(torch.cat([self.a(a), self.b(b)], 1).mean((2, 3)))
+
+    model = Split().eval()
+    before = copy.deepcopy(model)
+    result = channel_prune_(model, ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=X)
+    groups = {g.root: g for g in result.groups}
+    assert groups["conv"].skip.startswith("removing its channels breaks the forward pass")
+    assert (model.conv.out_channels, model.a.out_channels, model.b.out_channels, model.fc.in_features) == (16, 4, 4, 8)
+    assert before.conv.out_channels == 16 and model(X).shape == (4, 10)
+
+
+def test_a_failed_step_leaves_the_model_as_it_was(monkeypatch):
+    import torchslim.transforms.channels as channels
+
+    model = ZOO["resnet_mini"]().eval()
+    y = model(X)
+
+    def broken(*_args):
+        raise RuntimeError("shape mismatch in forward")
+
+    monkeypatch.setattr(channels, "_check_runs", broken)
+    with pytest.raises(RuntimeError):
+        channel_prune_(model, ChannelPruneConfig(ratio=0.5), example=X)
+    assert model.stem.out_channels == 32 and torch.equal(model(X), y)
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_ratio_zero_changes_nothing_and_half_really_shrinks(name, tmp_path):
     model = _randomise_norms(ZOO[name]())
@@ -218,7 +253,7 @@ def test_layers_of_unknown_types_are_sliced_when_elementwise_else_skipped_with_t
     assert model[1].gain.shape == (8,) and model(X).shape == (4, 10)
     assert torch.equal(ts.load(ts.save(model, tmp_path / "s.tslim"), model=net(Scale(16)))(X), model(X))
     groups = {g.root: g for g in analyse(net(Mix(16)), X).groups}
-    assert groups["0"].skip == "its channels also pass through 1, which hold parameters torchslim cannot slice"
+    assert groups["0"].skip.startswith("removing its channels breaks the forward pass; they may pass through 1,")
     assert groups["3"].skip is None
 
 

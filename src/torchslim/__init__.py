@@ -17,11 +17,12 @@ from torchslim.core.plan import CompressionPlan, LayerDecision
 from torchslim.errors import TorchslimError
 from torchslim.evaluate.metrics import accuracy
 from torchslim.train.fit import TrainConfig, fit
+from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
 from torchslim.transforms.share import ShareConfig, share_
 
 __version__ = "0.1.0"
 __all__ = [
-    "CompressionPlan", "LayerDecision", "MagnitudePruneConfig", "ShareConfig", "TorchslimError", "TrainConfig",
-    "accuracy", "data", "errors", "fit", "load", "models", "prune_", "save", "share_",
+    "ChannelPruneConfig", "CompressionPlan", "LayerDecision", "MagnitudePruneConfig", "ShareConfig", "TorchslimError",
+    "TrainConfig", "accuracy", "channel_prune_", "data", "errors", "fit", "load", "models", "prune_", "save", "share_",
 ]  # fmt: skip

@@ -142,8 +142,9 @@ def analyse(
         exclude: module names or ``re:`` patterns whose channels must stay; every group that
             touches one of their out sides is recorded as skipped.
         min_channels: groups with no more channels than this are recorded as skipped.
-        probe: when the model holds parameters of layer types torchslim cannot slice, try
-            removing one channel of each group on a copy and skip the groups that break it.
+        probe: remove two channels of each group on a copy, run it, and skip the groups that
+            break it (channels that pass through a layer nothing can slice, a ``chunk`` or
+            ``split`` whose sizes are fixed at run time).
 
     Example:
         >>> print(analyse(ts.models.resnet_mini(), torch.zeros(1, 1, 28, 28)))  # doctest: +SKIP
@@ -181,25 +182,29 @@ def analyse(
     exclude = list(exclude)
     for g in groups:
         g.skip = g.skip or _skip_reason(g, exclude, min_channels, unsupported, names)
-    if probe and unsupported:
+    if probe:
         _probe(model, example, groups, unsupported)
     return Coupling(groups, graph, names)
 
 
 def _probe(model: nn.Module, example: Any, groups: list[CouplingGroup], unsupported: list) -> None:
-    """Skip the groups whose channels also pass through a layer no slicing function knows."""
+    """Skip the groups whose channels cannot really be removed: the pruned copy no longer runs."""
     odd = ", ".join(n for _, n in unsupported)
     for g in groups:
-        if g.skip is not None:
+        drop = g.multiple * math.ceil(2 / g.multiple)  # two channels, or the smallest multiple of the heads
+        if g.skip is not None or g.channels <= drop:
             continue
         clone = copy.deepcopy(model).eval()
         twin = next(t for t in analyse(clone, example, probe=False).groups if t.root == g.root)
-        twin.handle.prune([0])
         try:
+            twin.handle.prune(list(range(drop)))
             with torch.no_grad():
                 clone(*example) if isinstance(example, tuple) else clone(example)
-        except RuntimeError:
-            g.skip = f"its channels also pass through {odd}, which hold parameters torchslim cannot slice"
+        except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
+            if odd:
+                g.skip = f"removing its channels breaks the forward pass; they may pass through {odd}, which hold parameters torchslim cannot slice"
+            else:
+                g.skip = f"removing its channels breaks the forward pass (a split or reshape with fixed sizes?): {str(exc)[:120]}"
 
 
 def _describe(tg: Any, graph: Any, names: dict, outputs: set) -> CouplingGroup:

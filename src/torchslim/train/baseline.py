@@ -37,9 +37,14 @@ def cache_dir() -> Path:
 
 
 def baseline_key(model: str, kwargs: dict[str, Any], data: Data, config: TrainConfig) -> str:
-    """A short hex fingerprint of what decides the baseline's weights."""
+    """A short hex fingerprint of what decides the baseline's weights.
+
+    The soft-target settings are left out: a baseline trains without a teacher, so they
+    change nothing.
+    """
+    train = {k: v for k, v in asdict(config).items() if k not in ("distill_weight", "temperature")}
     blob = json.dumps(
-        {"model": model, "kwargs": kwargs, "data": asdict(data.spec), "train": asdict(config), "torch": torch.__version__},
+        {"model": model, "kwargs": kwargs, "data": asdict(data.spec), "train": train, "torch": torch.__version__},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

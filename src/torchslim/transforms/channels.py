@@ -172,18 +172,12 @@ def channel_prune_(
     records: dict[str, GroupRecord] = {}
     history = []
     for step in range(1, config.steps + 1):
-        coupling = analyse(model, example, config.exclude, config.min_channels)
-        for g in coupling.groups:
-            original.setdefault(g.root, g.channels)
-        keep, scores = _decide(model, coupling, config, batches, example, (step / config.steps, macs0, params0, original))
-        for g in coupling.groups:
-            rec = records.setdefault(g.root, GroupRecord(g.root, [str(m) for m in g.members], original[g.root], g.channels, config.criterion))
-            rec.skip = g.skip if g.skip else (None if g.root in scores else rec.skip)
-            if g.root in keep and keep[g.root] < g.channels:
-                drop = torch.argsort(scores[g.root])[: g.channels - keep[g.root]]
-                g.handle.prune(sorted(int(i) for i in drop))
-            rec.after = keep.get(g.root, g.channels)
-        _check_runs(model, example)
+        backup = copy.deepcopy(model)
+        try:
+            _prune_step(model, config, batches, example, step, (macs0, params0, original), records)
+        except BaseException:
+            model.__dict__.update(backup.__dict__)  # a failed step leaves the model as it was
+            raise
         macs = sum(layer_macs(model, example).values())
         entry = {"step": step, "macs": macs, "params": count_params(model)}
         if config.finetune is not None and config.finetune.epochs > 0:
@@ -195,6 +189,27 @@ def channel_prune_(
     macs1 = sum(layer_macs(model, example).values())
     layers = _layer_table(layers0, _layer_shapes(model, example))
     return ChannelPruneResult(list(records.values()), macs0, macs1, params0, count_params(model), layers, history)
+
+
+def _prune_step(
+    model: nn.Module, config: ChannelPruneConfig, batches: list, example: torch.Tensor, step: int, base: tuple,
+    records: dict[str, GroupRecord],
+) -> None:
+    """One round: analyse, score, decide the widths, slice; records what happened per group."""
+    macs0, params0, original = base
+    coupling = analyse(model, example, config.exclude, config.min_channels)
+    for g in coupling.groups:
+        original.setdefault(g.root, g.channels)
+    keep, scores = _decide(model, coupling, config, batches, example, (step / config.steps, macs0, params0, original))
+    for g in coupling.groups:
+        members = [str(m) for m in g.members]
+        rec = records.setdefault(g.root, GroupRecord(g.root, members, original[g.root], g.channels, config.criterion))
+        rec.skip = g.skip if g.skip else (None if g.root in scores else rec.skip)
+        if g.root in keep and keep[g.root] < g.channels:
+            drop = torch.argsort(scores[g.root])[: g.channels - keep[g.root]]
+            g.handle.prune(sorted(int(i) for i in drop))
+        rec.after = keep.get(g.root, g.channels)
+    _check_runs(model, example)
 
 
 def _calibration(config: ChannelPruneConfig, data: Data | None, example: torch.Tensor | None) -> list:
@@ -259,7 +274,31 @@ def _decide(
     for _ in range(18):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if cost(mid) <= goal else (mid, hi)
-    return keep_at(hi), scores
+    keep = _fill(keep_at(hi), groups, scores, config, lambda k: _cost_after(model, k, scores, config, example, which) <= goal)
+    return keep, scores
+
+
+def _fill(keep: dict[str, int], groups: list[CouplingGroup], scores: dict, config: ChannelPruneConfig, fits) -> dict:
+    """Give channels back, best-scoring first, while the target still holds.
+
+    Rounding to hardware multiples makes the cost a staircase, so the search above can land
+    well under the target; this closes the gap one rounding step at a time.
+    """
+    keep = dict(keep)
+    while True:
+        options = []
+        for g in groups:
+            step = math.lcm(config.round_to, g.multiple)
+            if keep[g.root] + step <= g.channels:
+                s = scores[g.root] / scores[g.root].mean().clamp(min=1e-12)
+                regained = torch.sort(s, descending=True).values[keep[g.root] : keep[g.root] + step]
+                options.append((float(regained.mean()), g.root, keep[g.root] + step))
+        for _, root, n in sorted(options, reverse=True):
+            if fits({**keep, root: n}):
+                keep[root] = n
+                break
+        else:
+            return keep
 
 
 def _ratio(config: ChannelPruneConfig, root: str) -> float:
