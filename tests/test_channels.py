@@ -12,7 +12,6 @@ from torchslim.analysis.cost import count_params, layer_macs
 from torchslim.analysis.importance import CRITERIA, gather_stats
 from torchslim.core.models import ZOO
 from torchslim.errors import ConfigError, ShapeMismatchError
-from torchslim.recipe.run import run_recipe
 from torchslim.recipe.schema import parse_recipe
 from torchslim.train.fit import TrainConfig
 from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
@@ -281,7 +280,18 @@ outputs: {dir: "OUT", artifact: "{name}.tslim"}
 
 
 def test_recipe_step_reports_groups_and_layers(tmp_path):
-    report = run_recipe(parse_recipe(RECIPE.replace("OUT", str(tmp_path))))
+    import json
+
+    from typer.testing import CliRunner
+
+    from torchslim.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("OUT", str(tmp_path)))
+    printed = CliRunner().invoke(app, ["compress", str(recipe)], env={"COLUMNS": "250"})
+    assert printed.exit_code == 0, printed.output
+    assert "channels removed (step 1), per group" in printed.output and "layer1.conv1" in printed.output
+    report = json.loads((tmp_path / "report.json").read_text())
     s = report["structure"][0]
     assert s["macs_after"] <= 0.6 * s["macs_before"] and report["compressed"]["macs"] == s["macs_after"]
     assert any(g["skip"] and "model's output" in g["skip"] for g in s["groups"])

@@ -51,7 +51,9 @@ def compress(
     """Run a recipe: train (or reuse) the baseline, compress, save the .tslim, write the report."""
     from torchslim.recipe.run import run_recipe
     from torchslim.recipe.schema import load_recipe
-    from torchslim.report.render import layer_rows, summary_rows, LAYER_COLUMNS
+    from torchslim.report.render import (
+        GROUP_COLUMNS, LAYER_COLUMNS, STRUCTURE_COLUMNS, group_rows, layer_rows, structure_rows, summary_rows,
+    )  # fmt: skip
 
     try:
         spec = load_recipe(recipe)
@@ -66,7 +68,10 @@ def compress(
     if report["baseline_cached"]:
         console.print("baseline: loaded from the cache (no training)")
     console.print(_rich_table("before / after", ("metric", "baseline", "compressed"), summary_rows(report)))
-    console.print(_rich_table("per layer", LAYER_COLUMNS, layer_rows(report["layers"])))
+    for i, step in enumerate(report.get("structure", []), 1):
+        console.print(_rich_table(f"channels removed (step {i}), per group", GROUP_COLUMNS, group_rows(step)))
+        console.print(_rich_table(f"channels removed (step {i}), per layer", STRUCTURE_COLUMNS, structure_rows(step)))
+    console.print(_rich_table("per tensor in the file", LAYER_COLUMNS, layer_rows(report["layers"])))
     out_dir = Path(report["artifact"]).parent
     console.print(f"wrote {report['artifact']}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
 

@@ -69,18 +69,27 @@ GROUP_COLUMNS = ("group (root layer)", "criterion", "channels before", "after", 
 STRUCTURE_COLUMNS = ("layer", "kind", "in before / after", "out before / after", "MACs before / after")
 
 
+def group_rows(step: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One structured-pruning step's coupling groups, in :data:`GROUP_COLUMNS` order."""
+    return [
+        (g["root"], g["criterion"], str(g["before"]), str(g["after"]), ", ".join(g["members"]), g["skip"] or "")
+        for g in step["groups"]
+    ]
+
+
+def structure_rows(step: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One structured-pruning step's layers, in :data:`STRUCTURE_COLUMNS` order."""
+    return [
+        (r["layer"], r["kind"], "{} / {}".format(*r["in"]), "{} / {}".format(*r["out"]), "{:,} / {:,}".format(*r["macs"]))
+        for r in step["layers"]
+    ]
+
+
 def structure_parts(structure: list[dict[str, Any]]) -> list[str]:
     """Markdown for each structured-pruning step: per coupling group and per layer."""
     parts = []
     for i, s in enumerate(structure, 1):
-        groups = [
-            (g["root"], g["criterion"], str(g["before"]), str(g["after"]), ", ".join(g["members"]), g["skip"] or "")
-            for g in s["groups"]
-        ]
-        layers = [
-            (r["layer"], r["kind"], "{} / {}".format(*r["in"]), "{} / {}".format(*r["out"]), "{:,} / {:,}".format(*r["macs"]))
-            for r in s["layers"]
-        ]
+        groups, layers = group_rows(s), structure_rows(s)
         parts += [
             f"## Channels removed (structured step {i})",
             f"MACs per sample {s['macs_before']:,} -> {s['macs_after']:,} "
