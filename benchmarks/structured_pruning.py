@@ -229,8 +229,9 @@ def markdown(nets: list[dict], env: dict, epochs: int, results: dict[str, bool])
             best = next(r for r in t["rows"] if r.get("best"))
             lines += [
                 "",
-                f"Most accurate torchslim criterion in bold; its batch-64 speed-up measured in alternation with the "
-                f"dense model: **{best['paired_speedup_b64']:.2f}x**. Its widths: "
+                f"Most accurate torchslim criterion (picked on this test set) in bold; its batch-64 speed-up measured "
+                f"in alternation with the dense model, five rounds, median: **{best['paired_speedup_b64']:.2f}x** (the "
+                "speed-up column divides medians taken minutes apart and moves with the machine's load). Its widths: "
                 + ", ".join(f"{k} {v}" for k, v in best["widths"].items()) + ".",
             ]
     lines += ["", "Acceptance checks (computed by the script):", ""]

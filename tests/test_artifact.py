@@ -251,3 +251,41 @@ def test_fuzzed_files_fail_cleanly_or_decode_the_original(tmp_path_factory, data
     original = _tiny().state_dict()
     assert set(state) == set(original)
     assert all(torch.equal(state[k], original[k]) for k in original)
+
+
+def _with_modules(raw: bytes, edit) -> bytes:
+    """The same file with its manifest's `modules` edited (the fingerprint covers only tensors)."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    manifest = json.loads(header["__metadata__"]["tslim"])
+    edit(manifest["modules"])
+    header["__metadata__"]["tslim"] = json.dumps(manifest)
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body + raw[8 + n :]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["fc1"].update(out_features=True), "may only shrink"),
+        (lambda m: m["fc1"].update(out_features=-3), "may only shrink"),
+        (lambda m: m["fc1"].update(out_features=10**12), "may only shrink"),
+        (lambda m: m["fc1"].update(out_features=[1, 2]), "may only shrink"),
+        (lambda m: m["fc1"].update(out_features="300"), "may only shrink"),
+        (lambda m: m["fc1"].pop("in_features"), "lacks the size 'in_features'"),
+        (lambda m: m["fc1"].update(type="Conv2d"), "as 'Conv2d' but the model has Linear"),
+        (lambda m: m.update(fc9={"type": "Linear"}), "'fc9' as 'Linear' but the model has nothing"),
+        (lambda m: m.update(fc1="x" * 10_000), "describes module 'fc1'"),
+        (lambda m: m["fc2"].update(in_features=200), "fc2.*after resizing: weight is \\(100, 300\\), expected \\(100, 200\\)"),
+    ],
+)
+def test_hostile_module_sizes_are_refused_and_leave_the_model_intact(tmp_path, edit, message):
+    raw = save(lenet_300_100(), tmp_path / "m.tslim").read_bytes()
+    (tmp_path / "bad.tslim").write_bytes(_with_modules(raw, edit))
+    model = lenet_300_100()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ShapeMismatchError, match=message):
+        load(tmp_path / "bad.tslim", model=model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and model.fc2.in_features == 300

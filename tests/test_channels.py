@@ -71,12 +71,42 @@ def test_a_chunk_whose_halves_feed_different_layers_is_skipped_and_the_branches_
             return self.fc(torch.cat([self.a(a), self.b(b)], 1).mean((2, 3)))
 
     model = Split().eval()
-    before = copy.deepcopy(model)
     result = channel_prune_(model, ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=X)
     groups = {g.root: g for g in result.groups}
     assert groups["conv"].skip.startswith("removing its channels breaks the forward pass")
     assert (model.conv.out_channels, model.a.out_channels, model.b.out_channels, model.fc.in_features) == (16, 4, 4, 8)
-    assert before.conv.out_channels == 16 and model(X).shape == (4, 10)
+    assert model(X).shape == (4, 10)
+
+
+def test_channels_tied_by_a_gated_chunk_are_skipped():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.d, self.fc = nn.Conv2d(1, 16, 3, 2, 1), nn.Conv2d(8, 8, 3), nn.Linear(8, 10)
+
+        def forward(self, x):
+            a, b = torch.chunk(self.c(x), 2, dim=1)  # GLU: channel i gates channel i + 8
+            return self.fc(self.d(a * torch.sigmoid(b)).mean((2, 3)))
+
+    model = Gated().eval()
+    result = channel_prune_(model, ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=X)
+    assert {g.root: g.skip for g in result.groups}["c"].startswith("its channels are tied")
+    assert model.c.out_channels == 16 and model.d.out_channels == 4 and model(X).shape == (4, 10)
+
+
+def test_an_output_layer_behind_a_functional_op_keeps_its_width():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 16, 3, 2, 1), nn.Conv2d(16, 10, 1)
+
+        def forward(self, x):
+            return torch.log_softmax(self.head(torch.relu(self.conv(x))).mean((2, 3)), 1)  # (B, 10)
+
+    model = Head().eval()
+    result = channel_prune_(model, ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=X)
+    assert {g.root: g.skip for g in result.groups}["head"].startswith("removing its channels changes the model's output")
+    assert model.head.out_channels == 10 and model.conv.out_channels == 8 and model(X).shape == (4, 10)
 
 
 def test_a_failed_step_leaves_the_model_as_it_was(monkeypatch):
@@ -129,15 +159,16 @@ def test_lstm_and_gru_hidden_units_are_removed_with_every_gate():
         assert model.fc.in_features == 96 and model(X).shape == (4, 10)
 
 
-def test_hidden_unit_slicing_matches_a_reference_lstm():
-    model = ZOO["lstm_classifier"](hidden_size=8).eval()
+@pytest.mark.parametrize("name", ["lstm_classifier", "gru_classifier"])
+def test_hidden_unit_slicing_matches_the_unpruned_reference(name):
+    model = ZOO[name](hidden_size=8).eval()
     reference = copy.deepcopy(model)
-    with torch.no_grad():  # units 6 and 7 feed nothing: no other unit and not the classifier reads them
+    with torch.no_grad():  # units 1 and 5 feed nothing: no other unit and not the classifier reads them
         for m in (reference, model):
-            m.rnn.weight_hh_l0[:, 6:].zero_()
-            m.fc.weight[:, 6:].zero_()
+            m.rnn.weight_hh_l0[:, [1, 5]] = 0.0
+            m.fc.weight[:, [1, 5]] = 0.0
     groups = analyse(model, X).prunable()
-    groups[0].handle.prune([6, 7])
+    groups[0].handle.prune([1, 5])
     assert model.rnn.hidden_size == 6
     torch.testing.assert_close(model(X), reference(X))
 
@@ -203,7 +234,38 @@ def test_recovery_fine_tunes_with_a_teacher(digits, digits_mlp):
     assert result.plan.resolve("fc2").skip == "no ratio rule names this group"
 
 
+def test_more_steps_than_the_floor_allows_and_a_parameter_target():
+    model = ZOO["lenet5"]()
+    result = channel_prune_(model, ChannelPruneConfig(ratio=0.75, steps=3, round_to=8, min_channels=16), example=X)
+    assert (model.conv1.out_channels, model.conv2.out_channels, model.fc1.out_features) == (16, 16, 128)
+    assert [r.skip for r in result.groups if r.root == "conv2"] == [None]  # pruned, then at the floor: not a skip
+    model = ZOO["resnet_mini"]()
+    result = channel_prune_(model, ChannelPruneConfig(params=0.4, round_to=8), example=X)
+    assert 0.3 * result.params_before < result.params_after <= 0.4 * result.params_before
+
+
+def test_the_floor_and_every_width_respect_the_heads_and_round_to():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attn, self.fc = nn.Linear(28, 32), nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = self.embed(x.flatten(1, 2))  # (B, 28, 32)
+            return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    model = Attn().eval()
+    channel_prune_(model, ChannelPruneConfig(ratio=0.9, round_to=1, min_channels=6), example=X)
+    assert model.attn.embed_dim == 8 and model(X).shape == (4, 10)  # the floor 6, rounded up to the 4 heads
+
+
 def test_bad_inputs_are_clear_errors_or_recorded_skips():
+    with pytest.raises(ConfigError, match=r"\['stme'\] match no layer"):
+        channel_prune_(ZOO["resnet_mini"](), ChannelPruneConfig(ratio={"stme": 0.5}), example=X)
+    with pytest.raises(ConfigError, match=r"ratio keys \['stem_bn'\] name no coupling group"):
+        channel_prune_(ZOO["resnet_mini"](), ChannelPruneConfig(ratio={"stem_bn": 0.5}), example=X)
+    with pytest.raises(ConfigError, match="fine-tuning after pruning needs data"):
+        channel_prune_(ZOO["lenet5"](), ChannelPruneConfig(ratio=0.5, finetune=TrainConfig(epochs=1)), example=X)
     with pytest.raises(ConfigError, match="1 would empty the layer"):
         ChannelPruneConfig(ratio=1.0)
     with pytest.raises(ConfigError, match="exactly one of macs, params or ratio"):
@@ -260,7 +322,7 @@ def test_a_file_does_not_fit_another_builder(tmp_path):
     model = ZOO["resnet_mini"]()
     channel_prune_(model, ChannelPruneConfig(ratio=0.5), example=X)
     path = ts.save(model, tmp_path / "r.tslim")
-    with pytest.raises(ShapeMismatchError, match="describes module 'layer1' as|describes module 'stem_bn'|the model has"):
+    with pytest.raises(ShapeMismatchError, match=r"describes module 'layer1\.bn1' as 'BatchNorm2d' but the model has nothing"):
         ts.load(path, model=ZOO["mobilenet_mini"])
     with pytest.raises(ShapeMismatchError, match="only shrink"):
         ts.load(path, model=ZOO["resnet_mini"](width=8))

@@ -57,7 +57,7 @@ def count_params(model: nn.Module) -> int:
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _macs(module: nn.Module, inp: tuple, out: object) -> int:
+def _macs(module: nn.Module, inp: tuple, kwargs: dict, out: object) -> int:
     """Multiply-accumulates of one call of ``module`` for the whole batch."""
     if isinstance(module, _CONVS):
         k = module.in_channels // module.groups * math.prod(module.kernel_size)
@@ -67,16 +67,19 @@ def _macs(module: nn.Module, inp: tuple, out: object) -> int:
     if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
         seq = out[0]  # (B, T, D * H) or (T, B, D * H)
         steps = seq.numel() // (seq.shape[-1])
-        gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[type(module)]
+        gates = 4 if isinstance(module, nn.LSTM) else 3 if isinstance(module, nn.GRU) else 1
         dirs = 2 if module.bidirectional else 1
         h, i = module.hidden_size, module.input_size
         per_step = gates * h * (i + h) + (gates * h * (dirs * h + h) * (module.num_layers - 1))
         return steps * dirs * per_step
     if isinstance(module, nn.MultiheadAttention):
-        q = inp[0]  # (L, B, E) or (B, L, E)
-        tokens, e = q.numel() // q.shape[-1], module.embed_dim
-        length = q.shape[1] if module.batch_first else q.shape[0]
-        return tokens * (4 * e * e + 2 * length * e)
+        args = list(inp) + [kwargs.get(k) for k in ("query", "key", "value")[len(inp) :]]
+        q, k = args[0], args[1]  # (L, B, E) or (B, L, E); k: (S, B, kdim) or (B, S, kdim)
+        e, tokens = module.embed_dim, q.numel() // q.shape[-1]
+        keys = k.numel() // k.shape[-1]  # batch * source length
+        source = k.shape[1] if module.batch_first else k.shape[0]
+        projections = tokens * 2 * e * e + keys * (module.kdim + module.vdim) * e  # q and out; k and v
+        return projections + tokens * 2 * source * e  # + scores and weighted sum
     return 0
 
 
@@ -92,9 +95,11 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     kinds = (*_CONVS, nn.Linear, nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)
 
     def hook(name: str):
-        return lambda m, inp, out: counts.__setitem__(name, counts.get(name, 0) + _macs(m, inp, out) // batch)
+        return lambda m, inp, kw, out: counts.__setitem__(name, counts.get(name, 0) + _macs(m, inp, kw, out) // batch)
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, kinds)]
+    handles = [
+        m.register_forward_hook(hook(n), with_kwargs=True) for n, m in model.named_modules() if isinstance(m, kinds)
+    ]
     was_training = model.training
     try:
         model.eval()

@@ -24,7 +24,9 @@ from torch import nn
 from torchslim.core.plan import match_layer
 from torchslim.errors import ConfigError, TorchslimError
 
-_GATES = {nn.LSTM: 4, nn.GRU: 3}
+def gates(layer: nn.Module) -> int:
+    """Gate blocks stacked in a recurrent layer's weights: LSTM i, f, g, o; GRU r, z, n."""
+    return 4 if isinstance(layer, nn.LSTM) else 3
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def _recurrent_pruner() -> Any:
 
         def prune_out_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
             keep = _keep(layer.hidden_size, idxs)
-            rows = torch.cat([keep + g * layer.hidden_size for g in range(_GATES[type(layer)])])  # gate blocks
+            rows = torch.cat([keep + g * layer.hidden_size for g in range(gates(layer))])  # gate blocks
             for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
                 if hasattr(layer, name):
                     p = getattr(layer, name).data[rows]  # (G * H_kept, ...)
@@ -154,14 +156,15 @@ def analyse(
     names = {m: n for n, m in model.named_modules()}
     unsupported = _unsupported(model)
     recurrent = _recurrent_pruner()
+    rnn_types = {type(m) for m in model.modules() if isinstance(m, (nn.LSTM, nn.GRU))} | {nn.LSTM, nn.GRU}
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(
                 model,
-                example_inputs=example,
-                customized_pruners={nn.LSTM: recurrent, nn.GRU: recurrent},
+                example_inputs=example if isinstance(example, tuple) else (example,),
+                customized_pruners={t: recurrent for t in rnn_types},
                 ignored_layers=[m for m, _ in unsupported],
                 verbose=False,
             )
@@ -183,28 +186,59 @@ def analyse(
     for g in groups:
         g.skip = g.skip or _skip_reason(g, exclude, min_channels, unsupported, names)
     if probe:
-        _probe(model, example, groups, unsupported)
+        _probe(model, example, groups, unsupported, graph)
     return Coupling(groups, graph, names)
 
 
-def _probe(model: nn.Module, example: Any, groups: list[CouplingGroup], unsupported: list) -> None:
-    """Skip the groups whose channels cannot really be removed: the pruned copy no longer runs."""
+def _shapes(out: Any) -> list:
+    """The shapes of every tensor in a model output (a tensor, or nested tuples/lists/dicts)."""
+    if isinstance(out, torch.Tensor):
+        return [tuple(out.shape)]
+    if isinstance(out, dict):
+        return [s for k in sorted(out, key=str) for s in _shapes(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [s for o in out for s in _shapes(o)]
+    return []
+
+
+def run(model: nn.Module, example: Any) -> Any:
+    """``model(example)`` without gradients; a tuple example is spread over the arguments."""
+    with torch.no_grad():
+        return model(*example) if isinstance(example, tuple) else model(example)
+
+
+def _probe(model: nn.Module, example: Any, groups: list[CouplingGroup], unsupported: list, graph: Any) -> None:
+    """Skip the groups whose channels cannot really be removed, found by pruning a copy.
+
+    A group is skipped when removing a few of its channels makes the copy fail to run (a
+    layer nothing can slice, a split with fixed sizes), changes the model's output shapes (an
+    output layer behind a functional op), or removes more channels than asked (channels tied
+    to each other, e.g. the two halves of a chunk multiplied together).
+    """
     odd = ", ".join(n for _, n in unsupported)
+    was_training = model.training
+    reference = _shapes(run(model.eval(), example))
+    model.train(was_training)
     for g in groups:
         drop = g.multiple * math.ceil(2 / g.multiple)  # two channels, or the smallest multiple of the heads
         if g.skip is not None or g.channels <= drop:
             continue
         clone = copy.deepcopy(model).eval()
         twin = next(t for t in analyse(clone, example, probe=False).groups if t.root == g.root)
+        root = dict(clone.named_modules())[g.root]
         try:
             twin.handle.prune(list(range(drop)))
-            with torch.no_grad():
-                clone(*example) if isinstance(example, tuple) else clone(example)
+            shapes = _shapes(run(clone, example))
         except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
             if odd:
                 g.skip = f"removing its channels breaks the forward pass; they may pass through {odd}, which hold parameters torchslim cannot slice"
             else:
                 g.skip = f"removing its channels breaks the forward pass (a split or reshape with fixed sizes?): {str(exc)[:120]}"
+            continue
+        if shapes != reference:
+            g.skip = "removing its channels changes the model's output shape (it feeds the output)"
+        elif graph.get_pruner_of_module(root).get_out_channels(root) != g.channels - drop:
+            g.skip = "its channels are tied to each other (e.g. the halves of a chunk combined element-wise)"
 
 
 def _describe(tg: Any, graph: Any, names: dict, outputs: set) -> CouplingGroup:

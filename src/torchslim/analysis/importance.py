@@ -25,11 +25,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from torchslim.analysis.coupling import Coupling, CouplingGroup
+from torchslim.analysis.coupling import Coupling, CouplingGroup, gates
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_GATES = {nn.LSTM: 4, nn.GRU: 3}
 
 
 @dataclass
@@ -59,8 +58,8 @@ def _rows(module: nn.Module, side: str, idxs: tuple[int, ...], weights: Callable
         if side == "in":
             return w["weight_ih_l0"][:, ix].transpose(0, 1)  # (K, G * H)
         h = module.hidden_size
-        gates = [w[n][ix + g * h] for n in ("weight_ih_l0", "weight_hh_l0") for g in range(_GATES[type(module)])]
-        return torch.cat(gates + [w["weight_hh_l0"][:, ix].transpose(0, 1)], 1)  # (K, G * (I + 2H))
+        rows = [w[n][ix + g * h] for n in ("weight_ih_l0", "weight_hh_l0") for g in range(gates(module))]
+        return torch.cat(rows + [w["weight_hh_l0"][:, ix].transpose(0, 1)], 1)  # (K, G * (I + 2H))
     return None
 
 
@@ -76,7 +75,7 @@ def _combine(group: CouplingGroup, parts: Iterable[tuple[torch.Tensor, tuple[int
     """Normalise each member's per-channel scores by their mean and average them per group channel."""
     total, count = torch.zeros(group.channels), torch.zeros(group.channels)
     for score, root_idxs in parts:
-        score = score.float()
+        score = score.detach().float().cpu()
         mean = score.mean()
         score = score / mean if mean > 0 else torch.ones_like(score)
         ix = torch.as_tensor(root_idxs, dtype=torch.long)
@@ -162,6 +161,7 @@ def gather_stats(
 
 def _gather_taylor(model: nn.Module, coupling: Coupling, batches: list, stats: Stats) -> None:
     was_training = model.training
+    saved = {p: p.grad for p in model.parameters()}  # the caller's gradients are put back afterwards
     model.eval()
     try:
         for x, y in batches:
@@ -175,7 +175,8 @@ def _gather_taylor(model: nn.Module, coupling: Coupling, batches: list, stats: S
                         key = (g.root, sl.index)
                         stats.taylor[key] = stats.taylor.get(key, 0) + rows.sum(1).pow(2)
     finally:
-        model.zero_grad(set_to_none=True)
+        for p, g in saved.items():
+            p.grad = g
         model.train(was_training)
 
 

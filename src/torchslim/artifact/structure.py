@@ -12,12 +12,16 @@ the caller's own model holds.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from torchslim.errors import ShapeMismatchError
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 SIZE_ATTRS: dict[type, tuple[str, ...]] = {
     nn.Conv1d: ("in_channels", "out_channels", "groups"),
@@ -58,23 +62,42 @@ def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def resize_(model: nn.Module, modules: Any, shapes: Mapping[str, tuple[int, ...]], path: Any) -> None:
-    """Shrink ``model``'s modules to the sizes ``modules`` records and its tensors to ``shapes``."""
+    """Shrink ``model``'s modules to the sizes ``modules`` records and its tensors to ``shapes``.
+
+    Either every module is resized consistently or, on any error, the model is left as it was.
+    """
     if modules is None:
         return
     if not isinstance(modules, dict):
         raise ShapeMismatchError(f"{path}: the manifest's 'modules' must be an object")
+    backup = copy.deepcopy(model.__dict__) if _differs(model, modules, shapes) else None
+    try:
+        _resize(model, modules, shapes, path)
+    except BaseException:
+        if backup is not None:
+            model.__dict__.update(backup)
+        raise
+
+
+def _differs(model: nn.Module, modules: dict, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return modules != describe(model) or any(own.get(k) != tuple(v) for k, v in shapes.items())
+
+
+def _resize(model: nn.Module, modules: dict, shapes: Mapping[str, tuple[int, ...]], path: Any) -> None:
     owned = dict(model.named_modules())
     for name, entry in modules.items():
         m = owned.get(name)
         if m is None or not isinstance(entry, dict) or entry.get("type") != type(m).__name__:
             found = type(m).__name__ if m is not None else "nothing"
+            said = entry.get("type") if isinstance(entry, dict) else entry
             raise ShapeMismatchError(
-                f"{path}: the file describes module {name!r} as {entry.get('type') if isinstance(entry, dict) else entry!r} "
+                f"{path}: the file describes module {name!r} as {str(said)[:60]!r} "
                 f"but the model has {found} there; pass the builder of the model that was saved"
             )
-        changed = _set_sizes(m, name, entry, path)
-        if changed:
+        if _set_sizes(m, name, entry, path):
             _reallocate(m, name, shapes, path)
+            _check_consistent(m, name, path)
     for name, m in owned.items():  # bare parameters of other modules (a per-channel gain) follow their group
         if not size_attrs(m):
             _reallocate(m, name, shapes, path)
@@ -86,11 +109,13 @@ def _set_sizes(m: nn.Module, name: str, entry: dict, path: Any) -> bool:
         if attr not in entry:
             raise ShapeMismatchError(f"{path}: module {name!r} lacks the size {attr!r} in the manifest")
         have, want = getattr(m, attr), entry[attr]
+        if isinstance(want, list) and len(want) > 8:
+            raise ShapeMismatchError(f"{path}: module {name!r}: {attr} is a list of {len(want)} numbers")
         want = tuple(want) if isinstance(want, list) else want
         if not _fits(want, have):
             raise ShapeMismatchError(
-                f"{path}: module {name!r} has {attr}={want!r} in the file but {have!r} in the model; a file may "
-                "only shrink the model it is loaded into: pass the builder of the model that was saved"
+                f"{path}: module {name!r} has {attr}={str(want)[:40]} in the file but {have!r} in the model; a file "
+                "may only shrink the model it is loaded into: pass the builder of the model that was saved"
             )
         if want != have:
             setattr(m, attr, want)
@@ -117,10 +142,59 @@ def _reallocate(m: nn.Module, name: str, shapes: Mapping[str, tuple[int, ...]], 
             raise ShapeMismatchError(
                 f"{path}: {key} has shape {tuple(shape)} in the file, which does not shrink {tuple(p.shape)}"
             )
-        fresh = torch.zeros(shape, dtype=p.dtype)
+        fresh = torch.zeros(shape, dtype=p.dtype, device=p.device)
         if isinstance(p, nn.Parameter):
             setattr(m, pname, nn.Parameter(fresh, requires_grad=p.requires_grad))
         else:
             setattr(m, pname, fresh)
     if isinstance(m, nn.RNNBase):
         m.flatten_parameters()
+
+
+def _expected(m: nn.Module) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """The tensor shapes a module's size attributes imply, and the rules they break."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    broken: list[str] = []
+    if isinstance(m, _CONV):
+        if m.in_channels % m.groups or m.out_channels % m.groups:
+            broken.append(f"in_channels and out_channels must be multiples of groups={m.groups}")
+        shapes = {"weight": (m.out_channels, m.in_channels // m.groups, *m.kernel_size), "bias": (m.out_channels,)}
+    elif isinstance(m, nn.Linear):
+        shapes = {"weight": (m.out_features, m.in_features), "bias": (m.out_features,)}
+    elif isinstance(m, _BN):
+        shapes = {k: (m.num_features,) for k in ("weight", "bias", "running_mean", "running_var")}
+    elif isinstance(m, nn.GroupNorm):
+        if m.num_channels % m.num_groups:
+            broken.append(f"num_channels must be a multiple of num_groups={m.num_groups}")
+        shapes = {"weight": (m.num_channels,), "bias": (m.num_channels,)}
+    elif isinstance(m, nn.LayerNorm):
+        shapes = {"weight": tuple(m.normalized_shape), "bias": tuple(m.normalized_shape)}
+    elif isinstance(m, nn.PReLU):
+        shapes = {"weight": (m.num_parameters,)}
+    elif isinstance(m, nn.Embedding):
+        if m.padding_idx is not None and not -m.num_embeddings <= m.padding_idx < m.num_embeddings:
+            broken.append(f"padding_idx={m.padding_idx} is outside num_embeddings={m.num_embeddings}")
+        shapes = {"weight": (m.num_embeddings, m.embedding_dim)}
+    elif isinstance(m, (nn.LSTM, nn.GRU)):
+        rows, dirs = (4 if isinstance(m, nn.LSTM) else 3) * m.hidden_size, 2 if m.bidirectional else 1
+        for layer in range(m.num_layers):
+            for sfx in ("", "_reverse")[:dirs]:
+                width = m.input_size if layer == 0 else m.hidden_size * dirs
+                shapes |= {f"weight_ih_l{layer}{sfx}": (rows, width), f"weight_hh_l{layer}{sfx}": (rows, m.hidden_size)}
+                shapes |= {f"bias_ih_l{layer}{sfx}": (rows,), f"bias_hh_l{layer}{sfx}": (rows,)}
+    elif isinstance(m, nn.MultiheadAttention):
+        e = m.embed_dim
+        if m.head_dim * m.num_heads != e:
+            broken.append(f"embed_dim={e} must equal head_dim={m.head_dim} x num_heads={m.num_heads}")
+        shapes = {"in_proj_weight": (3 * e, e), "in_proj_bias": (3 * e,), "q_proj_weight": (e, e),
+                  "k_proj_weight": (e, m.kdim), "v_proj_weight": (e, m.vdim), "bias_k": (1, 1, e), "bias_v": (1, 1, e)}  # fmt: skip
+    return shapes, broken
+
+
+def _check_consistent(m: nn.Module, name: str, path: Any) -> None:
+    """A resized module's attributes must agree with each other and with its tensors."""
+    shapes, broken = _expected(m)
+    own = dict(m.named_parameters(recurse=False)) | dict(m.named_buffers(recurse=False))
+    wrong = [f"{k} is {tuple(own[k].shape)}, expected {v}" for k, v in shapes.items() if k in own and own[k] is not None and tuple(own[k].shape) != v]  # fmt: skip
+    if broken or wrong:
+        raise ShapeMismatchError(f"{path}: module {name!r} after resizing: {'; '.join(broken + wrong)[:300]}")

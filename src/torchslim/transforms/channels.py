@@ -164,8 +164,11 @@ def channel_prune_(
         >>> cfg = ts.ChannelPruneConfig(macs=0.5, criterion="taylor", round_to=16)
         >>> result = ts.channel_prune_(model, cfg, data=data)  # doctest: +SKIP
     """
+    if config.finetune is not None and config.finetune.epochs > 0 and data is None:
+        raise ConfigError("fine-tuning after pruning needs data=...; pass data or finetune=None")
     batches = _calibration(config, data, example)
     example = example if example is not None else batches[0][0][:8]
+    _check_names(model, config)
     macs0, params0 = sum(layer_macs(model, example).values()), count_params(model)
     layers0 = _layer_shapes(model, example)
     original: dict[str, int] = {}
@@ -181,8 +184,7 @@ def channel_prune_(
         macs = sum(layer_macs(model, example).values())
         entry = {"step": step, "macs": macs, "params": count_params(model)}
         if config.finetune is not None and config.finetune.epochs > 0:
-            if data is None:
-                raise ConfigError("fine-tuning after pruning needs data=...")
+            assert data is not None  # checked above
             entry["loss"] = fit(model, data, config.finetune, progress, teacher=teacher)
         history.append(entry)
         log.info("channel pruning step %d/%d: %s", step, config.steps, entry)
@@ -200,16 +202,28 @@ def _prune_step(
     coupling = analyse(model, example, config.exclude, config.min_channels)
     for g in coupling.groups:
         original.setdefault(g.root, g.channels)
-    keep, scores = _decide(model, coupling, config, batches, example, (step / config.steps, macs0, params0, original))
+    keep, scores = _decide(model, coupling, config, batches, example, (step / config.steps, macs0, params0, original), step)
+    modules = dict(model.named_modules())
     for g in coupling.groups:
         members = [str(m) for m in g.members]
         rec = records.setdefault(g.root, GroupRecord(g.root, members, original[g.root], g.channels, config.criterion))
-        rec.skip = g.skip if g.skip else (None if g.root in scores else rec.skip)
         if g.root in keep and keep[g.root] < g.channels:
             drop = torch.argsort(scores[g.root])[: g.channels - keep[g.root]]
             g.handle.prune(sorted(int(i) for i in drop))
-        rec.after = keep.get(g.root, g.channels)
+        rec.after = int(coupling.graph.get_out_channels(modules[g.root]))
+        if rec.after != keep.get(g.root, g.channels):
+            raise ConfigError(f"group {g.root}: asked to keep {keep.get(g.root, g.channels)} channels, {rec.after} remain")
+        rec.skip = g.skip if g.skip and rec.after == rec.before else None  # pruned in an earlier step: not a skip
     _check_runs(model, example)
+
+
+def _check_names(model: nn.Module, config: ChannelPruneConfig) -> None:
+    """A ratio or exclude key that names no layer is a typo; say which names exist."""
+    names = [n for n, _ in model.named_modules() if n]
+    keys = list(config.ratio) if isinstance(config.ratio, Mapping) else []
+    unused = [k for k in keys + list(config.exclude) if not any(match_layer([k], n) for n in names)]
+    if unused:
+        raise ConfigError(f"{unused} match no layer of {type(model).__name__}; its layers are {names[:40]}")
 
 
 def _calibration(config: ChannelPruneConfig, data: Data | None, example: torch.Tensor | None) -> list:
@@ -234,10 +248,16 @@ Target = tuple  # (fraction of the way to the final target, macs0, params0, orig
 
 
 def _decide(
-    model: nn.Module, coupling: Coupling, config: ChannelPruneConfig, batches: list, example: torch.Tensor, target: Target
+    model: nn.Module, coupling: Coupling, config: ChannelPruneConfig, batches: list, example: torch.Tensor,
+    target: Target, step: int,
 ) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
     """Channels each group keeps after this step, and the scores that pick which."""
     frac, macs0, params0, original = target
+    if isinstance(config.ratio, Mapping):
+        roots = [g.root for g in coupling.groups]
+        unused = [k for k in config.ratio if not any(match_layer([k], r) for r in roots)]
+        if unused:
+            raise ConfigError(f"ratio keys {unused} name no coupling group; ratios are set per group root: {roots}")
     stats = gather_stats(model, coupling, config.criterion, batches, config.seed)
     scores = {}
     for g in coupling.prunable():
@@ -252,6 +272,8 @@ def _decide(
             continue
         scores[g.root] = s
     groups = [g for g in coupling.groups if g.root in scores]
+    if not groups and step > 1:
+        return {}, scores  # every group reached its floor in an earlier round
     if not groups:
         reasons = "; ".join(f"{g.root}: {g.skip}" for g in coupling.groups)
         raise ConfigError(f"no coupling group of {type(model).__name__} can be pruned ({reasons})")
@@ -289,10 +311,11 @@ def _fill(keep: dict[str, int], groups: list[CouplingGroup], scores: dict, confi
         options = []
         for g in groups:
             step = math.lcm(config.round_to, g.multiple)
-            if keep[g.root] + step <= g.channels:
+            n = min(g.channels, (keep[g.root] // step + 1) * step)  # the next multiple, or the full width
+            if n > keep[g.root]:
                 s = scores[g.root] / scores[g.root].mean().clamp(min=1e-12)
-                regained = torch.sort(s, descending=True).values[keep[g.root] : keep[g.root] + step]
-                options.append((float(regained.mean()), g.root, keep[g.root] + step))
+                regained = torch.sort(s, descending=True).values[keep[g.root] : n]
+                options.append((float(regained.mean()), g.root, n))
         for _, root, n in sorted(options, reverse=True):
             if fits({**keep, root: n}):
                 keep[root] = n
@@ -311,7 +334,7 @@ def _round(n: float, g: CouplingGroup, config: ChannelPruneConfig) -> int:
     """Round a channel count up to the hardware multiple, respect the floor and the current width."""
     step = math.lcm(config.round_to, g.multiple)
     n = math.ceil(round(n, 6) / step) * step
-    floor = min(g.channels, max(config.min_channels, g.multiple))
+    floor = min(g.channels, math.ceil(config.min_channels / step) * step)
     return int(min(g.channels, max(n, floor)))
 
 
@@ -340,9 +363,11 @@ def _cost_after(model: nn.Module, keep: dict, scores: dict, config: ChannelPrune
 
 
 def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    was_training = model.training
     try:
         with torch.no_grad():
             model.eval()(example)
+        model.train(was_training)
     except RuntimeError as exc:
         raise ConfigError(
             f"the pruned {type(model).__name__} no longer runs ({exc}); its forward probably hard-codes a "
