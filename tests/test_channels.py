@@ -244,6 +244,15 @@ def test_more_steps_than_the_floor_allows_and_a_parameter_target():
     assert 0.3 * result.params_before < result.params_after <= 0.4 * result.params_before
 
 
+def test_per_group_ratios_come_from_a_compression_plan():
+    plan = ts.CompressionPlan.from_dict({"layer1.conv1": {"channels": 0.5}, "re:layer[23].conv1": {"channels": 0.25}})
+    model = ZOO["resnet_mini"]()
+    result = channel_prune_(model, ChannelPruneConfig.from_plan(plan, round_to=8), example=X)
+    widths = (model.layer1.conv1.out_channels, model.layer2.conv1.out_channels, model.layer3.conv1.out_channels)
+    assert widths == (16, 48, 96) and model.stem.out_channels == 32
+    assert result.plan.resolve("stem").skip == "no ratio rule names this group"
+
+
 def test_the_floor_and_every_width_respect_the_heads_and_round_to():
     class Attn(nn.Module):
         def __init__(self):
@@ -336,6 +345,7 @@ baseline: {epochs: 2, lr: 0.003}
 steps:
   - channels: {macs: 0.6, criterion: l2, round_to: 4, min_channels: 4, finetune: {epochs: 1, lr: 0.001, teacher: true}}
   - prune: {sparsity: 0.5, finetune: null}
+  - share: {bits: 5, finetune: null}
 latency: {batches: [1], repeats: 3, warmup: 1}
 outputs: {dir: "OUT", artifact: "{name}.tslim"}
 """
