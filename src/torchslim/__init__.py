@@ -6,11 +6,13 @@ Example:
     >>> data = ts.data.fashion_mnist()                                   # doctest: +SKIP
     >>> ts.prune_(model, ts.MagnitudePruneConfig(sparsity=0.9), data=data)  # doctest: +SKIP
     >>> ts.share_(model, ts.ShareConfig(bits=5), data=data)                 # doctest: +SKIP
+    >>> ts.quantize_(model, ts.QuantizeConfig(scheme="weight"))             # doctest: +SKIP
     >>> ts.save(model, "lenet.tslim")                                       # doctest: +SKIP
     >>> restored = ts.load("lenet.tslim", model=ts.models.lenet_300_100())  # doctest: +SKIP
 """
 
 from torchslim import errors
+from torchslim.artifact.runtime import compile_model, export_onnx
 from torchslim.artifact.tslim import load, save
 from torchslim.core import data, models
 from torchslim.core.plan import CompressionPlan, LayerDecision
@@ -19,10 +21,12 @@ from torchslim.evaluate.metrics import accuracy
 from torchslim.train.fit import TrainConfig, fit
 from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
+from torchslim.transforms.quantize import QuantizeConfig, quantize_
 from torchslim.transforms.share import ShareConfig, share_
 
 __version__ = "0.1.0"
 __all__ = [
-    "ChannelPruneConfig", "CompressionPlan", "LayerDecision", "MagnitudePruneConfig", "ShareConfig", "TorchslimError",
-    "TrainConfig", "accuracy", "channel_prune_", "data", "errors", "fit", "load", "models", "prune_", "save", "share_",
+    "ChannelPruneConfig", "CompressionPlan", "LayerDecision", "MagnitudePruneConfig", "QuantizeConfig", "ShareConfig",
+    "TorchslimError", "TrainConfig", "accuracy", "channel_prune_", "compile_model", "data", "errors", "export_onnx", "fit",
+    "load", "models", "prune_", "quantize_", "save", "share_",
 ]  # fmt: skip

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from torchslim.core.qlayers import FLOAT_TYPES, QuantizedLayer
 from torchslim.errors import ShapeMismatchError
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -40,11 +41,21 @@ SIZE_ATTRS: dict[type, tuple[str, ...]] = {
 
 
 def size_attrs(m: nn.Module) -> tuple[str, ...]:
-    """The size attributes of ``m``'s type or of the nearest known type it derives from."""
+    """The size attributes of ``m``'s type or of the nearest known type it derives from.
+
+    A quantized layer has the sizes of the float layer it replaces.
+    """
+    if isinstance(m, QuantizedLayer):
+        return SIZE_ATTRS[FLOAT_TYPES[m.float_type]]
     for cls in type(m).__mro__:
         if cls in SIZE_ATTRS:
             return SIZE_ATTRS[cls]
     return ()
+
+
+def type_name(m: nn.Module) -> str:
+    """The class name the manifest records: a quantized layer is recorded as its float type."""
+    return m.float_type if isinstance(m, QuantizedLayer) else type(m).__name__
 
 
 def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -53,7 +64,7 @@ def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
     for name, m in model.named_modules():
         attrs = size_attrs(m)
         if attrs and name:
-            entry: dict[str, Any] = {"type": type(m).__name__}
+            entry: dict[str, Any] = {"type": type_name(m)}
             for a in attrs:
                 v = getattr(m, a)
                 entry[a] = list(v) if isinstance(v, tuple) else v
@@ -88,8 +99,8 @@ def _resize(model: nn.Module, modules: dict, shapes: Mapping[str, tuple[int, ...
     owned = dict(model.named_modules())
     for name, entry in modules.items():
         m = owned.get(name)
-        if m is None or not isinstance(entry, dict) or entry.get("type") != type(m).__name__:
-            found = type(m).__name__ if m is not None else "nothing"
+        if m is None or not isinstance(entry, dict) or entry.get("type") != type_name(m):
+            found = type_name(m) if m is not None else "nothing"
             said = entry.get("type") if isinstance(entry, dict) else entry
             raise ShapeMismatchError(
                 f"{path}: the file describes module {name!r} as {str(said)[:60]!r} "
@@ -155,6 +166,8 @@ def _expected(m: nn.Module) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """The tensor shapes a module's size attributes imply, and the rules they break."""
     shapes: dict[str, tuple[int, ...]] = {}
     broken: list[str] = []
+    if isinstance(m, QuantizedLayer):
+        return _expected_quantized(m)
     if isinstance(m, _CONV):
         if m.in_channels % m.groups or m.out_channels % m.groups:
             broken.append(f"in_channels and out_channels must be multiples of groups={m.groups}")
@@ -189,6 +202,19 @@ def _expected(m: nn.Module) -> tuple[dict[str, tuple[int, ...]], list[str]]:
         shapes = {"in_proj_weight": (3 * e, e), "in_proj_bias": (3 * e,), "q_proj_weight": (e, e),
                   "k_proj_weight": (e, m.kdim), "v_proj_weight": (e, m.vdim), "bias_k": (1, 1, e), "bias_v": (1, 1, e)}  # fmt: skip
     return shapes, broken
+
+
+def _expected_quantized(m: QuantizedLayer) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    broken: list[str] = []
+    shape = m.weight_shape()
+    out = shape[0]
+    if m.float_type != "Linear" and (m.in_channels % m.groups or m.out_channels % m.groups):
+        broken.append(f"in_channels and out_channels must be multiples of groups={m.groups}")
+    if m.bits == 4:
+        shapes = {"weight": (out, (shape[1] + 1) // 2), "weight_scale": (out, -(-shape[1] // m.group_size))}
+    else:
+        shapes = {"weight": shape, "weight_scale": (out,)}
+    return shapes | {"bias": (out,)}, broken
 
 
 def _check_consistent(m: nn.Module, name: str, path: Any) -> None:

@@ -23,11 +23,13 @@ from torch import nn
 from torchslim.artifact.codecs import decode_tensor, encode_tensor, entry_shape
 from torchslim.artifact.structure import describe, resize_
 from torchslim.core.files import write_atomic
+from torchslim.core.qlayers import FLOAT_TYPES, SCHEMES, QuantizedLayer, folded_batchnorm, folded_names, quantized_layers
 from torchslim.errors import ArtifactError, ConfigError, ShapeMismatchError
 
-FORMAT, VERSION = "tslim", 2
-READS = (1, 2)
-"""Versions this reader reads: 1 has no ``modules`` key (no structural pruning), 2 requires it."""
+FORMAT, VERSION = "tslim", 3
+READS = (1, 2, 3)
+"""Versions this reader reads: 1 has no ``modules`` key (no structural pruning), 2 requires it,
+3 adds ``quant`` and ``folded`` (quantized layers, BatchNorms folded into convolutions)."""
 MAX_ZOO_ARG = 65536
 """Zoo builder arguments (sizes, class counts) a file may name; bounds what loading allocates."""
 _REQUIRED = ("format", "version", "coded", "model", "plan", "metrics", "fingerprint")
@@ -69,6 +71,8 @@ def encode(
         "fingerprint": fingerprint(stored),
     }
     manifest["modules"] = modules or {}
+    manifest["quant"] = quantized_layers(model) if isinstance(model, nn.Module) else {}
+    manifest["folded"] = folded_names(model) if isinstance(model, nn.Module) else {}
     return st_save(stored, metadata={"tslim": _compact(manifest)})
 
 
@@ -164,6 +168,8 @@ def _manifest(path: Path, header: Any) -> dict:
         )
     if manifest["version"] >= 2 and not isinstance(manifest.get("modules"), dict):
         raise ArtifactError(f"{path}: a version {manifest['version']} manifest needs a 'modules' object")
+    if manifest["version"] >= 3 and not (isinstance(manifest.get("quant"), dict) and isinstance(manifest.get("folded"), dict)):
+        raise ArtifactError(f"{path}: a version 3 manifest needs 'quant' and 'folded' objects")
     return manifest
 
 
@@ -208,6 +214,22 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     manifest, stored = read(path)
     module = _target(manifest, model, path)
     shapes = _shapes(manifest, stored)
+    swaps = bool(manifest.get("folded") or manifest.get("quant"))
+    children = [(m, dict(m._modules)) for m in module.modules()] if swaps and isinstance(model, nn.Module) else []
+    try:
+        _into(module, manifest, stored, shapes, path)
+    except BaseException:
+        for m, kept in children:  # the caller's own model is left as it was
+            m._modules.clear()
+            m._modules.update(kept)
+        raise
+    return module.eval()
+
+
+def _into(module: nn.Module, manifest: dict, stored: Mapping[str, torch.Tensor], shapes: dict, path: Any) -> None:
+    """Fold, quantize and resize ``module`` as the file says, check every shape, then fill it."""
+    _refold(module, manifest.get("folded", {}), path)
+    _requantize(module, manifest.get("quant", {}), path)
     resize_(module, manifest.get("modules"), shapes, path)  # structurally pruned files shrink the model
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     extra, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
@@ -224,7 +246,51 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
             )
     state = decode_state(manifest, stored, None)  # only now: the model bounds what is decoded
     module.load_state_dict(state)
-    return module.eval()
+
+
+def _refold(module: nn.Module, folded: Any, path: Any) -> None:
+    """Replace each BatchNorm the file says was folded by an Identity; its convolution gets a bias."""
+    owned = dict(module.named_modules())
+    if not isinstance(folded, dict):
+        raise ArtifactError(f"{path}: the manifest's 'folded' must map BatchNorm names to convolution names")
+    for bn_name, conv_name in folded.items():
+        bn, conv = owned.get(bn_name), owned.get(conv_name) if isinstance(conv_name, str) else None
+        if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or type(conv) not in (nn.Conv1d, nn.Conv2d):
+            raise ShapeMismatchError(
+                f"{path}: the file folded a BatchNorm at {bn_name[:80]!r} into {str(conv_name)[:80]!r} but the model "
+                f"has {type(bn).__name__} and {type(conv).__name__} there; pass the builder of the model that was saved"
+            )
+    for bn_name, conv_name in folded.items():
+        conv = owned[conv_name]
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+        _replace(module, bn_name, folded_batchnorm(type(owned[bn_name]).__name__, conv_name))
+
+
+def _requantize(module: nn.Module, quant: Any, path: Any) -> None:
+    """Replace each layer the file stores quantized by an empty quantized layer of its shapes."""
+    owned = dict(module.named_modules())
+    fresh = {}
+    for name, spec in quant.items():
+        layer = owned.get(name)
+        of, scheme, bits, group = (spec.get(k) for k in ("of", "scheme", "bits", "group_size")) if isinstance(spec, dict) else (None,) * 4
+        if of not in FLOAT_TYPES or scheme not in SCHEMES or bits not in (4, 8) or type(group) is not int:
+            raise ArtifactError(f"{path}: quantized layer {name!r} has an unknown description {str(spec)[:120]}")
+        if type(layer) is not FLOAT_TYPES[of]:
+            raise ShapeMismatchError(
+                f"{path}: the file quantized a {of} at {name!r} but the model has "
+                f"{type(layer).__name__ if layer is not None else 'nothing'} there; pass the builder of the model that was saved"
+            )
+        if (bits == 4) != (group > 0) or not 0 <= group <= MAX_ZOO_ARG or (bits == 4 and of != "Linear"):
+            raise ArtifactError(f"{path}: quantized layer {name!r}: bits={bits} with group_size={group} is not valid")
+        fresh[name] = QuantizedLayer.empty_like(layer, scheme, bits, group)
+    for name, q in fresh.items():
+        _replace(module, name, q)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def _shapes(manifest: dict, stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

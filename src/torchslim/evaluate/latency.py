@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ class Latency:
 
 @torch.no_grad()
 def measure_latency(
-    model: nn.Module, example: torch.Tensor, threads: int = 2, warmup: int = 10, repeats: int = 50
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, threads: int = 2, warmup: int = 10, repeats: int = 50
 ) -> Latency:
     """Time ``model(example)`` after ``warmup`` calls; report the median of ``repeats`` calls.
 
@@ -38,7 +39,8 @@ def measure_latency(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model.eval()
+        if isinstance(model, nn.Module):
+            model.eval()
         for _ in range(warmup):
             model(example)
         times = []

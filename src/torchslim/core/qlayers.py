@@ -1,0 +1,236 @@
+"""Quantized Linear and Conv layers: integer weights stored as integers, one flat class.
+
+A :class:`QuantizedLayer` holds what an int8 (or int4) layer is: the integer weight, its
+per-channel (or per-group) scales, the float bias and, for static quantization, the input's
+scale and zero point. Its forward is the *reference* computation written with PyTorch's
+``quantized_decomposed`` quantize / dequantize ops -- the same ops torchao's PT2E flow emits --
+so that
+
+* run eagerly, it is the exact fake-quant reference every backend is checked against;
+* under ``torch.compile`` with freezing, inductor's x86 passes match the pattern
+  ``dequantize(quantize(x)) -> conv/linear(dequantize(int8 weight))`` and run oneDNN int8
+  kernels (:mod:`torchslim.artifact.runtime`);
+* exported to ONNX, the ops become QuantizeLinear / DequantizeLinear pairs that ONNX Runtime
+  fuses into its integer kernels.
+
+Schemes:
+  ``static``: int8 weights (per output channel, symmetric) and uint8 inputs (per tensor,
+    affine) with a scale and zero point fixed by calibration.
+  ``dynamic``: int8 weights; each input's range is measured on the fly (Linear only).
+  ``weight``: weight-only int8 (per channel) or int4 (per group of inputs, the last group
+    padded; two values packed in a byte); inputs stay float. Smaller files, float compute.
+
+Hand-written because torchao's tensor subclasses do not save to safetensors without pickle and
+PT2E's output is a traced graph, not the user's module tree; the numerics follow PT2E's x86
+defaults (symmetric int8 weights in [-128, 127], uint8 activations in [0, 255]).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.nn.functional as F
+from torch import nn
+
+SCHEMES = ("static", "dynamic", "weight")
+FLOAT_TYPES: dict[str, type] = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d}
+"""The float layers that can be quantized, by the class name the manifest records."""
+_CONV_ARGS = ("stride", "padding", "dilation", "groups")
+_SIZE = {"Linear": ("in_features", "out_features"), "Conv1d": ("in_channels", "out_channels", "groups"),
+         "Conv2d": ("in_channels", "out_channels", "groups")}  # fmt: skip
+_EPS = torch.finfo(torch.float32).eps
+_qd = torch.ops.quantized_decomposed
+
+
+def _float_type(layer: nn.Module) -> str | None:
+    for name, cls in FLOAT_TYPES.items():
+        if type(layer) is cls:
+            return name
+    return None
+
+
+def weight_scales(weight: torch.Tensor, bits: int = 8, group_size: int = 0) -> torch.Tensor:
+    """Symmetric scales: per output channel (``group_size`` 0) or per group of that many inputs.
+
+    An all-zero channel gets scale 1 (its integers are all 0, so the scale never matters).
+    """
+    w = weight.detach().float()  # (out, ...)
+    qmax = 2 ** (bits - 1) - 1
+    if group_size:
+        w = _grouped(w, group_size)  # (out, groups, group_size)
+    amax = w.abs().amax(dim=-1) if group_size else w.flatten(1).abs().amax(dim=1)
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def quantize_weight(weight: torch.Tensor, scales: torch.Tensor, bits: int = 8, group_size: int = 0) -> torch.Tensor:
+    """The signed integers ``round(w / scale)`` clamped to ``bits`` bits, as int8."""
+    w = weight.detach().float()
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if group_size:
+        q = torch.round(_grouped(w, group_size) / scales.unsqueeze(-1))  # (out, groups, group_size)
+        return q.clamp(lo, hi).flatten(1)[:, : w.shape[1]].to(torch.int8)  # (out, in)
+    return torch.round(w / scales.reshape(-1, *[1] * (w.dim() - 1))).clamp(lo, hi).to(torch.int8)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(out, in)`` -> ``(out, groups, group_size)``, the last group padded with zeros."""
+    pad = -w.shape[1] % group_size
+    return F.pad(w, (0, pad)).reshape(w.shape[0], -1, group_size)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit values per byte along the last dimension: low nibble first."""
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)  # (out, in)
+    if u.shape[-1] % 2:
+        u = F.pad(u, (0, 1))
+    return u[..., 0::2] | (u[..., 1::2] << 4)  # (out, ceil(in / 2))
+
+
+def unpack_int4(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: signed int8 values, ``width`` per row."""
+    lo, hi = (packed & 0xF).to(torch.int8), (packed >> 4).to(torch.int8)
+    q = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :width]  # (out, in)
+    return torch.where(q > 7, q - 16, q)
+
+
+def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """Scale and zero point of a uint8 affine range covering ``[lo, hi]`` and 0.
+
+    A constant input (``lo == hi``) gets a range that still represents it exactly enough: from
+    0 to the value, or a unit range when the value is 0.
+    """
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo <= _EPS:
+        return 1.0 / 255, 0
+    scale = (hi - lo) / 255
+    return scale, int(min(255, max(0, round(-lo / scale))))
+
+
+class QuantizedLayer(nn.Module):
+    """A Linear or Conv layer with integer weights (see the module docstring)."""
+
+    def __init__(self, float_type: str, sizes: dict[str, Any], scheme: str, bits: int = 8, group_size: int = 0,
+                 bias: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        if float_type not in FLOAT_TYPES or scheme not in SCHEMES:
+            raise ValueError(f"cannot quantize {float_type} with scheme {scheme!r}")
+        self.float_type, self.scheme, self.bits, self.group_size = float_type, scheme, bits, group_size
+        for key, value in sizes.items():
+            setattr(self, key, value)
+        out = self.out_features if float_type == "Linear" else self.out_channels
+        shape = self.weight_shape()
+        if bits == 4:  # packed nibbles; float16 scales, as int4 weight-only kernels take them
+            self.register_buffer("weight", torch.zeros(out, math.ceil(shape[1] / 2), dtype=torch.uint8))
+            self.register_buffer("weight_scale", torch.ones(out, -(-shape[1] // group_size), dtype=torch.float16))
+        else:
+            self.register_buffer("weight", torch.zeros(shape, dtype=torch.int8))
+            self.register_buffer("weight_scale", torch.ones(out))
+        self.register_buffer("bias", torch.zeros(out) if bias else None)
+        if scheme == "static":
+            self.register_buffer("input_scale", torch.tensor(1.0 / 255))
+            self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
+        self._in_q = (1.0 / 255, 0)
+        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
+
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.float_type == "Linear":
+            return (self.out_features, self.in_features)
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @staticmethod
+    def sizes_of(layer: nn.Module) -> dict[str, Any]:
+        """The constructor arguments that rebuild ``layer``'s shapes and its conv arithmetic."""
+        kind = _float_type(layer)
+        keys = _SIZE[kind] + (() if kind == "Linear" else ("kernel_size",) + _CONV_ARGS)
+        return {k: getattr(layer, k) for k in dict.fromkeys(keys)}
+
+    @classmethod
+    def empty_like(cls, layer: nn.Module, scheme: str, bits: int = 8, group_size: int = 0) -> "QuantizedLayer":
+        """A zero-filled quantized layer of ``layer``'s shapes, to be filled by ``load_state_dict``."""
+        kind = _float_type(layer)
+        if kind is None:
+            raise ValueError(f"{type(layer).__name__} cannot be quantized")
+        return cls(kind, cls.sizes_of(layer), scheme, bits, group_size, bias=layer.bias is not None)
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, scheme: str, bits: int = 8, group_size: int = 0,
+                   input_range: tuple[float, float] | None = None) -> "QuantizedLayer":  # fmt: skip
+        """Quantize ``layer``'s weight; ``input_range`` (from calibration) is required for ``static``."""
+        q = cls.empty_like(layer, scheme, bits, group_size)
+        w = layer.weight.detach().float()
+        if bits == 4:
+            w = w.reshape(w.shape[0], -1)  # (out, in)
+        scales = weight_scales(w, bits, group_size)
+        if bits == 4:
+            scales = scales.half().float()  # quantize with the scales that are stored
+        ints = quantize_weight(w, scales, bits, group_size)
+        q.weight.copy_(pack_int4(ints) if bits == 4 else ints)
+        q.weight_scale.copy_(scales)
+        if layer.bias is not None:
+            q.bias.copy_(layer.bias.detach().float())
+        if scheme == "static":
+            if input_range is None:
+                raise ValueError("static quantization needs the calibrated input range")
+            scale, zero_point = activation_qparams(*input_range)
+            q.input_scale.fill_(scale)
+            q.input_zero_point.fill_(zero_point)
+        q.refresh()
+        return q
+
+    def refresh(self) -> None:
+        """Mirror the input's quantization parameters as Python numbers (compiled graphs bake them in)."""
+        if self.scheme == "static":
+            self._in_q = (float(self.input_scale), int(self.input_zero_point))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the integers stand for."""
+        if self.bits == 4:
+            width = self.weight_shape()[1]
+            q = _grouped(unpack_int4(self.weight, width).float(), self.group_size)  # (out, groups, group_size)
+            return (q * self.weight_scale.float().unsqueeze(-1)).flatten(1)[:, :width]  # (out, in)
+        zeros = torch.zeros(self.weight_scale.shape, dtype=torch.int64, device=self.weight.device)
+        return _qd.dequantize_per_channel(self.weight, self.weight_scale, zeros, 0, -128, 127, torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme == "static":
+            scale, zp = self._in_q
+            x = _qd.quantize_per_tensor(x, scale, zp, 0, 255, torch.uint8)
+            x = _qd.dequantize_per_tensor(x, scale, zp, 0, 255, torch.uint8)
+        elif self.scheme == "dynamic":
+            scale_t, zp_t = _qd.choose_qparams.tensor(x, 0, 255, _EPS, torch.uint8)
+            x = _qd.quantize_per_tensor.tensor(x, scale_t, zp_t, 0, 255, torch.uint8)
+            x = _qd.dequantize_per_tensor.tensor(x, scale_t, zp_t, 0, 255, torch.uint8)
+        w = self.dequantized_weight()
+        if self.float_type == "Linear":
+            return F.linear(x, w, self.bias)
+        conv = F.conv1d if self.float_type == "Conv1d" else F.conv2d
+        return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        kind = f"int{self.bits}" + (f" groups of {self.group_size}" if self.group_size else "")
+        return f"{self.float_type} {tuple(self.weight_shape())}, {self.scheme} {kind}"
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest entry that lets a loader rebuild this layer from the float one."""
+        return {"of": self.float_type, "scheme": self.scheme, "bits": self.bits, "group_size": self.group_size}
+
+
+def folded_batchnorm(kind: str, conv: str) -> nn.Identity:
+    """What a ``kind`` BatchNorm folded into the convolution ``conv`` becomes: an Identity that
+    remembers the fold, so files record it and loads repeat it."""
+    identity = nn.Identity()
+    identity.folded_batchnorm = (kind, conv)
+    return identity
+
+
+def folded_names(model: nn.Module) -> dict[str, str]:
+    """Each BatchNorm folded away in ``model`` -> the convolution it was folded into."""
+    return {n: m.folded_batchnorm[1] for n, m in model.named_modules() if isinstance(getattr(m, "folded_batchnorm", None), tuple)}
+
+
+def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The manifest's ``quant`` map: every quantized layer's name -> how it was quantized."""
+    return {n: m.describe() for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}

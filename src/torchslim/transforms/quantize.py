@@ -1,0 +1,339 @@
+"""Quantization: int8 (or int4 weight-only) layers that run on real integer kernels.
+
+One config, one verb. ``quantize_`` folds each BatchNorm into the convolution before it,
+calibrates the input range of every Linear / Conv layer (static scheme), and replaces each
+layer by a :class:`~torchslim.core.qlayers.QuantizedLayer` holding int8 weights. With
+``qat=TrainConfig(...)`` it first trains through fake quantization (weights per channel with a
+straight-through estimator, inputs on their calibrated grid), optionally against a teacher,
+and then converts to the same int8 layers. Layers it cannot quantize stay in float with the
+reason recorded. Which kernels run is chosen later, by :func:`torchslim.artifact.runtime.compile_model`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from torchslim.analysis.ranges import METHODS, choose_range, observe
+from torchslim.core.data import Data
+from torchslim.core.plan import match_layer
+from torchslim.core.qlayers import (
+    FLOAT_TYPES, SCHEMES, QuantizedLayer, activation_qparams, folded_batchnorm, weight_scales,
+)
+from torchslim.errors import ConfigError, DataError
+from torchslim.train.fit import Progress, TrainConfig, fit
+
+log = logging.getLogger(__name__)
+_WEIGHTED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.Embedding,
+             nn.MultiheadAttention, nn.Bilinear)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How to quantize.
+
+    Attributes:
+        scheme: ``"static"`` (int8 weights and inputs, input ranges from calibration),
+            ``"dynamic"`` (int8 weights, input ranges measured per call; Linear layers) or
+            ``"weight"`` (weight-only int8 or int4; float compute).
+        bits: weight bits: 8, or 4 with ``scheme="weight"`` (Linear layers, per group).
+        calibration: how a static input range is chosen: ``minmax``, ``percentile``, ``mse``
+            or ``entropy`` (see :mod:`torchslim.analysis.ranges`).
+        percentile: the percentile kept by ``calibration="percentile"``.
+        calib_batches: calibration batches (of the data's evaluation batch size).
+        group_size: inputs per int4 scale group (the last group of a row may be shorter).
+        fold_bn: fold each BatchNorm into the convolution feeding it before quantizing.
+        exclude: layer names or ``re:`` patterns kept in float (mixed precision).
+        qat: quantization-aware training before conversion (``None``: post-training only).
+    """
+
+    scheme: str = "static"
+    bits: int = 8
+    calibration: str = "mse"
+    percentile: float = 99.99
+    calib_batches: int = 8
+    group_size: int = 64
+    fold_bn: bool = True
+    exclude: tuple[str, ...] = ()
+    qat: TrainConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"scheme={self.scheme!r}: choose one of {list(SCHEMES)}")
+        if self.bits not in (4, 8) or (self.bits == 4 and self.scheme != "weight"):
+            raise ConfigError(f"bits={self.bits!r}: use 8, or 4 with scheme='weight' (int4 weight-only)")
+        if self.calibration not in METHODS:
+            raise ConfigError(f"calibration={self.calibration!r}: choose one of {list(METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile={self.percentile!r}: use a number in (50, 100], e.g. 99.99")
+        for key in ("calib_batches", "group_size"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{key}={v!r}: use a whole number >= 1")
+        if self.qat is not None and self.scheme != "static":
+            raise ConfigError("qat trains through static int8 quantization: use scheme='static'")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["exclude"] = list(self.exclude)
+        return out
+
+
+@dataclass
+class LayerRecord:
+    """What quantization did to one layer (a row of the report)."""
+
+    name: str
+    type: str
+    scheme: str | None = None
+    bits: int | None = None
+    input_range: list[float] | None = None  # calibrated [lo, hi]
+    input_scale: float | None = None
+    input_zero_point: int | None = None
+    weight_error: float | None = None  # ||w - dequant(quant(w))|| / ||w||
+    note: str | None = None
+    skip: str | None = None
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize_`` did."""
+
+    layers: list[LayerRecord]
+    folded: list[str]  # BatchNorm modules folded into their convolution (now Identity)
+    config: QuantizeConfig
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "folded": self.folded, "history": self.history,
+                "layers": [asdict(r) for r in self.layers]}  # fmt: skip
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantizeConfig = QuantizeConfig(),
+    data: Data | Iterable | None = None,
+    *,
+    example: torch.Tensor | None = None,
+    progress: Progress | None = None,
+    teacher: nn.Module | None = None,
+) -> QuantizeResult:
+    """Quantize ``model``'s Linear and Conv layers in place.
+
+    Args:
+        model: the trained float model; its layers are replaced in place.
+        config: the scheme, bits and calibration method.
+        data: a :class:`~torchslim.core.data.Data` (its calibration split is used, and its
+            training split for QAT) or any iterable of input batches / ``(input, target)``
+            pairs to calibrate on. Required for the static scheme.
+        example: an input batch; calibration batches must match its shape after the batch
+            dimension. Defaults to the first calibration batch.
+        progress: called as ``progress(done, total)`` during QAT.
+        teacher: soft targets for QAT (e.g. the float model).
+
+    Example:
+        >>> result = ts.quantize_(model, ts.QuantizeConfig(calibration="mse"), data=data)  # doctest: +SKIP
+    """
+    if config.qat is not None and not isinstance(data, Data):
+        raise ConfigError("qat trains the model: pass data=<a torchslim Data> with a training split")
+    _check_names(model, config)
+    batches = _calibration(config, data, example)
+    example = example if example is not None else (batches[0][:2] if batches else None)
+    if example is None:
+        raise ConfigError("pass data=... (calibration batches) or example=<one input batch>")
+    model.eval()
+    folded = fold_batchnorm_(model) if config.fold_bn else []
+    records, targets = _select(model, config)
+    if not targets:
+        raise ConfigError(
+            f"{type(model).__name__} has no layer this scheme can quantize ({_summary(records)}); "
+            "static and dynamic int8 cover nn.Linear and nn.Conv1d/2d, int4 covers nn.Linear"
+        )
+    ranges = _ranges(model, targets, batches, config)
+    history: list[dict] = []
+    if config.qat is not None:
+        assert isinstance(data, Data)  # checked above
+        history = _train_fake_quant(model, targets, ranges, config.qat, data, progress, teacher)
+        targets = {n: model.get_submodule(n) for n in targets}
+    for name, layer in targets.items():
+        rec = records[name]
+        q = QuantizedLayer.from_float(layer, config.scheme, config.bits, config.group_size if config.bits == 4 else 0, ranges.get(name))
+        _swap(model, name, q)
+        rec.scheme, rec.bits = config.scheme, config.bits
+        rec.weight_error = _relative_error(layer.weight, q.dequantized_weight())
+        if name in ranges:
+            rec.input_range = [round(v, 6) for v in ranges[name]]
+            rec.input_scale, rec.input_zero_point = q._in_q
+        if not layer.weight.detach().any():
+            rec.note = "all-zero weight: stored as zeros (scale 1)"
+    _check_runs(model, example)
+    return QuantizeResult(list(records.values()), folded, config, history)
+
+
+def fold_batchnorm_(model: nn.Module) -> list[str]:
+    """Fold every BatchNorm that directly follows a Conv (whose output feeds nothing else) into it.
+
+    The convolution gets the folded weight and bias, the BatchNorm becomes ``nn.Identity``.
+    Returns the names of the folded BatchNorm modules. Models ``torch.fx`` cannot trace are
+    left as they are (logged): their BatchNorms then run in float between int8 layers.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # noqa: BLE001 -- any tracing failure means "do not fold"
+        log.warning("BatchNorm not folded: torch.fx cannot trace %s (%s)", type(model).__name__, exc)
+        return []
+    modules = dict(model.named_modules())
+    folded = []
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or not bn.track_running_stats:
+            continue
+        prev = node.args[0] if node.args else None
+        conv = modules.get(prev.target) if isinstance(prev, torch.fx.Node) and prev.op == "call_module" else None
+        if type(conv) not in (nn.Conv1d, nn.Conv2d) or len(prev.users) != 1 or conv.out_channels != bn.num_features:
+            continue
+        _swap(model, prev.target, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+        _swap(model, node.target, folded_batchnorm(type(bn).__name__, prev.target))
+        folded.append(node.target)
+    return folded
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _check_names(model: nn.Module, config: QuantizeConfig) -> None:
+    names = [n for n, _ in model.named_modules() if n]
+    unused = [k for k in config.exclude if not any(match_layer([k], n) for n in names)]
+    if unused:
+        raise ConfigError(f"exclude {unused} match no layer of {type(model).__name__}; its layers are {names[:40]}")
+
+
+def _select(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, LayerRecord], dict[str, nn.Module]]:
+    """A record for every weight layer, and the layers to quantize (the others carry a skip)."""
+    records, targets = {}, {}
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        if type(m) not in FLOAT_TYPES.values():
+            if isinstance(m, _WEIGHTED):
+                records[name] = LayerRecord(name, kind, skip=f"no int8 kernel for {kind} in torchslim; kept in float")
+            continue
+        rec = records[name] = LayerRecord(name, kind)
+        rec.skip = _why_not(name, m, config)
+        if rec.skip is None:
+            targets[name] = m
+    return records, targets
+
+
+def _why_not(name: str, m: nn.Module, config: QuantizeConfig) -> str | None:
+    if match_layer(config.exclude, name):
+        return "excluded (kept in float)"
+    if getattr(m, "padding_mode", "zeros") != "zeros":
+        return f"padding_mode={m.padding_mode!r} has no int8 kernel; kept in float"
+    if config.scheme == "dynamic" and not isinstance(m, nn.Linear):
+        return "dynamic quantization covers Linear layers; use scheme='static' for convolutions"
+    if config.bits == 4:
+        if not isinstance(m, nn.Linear):
+            return "int4 weight-only covers Linear layers; kept in float"
+    return None
+
+
+def _summary(records: dict[str, LayerRecord]) -> str:
+    return "; ".join(f"{r.name}: {r.skip}" for r in records.values())[:300] or "no weight layers"
+
+
+def _calibration(config: QuantizeConfig, data: Data | Iterable | None, example: torch.Tensor | None) -> list:
+    """Up to ``calib_batches`` input batches, checked for emptiness, non-finite values and shape."""
+    if data is None:
+        if config.scheme == "static":
+            raise ConfigError("static quantization calibrates input ranges: pass data=<calibration batches>")
+        return []
+    source = data.calib_loader() if isinstance(data, Data) else data
+    batches = []
+    for i, item in enumerate(source):
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise DataError(f"calibration batch {i} is {type(x).__name__}, not a float tensor (or an (input, target) pair)")
+        if not torch.isfinite(x).all():
+            raise DataError(f"calibration batch {i} holds NaN or Inf; clean the calibration data before quantizing")
+        ref = example if example is not None else (batches[0] if batches else x)
+        if x.shape[1:] != ref.shape[1:]:
+            raise DataError(
+                f"calibration batch {i} has shape {tuple(x.shape)} but the model's input is {tuple(ref.shape)}: "
+                "calibrate on batches shaped like the example input (only the batch size may differ)"
+            )
+        batches.append(x)
+        if len(batches) == config.calib_batches:
+            break
+    if not batches:
+        raise DataError("the calibration loader yielded no batches; give it at least one batch of inputs")
+    return batches
+
+
+def _ranges(model: nn.Module, targets: dict[str, nn.Module], batches: list, config: QuantizeConfig) -> dict:
+    if config.scheme != "static":
+        return {}
+    stats = observe(model, targets, batches, histogram=config.calibration != "minmax")
+    return {n: choose_range(s, config.calibration, config.percentile) for n, s in stats.items()}
+
+
+def _relative_error(w: torch.Tensor, dq: torch.Tensor) -> float:
+    w = w.detach().float()
+    norm = float(w.norm())
+    return round(float((w - dq.reshape(w.shape)).norm()) / norm, 6) if norm > 0 else 0.0
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:  # noqa: BLE001 -- reported with what to do
+        raise ConfigError(
+            f"the quantized model fails on the example input ({type(exc).__name__}: {exc}); a layer's weight may "
+            "be used outside its forward (exclude it, e.g. exclude=('fc',))"
+        ) from exc
+
+
+class _FakeQuant(nn.Module):
+    """A float layer trained through its int8 grid: per-channel weights (straight-through
+    estimator) and the input on its calibrated uint8 grid."""
+
+    def __init__(self, layer: nn.Module, input_range: tuple[float, float]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.scale, self.zero_point = activation_qparams(*input_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+        w = self.layer.weight
+        scales = weight_scales(w).detach()
+        zeros = torch.zeros(len(scales), dtype=torch.int32)
+        w = torch.fake_quantize_per_channel_affine(w, scales, zeros, 0, -128, 127)
+        if isinstance(self.layer, nn.Linear):
+            return nn.functional.linear(x, w, self.layer.bias)
+        return self.layer._conv_forward(x, w, self.layer.bias)
+
+
+def _train_fake_quant(
+    model: nn.Module, targets: dict[str, nn.Module], ranges: dict, train: TrainConfig, data: Data,
+    progress: Progress | None, teacher: nn.Module | None,
+) -> list[dict]:  # fmt: skip
+    """QAT: train with every target layer behind fake quantization, then unwrap them."""
+    for name, layer in targets.items():
+        _swap(model, name, _FakeQuant(layer, ranges[name]))
+    try:
+        loss = fit(model, data, train, progress, teacher=teacher)
+    finally:
+        for name, layer in targets.items():
+            _swap(model, name, layer)
+        model.eval()
+    return [{"qat_epochs": train.epochs, "loss": loss}]
+

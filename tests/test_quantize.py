@@ -1,0 +1,266 @@
+"""Quantization: numerics against references, calibration, QAT, save/load, backends, bad input."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as ts
+from torchslim.analysis.ranges import BINS, InputStats, _mse, choose_range
+from torchslim.artifact.runtime import compile_model, export_onnx
+from torchslim.core.models import ZOO
+from torchslim.core.qlayers import QuantizedLayer, pack_int4, unpack_int4
+from torchslim.errors import ArtifactError, ConfigError, DataError, ShapeMismatchError
+from torchslim.evaluate.metrics import accuracy
+from torchslim.train.fit import TrainConfig, fit
+from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
+from torchslim.transforms.quantize import QuantizeConfig, fold_batchnorm_, quantize_
+
+X = torch.randn(4, 1, 28, 28)
+
+
+class DigitsCNN(nn.Module):
+    """Conv-BN-ReLU twice, then Linear: a small CNN for 8x8 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))  # (B, 16, 8, 8)
+        x = torch.relu(self.bn2(self.conv2(x)))  # (B, 32, 4, 4)
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def digits_cnn(digits):
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    fit(model, digits, TrainConfig(epochs=4, lr=3e-3))
+    return model.eval()
+
+
+def test_a_static_linear_equals_pytorchs_fake_quant_reference():
+    layer = nn.Linear(32, 16)
+    x = torch.randn(8, 32) * 3
+    q = QuantizedLayer.from_float(layer, "static", input_range=(float(x.min()), float(x.max())))
+    scale = (float(x.max()) - float(x.min())) / 255
+    zp = round(-float(x.min()) / scale)
+    w_scale = layer.weight.detach().abs().amax(1) / 127
+    ref_w = torch.fake_quantize_per_channel_affine(layer.weight.detach(), w_scale, torch.zeros(16, dtype=torch.int32), 0, -128, 127)
+    ref = nn.functional.linear(torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255), ref_w, layer.bias)
+    assert torch.allclose(q(x), ref, atol=1e-5)
+    assert q.weight.dtype == torch.int8 and int(q.weight.abs().max()) == 127
+
+
+def test_int4_packs_two_values_a_byte_and_pads_the_last_group():
+    q = torch.randint(-8, 8, (5, 37), dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.shape == (5, 19) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed, 37), q)
+    layer = nn.Linear(37, 5)
+    q4 = QuantizedLayer.from_float(layer, "weight", bits=4, group_size=16)
+    assert q4.weight_scale.shape == (5, 3) and q4.weight_scale.dtype == torch.float16
+    err = (q4.dequantized_weight() - layer.weight).abs().max()
+    assert err <= float(q4.weight_scale.float().max()) / 2 + 1e-6  # within half a step of the coarsest group
+
+
+def test_batchnorm_folding_keeps_outputs_and_is_recorded():
+    model = ZOO["resnet_mini"]().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    before = model(X)
+    folded = fold_batchnorm_(model)
+    assert len(folded) == 9 and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(model(X), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "entropy"])
+def test_every_calibration_method_keeps_the_cnn_accurate(digits, digits_cnn, method):
+    model = copy.deepcopy(digits_cnn)
+    base = accuracy(digits_cnn, digits.eval_loader())
+    result = quantize_(model, QuantizeConfig(calibration=method), data=digits)
+    assert all(isinstance(model.get_submodule(n), QuantizedLayer) for n in ("conv1", "conv2", "fc"))
+    assert result.folded == ["bn1", "bn2"]
+    assert accuracy(model, digits.eval_loader()) >= base - 0.02
+    rows = {r.name: r for r in result.layers}
+    assert rows["conv2"].input_range[0] == 0.0 and 0 < rows["conv2"].weight_error < 0.02
+
+
+def test_range_methods_clip_a_heavy_tail_that_minmax_keeps():
+    data = torch.relu(torch.randn(100_000)) ** 3  # most values below 1, the largest near 95
+    top = float(data.max())
+    stats = InputStats(0.0, top, data.numel(), torch.histc(data[data != 0], BINS, 0.0, top), int((data == 0).sum()))
+    assert choose_range(stats, "minmax") == (0.0, top)
+    ranges = {m: choose_range(stats, m) for m in ("percentile", "mse", "entropy")}
+    assert all(lo == 0.0 for lo, _ in ranges.values())
+    assert ranges["percentile"][1] < 0.6 * top and ranges["entropy"][1] < 0.6 * top and ranges["mse"][1] < top
+    edges = torch.linspace(0.0, top, BINS + 1, dtype=torch.float64)
+    assert _mse(stats.hist.double(), edges, *ranges["mse"]) < _mse(stats.hist.double(), edges, 0.0, top)
+
+
+def test_dynamic_and_weight_only_schemes(digits, digits_mlp):
+    base = accuracy(digits_mlp, digits.eval_loader())
+    for config in (QuantizeConfig(scheme="dynamic"), QuantizeConfig(scheme="weight"),
+                   QuantizeConfig(scheme="weight", bits=4, group_size=32)):  # fmt: skip
+        model = copy.deepcopy(digits_mlp)
+        result = quantize_(model, config, example=digits.example_input(4))
+        assert {r.scheme for r in result.layers} == {config.scheme}
+        assert accuracy(model, digits.eval_loader()) >= base - (0.03 if config.bits == 4 else 0.01)
+
+
+def test_saved_int8_loads_bit_exact_and_is_four_times_smaller(tmp_path, digits_cnn, digits):
+    model = copy.deepcopy(digits_cnn)
+    quantize_(model, QuantizeConfig(), data=digits)
+    path = ts.save(model, tmp_path / "int8.tslim")
+    restored = ts.load(path, model=DigitsCNN)
+    x = digits.example_input(16)
+    assert torch.equal(restored(x), model(x))
+    manifest = json.loads(__import__("safetensors").safe_open(path, "pt").metadata()["tslim"])
+    assert manifest["folded"] == {"bn1": "conv1", "bn2": "conv2"}
+    assert manifest["quant"]["conv1"] == {"of": "Conv2d", "scheme": "static", "bits": 8, "group_size": 0}
+
+    mlp = ZOO["lenet_300_100"]()
+    fp32 = ts.save(mlp, tmp_path / "fp32.tslim").stat().st_size
+    quantize_(mlp, QuantizeConfig(), data=[torch.randn(8, 1, 28, 28)])
+    assert fp32 / ts.save(mlp, tmp_path / "mlp8.tslim").stat().st_size >= 3.9
+
+
+@pytest.mark.parametrize("config", [QuantizeConfig(), QuantizeConfig(scheme="weight", bits=4, group_size=16)])
+def test_structured_pruning_then_quantization_round_trips(tmp_path, config):
+    model = ZOO["resnet_mini"]().eval() if config.bits == 8 else ZOO["lenet_300_100"]().eval()
+    channel_prune_(model, ChannelPruneConfig(ratio=0.5, round_to=4, min_channels=4), example=X)
+    quantize_(model, config, data=[torch.randn(8, 1, 28, 28)])
+    path = ts.save(model, tmp_path / "m.tslim")
+    fresh = ZOO["resnet_mini"]() if config.bits == 8 else ZOO["lenet_300_100"]()
+    assert torch.equal(ts.load(path, model=fresh)(X), model(X))
+
+
+def test_qat_trains_through_the_grid_then_converts(digits, digits_cnn):
+    model = copy.deepcopy(digits_cnn)
+    result = quantize_(model, QuantizeConfig(qat=TrainConfig(epochs=1, lr=1e-4)), data=digits, teacher=digits_cnn)
+    assert isinstance(model.conv1, QuantizedLayer) and result.history[0]["qat_epochs"] == 1
+    assert accuracy(model, digits.eval_loader()) >= accuracy(digits_cnn, digits.eval_loader()) - 0.02
+
+
+def test_excluded_and_unsupported_layers_stay_float_with_the_reason():
+    model = ZOO["lstm_classifier"]().eval()
+    result = quantize_(model, QuantizeConfig(), data=[torch.randn(8, 1, 28, 28)])
+    skips = {r.name: r.skip for r in result.layers if r.skip}
+    assert list(skips) == ["rnn"] and skips["rnn"].startswith("no int8 kernel for LSTM")
+    assert isinstance(model.fc, QuantizedLayer) and isinstance(model.rnn, nn.LSTM)
+
+    model = ZOO["lenet_300_100"]().eval()
+    result = quantize_(model, QuantizeConfig(exclude=("re:fc[12]",)), data=[torch.randn(8, 1, 28, 28)])
+    assert {r.name: r.skip for r in result.layers if r.skip} == {"fc1": "excluded (kept in float)", "fc2": "excluded (kept in float)"}
+    assert type(model.fc1) is nn.Linear and isinstance(model.fc3, QuantizedLayer)
+
+
+def test_bad_calibration_data_and_layers(digits_cnn):
+    good = torch.randn(8, 1, 8, 8)
+    nan = good.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="calibration batch 1 holds NaN or Inf"):
+        quantize_(copy.deepcopy(digits_cnn), QuantizeConfig(), data=[good, nan])
+    with pytest.raises(DataError, match="yielded no batches"):
+        quantize_(copy.deepcopy(digits_cnn), QuantizeConfig(), data=[])
+    with pytest.raises(DataError, match=r"has shape \(8, 1, 28, 28\) but the model's input is \(8, 1, 8, 8\)"):
+        quantize_(copy.deepcopy(digits_cnn), QuantizeConfig(), data=[good, torch.randn(8, 1, 28, 28)])
+    with pytest.raises(ConfigError, match="static quantization calibrates"):
+        quantize_(copy.deepcopy(digits_cnn), QuantizeConfig())
+    with pytest.raises(ConfigError, match="no layer this scheme can quantize"):
+        quantize_(nn.Sequential(nn.LSTM(8, 8)), QuantizeConfig(scheme="dynamic"), example=torch.randn(2, 3, 8))
+    with pytest.raises(ConfigError, match=r"exclude \['fc9'\] match no layer"):
+        quantize_(copy.deepcopy(digits_cnn), QuantizeConfig(exclude=("fc9",)), data=[good])
+    for bad, message in ((dict(bits=4), "int4 weight-only"), (dict(calibration="kl"), "calibration='kl'"),
+                         (dict(scheme="int8"), "scheme='int8'"), (dict(percentile=30.0), "percentile=30.0"),
+                         (dict(scheme="dynamic", qat=TrainConfig()), "qat trains through static")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            QuantizeConfig(**bad)
+
+
+def test_constant_inputs_and_all_zero_weights_are_handled_and_recorded():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(-1.0)  # so the second layer's input is constantly 0
+    result = quantize_(model, QuantizeConfig(calibration="mse"), data=[torch.randn(16, 4)])
+    rows = {r.name: r for r in result.layers}
+    assert rows["0"].note.startswith("all-zero weight") and not model[0].weight.any()
+    assert rows["2"].input_range == [0.0, 0.0] and rows["2"].input_scale == pytest.approx(1 / 255)
+    assert torch.allclose(model(torch.randn(3, 4)), model[2].bias.expand(3, 2))
+
+
+def test_a_file_quantized_for_another_model_is_refused_and_the_model_kept(tmp_path, digits_cnn, digits):
+    model = copy.deepcopy(digits_cnn)
+    quantize_(model, QuantizeConfig(), data=digits)
+    path = ts.save(model, tmp_path / "int8.tslim")
+    other = ZOO["lenet5"]()
+    before = {n: type(m) for n, m in other.named_modules()}
+    with pytest.raises(ShapeMismatchError):
+        ts.load(path, model=other)
+    assert {n: type(m) for n, m in other.named_modules()} == before
+
+    class NoBN(DigitsCNN):
+        def __init__(self):
+            super().__init__()
+            self.bn1 = nn.Identity()
+
+    with pytest.raises(ShapeMismatchError, match="folded a BatchNorm at 'bn1'"):
+        ts.load(path, model=NoBN())
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["quant"]["fc"].update(scheme="int3"), "unknown description"),
+        (lambda m: m["quant"]["fc"].update(bits=4), "not valid"),
+        (lambda m: m["quant"].update(conv1="int8"), "unknown description"),
+        (lambda m: m.update(folded=["bn1"]), "needs 'quant' and 'folded'"),
+        (lambda m: m["folded"].update(bn1="fc"), "folded a BatchNorm at 'bn1' into 'fc'"),
+        (lambda m: m.pop("quant"), "needs 'quant' and 'folded'"),
+    ],
+)
+def test_hostile_quantization_manifests_are_artifact_errors(tmp_path, digits_cnn, digits, edit, message):
+    from safetensors.torch import load_file, save_file
+
+    model = copy.deepcopy(digits_cnn)
+    quantize_(model, QuantizeConfig(calibration="minmax"), data=digits)
+    path = ts.save(model, tmp_path / "int8.tslim")
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        manifest = json.loads(f.metadata()["tslim"])
+    edit(manifest)
+    save_file(load_file(path), tmp_path / "bad.tslim", metadata={"tslim": json.dumps(manifest)})
+    with pytest.raises(ArtifactError, match=message):
+        ts.load(tmp_path / "bad.tslim", model=DigitsCNN)
+
+
+def test_inductor_runs_the_int8_model_on_integer_kernels_with_the_same_answers(digits, digits_cnn):
+    model = copy.deepcopy(digits_cnn)
+    quantize_(model, QuantizeConfig(), data=digits)
+    x = next(iter(digits.eval_loader()))[0]
+    fast = compile_model(model, "inductor", x)
+    ref, out = model(x), fast(x)
+    assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.99
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_onnx_export_runs_in_onnx_runtime_with_the_same_answers(digits, digits_cnn):
+    model = copy.deepcopy(digits_cnn)
+    quantize_(model, QuantizeConfig(), data=digits)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load_from_string(export_onnx(model, digits.example_input(2))).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    x = torch.cat([b[0] for b in digits.eval_loader()])
+    ort = compile_model(model, "onnxruntime", x[:64])
+    agree = (ort(x).argmax(1) == model(x).argmax(1)).float().mean()
+    assert agree >= 0.995
