@@ -37,3 +37,22 @@ def digits_mlp(digits):
     model = lenet_300_100(in_features=64)
     fit(model, digits, TrainConfig(epochs=6, lr=3e-3))
     return model.eval()
+
+
+@pytest.fixture
+def compress_cli(tmp_path):
+    """Run ``torchslim compress`` on a recipe text whose outputs go to ``OUT``; return (output, report)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from torchslim.cli import app
+
+    def run(text: str) -> tuple[str, dict]:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(text.replace("OUT", str(tmp_path)))
+        printed = CliRunner().invoke(app, ["compress", str(recipe)], env={"COLUMNS": "250"})
+        assert printed.exit_code == 0, printed.output
+        return printed.output, json.loads((tmp_path / "report.json").read_text())
+
+    return run

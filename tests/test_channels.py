@@ -351,19 +351,9 @@ outputs: {dir: "OUT", artifact: "{name}.tslim"}
 """
 
 
-def test_recipe_step_reports_groups_and_layers(tmp_path):
-    import json
-
-    from typer.testing import CliRunner
-
-    from torchslim.cli import app
-
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE.replace("OUT", str(tmp_path)))
-    printed = CliRunner().invoke(app, ["compress", str(recipe)], env={"COLUMNS": "250"})
-    assert printed.exit_code == 0, printed.output
-    assert "channels removed (step 1), per group" in printed.output and "layer1.conv1" in printed.output
-    report = json.loads((tmp_path / "report.json").read_text())
+def test_recipe_step_reports_groups_and_layers(tmp_path, compress_cli):
+    output, report = compress_cli(RECIPE)
+    assert "channels removed (step 1), per group" in output and "layer1.conv1" in output
     s = report["structure"][0]
     assert s["macs_after"] <= 0.6 * s["macs_before"] and report["compressed"]["macs"] == s["macs_after"]
     assert any(g["skip"] and "model's output" in g["skip"] for g in s["groups"])

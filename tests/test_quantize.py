@@ -264,3 +264,50 @@ def test_onnx_export_runs_in_onnx_runtime_with_the_same_answers(digits, digits_c
     ort = compile_model(model, "onnxruntime", x[:64])
     agree = (ort(x).argmax(1) == model(x).argmax(1)).float().mean()
     assert agree >= 0.995
+
+
+QUANT_RECIPE = """
+name: tiny_int8
+model: {name: resnet_mini, kwargs: {width: 8}}
+data: {name: digits, batch_size: 64, eval_batch_size: 200, calib_size: 128}
+baseline: {epochs: 2, lr: 0.003}
+steps:
+  - prune: {sparsity: 0.05, finetune: null}
+  - quantize: {calibration: percentile, backend: onnxruntime}
+latency: {batches: [4], repeats: 3, warmup: 1}
+outputs: {dir: "OUT", artifact: "{name}.tslim"}
+"""
+
+
+def test_recipe_quantize_step_reports_layers_and_the_cli_exports_onnx(tmp_path, compress_cli):
+    from typer.testing import CliRunner
+
+    from torchslim.cli import app
+
+    output, report = compress_cli(QUANT_RECIPE)
+    assert "quantized layers (latency on onnxruntime)" in output
+    rows = {r["name"]: r for r in report["quantization"]["quantization"]["layers"]}
+    assert rows["stem"]["scheme"] == "static" and rows["fc"]["bits"] == 8
+    assert report["compressed"]["latency"]["batch4"]["backend"] == "onnxruntime"
+    assert report["compressed"]["agreement"] >= 0.97
+    assert "## Quantization" in (tmp_path / "report.md").read_text()
+
+    out = tmp_path / "m.onnx"
+    printed = CliRunner().invoke(app, ["export", str(tmp_path / "tiny_int8.tslim"), "--onnx", str(out), "--shape", "1,1,8,8"])
+    assert printed.exit_code == 0, printed.output
+    assert out.stat().st_size > 0 and "top-1 agreement 100.0%" in printed.output
+    bad = CliRunner().invoke(app, ["export", str(tmp_path / "tiny_int8.tslim"), "--onnx", str(out), "--shape", "1,x"])
+    assert bad.exit_code == 2 and "--shape" in bad.output
+
+
+def test_quantize_must_be_the_last_step():
+    from torchslim.errors import RecipeError
+    from torchslim.recipe.schema import parse_recipe
+
+    text = QUANT_RECIPE.replace("  - quantize: {calibration: percentile, backend: onnxruntime}\n", "").replace(
+        "  - prune:", "  - quantize: {}\n  - prune:"
+    )
+    with pytest.raises(RecipeError, match="'quantize' must be the last step"):
+        parse_recipe(text)
+    with pytest.raises(RecipeError, match="calibration='kl'"):
+        parse_recipe(QUANT_RECIPE.replace("calibration: percentile", "calibration: kl"))

@@ -52,7 +52,8 @@ def compress(
     from torchslim.recipe.run import run_recipe
     from torchslim.recipe.schema import load_recipe
     from torchslim.report.render import (
-        GROUP_COLUMNS, LAYER_COLUMNS, STRUCTURE_COLUMNS, group_rows, layer_rows, structure_rows, summary_rows,
+        GROUP_COLUMNS, LAYER_COLUMNS, QUANT_COLUMNS, STRUCTURE_COLUMNS, group_rows, layer_rows, quant_rows,
+        structure_rows, summary_rows,
     )  # fmt: skip
 
     try:
@@ -71,6 +72,9 @@ def compress(
     for i, step in enumerate(report.get("structure", []), 1):
         console.print(_rich_table(f"channels removed (step {i}), per group", GROUP_COLUMNS, group_rows(step)))
         console.print(_rich_table(f"channels removed (step {i}), per layer", STRUCTURE_COLUMNS, structure_rows(step)))
+    if report.get("quantization"):
+        q = report["quantization"]
+        console.print(_rich_table(f"quantized layers (latency on {q['backend']})", QUANT_COLUMNS, quant_rows(q["quantization"])))
     console.print(_rich_table("per tensor in the file", LAYER_COLUMNS, layer_rows(report["layers"])))
     out_dir = Path(report["artifact"]).parent
     console.print(f"wrote {report['artifact']}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
@@ -94,6 +98,45 @@ def inspect(file: Path = typer.Argument(..., help="a .tslim file")) -> None:
     console.print(
         f"file {total:,} bytes = payload {payload:,} + container header {total - payload:,}; "
         f"fp32 weights {fp32:,} bytes ({fp32 / total:.1f}x); model {manifest.get('model')}"
+    )
+
+
+@app.command()
+def export(
+    file: Path = typer.Argument(..., help="a .tslim file of a zoo model"),
+    onnx: Path = typer.Option(..., "--onnx", help="where to write the ONNX model"),
+    shape: str = typer.Option("1,1,28,28", "--shape", help="example input shape; the batch dimension stays dynamic"),
+) -> None:
+    """Write a .tslim model as one self-contained ONNX file and check it in ONNX Runtime."""
+    import torch
+
+    from torchslim.artifact.runtime import OrtRunner, export_onnx
+    from torchslim.artifact.tslim import load
+    from torchslim.core.files import write_atomic
+
+    try:
+        dims = tuple(int(d) for d in shape.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        console.print(f"[bold red]error:[/] --shape {shape!r}: give positive integers separated by commas, e.g. 1,1,28,28")
+        raise typer.Exit(code=2)
+    try:
+        model = load(file)
+        example = torch.randn(*dims, generator=torch.Generator().manual_seed(0))
+        data = export_onnx(model, example)
+        batch = torch.randn(8, *dims[1:], generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = model(batch)
+        got = OrtRunner(data)(batch)
+    except TorchslimError as exc:
+        _fail(exc)
+        return
+    write_atomic(onnx, data)
+    agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    console.print(
+        f"wrote {onnx} ({len(data):,} bytes); ONNX Runtime vs PyTorch on 8 random inputs: "
+        f"max |difference| {float((got - ref).abs().max()):.4g}, top-1 agreement {agree:.1%}"
     )
 
 

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from torchslim.core.qlayers import QuantizedLayer
+
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Layer types whose ``weight`` the unstructured transforms (prune, share) work on."""
 
@@ -64,6 +66,8 @@ def _macs(module: nn.Module, inp: tuple, kwargs: dict, out: object) -> int:
         return out.numel() * k  # type: ignore[union-attr]
     if isinstance(module, nn.Linear):
         return out.numel() * module.in_features  # type: ignore[union-attr]
+    if isinstance(module, QuantizedLayer):
+        return out.numel() * math.prod(module.weight_shape()[1:])  # type: ignore[union-attr]
     if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
         seq = out[0]  # (B, T, D * H) or (T, B, D * H)
         steps = seq.numel() // (seq.shape[-1])
@@ -92,7 +96,7 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """
     batch = example.shape[0] if isinstance(example, torch.Tensor) else 1
     counts: dict[str, int] = {}
-    kinds = (*_CONVS, nn.Linear, nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)
+    kinds = (*_CONVS, nn.Linear, QuantizedLayer, nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)
 
     def hook(name: str):
         return lambda m, inp, kw, out: counts.__setitem__(name, counts.get(name, 0) + _macs(m, inp, kw, out) // batch)

@@ -12,6 +12,7 @@ import torch
 
 from torchslim.analysis.cost import count_params, layer_macs
 from torchslim.artifact.inspect import inspect_file
+from torchslim.artifact.runtime import compile_model
 from torchslim.artifact.tslim import load, save
 from torchslim.core.data import DataSpec, load_data
 from torchslim.core.plan import CompressionPlan
@@ -24,6 +25,7 @@ from torchslim.train.baseline import trained_baseline
 from torchslim.train.fit import Progress, TrainConfig
 from torchslim.transforms.channels import channel_prune_
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
+from torchslim.transforms.quantize import quantize_
 from torchslim.transforms.share import ShareConfig, share_
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,12 @@ def _train(section: TrainSection | None, seed: int) -> TrainConfig | None:
 def _apply(
     step: Step, model: torch.nn.Module, data, seed: int, progress: Progress | None, baseline, structure: list
 ) -> CompressionPlan:
+    if step.quantize is not None:
+        q = step.quantize
+        teacher = baseline if q.qat is not None and q.qat.teacher else None
+        result = quantize_(model, q.config(_train(q.qat, seed)), data, progress=progress, teacher=teacher)
+        structure.append({"quantization": result.to_dict(), "backend": q.backend})
+        return CompressionPlan()
     section = step.channels or step.prune or step.share
     assert section is not None  # the schema guarantees exactly one
     teacher = baseline if section.finetune is not None and section.finetune.teacher else None
@@ -83,6 +91,8 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[
         timings[f"step{i + 1}_{step.kind}_s"] = time.perf_counter() - t0
     model.eval()
 
+    quantized = recipe.steps[-1].quantize
+    backend = quantized.backend if quantized is not None else "eager"
     out, artifact = recipe.out_dir(), recipe.artifact_path()
     t0 = time.perf_counter()
     mem_acc = accuracy(model, data.eval_loader())
@@ -99,10 +109,11 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[
         "threads": recipe.threads,
         "baseline_cached": cached,
         "baseline": _measure(baseline, data, recipe, fp32_safetensors_bytes(baseline)),
-        "compressed": _measure(restored, data, recipe, file_bytes(artifact)),
+        "compressed": _measure(restored, data, recipe, file_bytes(artifact), backend),
         "plan": plan.to_dict(),
         "layers": [row.to_dict() for row in inspect_file(artifact)[0]],
-        "structure": structure,
+        "structure": [s for s in structure if "quantization" not in s],
+        "quantization": next((s for s in structure if "quantization" in s), None),
         "artifact": str(artifact),
     }
     report["compressed"]["agreement"] = agreement(restored, baseline, data.eval_loader())
@@ -121,13 +132,14 @@ def _check_same(model: torch.nn.Module, restored: torch.nn.Module, data) -> None
             raise TorchslimError("the saved file does not reproduce the compressed model's outputs exactly")
 
 
-def _measure(model: torch.nn.Module, data, recipe: Recipe, nbytes: int) -> dict[str, Any]:
+def _measure(model: torch.nn.Module, data, recipe: Recipe, nbytes: int, backend: str = "eager") -> dict[str, Any]:
     lat = recipe.latency
     example = data.eval.tensors[0]
-    latency = {
-        f"batch{b}": measure_latency(model, example[:b], recipe.threads, lat.warmup, lat.repeats).to_dict()
-        for b in lat.batches
-    }
+    latency = {}
+    for b in lat.batches:
+        runner = compile_model(model, backend, example[:b], recipe.threads)
+        timing = measure_latency(runner, example[:b], recipe.threads, lat.warmup, lat.repeats).to_dict()
+        latency[f"batch{b}"] = timing | {"backend": backend}
     return {
         "accuracy": accuracy(model, data.eval_loader()),
         "bytes": nbytes,

@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from torchslim.core.models import ZOO
 from torchslim.errors import ConfigError, RecipeError
+from torchslim.train.fit import TrainConfig
 from torchslim.transforms.channels import ChannelPruneConfig
 from torchslim.transforms.prune import MagnitudePruneConfig
+from torchslim.transforms.quantize import QuantizeConfig
 from torchslim.transforms.share import ShareConfig
 
 BUILTIN = Path(__file__).parent / "builtin"
@@ -89,15 +91,35 @@ class ChannelsSection(_Strict):
         return ChannelPruneConfig(**fields, exclude=tuple(self.exclude), finetune=finetune, seed=seed)
 
 
-STEP_KINDS = ("channels", "prune", "share")
+class QuantizeSection(_Strict):
+    """Quantization (``QuantizeConfig``); ``backend`` is where the report measures its latency."""
+
+    scheme: str = "static"
+    bits: int = 8
+    calibration: str = "mse"
+    percentile: float = 99.99
+    calib_batches: int = 8
+    group_size: int = 64
+    fold_bn: bool = True
+    exclude: list[str] = Field(default_factory=list)
+    qat: TrainSection | None = None
+    backend: Literal["eager", "inductor", "onnxruntime"] = "inductor"
+
+    def config(self, qat: Any = None) -> QuantizeConfig:
+        fields = self.model_dump(exclude={"qat", "exclude", "backend"})
+        return QuantizeConfig(**fields, exclude=tuple(self.exclude), qat=qat)
+
+
+STEP_KINDS = ("channels", "prune", "share", "quantize")
 
 
 class Step(_Strict):
-    """Exactly one of the keys: ``channels``, ``prune`` or ``share``."""
+    """Exactly one of the keys: ``channels``, ``prune``, ``share`` or ``quantize``."""
 
     channels: ChannelsSection | None = None
     prune: PruneSection | None = None
     share: ShareSection | None = None
+    quantize: QuantizeSection | None = None
 
     @model_validator(mode="after")
     def _one_key(self) -> "Step":
@@ -107,6 +129,8 @@ class Step(_Strict):
         try:  # the transforms' own checks, before any training starts
             if self.channels is not None:
                 self.channels.config()
+            elif self.quantize is not None:
+                self.quantize.config(TrainConfig(1, 1e-3) if self.quantize.qat else None)
             elif self.prune is not None:
                 MagnitudePruneConfig(self.prune.sparsity, self.prune.scope, self.prune.steps, None)  # type: ignore[arg-type]
             else:
@@ -150,6 +174,8 @@ class Recipe(_Strict):
         kinds = [s.kind for s in self.steps]
         if "channels" in kinds and any(k != "channels" for k in kinds[: max(i for i, k in enumerate(kinds) if k == "channels")]):
             raise ValueError("steps: 'channels' steps must come before 'prune' and 'share' (they resize the layers those mask)")
+        if "quantize" in kinds and kinds.index("quantize") != len(kinds) - 1:
+            raise ValueError("steps: 'quantize' must be the last step, and only one (it replaces the float layers)")
         return self
 
     def out_dir(self) -> Path:

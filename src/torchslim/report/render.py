@@ -32,7 +32,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     for key, lat in b["latency"].items():
         clat = c["latency"][key]
         rows.append(
-            (f"latency batch {lat['batch']} ({lat['threads']} threads, eager)",
+            (f"latency batch {lat['batch']} ({lat['threads']} threads; baseline eager, compressed {clat.get('backend', 'eager')})",
              f"{lat['median_ms']:.3f} ms", f"{clat['median_ms']:.3f} ms")
         )  # fmt: skip
     return rows
@@ -101,6 +101,35 @@ def structure_parts(structure: list[dict[str, Any]]) -> list[str]:
     return parts
 
 
+QUANT_COLUMNS = ("layer", "type", "scheme", "bits", "input range", "input scale / zero point", "weight error", "note / skipped because")
+
+
+def quant_rows(quantization: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One quantization step's layers, in :data:`QUANT_COLUMNS` order."""
+    rows = []
+    for r in quantization["layers"]:
+        rng = "[{:.4g}, {:.4g}]".format(*r["input_range"]) if r["input_range"] else "-"
+        qp = f"{r['input_scale']:.4g} / {r['input_zero_point']}" if r["input_scale"] is not None else "-"
+        err = f"{r['weight_error']:.2%}" if r["weight_error"] is not None else "-"
+        rows.append((r["name"], r["type"], r["scheme"] or "float", str(r["bits"] or 32), rng, qp, err, r["skip"] or r["note"] or ""))
+    return rows
+
+
+def quant_parts(step: dict[str, Any] | None) -> list[str]:
+    """Markdown for the quantization step: settings, folded BatchNorms and the per-layer table."""
+    if not step:
+        return []
+    q, cfg = step["quantization"], step["quantization"]["config"]
+    return [
+        "## Quantization",
+        f"Scheme `{cfg['scheme']}`, int{cfg['bits']} weights, calibration `{cfg['calibration']}`"
+        f"{', QAT' if cfg['qat'] else ''}; latency measured on the `{step['backend']}` backend. "
+        f"BatchNorms folded into their convolutions: {', '.join(q['folded']) or 'none'}. Weight error is "
+        "the relative RMS error of the dequantized weight.",
+        markdown_table(QUANT_COLUMNS, quant_rows(q)),
+    ]
+
+
 def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -120,6 +149,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         "Latency runs the decoded weights with PyTorch's dense eager kernels: removed channels make "
         "them faster; unstructured zeros and shared values make the file small, not the matmuls faster.",
         *structure_parts(report.get("structure", [])),
+        *quant_parts(report.get("quantization")),
         "## Per tensor in the file",
         "Bytes are payload bytes; H0 is the order-0 Shannon bound of the stream, model the ideal "
         "code length under the coder's adaptive position model (docs/format.md).",
