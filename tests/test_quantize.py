@@ -47,12 +47,13 @@ def digits_cnn(digits):
 def test_a_static_linear_equals_pytorchs_fake_quant_reference():
     layer = nn.Linear(32, 16)
     x = torch.randn(8, 32) * 3
-    q = QuantizedLayer.from_float(layer, "static", input_range=(float(x.min()), float(x.max())))
+    q = QuantizedLayer.from_float(layer, "static", ranges=((float(x.min()), float(x.max())), (-2.0, 3.0)))
     scale = (float(x.max()) - float(x.min())) / 255
     zp = round(-float(x.min()) / scale)
     w_scale = layer.weight.detach().abs().amax(1) / 127
     ref_w = torch.fake_quantize_per_channel_affine(layer.weight.detach(), w_scale, torch.zeros(16, dtype=torch.int32), 0, -128, 127)
     ref = nn.functional.linear(torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255), ref_w, layer.bias)
+    ref = torch.fake_quantize_per_tensor_affine(ref, 5.0 / 255, round(2.0 / (5.0 / 255)), 0, 255)
     assert torch.allclose(q(x), ref, atol=1e-5)
     assert q.weight.dtype == torch.int8 and int(q.weight.abs().max()) == 127
 
@@ -194,7 +195,7 @@ def test_constant_inputs_and_all_zero_weights_are_handled_and_recorded():
     rows = {r.name: r for r in result.layers}
     assert rows["0"].note.startswith("all-zero weight") and not model[0].weight.any()
     assert rows["2"].input_range == [0.0, 0.0] and rows["2"].input_scale == pytest.approx(1 / 255)
-    assert torch.allclose(model(torch.randn(3, 4)), model[2].bias.expand(3, 2))
+    assert torch.allclose(model(torch.randn(3, 4)), model[2].bias.expand(3, 2), atol=float(model[2].output_scale))
 
 
 def test_a_file_quantized_for_another_model_is_refused_and_the_model_kept(tmp_path, digits_cnn, digits):

@@ -1,10 +1,10 @@
 """Activation ranges for static quantization, from a calibration pass.
 
-Two passes over the calibration batches: the first records each layer input's minimum and
-maximum (and rejects NaN / Inf), the second fills a 2048-bin histogram of the non-zero values over that span
-(exact zeros, such as ReLU outputs, are on every grid, so they neither cost error nor should
-pull the range). A
-method then picks the range ``[lo, hi]`` that the uint8 grid will cover:
+Two passes over the calibration batches: the first records the minimum and maximum of each
+layer's input and output (and rejects NaN / Inf), the second fills a 2048-bin histogram of
+the non-zero values over that span (exact zeros, such as ReLU outputs, are on every grid, so
+they neither cost error nor should pull the range). A method then picks the range
+``[lo, hi]`` that each uint8 grid will cover:
 
 ``minmax``      the observed extremes (no clipping; outliers stretch the grid).
 ``percentile``  the ``p``-th and ``(100 - p)``-th percentiles (clips the rare outliers).
@@ -45,22 +45,23 @@ class InputStats:
 
 def observe(
     model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[torch.Tensor], histogram: bool
-) -> dict[str, InputStats]:
-    """Run ``batches`` through ``model`` and gather the input statistics of each named layer."""
+) -> dict[tuple[str, str], InputStats]:
+    """Run ``batches`` through ``model`` and gather, for each named layer, the statistics of its
+    input and of its output, keyed ``(name, "input")`` and ``(name, "output")``."""
     batches = list(batches)
-    stats = {name: InputStats() for name in layers}
+    stats = {(name, end): InputStats() for name in layers for end in ("input", "output")}
 
-    def minmax(name: str, x: torch.Tensor) -> None:
-        s = stats[name]
+    def minmax(key: tuple[str, str], x: torch.Tensor) -> None:
+        s = stats[key]
         if not torch.isfinite(x).all():
             raise DataError(
-                f"layer {name!r}: its input holds NaN or Inf during calibration; check the calibration data "
+                f"layer {key[0]!r}: its {key[1]} holds NaN or Inf during calibration; check the calibration data "
                 "(and the model's earlier layers) for non-finite values"
             )
         s.lo, s.hi, s.count = min(s.lo, float(x.min())), max(s.hi, float(x.max())), s.count + x.numel()
 
-    def fill(name: str, x: torch.Tensor) -> None:
-        s = stats[name]
+    def fill(key: tuple[str, str], x: torch.Tensor) -> None:
+        s = stats[key]
         x = x.detach().float()
         nonzero = x[x != 0]  # exact zeros (ReLU outputs) sit on the grid whatever the range
         h = torch.histc(nonzero, BINS, s.lo, s.hi) if s.hi > s.lo else torch.zeros(BINS)
@@ -73,8 +74,9 @@ def observe(
     return stats
 
 
-def _run(model: nn.Module, layers: dict[str, nn.Module], batches: list, fn: Callable[[str, torch.Tensor], None]) -> None:
-    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: fn(n, args[0])) for n, m in layers.items()]
+def _run(model: nn.Module, layers: dict[str, nn.Module], batches: list, fn: Callable[[tuple[str, str], torch.Tensor], None]) -> None:
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: fn((n, "input"), args[0])) for n, m in layers.items()]
+    hooks += [m.register_forward_hook(lambda _m, _args, out, n=n: fn((n, "output"), out)) for n, m in layers.items()]
     try:
         with torch.no_grad():
             for x in batches:

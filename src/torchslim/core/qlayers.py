@@ -8,14 +8,16 @@ so that
 
 * run eagerly, it is the exact fake-quant reference every backend is checked against;
 * under ``torch.compile`` with freezing, inductor's x86 passes match the pattern
-  ``dequantize(quantize(x)) -> conv/linear(dequantize(int8 weight))`` and run oneDNN int8
-  kernels (:mod:`torchslim.artifact.runtime`);
+  ``dequantize(quantize(x)) -> conv/linear(dequantize(int8 weight)) -> quantize`` and run
+  oneDNN int8 kernels (:mod:`torchslim.artifact.runtime`);
 * exported to ONNX, the ops become QuantizeLinear / DequantizeLinear pairs that ONNX Runtime
   fuses into its integer kernels.
 
 Schemes:
-  ``static``: int8 weights (per output channel, symmetric) and uint8 inputs (per tensor,
-    affine) with a scale and zero point fixed by calibration.
+  ``static``: int8 weights (per output channel, symmetric); the input and the output on uint8
+    grids (per tensor, affine) whose scale and zero point calibration fixed. Quantizing the
+    output too gives ONNX Runtime its ``DQ -> Conv -> Q`` pattern (QLinearConv) and lets the
+    inductor kernels write uint8.
   ``dynamic``: int8 weights; each input's range is measured on the fly (Linear only).
   ``weight``: weight-only int8 (per channel) or int4 (per group of inputs, the last group
     padded; two values packed in a byte); inputs stay float. Smaller files, float compute.
@@ -130,9 +132,10 @@ class QuantizedLayer(nn.Module):
             self.register_buffer("weight_scale", torch.ones(out))
         self.register_buffer("bias", torch.zeros(out) if bias else None)
         if scheme == "static":
-            self.register_buffer("input_scale", torch.tensor(1.0 / 255))
-            self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
-        self._in_q = (1.0 / 255, 0)
+            for end in ("input", "output"):
+                self.register_buffer(f"{end}_scale", torch.tensor(1.0 / 255))
+                self.register_buffer(f"{end}_zero_point", torch.tensor(0, dtype=torch.int32))
+        self._in_q = self._out_q = (1.0 / 255, 0)
         self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
 
     def weight_shape(self) -> tuple[int, ...]:
@@ -157,8 +160,8 @@ class QuantizedLayer(nn.Module):
 
     @classmethod
     def from_float(cls, layer: nn.Module, scheme: str, bits: int = 8, group_size: int = 0,
-                   input_range: tuple[float, float] | None = None) -> "QuantizedLayer":  # fmt: skip
-        """Quantize ``layer``'s weight; ``input_range`` (from calibration) is required for ``static``."""
+                   ranges: tuple[tuple[float, float], tuple[float, float]] | None = None) -> "QuantizedLayer":  # fmt: skip
+        """Quantize ``layer``'s weight; ``static`` needs the calibrated ``(input, output)`` ranges."""
         q = cls.empty_like(layer, scheme, bits, group_size)
         w = layer.weight.detach().float()
         if bits == 4:
@@ -172,11 +175,12 @@ class QuantizedLayer(nn.Module):
         if layer.bias is not None:
             q.bias.copy_(layer.bias.detach().float())
         if scheme == "static":
-            if input_range is None:
-                raise ValueError("static quantization needs the calibrated input range")
-            scale, zero_point = activation_qparams(*input_range)
-            q.input_scale.fill_(scale)
-            q.input_zero_point.fill_(zero_point)
+            if ranges is None:
+                raise ValueError("static quantization needs the calibrated input and output ranges")
+            for end, rng in zip(("input", "output"), ranges):
+                scale, zero_point = activation_qparams(*rng)
+                getattr(q, f"{end}_scale").fill_(scale)
+                getattr(q, f"{end}_zero_point").fill_(zero_point)
         q.refresh()
         return q
 
@@ -184,6 +188,7 @@ class QuantizedLayer(nn.Module):
         """Mirror the input's quantization parameters as Python numbers (compiled graphs bake them in)."""
         if self.scheme == "static":
             self._in_q = (float(self.input_scale), int(self.input_zero_point))
+            self._out_q = (float(self.output_scale), int(self.output_zero_point))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the integers stand for."""
@@ -205,9 +210,14 @@ class QuantizedLayer(nn.Module):
             x = _qd.dequantize_per_tensor.tensor(x, scale_t, zp_t, 0, 255, torch.uint8)
         w = self.dequantized_weight()
         if self.float_type == "Linear":
-            return F.linear(x, w, self.bias)
-        conv = F.conv1d if self.float_type == "Conv1d" else F.conv2d
-        return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            y = F.linear(x, w, self.bias)
+        else:
+            conv = F.conv1d if self.float_type == "Conv1d" else F.conv2d
+            y = conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.scheme == "static":  # the output on its own grid: int8 kernels write uint8, ONNX Runtime fuses Q
+            scale, zp = self._out_q
+            y = _qd.dequantize_per_tensor(_qd.quantize_per_tensor(y, scale, zp, 0, 255, torch.uint8), scale, zp, 0, 255, torch.uint8)
+        return y
 
     def extra_repr(self) -> str:
         kind = f"int{self.bits}" + (f" groups of {self.group_size}" if self.group_size else "")

@@ -101,17 +101,17 @@ def structure_parts(structure: list[dict[str, Any]]) -> list[str]:
     return parts
 
 
-QUANT_COLUMNS = ("layer", "type", "scheme", "bits", "input range", "input scale / zero point", "weight error", "note / skipped because")
+QUANT_COLUMNS = ("layer", "type", "scheme", "bits", "input range", "output range", "weight error", "note / skipped because")
 
 
 def quant_rows(quantization: dict[str, Any]) -> list[tuple[str, ...]]:
     """One quantization step's layers, in :data:`QUANT_COLUMNS` order."""
     rows = []
     for r in quantization["layers"]:
-        rng = "[{:.4g}, {:.4g}]".format(*r["input_range"]) if r["input_range"] else "-"
-        qp = f"{r['input_scale']:.4g} / {r['input_zero_point']}" if r["input_scale"] is not None else "-"
+        rng_in, rng_out = ("[{:.4g}, {:.4g}]".format(*r[k]) if r[k] else "-" for k in ("input_range", "output_range"))
         err = f"{r['weight_error']:.2%}" if r["weight_error"] is not None else "-"
-        rows.append((r["name"], r["type"], r["scheme"] or "float", str(r["bits"] or 32), rng, qp, err, r["skip"] or r["note"] or ""))
+        rows.append((r["name"], r["type"], r["scheme"] or "float", str(r["bits"] or 32), rng_in, rng_out, err,
+                     r["skip"] or r["note"] or ""))  # fmt: skip
     return rows
 
 

@@ -95,6 +95,9 @@ class LayerRecord:
     input_range: list[float] | None = None  # calibrated [lo, hi]
     input_scale: float | None = None
     input_zero_point: int | None = None
+    output_range: list[float] | None = None
+    output_scale: float | None = None
+    output_zero_point: int | None = None
     weight_error: float | None = None  # ||w - dequant(quant(w))|| / ||w||
     note: str | None = None
     skip: str | None = None
@@ -167,8 +170,8 @@ def quantize_(
         rec.scheme, rec.bits = config.scheme, config.bits
         rec.weight_error = _relative_error(layer.weight, q.dequantized_weight())
         if name in ranges:
-            rec.input_range = [round(v, 6) for v in ranges[name]]
-            rec.input_scale, rec.input_zero_point = q._in_q
+            rec.input_range, rec.output_range = ([round(v, 6) for v in r] for r in ranges[name])
+            (rec.input_scale, rec.input_zero_point), (rec.output_scale, rec.output_zero_point) = q._in_q, q._out_q
         if not layer.weight.detach().any():
             rec.note = "all-zero weight: stored as zeros (scale 1)"
     _check_runs(model, example)
@@ -282,7 +285,8 @@ def _ranges(model: nn.Module, targets: dict[str, nn.Module], batches: list, conf
     if config.scheme != "static":
         return {}
     stats = observe(model, targets, batches, histogram=config.calibration != "minmax")
-    return {n: choose_range(s, config.calibration, config.percentile) for n, s in stats.items()}
+    pick = {key: choose_range(s, config.calibration, config.percentile) for key, s in stats.items()}
+    return {n: (pick[n, "input"], pick[n, "output"]) for n in targets}
 
 
 def _relative_error(w: torch.Tensor, dq: torch.Tensor) -> float:
@@ -303,23 +307,25 @@ def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
 
 
 class _FakeQuant(nn.Module):
-    """A float layer trained through its int8 grid: per-channel weights (straight-through
-    estimator) and the input on its calibrated uint8 grid."""
+    """A float layer trained through its int8 grids: per-channel weights (straight-through
+    estimator), the input and the output on their calibrated uint8 grids."""
 
-    def __init__(self, layer: nn.Module, input_range: tuple[float, float]) -> None:
+    def __init__(self, layer: nn.Module, ranges: tuple[tuple[float, float], tuple[float, float]]) -> None:
         super().__init__()
         self.layer = layer
-        self.scale, self.zero_point = activation_qparams(*input_range)
+        self.input_q, self.output_q = (activation_qparams(*r) for r in ranges)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+        x = torch.fake_quantize_per_tensor_affine(x, *self.input_q, 0, 255)
         w = self.layer.weight
         scales = weight_scales(w).detach()
         zeros = torch.zeros(len(scales), dtype=torch.int32)
         w = torch.fake_quantize_per_channel_affine(w, scales, zeros, 0, -128, 127)
         if isinstance(self.layer, nn.Linear):
-            return nn.functional.linear(x, w, self.layer.bias)
-        return self.layer._conv_forward(x, w, self.layer.bias)
+            y = nn.functional.linear(x, w, self.layer.bias)
+        else:
+            y = self.layer._conv_forward(x, w, self.layer.bias)
+        return torch.fake_quantize_per_tensor_affine(y, *self.output_q, 0, 255)
 
 
 def _train_fake_quant(
