@@ -312,3 +312,30 @@ def test_quantize_must_be_the_last_step():
         parse_recipe(text)
     with pytest.raises(RecipeError, match="calibration='kl'"):
         parse_recipe(QUANT_RECIPE.replace("calibration: percentile", "calibration: kl"))
+    with pytest.raises(RecipeError, match="do not combine"):
+        parse_recipe(QUANT_RECIPE.replace("calibration: percentile", "max_drop: 0.01, qat: {epochs: 1, lr: 0.001}"))
+
+
+def test_recipe_mixed_precision_reports_the_sensitivity(compress_cli):
+    _, report = compress_cli(QUANT_RECIPE.replace("backend: onnxruntime", "backend: eager, max_drop: 0.0"))
+    mixed = report["quantization"]["mixed_precision"]
+    assert set(mixed["sensitivity"]) >= {"stem", "fc"} and mixed["history"][0]["kept_float"] == []
+    kept = {r["name"] for r in report["quantization"]["quantization"]["layers"] if r["skip"] == "excluded (kept in float)"}
+    assert kept == set(mixed["kept_float"])
+
+
+def test_mixed_precision_keeps_the_culprit_layer_in_float(digits, digits_mlp):
+    model = copy.deepcopy(digits_mlp)
+    with torch.no_grad():  # hidden unit 0 is dead, so a huge fc2 weight on it changes nothing in float...
+        model.fc1.weight[0].zero_()
+        model.fc1.bias[0] = -1.0
+        model.fc2.weight[:, 0] = 1000.0  # ...but its per-channel int8 scale rounds every other fc2 weight to 0
+    base = accuracy(model, digits.eval_loader())
+    result = ts.mixed_precision_(model, ts.MixedPrecisionConfig(max_drop=0.02), digits)
+    assert max(result.sensitivity, key=result.sensitivity.get) == "fc2" and result.sensitivity["fc2"] > 0.3
+    assert result.kept_float == ["fc2"] and result.float_accuracy - result.history[-1]["accuracy"] <= 0.02
+    assert type(model.fc2) is nn.Linear and isinstance(model.fc1, QuantizedLayer) and isinstance(model.fc3, QuantizedLayer)
+    assert {r.name: r.skip for r in result.quantized.layers if r.skip} == {"fc2": "excluded (kept in float)"}
+    assert accuracy(model, digits.eval_loader()) >= base - 0.02
+    with pytest.raises(ConfigError, match="max_drop"):
+        ts.MixedPrecisionConfig(max_drop=1.5)

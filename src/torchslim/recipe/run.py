@@ -24,6 +24,7 @@ from torchslim.report.render import write_report
 from torchslim.train.baseline import trained_baseline
 from torchslim.train.fit import Progress, TrainConfig
 from torchslim.transforms.channels import channel_prune_
+from torchslim.transforms.mixed_precision import MixedPrecisionConfig, mixed_precision_
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
 from torchslim.transforms.quantize import quantize_
 from torchslim.transforms.share import ShareConfig, share_
@@ -47,8 +48,13 @@ def _apply(
     if step.quantize is not None:
         q = step.quantize
         teacher = baseline if q.qat is not None and q.qat.teacher else None
-        result = quantize_(model, q.config(_train(q.qat, seed)), data, progress=progress, teacher=teacher)
-        structure.append({"quantization": result.to_dict(), "backend": q.backend})
+        if q.max_drop is not None:
+            mixed = mixed_precision_(model, MixedPrecisionConfig(q.max_drop, q.config()), data)
+            assert mixed.quantized is not None
+            entry = {"quantization": mixed.quantized.to_dict(), "mixed_precision": mixed.to_dict() | {"quantized": None}}
+        else:
+            entry = {"quantization": quantize_(model, q.config(_train(q.qat, seed)), data, progress=progress, teacher=teacher).to_dict()}
+        structure.append(entry | {"backend": q.backend})
         return CompressionPlan()
     section = step.channels or step.prune or step.share
     assert section is not None  # the schema guarantees exactly one

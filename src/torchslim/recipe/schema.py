@@ -103,10 +103,17 @@ class QuantizeSection(_Strict):
     fold_bn: bool = True
     exclude: list[str] = Field(default_factory=list)
     qat: TrainSection | None = None
+    max_drop: Optional[float] = Field(None, ge=0, lt=1, description="mixed precision: keep the most sensitive layers in float until the drop is at most this")
     backend: Literal["eager", "inductor", "onnxruntime"] = "inductor"
 
+    @model_validator(mode="after")
+    def _one_recovery(self) -> "QuantizeSection":
+        if self.max_drop is not None and self.qat is not None:
+            raise ValueError("max_drop (mixed precision) and qat do not combine; choose one")
+        return self
+
     def config(self, qat: Any = None) -> QuantizeConfig:
-        fields = self.model_dump(exclude={"qat", "exclude", "backend"})
+        fields = self.model_dump(exclude={"qat", "exclude", "backend", "max_drop"})
         return QuantizeConfig(**fields, exclude=tuple(self.exclude), qat=qat)
 
 

@@ -120,7 +120,7 @@ def quant_parts(step: dict[str, Any] | None) -> list[str]:
     if not step:
         return []
     q, cfg = step["quantization"], step["quantization"]["config"]
-    return [
+    parts = [
         "## Quantization",
         f"Scheme `{cfg['scheme']}`, int{cfg['bits']} weights, calibration `{cfg['calibration']}`"
         f"{', QAT' if cfg['qat'] else ''}; latency measured on the `{step['backend']}` backend. "
@@ -128,6 +128,17 @@ def quant_parts(step: dict[str, Any] | None) -> list[str]:
         "the relative RMS error of the dequantized weight.",
         markdown_table(QUANT_COLUMNS, quant_rows(q)),
     ]
+    mixed = step.get("mixed_precision")
+    if mixed:
+        rows = [(n, f"{d * 100:.2f}", "float" if n in mixed["kept_float"] else "int8") for n, d in mixed["sensitivity"].items()]
+        parts += [
+            "### Mixed precision",
+            f"Accuracy of the float model on the calibration split {mixed['float_accuracy']:.2%}; layers returned "
+            f"to float, most sensitive first, until the drop was within budget: {', '.join(mixed['kept_float']) or 'none'} "
+            f"(accuracy with all quantized {mixed['history'][0]['accuracy']:.2%}, final {mixed['history'][-1]['accuracy']:.2%}).",
+            markdown_table(("layer", "drop when only it is quantized (points)", "kept as"), rows),
+        ]
+    return parts
 
 
 def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

@@ -1,0 +1,123 @@
+"""Mixed precision: quantize every layer except the few that cost the accuracy.
+
+``mixed_precision_`` measures each layer's sensitivity -- the accuracy lost when only that
+layer is quantized -- then quantizes all of them and hands the most sensitive layers back to
+float, one at a time, until the accuracy drop is within the budget. The model is then
+quantized in place with those layers excluded. Accuracy is measured on labelled batches the
+caller gives, by default the data's calibration split (training images the test set never
+sees, so the choice does not peek at the test set).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterable
+
+from torch import nn
+
+from torchslim.core.data import Data
+from torchslim.core.qlayers import QuantizedLayer
+from torchslim.errors import ConfigError
+from torchslim.evaluate.metrics import accuracy
+from torchslim.transforms.quantize import (
+    QuantizeConfig, QuantizeResult, _calibration, _ranges, _select, _swap, fold_batchnorm_, quantize_,
+)  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    """How much accuracy quantization may cost, and how to quantize the rest.
+
+    Attributes:
+        max_drop: the largest accepted accuracy drop as a fraction (0.003 = 0.3 points).
+        quantize: how the quantized layers are quantized (static int8 by default).
+    """
+
+    max_drop: float = 0.003
+    quantize: QuantizeConfig = QuantizeConfig()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) or not 0 <= self.max_drop < 1:
+            raise ConfigError(f"max_drop={self.max_drop!r}: a fraction of accuracy in [0, 1), e.g. 0.003 for 0.3 points")
+
+
+@dataclass
+class MixedPrecisionResult:
+    """The sensitivity of every layer, the layers kept in float, and the quantization done."""
+
+    float_accuracy: float
+    sensitivity: dict[str, float]  # layer -> accuracy drop when only it is quantized
+    kept_float: list[str]
+    history: list[dict] = field(default_factory=list)  # accuracy as layers return to float
+    quantized: QuantizeResult | None = None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["quantized"] = self.quantized.to_dict() if self.quantized else None
+        return out
+
+
+def mixed_precision_(
+    model: nn.Module, config: MixedPrecisionConfig, data: Data, *, eval_batches: Iterable | None = None
+) -> MixedPrecisionResult:
+    """Quantize ``model`` in place, keeping in float the fewest layers that hold the budget.
+
+    Args:
+        model: the trained float model.
+        config: the accuracy budget and the quantization settings.
+        data: calibration data (and, unless ``eval_batches`` is given, the labelled batches the
+            accuracy is measured on: its calibration split).
+        eval_batches: ``(input, label)`` batches to measure accuracy on.
+
+    Example:
+        >>> result = ts.mixed_precision_(model, ts.MixedPrecisionConfig(max_drop=0.003), data)  # doctest: +SKIP
+        >>> result.kept_float  # doctest: +SKIP
+        ['stem']
+    """
+    if config.quantize.qat is not None:
+        raise ConfigError("mixed precision chooses layers by post-training quantization: set quantize.qat=None")
+    batches = list(eval_batches) if eval_batches is not None else list(data.calib_loader())
+    work = copy.deepcopy(model).eval()
+    fold_batchnorm_(work)  # a folded float model computes what the original does
+    base = accuracy(work, batches)
+    _, targets = _select(work, config.quantize)
+    ranges = _ranges(work, targets, _calibration(config.quantize, data, None), config.quantize)
+    q = config.quantize
+    quantized = {
+        n: QuantizedLayer.from_float(layer, q.scheme, q.bits, q.group_size if q.bits == 4 else 0, ranges.get(n))
+        for n, layer in targets.items()
+    }
+    sensitivity = {}
+    for name in targets:
+        _swap(work, name, quantized[name])
+        sensitivity[name] = round(base - accuracy(work, batches), 6)
+        _swap(work, name, targets[name])
+        log.info("sensitivity of %s: %.4f", name, sensitivity[name])
+    kept = _greedy(work, targets, quantized, sensitivity, (base, config.max_drop), batches)
+    result = MixedPrecisionResult(base, sensitivity, [h["kept_float"][-1] for h in kept[1:]], kept)
+    result.quantized = quantize_(model, replace(q, exclude=q.exclude + tuple(result.kept_float)), data)
+    return result
+
+
+def _greedy(
+    work: nn.Module, targets: dict[str, nn.Module], quantized: dict[str, nn.Module], sensitivity: dict[str, float],
+    budget: tuple[float, float], batches: list,
+) -> list[dict]:  # fmt: skip
+    """Quantize every layer, then return the most sensitive to float until the budget holds."""
+    base, max_drop = budget
+    for name in targets:
+        _swap(work, name, quantized[name])
+    kept: list[str] = []
+    history = [{"kept_float": [], "accuracy": accuracy(work, batches)}]
+    for name in sorted(targets, key=lambda n: -sensitivity[n]):
+        if base - history[-1]["accuracy"] <= max_drop:
+            break
+        _swap(work, name, targets[name])
+        kept.append(name)
+        history.append({"kept_float": list(kept), "accuracy": accuracy(work, batches)})
+    return history
+
