@@ -125,7 +125,9 @@ def test_saved_int8_loads_bit_exact_and_is_four_times_smaller(tmp_path, digits_c
     assert torch.equal(restored(x), model(x))
     manifest = json.loads(__import__("safetensors").safe_open(path, "pt").metadata()["tslim"])
     assert manifest["folded"] == {"bn1": "conv1", "bn2": "conv2"}
-    assert manifest["quant"]["conv1"] == {"of": "Conv2d", "scheme": "static", "bits": 8, "group_size": 0}
+    assert manifest["quant"]["conv1"] == {"of": "Conv2d", "scheme": "static", "bits": 8, "group_size": 0,
+                                          "input": list(model.conv1.input_q), "output": list(model.conv1.output_q)}
+    assert restored.conv1.input_q == model.conv1.input_q and type(restored.conv1.input_q[0]) is float
 
     mlp = ZOO["lenet_300_100"]()
     fp32 = ts.save(mlp, tmp_path / "fp32.tslim").stat().st_size
@@ -195,7 +197,7 @@ def test_constant_inputs_and_all_zero_weights_are_handled_and_recorded():
     rows = {r.name: r for r in result.layers}
     assert rows["0"].note.startswith("all-zero weight") and not model[0].weight.any()
     assert rows["2"].input_range == [0.0, 0.0] and rows["2"].input_scale == pytest.approx(1 / 255)
-    assert torch.allclose(model(torch.randn(3, 4)), model[2].bias.expand(3, 2), atol=float(model[2].output_scale))
+    assert torch.allclose(model(torch.randn(3, 4)), model[2].bias.expand(3, 2), atol=model[2].output_q[0])
 
 
 def test_a_file_quantized_for_another_model_is_refused_and_the_model_kept(tmp_path, digits_cnn, digits):
@@ -224,6 +226,9 @@ def test_a_file_quantized_for_another_model_is_refused_and_the_model_kept(tmp_pa
         (lambda m: m["quant"]["fc"].update(bits=4), "not valid"),
         (lambda m: m["quant"].update(conv1="int8"), "unknown description"),
         (lambda m: m.update(folded=["bn1"]), "needs 'quant' and 'folded'"),
+        (lambda m: m["quant"]["fc"].update(input=[0.0, 3]), "a grid must be"),
+        (lambda m: m["quant"]["fc"].update(output=[0.1, 256]), "a grid must be"),
+        (lambda m: m["quant"]["fc"].pop("input"), "a grid must be"),
         (lambda m: m["folded"].update(bn1="fc"), "folded a BatchNorm at 'bn1' into 'fc'"),
         (lambda m: m.pop("quant"), "needs 'quant' and 'folded'"),
     ],

@@ -22,8 +22,9 @@ ALPHA = 4.0
 MAX_CODEBOOK = 256
 MAX_NUMEL = 2**31
 """Largest coded tensor the format allows (docs/format.md, section 3)."""
-_FLOATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_DTYPES = {v: k for k, v in _FLOATS.items()}
+_CODABLE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8"}
+"""Dtypes a tensor may be coded from: floats, and int8 (quantized weights: at most 256 values)."""
+_DTYPES = {v: k for k, v in _CODABLE.items()}
 
 
 def _bernoulli():
@@ -186,11 +187,14 @@ def _matrix(t: torch.Tensor) -> np.ndarray:
     return t.detach().reshape(_rows(t.shape), -1).float().numpy()  # (R, C)
 
 
-def _value_codings(values: np.ndarray) -> dict[str, tuple[bytes, bytes, int]]:
-    """Every applicable coding of the non-zero values: name -> (value section, index stream, k)."""
-    out = {"raw": (values.astype("<f4").tobytes(), b"", 0)}
+def _value_codings(values: np.ndarray, integers: bool) -> dict[str, tuple[bytes, bytes, int]]:
+    """Every applicable coding of the non-zero values: name -> (value section, index stream, k).
+
+    Integer (int8) tensors use the codebook only: their dense form is already one byte a value.
+    """
+    out = {} if integers else {"raw": (values.astype("<f4").tobytes(), b"", 0)}
     half = values.astype("<f2")
-    if np.array_equal(half.astype(np.float32), values, equal_nan=True):
+    if not integers and np.array_equal(half.astype(np.float32), values, equal_nan=True):
         out["raw16"] = (half.tobytes(), b"", 0)
     codebook, index = np.unique(values, return_inverse=True)
     if codebook.size <= MAX_CODEBOOK:
@@ -201,12 +205,12 @@ def _value_codings(values: np.ndarray) -> dict[str, tuple[bytes, bytes, int]]:
 
 
 def encode_tensor(t: torch.Tensor, alpha: float = ALPHA) -> Coded | None:
-    """Code a float tensor as values + positions + indices; ``None`` if not codable.
+    """Code a float or int8 tensor as values + positions + indices; ``None`` if not codable.
 
     Each choice the format leaves open (position model, value coding) is made by trying the
     options and keeping the smallest.
     """
-    if t.dtype not in _FLOATS or t.numel() == 0:
+    if t.dtype not in _CODABLE or t.numel() == 0:
         return None
     w = _matrix(t)
     mask = w != 0
@@ -218,11 +222,11 @@ def encode_tensor(t: torch.Tensor, alpha: float = ALPHA) -> Coded | None:
         positions = candidates[rowcol]
     elif values.size == 0:
         positions = encode_positions(mask, alpha, False)
-    codings = _value_codings(values)
+    codings = _value_codings(values, integers=t.dtype == torch.int8)
     kind = min(codings, key=lambda name: (len(codings[name][0]) + len(codings[name][1]), name))
     head, stream, k = codings[kind]
     entry = {
-        "dtype": _FLOATS[t.dtype],
+        "dtype": _CODABLE[t.dtype],
         "shape": list(t.shape),
         "nnz": int(values.size),
         "values": kind,
@@ -282,6 +286,8 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
     if int(mask.sum()) != nnz:
         raise ArtifactError(f"tensor {name!r}: position stream holds {int(mask.sum())} non-zeros, manifest says {nnz}")
     values = _decode_values(head, idx, kind, k, nnz, name) if nnz else np.zeros(0, dtype=np.float32)
+    if entry["dtype"] == "int8" and (kind != "codebook" or not np.isin(values, np.arange(-128, 128)).all()):
+        raise ArtifactError(f"tensor {name!r}: an int8 tensor's values must be a codebook of integers in [-128, 127]")
     out = np.zeros((rows, cols), dtype=np.float32)
     out[mask] = values
     return torch.from_numpy(out).reshape(shape).to(_DTYPES[entry["dtype"]])

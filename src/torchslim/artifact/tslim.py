@@ -284,8 +284,18 @@ def _requantize(module: nn.Module, quant: Any, path: Any) -> None:
         if (bits == 4) != (group > 0) or not 0 <= group <= MAX_ZOO_ARG or (bits == 4 and of != "Linear"):
             raise ArtifactError(f"{path}: quantized layer {name!r}: bits={bits} with group_size={group} is not valid")
         fresh[name] = QuantizedLayer.empty_like(layer, scheme, bits, group)
+        if scheme == "static":
+            fresh[name].input_q, fresh[name].output_q = (_grid(spec.get(end), name, path) for end in ("input", "output"))
     for name, q in fresh.items():
         _replace(module, name, q)
+
+
+def _grid(value: Any, name: str, path: Any) -> tuple[float, int]:
+    """A uint8 grid ``[scale, zero_point]`` from the manifest, checked."""
+    ok = isinstance(value, list) and len(value) == 2 and type(value[0]) is float and type(value[1]) is int
+    if not ok or not (0 < value[0] < 1e30 and 0 <= value[1] <= 255):
+        raise ArtifactError(f"{path}: quantized layer {name!r}: a grid must be [scale > 0, zero point 0..255], got {str(value)[:60]}")
+    return float(value[0]), int(value[1])
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

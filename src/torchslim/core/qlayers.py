@@ -106,8 +106,8 @@ def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
     """
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if hi - lo <= _EPS:
-        return 1.0 / 255, 0
-    scale = (hi - lo) / 255
+        return float(torch.tensor(1.0 / 255)), 0
+    scale = float(torch.tensor((hi - lo) / 255))  # a float32 value: what the kernels use, exact in JSON
     return scale, int(min(255, max(0, round(-lo / scale))))
 
 
@@ -131,12 +131,10 @@ class QuantizedLayer(nn.Module):
             self.register_buffer("weight", torch.zeros(shape, dtype=torch.int8))
             self.register_buffer("weight_scale", torch.ones(out))
         self.register_buffer("bias", torch.zeros(out) if bias else None)
-        if scheme == "static":
-            for end in ("input", "output"):
-                self.register_buffer(f"{end}_scale", torch.tensor(1.0 / 255))
-                self.register_buffer(f"{end}_zero_point", torch.tensor(0, dtype=torch.int32))
-        self._in_q = self._out_q = (1.0 / 255, 0)
-        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
+        # static only: the (scale, zero point) of the input's and the output's uint8 grids, kept as
+        # Python numbers (compiled graphs bake them in; the file keeps them in its manifest)
+        self.input_q: tuple[float, int] | None = activation_qparams(0.0, 0.0) if scheme == "static" else None
+        self.output_q: tuple[float, int] | None = activation_qparams(0.0, 0.0) if scheme == "static" else None
 
     def weight_shape(self) -> tuple[int, ...]:
         if self.float_type == "Linear":
@@ -177,18 +175,8 @@ class QuantizedLayer(nn.Module):
         if scheme == "static":
             if ranges is None:
                 raise ValueError("static quantization needs the calibrated input and output ranges")
-            for end, rng in zip(("input", "output"), ranges):
-                scale, zero_point = activation_qparams(*rng)
-                getattr(q, f"{end}_scale").fill_(scale)
-                getattr(q, f"{end}_zero_point").fill_(zero_point)
-        q.refresh()
+            q.input_q, q.output_q = (activation_qparams(*rng) for rng in ranges)
         return q
-
-    def refresh(self) -> None:
-        """Mirror the input's quantization parameters as Python numbers (compiled graphs bake them in)."""
-        if self.scheme == "static":
-            self._in_q = (float(self.input_scale), int(self.input_zero_point))
-            self._out_q = (float(self.output_scale), int(self.output_zero_point))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the integers stand for."""
@@ -201,7 +189,7 @@ class QuantizedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme == "static":
-            scale, zp = self._in_q
+            scale, zp = self.input_q
             x = _qd.quantize_per_tensor(x, scale, zp, 0, 255, torch.uint8)
             x = _qd.dequantize_per_tensor(x, scale, zp, 0, 255, torch.uint8)
         elif self.scheme == "dynamic":
@@ -215,7 +203,7 @@ class QuantizedLayer(nn.Module):
             conv = F.conv1d if self.float_type == "Conv1d" else F.conv2d
             y = conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.scheme == "static":  # the output on its own grid: int8 kernels write uint8, ONNX Runtime fuses Q
-            scale, zp = self._out_q
+            scale, zp = self.output_q
             y = _qd.dequantize_per_tensor(_qd.quantize_per_tensor(y, scale, zp, 0, 255, torch.uint8), scale, zp, 0, 255, torch.uint8)
         return y
 
@@ -225,7 +213,10 @@ class QuantizedLayer(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """The manifest entry that lets a loader rebuild this layer from the float one."""
-        return {"of": self.float_type, "scheme": self.scheme, "bits": self.bits, "group_size": self.group_size}
+        entry = {"of": self.float_type, "scheme": self.scheme, "bits": self.bits, "group_size": self.group_size}
+        if self.scheme == "static":
+            entry |= {"input": list(self.input_q), "output": list(self.output_q)}
+        return entry
 
 
 def folded_batchnorm(kind: str, conv: str) -> nn.Identity:

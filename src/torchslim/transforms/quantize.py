@@ -171,7 +171,7 @@ def quantize_(
         rec.weight_error = _relative_error(layer.weight, q.dequantized_weight())
         if name in ranges:
             rec.input_range, rec.output_range = ([round(v, 6) for v in r] for r in ranges[name])
-            (rec.input_scale, rec.input_zero_point), (rec.output_scale, rec.output_zero_point) = q._in_q, q._out_q
+            (rec.input_scale, rec.input_zero_point), (rec.output_scale, rec.output_zero_point) = q.input_q, q.output_q
         if not layer.weight.detach().any():
             rec.note = "all-zero weight: stored as zeros (scale 1)"
     _check_runs(model, example)
