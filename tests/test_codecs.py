@@ -127,3 +127,16 @@ def test_inconsistent_entries_are_rejected(change, message):
     coded = encode_tensor(w)
     with pytest.raises(ArtifactError, match=message):
         decode_tensor(coded.blob, {**coded.entry, **change}, "w")
+
+
+def test_int8_weights_code_below_a_byte_and_hostile_int8_codebooks_are_refused():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.clamp(torch.round(torch.randn(64, 256, generator=gen) * 12), -128, 127).to(torch.int8)  # bell-shaped
+    coded = encode_tensor(q)
+    assert coded.entry["dtype"] == "int8" and coded.entry["values"] == "codebook"
+    assert len(coded.blob) < 0.8 * q.numel()  # about 5.6 bits a value
+    back = decode_tensor(coded.blob, coded.entry, "w")
+    assert back.dtype == torch.int8 and torch.equal(back, q)
+    half = encode_tensor(torch.full((4, 4), 0.5))
+    with pytest.raises(ArtifactError, match="integers in \\[-128, 127\\]"):
+        decode_tensor(half.blob, half.entry | {"dtype": "int8"}, "w")
