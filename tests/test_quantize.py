@@ -126,7 +126,7 @@ def test_saved_int8_loads_bit_exact_and_is_four_times_smaller(tmp_path, digits_c
     manifest = json.loads(__import__("safetensors").safe_open(path, "pt").metadata()["tslim"])
     assert manifest["folded"] == {"bn1": "conv1", "bn2": "conv2"}
     assert manifest["quant"]["conv1"] == {"of": "Conv2d", "scheme": "static", "bits": 8, "group_size": 0,
-                                          "input": list(model.conv1.input_q), "output": list(model.conv1.output_q)}
+                                          "input": list(model.conv1.input_q), "output": None}
     assert restored.conv1.input_q == model.conv1.input_q and type(restored.conv1.input_q[0]) is float
 
     mlp = ZOO["lenet_300_100"]()
@@ -229,6 +229,7 @@ def test_a_file_quantized_for_another_model_is_refused_and_the_model_kept(tmp_pa
         (lambda m: m["quant"]["fc"].update(input=[0.0, 3]), "a grid must be"),
         (lambda m: m["quant"]["fc"].update(output=[0.1, 256]), "a grid must be"),
         (lambda m: m["quant"]["fc"].pop("input"), "a grid must be"),
+        (lambda m: m["quant"]["conv1"].update(output=[1.5]), "a grid must be"),
         (lambda m: m["folded"].update(bn1="fc"), "folded a BatchNorm at 'bn1' into 'fc'"),
         (lambda m: m.pop("quant"), "needs 'quant' and 'folded'"),
     ],
@@ -344,3 +345,14 @@ def test_mixed_precision_keeps_the_culprit_layer_in_float(digits, digits_mlp):
     assert accuracy(model, digits.eval_loader()) >= base - 0.02
     with pytest.raises(ConfigError, match="max_drop"):
         ts.MixedPrecisionConfig(max_drop=1.5)
+
+
+def test_an_output_feeding_a_relu_then_int8_layers_takes_their_input_grid(digits, digits_mlp):
+    model = copy.deepcopy(digits_mlp)
+    quantize_(model, QuantizeConfig(calibration="minmax"), data=digits)
+    assert model.fc1.output_q is None and model.fc2.output_q is None  # quantized after the ReLU by the next input
+    assert model.fc2.input_q[1] == 0 and model.fc3.output_q[1] > 0  # post-ReLU grid; the logits keep negatives
+    model = ZOO["resnet_mini"]().eval()
+    quantize_(model, QuantizeConfig(calibration="minmax"), data=[torch.randn(8, 1, 28, 28)])
+    assert model.layer1.conv1.output_q is None  # conv1 -> folded bn1 -> relu -> conv2
+    assert model.stem.output_q is not None  # the stem's ReLU also feeds a float residual add

@@ -2,7 +2,7 @@
 
 ``eager``        the model itself. For quantized layers this is the fake-quant reference: exact,
                  but slower than float (every call dequantizes the weights).
-``inductor``     ``torch.compile`` with inductor freezing and static shapes: the quantize /
+``inductor``     ``torch.compile`` with inductor freezing, the C++ wrapper and static shapes: the quantize /
                  dequantize patterns of :class:`~torchslim.core.qlayers.QuantizedLayer` become
                  oneDNN int8 convolutions and matmuls (x86 VNNI), float layers get fused kernels.
                  Each new input shape compiles once (tens of seconds for the first).
@@ -58,16 +58,23 @@ class _NoGrad:
 
 class _Frozen:
     """``torch.compile`` with inductor freezing (weights become constants, so int8 weights are
-    prepacked once); every call, including recompiles for a new shape, runs under freezing."""
+    prepacked once) and the C++ wrapper (less Python per call). The first call of each input
+    shape compiles under those settings; later calls of that shape skip setting them."""
 
     def __init__(self, model: nn.Module) -> None:
         self.compiled = torch.compile(model, dynamic=False)
+        self.shapes: set[tuple[int, ...]] = set()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        import torch._inductor.config as inductor_config
+        with torch.no_grad():
+            if tuple(x.shape) in self.shapes:
+                return self.compiled(x)
+            import torch._inductor.config as inductor_config
 
-        with torch.no_grad(), inductor_config.patch(freezing=True):
-            return self.compiled(x)
+            with inductor_config.patch(freezing=True, cpp_wrapper=True, size_asserts=False):
+                out = self.compiled(x)
+            self.shapes.add(tuple(x.shape))
+            return out
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:

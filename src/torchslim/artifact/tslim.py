@@ -285,7 +285,8 @@ def _requantize(module: nn.Module, quant: Any, path: Any) -> None:
             raise ArtifactError(f"{path}: quantized layer {name!r}: bits={bits} with group_size={group} is not valid")
         fresh[name] = QuantizedLayer.empty_like(layer, scheme, bits, group)
         if scheme == "static":
-            fresh[name].input_q, fresh[name].output_q = (_grid(spec.get(end), name, path) for end in ("input", "output"))
+            fresh[name].input_q = _grid(spec.get("input"), name, path)
+            fresh[name].output_q = None if spec.get("output") is None else _grid(spec.get("output"), name, path)
     for name, q in fresh.items():
         _replace(module, name, q)
 

@@ -17,7 +17,9 @@ Schemes:
   ``static``: int8 weights (per output channel, symmetric); the input and the output on uint8
     grids (per tensor, affine) whose scale and zero point calibration fixed. Quantizing the
     output too gives ONNX Runtime its ``DQ -> Conv -> Q`` pattern (QLinearConv) and lets the
-    inductor kernels write uint8.
+    inductor kernels write uint8. An output that only feeds a ReLU and then quantized layers is
+    left float: the next layers' input grid quantizes it after the ReLU, which both backends
+    fuse into the layer (a ReLU post-op writing uint8).
   ``dynamic``: int8 weights; each input's range is measured on the fly (Linear only).
   ``weight``: weight-only int8 (per channel) or int4 (per group of inputs, the last group
     padded; two values packed in a byte); inputs stay float. Smaller files, float compute.
@@ -111,6 +113,11 @@ def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(min(255, max(0, round(-lo / scale))))
 
 
+def _match_zero_points(module: "QuantizedLayer", _keys: Any) -> None:
+    """After a load (which may have resized the layer), one zero point per output channel again."""
+    module.weight_zero_point = torch.zeros(module.weight_scale.shape[0], dtype=torch.int64)
+
+
 class QuantizedLayer(nn.Module):
     """A Linear or Conv layer with integer weights (see the module docstring)."""
 
@@ -131,6 +138,9 @@ class QuantizedLayer(nn.Module):
             self.register_buffer("weight", torch.zeros(shape, dtype=torch.int8))
             self.register_buffer("weight_scale", torch.ones(out))
         self.register_buffer("bias", torch.zeros(out) if bias else None)
+        # the weights' zero points (symmetric: all 0); a constant that compiled graphs freeze
+        self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int64), persistent=False)
+        self.register_load_state_dict_post_hook(_match_zero_points)
         # static only: the (scale, zero point) of the input's and the output's uint8 grids, kept as
         # Python numbers (compiled graphs bake them in; the file keeps them in its manifest)
         self.input_q: tuple[float, int] | None = activation_qparams(0.0, 0.0) if scheme == "static" else None
@@ -159,7 +169,8 @@ class QuantizedLayer(nn.Module):
     @classmethod
     def from_float(cls, layer: nn.Module, scheme: str, bits: int = 8, group_size: int = 0,
                    ranges: tuple[tuple[float, float], tuple[float, float]] | None = None) -> "QuantizedLayer":  # fmt: skip
-        """Quantize ``layer``'s weight; ``static`` needs the calibrated ``(input, output)`` ranges."""
+        """Quantize ``layer``'s weight; ``static`` needs the calibrated ``(input, output)`` ranges
+        (output ``None``: the output stays float because the next layer's input grid takes it)."""
         q = cls.empty_like(layer, scheme, bits, group_size)
         w = layer.weight.detach().float()
         if bits == 4:
@@ -175,7 +186,7 @@ class QuantizedLayer(nn.Module):
         if scheme == "static":
             if ranges is None:
                 raise ValueError("static quantization needs the calibrated input and output ranges")
-            q.input_q, q.output_q = (activation_qparams(*rng) for rng in ranges)
+            q.input_q, q.output_q = (activation_qparams(*rng) if rng is not None else None for rng in ranges)
         return q
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -184,8 +195,7 @@ class QuantizedLayer(nn.Module):
             width = self.weight_shape()[1]
             q = _grouped(unpack_int4(self.weight, width).float(), self.group_size)  # (out, groups, group_size)
             return (q * self.weight_scale.float().unsqueeze(-1)).flatten(1)[:, :width]  # (out, in)
-        zeros = torch.zeros(self.weight_scale.shape, dtype=torch.int64, device=self.weight.device)
-        return _qd.dequantize_per_channel(self.weight, self.weight_scale, zeros, 0, -128, 127, torch.int8)
+        return _qd.dequantize_per_channel(self.weight, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme == "static":
@@ -202,7 +212,7 @@ class QuantizedLayer(nn.Module):
         else:
             conv = F.conv1d if self.float_type == "Conv1d" else F.conv2d
             y = conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if self.scheme == "static":  # the output on its own grid: int8 kernels write uint8, ONNX Runtime fuses Q
+        if self.output_q is not None:  # the output on its own grid: int8 kernels write uint8, ONNX Runtime fuses Q
             scale, zp = self.output_q
             y = _qd.dequantize_per_tensor(_qd.quantize_per_tensor(y, scale, zp, 0, 255, torch.uint8), scale, zp, 0, 255, torch.uint8)
         return y
@@ -215,7 +225,7 @@ class QuantizedLayer(nn.Module):
         """The manifest entry that lets a loader rebuild this layer from the float one."""
         entry = {"of": self.float_type, "scheme": self.scheme, "bits": self.bits, "group_size": self.group_size}
         if self.scheme == "static":
-            entry |= {"input": list(self.input_q), "output": list(self.output_q)}
+            entry |= {"input": list(self.input_q), "output": list(self.output_q) if self.output_q else None}
         return entry
 
 

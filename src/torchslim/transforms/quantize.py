@@ -170,8 +170,12 @@ def quantize_(
         rec.scheme, rec.bits = config.scheme, config.bits
         rec.weight_error = _relative_error(layer.weight, q.dequantized_weight())
         if name in ranges:
-            rec.input_range, rec.output_range = ([round(v, 6) for v in r] for r in ranges[name])
-            (rec.input_scale, rec.input_zero_point), (rec.output_scale, rec.output_zero_point) = q.input_q, q.output_q
+            rec.input_range, rec.output_range = ([round(v, 6) for v in r] if r else None for r in ranges[name])
+            rec.input_scale, rec.input_zero_point = q.input_q
+            if q.output_q is None:
+                rec.output_range, rec.note = None, "output quantized after the ReLU by the next layers' input grid"
+            else:
+                rec.output_scale, rec.output_zero_point = q.output_q
         if not layer.weight.detach().any():
             rec.note = "all-zero weight: stored as zeros (scale 1)"
     _check_runs(model, example)
@@ -286,7 +290,47 @@ def _ranges(model: nn.Module, targets: dict[str, nn.Module], batches: list, conf
         return {}
     stats = observe(model, targets, batches, histogram=config.calibration != "minmax")
     pick = {key: choose_range(s, config.calibration, config.percentile) for key, s in stats.items()}
+    for producer, consumers in relu_consumers(model, targets).items():
+        # producer -> ReLU -> consumers: the consumers' (one, post-ReLU) input grid quantizes the
+        # producer's output after the ReLU; the producer keeps its output float (no double rounding,
+        # and the backends fuse conv/linear + ReLU + quantize into one int8 kernel)
+        shared = (0.0, max(pick[c, "input"][1] for c in consumers))
+        pick[producer, "output"] = None
+        for c in consumers:
+            pick[c, "input"] = shared
     return {n: (pick[n, "input"], pick[n, "output"]) for n in targets}
+
+
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, nn.functional.relu)
+
+
+def relu_consumers(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Target layers whose output goes only through a ReLU (after any folded BatchNorm), and from
+    it only into target layers."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 -- untraceable: every layer keeps its own grids
+        return {}
+    modules = dict(model.named_modules())
+    out = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in targets:
+            continue
+        producer = node.target
+        while len(node.users) == 1 and isinstance(modules.get(next(iter(node.users)).target), nn.Identity):
+            node = next(iter(node.users))  # a folded BatchNorm
+        if len(node.users) != 1:
+            continue
+        relu = next(iter(node.users))
+        is_relu = (
+            (relu.op == "call_module" and isinstance(modules.get(relu.target), nn.ReLU))
+            or (relu.op == "call_function" and relu.target in _RELU_FUNCTIONS)
+            or (relu.op == "call_method" and relu.target in ("relu", "relu_"))
+        )
+        users = list(relu.users) if is_relu else []
+        if users and all(u.op == "call_module" and u.target in targets and u.args[:1] == (relu,) for u in users):
+            out[producer] = [u.target for u in users]
+    return out
 
 
 def _relative_error(w: torch.Tensor, dq: torch.Tensor) -> float:
@@ -313,7 +357,7 @@ class _FakeQuant(nn.Module):
     def __init__(self, layer: nn.Module, ranges: tuple[tuple[float, float], tuple[float, float]]) -> None:
         super().__init__()
         self.layer = layer
-        self.input_q, self.output_q = (activation_qparams(*r) for r in ranges)
+        self.input_q, self.output_q = (activation_qparams(*r) if r is not None else None for r in ranges)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.fake_quantize_per_tensor_affine(x, *self.input_q, 0, 255)
@@ -325,7 +369,7 @@ class _FakeQuant(nn.Module):
             y = nn.functional.linear(x, w, self.layer.bias)
         else:
             y = self.layer._conv_forward(x, w, self.layer.bias)
-        return torch.fake_quantize_per_tensor_affine(y, *self.output_q, 0, 255)
+        return torch.fake_quantize_per_tensor_affine(y, *self.output_q, 0, 255) if self.output_q else y
 
 
 def _train_fake_quant(

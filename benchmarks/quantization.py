@@ -1,0 +1,369 @@
+"""Quantization on Fashion-MNIST: every torchslim scheme and calibration method, and two peers.
+
+For LeNet-300-100, LeNet-5 and the zoo CNNs: train the float baseline (cached), then quantize
+copies of it -- static int8 with each calibration method, dynamic int8, weight-only int8 and
+int4, QAT (from the default static configuration, the float model as teacher) and mixed
+precision (the most sensitive layers back to float until the drop on the calibration split is
+at most 0.3 points) -- and record test accuracy, real `.tslim` bytes and latency at batch 1
+and 64 on each backend: PyTorch eager (float only: the int8 eager path is the fake-quant
+reference), PyTorch inductor (`torch.compile` with freezing) and ONNX Runtime, as ratios
+against float eager measured in the same run. The calibration methods share one graph, so
+latency is measured for the default method only. In the same run the same models are
+quantized by the peers with their defaults: `torch.ao.quantization` FX (`prepare_fx` /
+`convert_fx`, the x86 qconfig mapping; PyTorch's quantized eager kernels) and ONNX Runtime's
+`quantize_static` on the float ONNX export (QDQ, per-tensor, MinMax).
+
+    .venv/bin/python benchmarks/quantization.py [--nets lenet_300_100 ...] [--qat-epochs 2] [--no-docs]
+
+Writes benchmarks/results/quantization.json and a section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- quantization:start -->", "<!-- quantization:end -->"
+TMP = Path(tempfile.mkdtemp(prefix="torchslim-bench-"))
+os.environ.setdefault("TORCHSLIM_CACHE", str(ROOT / ".cache"))  # baselines stay inside the repo
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(TMP / "inductor"))
+
+import torch  # noqa: E402
+
+import torchslim as ts  # noqa: E402
+from torchslim.analysis.ranges import METHODS  # noqa: E402
+from torchslim.core.data import fashion_mnist  # noqa: E402
+from torchslim.core.models import ZOO  # noqa: E402
+from torchslim.evaluate.latency import measure_latency  # noqa: E402
+from torchslim.evaluate.metrics import accuracy, fp32_safetensors_bytes  # noqa: E402
+from torchslim.train.baseline import trained_baseline  # noqa: E402
+from torchslim.train.fit import TrainConfig  # noqa: E402
+
+THREADS = 2
+BASELINE = TrainConfig(epochs=15, lr=3e-3, weight_decay=1e-4, seed=0)
+DEFAULT = ts.QuantizeConfig()  # static int8, MSE calibration: the configuration compared with the peers
+NETS = ["lenet_300_100", "lenet5", "resnet_mini", "mobilenet_mini", "concat_net"]
+CNNS = {"lenet5", "resnet_mini", "mobilenet_mini", "concat_net"}
+BATCHES = (1, 64)
+
+
+def images(data) -> torch.Tensor:
+    return data.eval.tensors[0]
+
+
+def run_acc(fn, data) -> float:
+    """Top-1 accuracy of any callable over the test set, in batches of 500."""
+    x, y = data.eval.tensors
+    with torch.no_grad():
+        preds = torch.cat([fn(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    return float((preds == y).float().mean())
+
+
+def latencies(fn_for_batch, data) -> dict:
+    """Median ms at each batch size; ``fn_for_batch(b)`` builds (and compiles) the runner for batch b."""
+    out = {}
+    for b in BATCHES:
+        try:
+            out[f"b{b}"] = measure_latency(fn_for_batch(b), images(data)[:b], THREADS, 10, 60).median_ms
+        except Exception as exc:  # a backend that cannot run this model is reported, not fatal
+            out[f"b{b}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+def backend_latency(model, backend: str, data) -> dict:
+    torch._dynamo.reset()
+    return latencies(lambda b: ts.compile_model(model, backend, images(data)[:b], THREADS), data)
+
+
+def quantized_row(name: str, label: str, model, data, result=None, timed: tuple[str, ...] = ()) -> dict:
+    path = ts.save(model, TMP / f"{name}-{label}.tslim")
+    restored = ts.load(path, model=ZOO[name])
+    x = images(data)[:500]
+    row = {
+        "variant": label,
+        "accuracy": accuracy(model, data.eval_loader()),
+        "tslim_bytes": path.stat().st_size,
+        "roundtrip_equal": bool(torch.equal(restored(x), model(x))),
+        "latency_ms": {b: backend_latency(model, b, data) for b in timed},
+    }
+    if result is not None:
+        row["skipped"] = {r.name: r.skip for r in result.layers if r.skip}
+    print(name, json.dumps(row), flush=True)
+    return row
+
+
+def torchslim_rows(name: str, dense, data, qat_epochs: int) -> tuple[list[dict], dict]:
+    rows, extra = [], {}
+    for method in METHODS:
+        model = copy.deepcopy(dense)
+        cfg = ts.QuantizeConfig(calibration=method)
+        t = time.perf_counter()
+        result = ts.quantize_(model, cfg, data)
+        timed = ("inductor", "onnxruntime") if method == DEFAULT.calibration else ()
+        row = quantized_row(name, f"static int8, {method}", model, data, result, timed)
+        row["quantize_s"] = time.perf_counter() - t
+        if method == DEFAULT.calibration:
+            row["default"] = True
+            extra["ort_agreement"] = ort_agreement(model, data)
+        rows.append(row)
+    for label, cfg, timed in (
+        ("dynamic int8", ts.QuantizeConfig(scheme="dynamic"), ("inductor",)),
+        ("weight-only int8", ts.QuantizeConfig(scheme="weight"), ()),
+        ("weight-only int4 (groups of 32)", ts.QuantizeConfig(scheme="weight", bits=4, group_size=32), ()),
+    ):
+        model = copy.deepcopy(dense)
+        try:
+            result = ts.quantize_(model, cfg, data)
+        except ts.TorchslimError as exc:  # e.g. no Linear layer for the dynamic scheme
+            rows.append({"variant": label, "error": str(exc)[:200]})
+            continue
+        rows.append(quantized_row(name, label, model, data, result, timed))
+    model = copy.deepcopy(dense)
+    mixed = ts.mixed_precision_(model, ts.MixedPrecisionConfig(max_drop=0.003, quantize=DEFAULT), data)
+    row = quantized_row(name, "mixed precision (<= 0.3 points on the calibration split)", model, data, mixed.quantized, ("inductor",))
+    row["kept_float"], row["sensitivity"] = mixed.kept_float, mixed.sensitivity
+    rows.append(row)
+    model = copy.deepcopy(dense)
+    qat = TrainConfig(epochs=qat_epochs, lr=1e-4, weight_decay=0.0, seed=0, distill_weight=0.5, temperature=2.0)
+    t = time.perf_counter()
+    result = ts.quantize_(model, ts.QuantizeConfig(qat=qat), data, teacher=dense)
+    row = quantized_row(name, f"QAT static int8 ({qat_epochs} epochs, float teacher)", model, data, result)
+    row["train_s"] = time.perf_counter() - t
+    rows.append(row)
+    return rows, extra
+
+
+def ort_agreement(model, data) -> float:
+    """Top-1 agreement of ONNX Runtime with the PyTorch int8 model over the whole test set."""
+    runner = ts.compile_model(model, "onnxruntime", images(data)[:500], THREADS)
+    x = images(data)
+    with torch.no_grad():
+        same = [(runner(x[i : i + 500]).argmax(1) == model(x[i : i + 500]).argmax(1)) for i in range(0, len(x), 500)]
+    return float(torch.cat(same).float().mean())
+
+
+def calib_batches(data) -> list[torch.Tensor]:
+    return [x for x, _ in data.calib_loader()]
+
+
+def fx_peer(dense, data) -> dict:
+    """torch.ao.quantization FX with its x86 defaults, calibrated on the same calibration split."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.quantized.engine = "x86"
+        example = (images(data)[:1],)
+        prepared = prepare_fx(copy.deepcopy(dense).eval(), get_default_qconfig_mapping("x86"), example)
+        with torch.no_grad():
+            for x in calib_batches(data):
+                prepared(x)
+        model = convert_fx(prepared)
+        row = {"variant": "peer: torch.ao FX defaults (x86)", "backend": "PyTorch eager quantized kernels",
+               "accuracy": run_acc(model, data), "latency_ms": {"torch.ao": latencies(lambda b: model, data)}}  # fmt: skip
+    print("fx peer", json.dumps(row), flush=True)
+    return row
+
+
+def ort_peer(name: str, dense, data) -> dict:
+    """ONNX Runtime quantize_static with its defaults on the float ONNX export."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    from torchslim.artifact.runtime import OrtRunner
+
+    fp32 = TMP / f"{name}-fp32.onnx"
+    fp32.write_bytes(ts.export_onnx(copy.deepcopy(dense).eval(), images(data)[:1]))
+    import onnx
+
+    input_name = onnx.load(str(fp32)).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calib_batches(data))
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {input_name: x.numpy()}
+
+    out = TMP / f"{name}-ort-int8.onnx"
+    quantize_static(str(fp32), str(out), Reader())
+    runner = OrtRunner(out.read_bytes(), THREADS)
+    row = {"variant": "peer: ONNX Runtime quantize_static defaults", "backend": "onnxruntime",
+           "accuracy": run_acc(runner, data), "onnx_bytes": out.stat().st_size,
+           "latency_ms": {"onnxruntime": latencies(lambda b: runner, data)}}  # fmt: skip
+    print("ort peer", json.dumps(row), flush=True)
+    return row
+
+
+def run_net(name: str, data, qat_epochs: int) -> dict:
+    t0 = time.perf_counter()
+    dense, cached = trained_baseline(name, data, BASELINE)
+    dense.eval()
+    fp = {
+        "variant": "fp32",
+        "accuracy": accuracy(dense, data.eval_loader()),
+        "fp32_bytes": fp32_safetensors_bytes(dense),
+        "latency_ms": {b: backend_latency(dense, b, data) for b in ("eager", "inductor", "onnxruntime")},
+    }
+    print(name, json.dumps(fp), flush=True)
+    rows, extra = torchslim_rows(name, dense, data, qat_epochs)
+    peers = [fx_peer(dense, data), ort_peer(name, dense, data)]
+    return {"net": name, "baseline_cached": cached, "fp32": fp, "rows": rows, "peers": peers, **extra,
+            "wall_s": time.perf_counter() - t0}  # fmt: skip
+
+
+def _lat(row: dict, backend: str, batch: str) -> float | None:
+    return row.get("latency_ms", {}).get(backend, {}).get(batch)
+
+
+def checks(nets: list[dict]) -> dict[str, bool]:
+    out = {}
+    for net in nets:
+        n, fp = net["net"], net["fp32"]
+        ours = next(r for r in net["rows"] if r.get("default"))
+        fx, ortp = net["peers"]
+        eager64 = _lat(fp, "eager", "b64")
+        fastest = min(x for x in (_lat(ours, "inductor", "b64"), _lat(ours, "onnxruntime", "b64")) if x is not None)
+        if n in CNNS:
+            out[f"{n}: static int8 loses at most 0.3 points"] = fp["accuracy"] - ours["accuracy"] <= 0.003
+            out[f"{n}: static int8 at least 2x faster than fp32 eager at batch 64 on one backend"] = eager64 / fastest >= 2.0
+        out[f"{n}: int8 .tslim at least 3.5x smaller than fp32 safetensors"] = fp["fp32_bytes"] / ours["tslim_bytes"] >= 3.5
+        out[f"{n}: at least as accurate as torch.ao FX and ONNX Runtime defaults"] = ours["accuracy"] >= max(fx["accuracy"], ortp["accuracy"])
+        out[f"{n}: at least as fast as ONNX Runtime quantize_static on ONNX Runtime (batch 64)"] = (
+            _lat(ours, "onnxruntime", "b64") <= _lat(ortp, "onnxruntime", "b64")
+        )
+        out[f"{n}: at least as fast as torch.ao FX in PyTorch (inductor vs its eager kernels, batch 64)"] = (
+            _lat(ours, "inductor", "b64") <= _lat(fx, "torch.ao", "b64")
+        )
+        qat = next(r for r in net["rows"] if r["variant"].startswith("QAT"))
+        loss = fp["accuracy"] - ours["accuracy"]
+        if loss > 0.003:
+            out[f"{n}: QAT recovers at least half of the PTQ loss above 0.3 points"] = fp["accuracy"] - qat["accuracy"] <= loss - (loss - 0.003) / 2
+        out[f"{n}: ONNX Runtime top-1 agreement with the PyTorch int8 model at least 99.5 %"] = net["ort_agreement"] >= 0.995
+        out[f"{n}: every quantized file loads back with equal outputs"] = all(r.get("roundtrip_equal", True) for r in net["rows"])
+    return out
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+def _speed(fp: dict, value: float | None, batch: str) -> str:
+    base = _lat(fp, "eager", batch)
+    return f"{base / value:.2f}x" if value else "-"
+
+
+def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bool]) -> str:
+    lines = [
+        START,
+        "## Quantization (issue: PTQ, calibration, QAT, mixed precision, ONNX Runtime)",
+        "",
+        f"`python benchmarks/quantization.py`, {env['when']}, {env['machine']}, torch {env['torch']}, ONNX Runtime "
+        f"{env['onnxruntime']}, {THREADS} threads. Fashion-MNIST test set; float baselines as in the section above "
+        f"({BASELINE.epochs} epochs). Bytes: the `.tslim` file against the float model's fp32 safetensors. Latency: "
+        "medians in ms; `x` columns divide the float model's eager latency at the same batch size, measured in the "
+        "same run. `inductor` is `torch.compile` with freezing (oneDNN int8 kernels), `ort` ONNX Runtime on the "
+        "exported QDQ model. The int8 eager path is the fake-quant reference and is not timed; the calibration "
+        "methods share one graph, so latency is timed for the default (`mse`, in bold). Peers run with their "
+        "defaults, calibrated on the same 2,048 training images.",
+    ]
+    for net in nets:
+        fp = net["fp32"]
+        lines += [
+            "",
+            f"### {net['net']}",
+            "",
+            "| variant | acc | drop (points) | bytes | size ratio | inductor b1 | b64 | b64 x | ort b1 | b64 | b64 x |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| fp32 (eager b1 {_ms(_lat(fp, 'eager', 'b1'))}, b64 {_ms(_lat(fp, 'eager', 'b64'))}) | "
+            f"{100 * fp['accuracy']:.2f} % | - | {fp['fp32_bytes']:,} | 1.00x | {_ms(_lat(fp, 'inductor', 'b1'))} | "
+            f"{_ms(_lat(fp, 'inductor', 'b64'))} | {_speed(fp, _lat(fp, 'inductor', 'b64'), 'b64')} | "
+            f"{_ms(_lat(fp, 'onnxruntime', 'b1'))} | {_ms(_lat(fp, 'onnxruntime', 'b64'))} | "
+            f"{_speed(fp, _lat(fp, 'onnxruntime', 'b64'), 'b64')} |",
+        ]
+        for r in net["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | {r['error'][:90]} | | | | | | | | | |")
+                continue
+            name = f"**{r['variant']}**" if r.get("default") else r["variant"]
+            if r.get("kept_float") is not None:
+                name += f" (float: {', '.join(r['kept_float']) or 'none'})"
+            ind, ort = (lambda b, k=k: _lat(r, k, b) for k in ("inductor", "onnxruntime"))
+            lines.append(
+                f"| {name} | {100 * r['accuracy']:.2f} % | {100 * (fp['accuracy'] - r['accuracy']):.2f} | "
+                f"{r['tslim_bytes']:,} | {fp['fp32_bytes'] / r['tslim_bytes']:.2f}x | {_ms(ind('b1'))} | {_ms(ind('b64'))} | "
+                f"{_speed(fp, ind('b64'), 'b64')} | {_ms(ort('b1'))} | {_ms(ort('b64'))} | {_speed(fp, ort('b64'), 'b64')} |"
+            )
+        fx, ortp = net["peers"]
+        fx64, ort64 = _lat(fx, "torch.ao", "b64"), _lat(ortp, "onnxruntime", "b64")
+        lines += [
+            f"| {fx['variant']} (its eager kernels: b1 {_ms(_lat(fx, 'torch.ao', 'b1'))}, b64 {_ms(fx64)}, "
+            f"{_speed(fp, fx64, 'b64')}) | {100 * fx['accuracy']:.2f} % | {100 * (fp['accuracy'] - fx['accuracy']):.2f} "
+            "| - | - | - | - | - | - | - | - |",
+            f"| {ortp['variant']} ({ortp['onnx_bytes']:,} B .onnx) | {100 * ortp['accuracy']:.2f} % | "
+            f"{100 * (fp['accuracy'] - ortp['accuracy']):.2f} | - | - | - | - | - | {_ms(_lat(ortp, 'onnxruntime', 'b1'))} | "
+            f"{_ms(ort64)} | {_speed(fp, ort64, 'b64')} |",
+            "",
+            f"ONNX Runtime agrees with the PyTorch int8 model on {100 * net['ort_agreement']:.2f} % of the test images.",
+        ]
+    lines += ["", f"QAT: {qat_epochs} epochs at lr 1e-4 from the calibrated grids. Acceptance checks (computed by the script):", ""]
+    lines += [f"- {k}: {'yes' if v else 'NO'}" for k, v in results.items()]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(section: str) -> None:
+    from torchslim.core.files import write_atomic
+
+    text = DOCS.read_text() if DOCS.exists() else "# torchslim benchmarks\n\nFigures printed by the scripts in `benchmarks/`.\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    write_atomic(DOCS, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nets", nargs="+", default=NETS, choices=NETS)
+    parser.add_argument("--qat-epochs", type=int, default=2)
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import onnxruntime
+
+    data = fashion_mnist()
+    nets = [run_net(n, data, args.qat_epochs) for n in args.nets]
+    env = {
+        "when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+    }  # fmt: skip
+    results = checks(nets)
+    from torchslim.core.files import write_atomic
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"env": env, "qat_epochs": args.qat_epochs, "nets": nets, "checks": results}
+    write_atomic(RESULTS / "quantization.json", json.dumps(payload, indent=1))
+    if not args.no_docs:
+        write_docs(markdown(nets, env, args.qat_epochs, results))
+    for k, v in results.items():
+        print(f"{k}: {'yes' if v else 'NO'}")
+    return 0 if all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
