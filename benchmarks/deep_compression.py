@@ -16,17 +16,14 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- deep_compression:start -->", "<!-- deep_compression:end -->"
+from bench_common import TMP, markers, save_results, write_section  # noqa: E402  (sets the cache folders)
+
+START, END = markers("deep_compression")
 PAPER = {"lenet_300_100": (40, "1.64 -> 1.58 % error (MNIST)"), "lenet5": (39, "0.80 -> 0.74 % error (MNIST)")}
 TARGET = {"lenet_300_100": 40.0, "lenet5": 39.0}
-os.environ.setdefault("TORCHSLIM_CACHE", str(ROOT / ".cache"))  # baselines stay inside the repo
 
 
 def run(name: str, out: Path) -> tuple[dict, float]:
@@ -133,16 +130,6 @@ def markdown(summaries: list[dict], extra: dict, env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# torchslim benchmarks\n\nFigures printed by the scripts in `benchmarks/`.\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    from torchslim.core.files import write_atomic
-
-    write_atomic(DOCS, text)
 
 
 def main() -> int:
@@ -152,7 +139,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    out_root = Path(tempfile.mkdtemp(prefix="torchslim-bench-"))
+    out_root = TMP
     summaries, extra = [], {}
     for name in args.models:
         report, wall = run(name, out_root / name)
@@ -169,12 +156,9 @@ def main() -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    from torchslim.core.files import write_atomic
-
-    write_atomic(RESULTS / "deep_compression.json", json.dumps({"env": env, "runs": summaries, "rerun": extra}, indent=1))
+    save_results("deep_compression", {"env": env, "runs": summaries, "rerun": extra})
     if not args.no_docs:
-        write_docs(markdown(summaries, extra, env))
+        write_section("deep_compression", markdown(summaries, extra, env))
     return 0 if all(all(s["checks"].values()) for s in summaries) else 1
 
 

@@ -22,17 +22,11 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- structured_pruning:start -->", "<!-- structured_pruning:end -->"
-TMP = Path(tempfile.mkdtemp(prefix="torchslim-bench-"))
-os.environ.setdefault("TORCHSLIM_CACHE", str(ROOT / ".cache"))  # baselines stay inside the repo
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(TMP / "inductor"))
+from bench_common import TMP, markers, save_results, write_section  # noqa: E402  (sets the cache folders)
+
+START, END = markers("structured_pruning")
 
 import torch  # noqa: E402
 
@@ -240,16 +234,6 @@ def markdown(nets: list[dict], env: dict, epochs: int, results: dict[str, bool])
     return "\n".join(lines) + "\n"
 
 
-def write_docs(section: str) -> None:
-    from torchslim.core.files import write_atomic
-
-    text = DOCS.read_text() if DOCS.exists() else "# torchslim benchmarks\n\nFigures printed by the scripts in `benchmarks/`.\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    write_atomic(DOCS, text)
 
 
 def main() -> int:
@@ -270,13 +254,10 @@ def main() -> int:
         "torch": torch.__version__, "torch_pruning": tp.__version__,
     }  # fmt: skip
     results = checks(nets)
-    from torchslim.core.files import write_atomic
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"env": env, "epochs": args.epochs, "nets": nets, "checks": results}
-    write_atomic(RESULTS / "structured_pruning.json", json.dumps(payload, indent=1))
+    save_results("structured_pruning", payload)
     if not args.no_docs:
-        write_docs(markdown(nets, env, args.epochs, results))
+        write_section("structured_pruning", markdown(nets, env, args.epochs, results))
     for k, v in results.items():
         print(f"{k}: {'yes' if v else 'NO'}")
     return 0 if all(results.values()) else 1

@@ -1,6 +1,5 @@
 from typer.testing import CliRunner
 
-from torchslim.artifact.tslim import save
 from torchslim.cli import app
 
 from test_recipe import TINY

@@ -356,3 +356,15 @@ def test_an_output_feeding_a_relu_then_int8_layers_takes_their_input_grid(digits
     quantize_(model, QuantizeConfig(calibration="minmax"), data=[torch.randn(8, 1, 28, 28)])
     assert model.layer1.conv1.output_q is None  # conv1 -> folded bn1 -> relu -> conv2
     assert model.stem.output_q is not None  # the stem's ReLU also feeds a float residual add
+
+
+def test_auto_calibration_keeps_the_method_closest_to_the_float_outputs(digits, digits_cnn):
+    model = copy.deepcopy(digits_cnn)
+    result = quantize_(model, QuantizeConfig(), data=digits)  # calibration="auto" is the default
+    errors = result.calibration["output_mse"]
+    assert set(errors) == {"minmax", "percentile", "mse", "entropy"}
+    assert result.calibration["method"] == min(errors, key=errors.get)
+    chosen = copy.deepcopy(digits_cnn)
+    quantize_(chosen, QuantizeConfig(calibration=result.calibration["method"]), data=digits)
+    x = digits.example_input(32)
+    assert torch.equal(chosen(x), model(x))

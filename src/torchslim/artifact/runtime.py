@@ -79,8 +79,6 @@ class _Frozen:
 
 def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
     """The model as a self-contained ONNX file (weights inside, batch dimension dynamic)."""
-    import onnx  # noqa: F401  (an optional dependency; fail here with its own message)
-
     model.eval()
     name = next(iter(inspect.signature(model.forward).parameters), "x")
     try:

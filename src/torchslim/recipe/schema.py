@@ -96,7 +96,7 @@ class QuantizeSection(_Strict):
 
     scheme: str = "static"
     bits: int = 8
-    calibration: str = "mse"
+    calibration: str = "auto"
     percentile: float = 99.99
     calib_batches: int = 8
     group_size: int = 64

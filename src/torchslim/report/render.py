@@ -123,6 +123,7 @@ def quant_parts(step: dict[str, Any] | None) -> list[str]:
     parts = [
         "## Quantization",
         f"Scheme `{cfg['scheme']}`, int{cfg['bits']} weights, calibration `{cfg['calibration']}`"
+        f"{' (chose `' + q['calibration']['method'] + '`)' if cfg['calibration'] == 'auto' and q.get('calibration') else ''}"
         f"{', QAT' if cfg['qat'] else ''}; latency measured on the `{step['backend']}` backend. "
         f"BatchNorms folded into their convolutions: {', '.join(q['folded']) or 'none'}. Weight error is "
         "the relative RMS error of the dequantized weight.",

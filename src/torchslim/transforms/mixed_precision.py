@@ -21,9 +21,8 @@ from torchslim.core.data import Data
 from torchslim.core.qlayers import QuantizedLayer
 from torchslim.errors import ConfigError
 from torchslim.evaluate.metrics import accuracy
-from torchslim.transforms.quantize import (
-    QuantizeConfig, QuantizeResult, _calibration, _ranges, _select, _swap, fold_batchnorm_, quantize_,
-)  # fmt: skip
+from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches
+from torchslim.transforms.quantize import QuantizeConfig, QuantizeResult, _select, _swap, fold_batchnorm_, quantize_
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ def mixed_precision_(
     fold_batchnorm_(work)  # a folded float model computes what the original does
     base = accuracy(work, batches)
     _, targets = _select(work, config.quantize)
-    ranges = _ranges(work, targets, _calibration(config.quantize, data, None), config.quantize)
+    ranges, _ = calibrated_ranges(work, targets, calibration_batches(config.quantize, data, None), config.quantize)
     q = config.quantize
     quantized = {
         n: QuantizedLayer.from_float(layer, q.scheme, q.bits, q.group_size if q.bits == 4 else 0, ranges.get(n))

@@ -18,14 +18,15 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from torchslim.analysis.ranges import METHODS, choose_range, observe
+from torchslim.analysis.ranges import METHODS
 from torchslim.core.data import Data
 from torchslim.core.plan import match_layer
 from torchslim.core.qlayers import (
     FLOAT_TYPES, SCHEMES, QuantizedLayer, activation_qparams, folded_batchnorm, weight_scales,
 )
-from torchslim.errors import ConfigError, DataError
+from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
+from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches
 
 log = logging.getLogger(__name__)
 _WEIGHTED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.Embedding,
@@ -41,8 +42,10 @@ class QuantizeConfig:
             ``"dynamic"`` (int8 weights, input ranges measured per call; Linear layers) or
             ``"weight"`` (weight-only int8 or int4; float compute).
         bits: weight bits: 8, or 4 with ``scheme="weight"`` (Linear layers, per group).
-        calibration: how a static input range is chosen: ``minmax``, ``percentile``, ``mse``
-            or ``entropy`` (see :mod:`torchslim.analysis.ranges`).
+        calibration: how the static grids' ranges are chosen: ``minmax``, ``percentile``,
+            ``mse`` or ``entropy`` (see :mod:`torchslim.analysis.ranges`), or ``auto``: the
+            one of those whose quantized model's outputs on the calibration batches are
+            closest to the float model's.
         percentile: the percentile kept by ``calibration="percentile"``.
         calib_batches: calibration batches (of the data's evaluation batch size).
         group_size: inputs per int4 scale group (the last group of a row may be shorter).
@@ -53,7 +56,7 @@ class QuantizeConfig:
 
     scheme: str = "static"
     bits: int = 8
-    calibration: str = "mse"
+    calibration: str = "auto"
     percentile: float = 99.99
     calib_batches: int = 8
     group_size: int = 64
@@ -66,8 +69,8 @@ class QuantizeConfig:
             raise ConfigError(f"scheme={self.scheme!r}: choose one of {list(SCHEMES)}")
         if self.bits not in (4, 8) or (self.bits == 4 and self.scheme != "weight"):
             raise ConfigError(f"bits={self.bits!r}: use 8, or 4 with scheme='weight' (int4 weight-only)")
-        if self.calibration not in METHODS:
-            raise ConfigError(f"calibration={self.calibration!r}: choose one of {list(METHODS)}")
+        if self.calibration not in (*METHODS, "auto"):
+            raise ConfigError(f"calibration={self.calibration!r}: choose one of {[*METHODS, 'auto']}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile={self.percentile!r}: use a number in (50, 100], e.g. 99.99")
         for key in ("calib_batches", "group_size"):
@@ -111,10 +114,11 @@ class QuantizeResult:
     folded: list[str]  # BatchNorm modules folded into their convolution (now Identity)
     config: QuantizeConfig
     history: list[dict] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)  # the method used (and, for "auto", each one's output error)
 
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "folded": self.folded, "history": self.history,
-                "layers": [asdict(r) for r in self.layers]}  # fmt: skip
+                "calibration": self.calibration, "layers": [asdict(r) for r in self.layers]}  # fmt: skip
 
 
 def quantize_(
@@ -145,7 +149,7 @@ def quantize_(
     if config.qat is not None and not isinstance(data, Data):
         raise ConfigError("qat trains the model: pass data=<a torchslim Data> with a training split")
     _check_names(model, config)
-    batches = _calibration(config, data, example)
+    batches = calibration_batches(config, data, example)
     example = example if example is not None else (batches[0][:2] if batches else None)
     if example is None:
         raise ConfigError("pass data=... (calibration batches) or example=<one input batch>")
@@ -157,7 +161,7 @@ def quantize_(
             f"{type(model).__name__} has no layer this scheme can quantize ({_summary(records)}); "
             "static and dynamic int8 cover nn.Linear and nn.Conv1d/2d, int4 covers nn.Linear"
         )
-    ranges = _ranges(model, targets, batches, config)
+    ranges, calibration = calibrated_ranges(model, targets, batches, config)
     history: list[dict] = []
     if config.qat is not None:
         assert isinstance(data, Data)  # checked above
@@ -179,7 +183,7 @@ def quantize_(
         if not layer.weight.detach().any():
             rec.note = "all-zero weight: stored as zeros (scale 1)"
     _check_runs(model, example)
-    return QuantizeResult(list(records.values()), folded, config, history)
+    return QuantizeResult(list(records.values()), folded, config, history, calibration)
 
 
 def fold_batchnorm_(model: nn.Module) -> list[str]:
@@ -255,82 +259,6 @@ def _why_not(name: str, m: nn.Module, config: QuantizeConfig) -> str | None:
 
 def _summary(records: dict[str, LayerRecord]) -> str:
     return "; ".join(f"{r.name}: {r.skip}" for r in records.values())[:300] or "no weight layers"
-
-
-def _calibration(config: QuantizeConfig, data: Data | Iterable | None, example: torch.Tensor | None) -> list:
-    """Up to ``calib_batches`` input batches, checked for emptiness, non-finite values and shape."""
-    if data is None:
-        if config.scheme == "static":
-            raise ConfigError("static quantization calibrates input ranges: pass data=<calibration batches>")
-        return []
-    source = data.calib_loader() if isinstance(data, Data) else data
-    batches = []
-    for i, item in enumerate(source):
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise DataError(f"calibration batch {i} is {type(x).__name__}, not a float tensor (or an (input, target) pair)")
-        if not torch.isfinite(x).all():
-            raise DataError(f"calibration batch {i} holds NaN or Inf; clean the calibration data before quantizing")
-        ref = example if example is not None else (batches[0] if batches else x)
-        if x.shape[1:] != ref.shape[1:]:
-            raise DataError(
-                f"calibration batch {i} has shape {tuple(x.shape)} but the model's input is {tuple(ref.shape)}: "
-                "calibrate on batches shaped like the example input (only the batch size may differ)"
-            )
-        batches.append(x)
-        if len(batches) == config.calib_batches:
-            break
-    if not batches:
-        raise DataError("the calibration loader yielded no batches; give it at least one batch of inputs")
-    return batches
-
-
-def _ranges(model: nn.Module, targets: dict[str, nn.Module], batches: list, config: QuantizeConfig) -> dict:
-    if config.scheme != "static":
-        return {}
-    stats = observe(model, targets, batches, histogram=config.calibration != "minmax")
-    pick = {key: choose_range(s, config.calibration, config.percentile) for key, s in stats.items()}
-    for producer, consumers in relu_consumers(model, targets).items():
-        # producer -> ReLU -> consumers: the consumers' (one, post-ReLU) input grid quantizes the
-        # producer's output after the ReLU; the producer keeps its output float (no double rounding,
-        # and the backends fuse conv/linear + ReLU + quantize into one int8 kernel)
-        shared = (0.0, max(pick[c, "input"][1] for c in consumers))
-        pick[producer, "output"] = None
-        for c in consumers:
-            pick[c, "input"] = shared
-    return {n: (pick[n, "input"], pick[n, "output"]) for n in targets}
-
-
-_RELU_FUNCTIONS = (torch.relu, torch.relu_, nn.functional.relu)
-
-
-def relu_consumers(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[str]]:
-    """Target layers whose output goes only through a ReLU (after any folded BatchNorm), and from
-    it only into target layers."""
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 -- untraceable: every layer keeps its own grids
-        return {}
-    modules = dict(model.named_modules())
-    out = {}
-    for node in graph.nodes:
-        if node.op != "call_module" or node.target not in targets:
-            continue
-        producer = node.target
-        while len(node.users) == 1 and isinstance(modules.get(next(iter(node.users)).target), nn.Identity):
-            node = next(iter(node.users))  # a folded BatchNorm
-        if len(node.users) != 1:
-            continue
-        relu = next(iter(node.users))
-        is_relu = (
-            (relu.op == "call_module" and isinstance(modules.get(relu.target), nn.ReLU))
-            or (relu.op == "call_function" and relu.target in _RELU_FUNCTIONS)
-            or (relu.op == "call_method" and relu.target in ("relu", "relu_"))
-        )
-        users = list(relu.users) if is_relu else []
-        if users and all(u.op == "call_module" and u.target in targets and u.args[:1] == (relu,) for u in users):
-            out[producer] = [u.target for u in users]
-    return out
 
 
 def _relative_error(w: torch.Tensor, dq: torch.Tensor) -> float:

@@ -1,0 +1,43 @@
+"""What every benchmark script shares: paths, caches kept in the repo and the temp dir, and the
+rewrite of its own section of docs/benchmarks.md and its results file (both atomic)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+TMP = Path(tempfile.mkdtemp(prefix="torchslim-bench-"))
+os.environ.setdefault("TORCHSLIM_CACHE", str(ROOT / ".cache"))  # baselines stay inside the repo
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(TMP / "inductor"))  # nothing under $HOME
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The comments that delimit a script's section of docs/benchmarks.md."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def write_section(name: str, section: str) -> None:
+    """Replace (or append) the section between ``name``'s markers in docs/benchmarks.md."""
+    from torchslim.core.files import write_atomic
+
+    start, end = markers(name)
+    text = DOCS.read_text() if DOCS.exists() else "# torchslim benchmarks\n\nFigures printed by the scripts in `benchmarks/`.\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    write_atomic(DOCS, text)
+
+
+def save_results(name: str, payload: dict) -> Path:
+    """Write benchmarks/results/<name>.json."""
+    from torchslim.core.files import write_atomic
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return write_atomic(RESULTS / f"{name}.json", json.dumps(payload, indent=1))
