@@ -368,3 +368,21 @@ def test_auto_calibration_keeps_the_method_closest_to_the_float_outputs(digits, 
     quantize_(chosen, QuantizeConfig(calibration=result.calibration["method"]), data=digits)
     x = digits.example_input(32)
     assert torch.equal(chosen(x), model(x))
+
+
+def test_the_inductor_backend_falls_back_to_torch_compile_for_models_export_cannot_capture():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            if float(x.sum()) > 0:  # data-dependent Python control flow: torch.export refuses it
+                return self.fc(x)
+            return -self.fc(x)
+
+    model = Branchy().eval()
+    x = torch.randn(4, 8)
+    fast = compile_model(model, "inductor", x)
+    assert fast.fallback is not None
+    assert torch.allclose(fast(x), model(x), atol=1e-5) and torch.allclose(fast(-x), model(-x), atol=1e-5)

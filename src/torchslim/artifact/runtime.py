@@ -2,20 +2,24 @@
 
 ``eager``        the model itself. For quantized layers this is the fake-quant reference: exact,
                  but slower than float (every call dequantizes the weights).
-``inductor``     ``torch.compile`` with inductor freezing, the C++ wrapper and static shapes: the quantize /
-                 dequantize patterns of :class:`~torchslim.core.qlayers.QuantizedLayer` become
-                 oneDNN int8 convolutions and matmuls (x86 VNNI), float layers get fused kernels.
-                 Each new input shape compiles once (tens of seconds for the first).
+``inductor``     the model exported and compiled ahead of time by inductor (AOTInductor) with
+                 freezing and static shapes: the quantize / dequantize patterns of
+                 :class:`~torchslim.core.qlayers.QuantizedLayer` become oneDNN int8 convolutions
+                 and matmuls (x86 VNNI), float layers get fused kernels. Each new input shape
+                 compiles once (seconds to tens of seconds).
 ``onnxruntime``  the model exported to ONNX (QuantizeLinear / DequantizeLinear pairs) and run by
                  an ONNX Runtime session with every graph optimisation enabled.
 
-The backends are thin: ``torch.compile``, ``torch.onnx.export`` and ONNX Runtime do the work.
+The backends are thin: ``torch.export``, AOTInductor (or ``torch.compile``), ``torch.onnx.export``
+and ONNX Runtime do the work.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import os
+import tempfile
 from typing import Callable
 
 import torch
@@ -57,24 +61,57 @@ class _NoGrad:
 
 
 class _Frozen:
-    """``torch.compile`` with inductor freezing (weights become constants, so int8 weights are
-    prepacked once) and the C++ wrapper (less Python per call). The first call of each input
-    shape compiles under those settings; later calls of that shape skip setting them."""
+    """The inductor backend: per input shape, the model exported (``torch.export``), compiled
+    ahead of time with inductor freezing (int8 weights prepacked once) and loaded as an
+    AOTInductor package, which calls with less overhead than ``torch.compile``'s Python wrapper.
+    A model ``torch.export`` cannot capture falls back to ``torch.compile`` (graph breaks allowed)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.runners: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.folder = tempfile.TemporaryDirectory(prefix="torchslim-aoti-")  # removed with this object
+        self.fallback: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if self.fallback is not None:
+                return self.fallback(x)
+            runner = self.runners.get(tuple(x.shape))
+            if runner is None:
+                runner = self.runners[tuple(x.shape)] = self._compile(x)
+            return runner(x)
+
+    def _compile(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            try:
+                program = torch.export.export(self.model, (x,))
+            except Exception as exc:  # noqa: BLE001 -- any capture failure: compile with graph breaks instead
+                log.warning("torch.export cannot capture %s (%s); using torch.compile", type(self.model).__name__, exc)
+                self.fallback = _Compiled(self.model)
+                return self.fallback
+            path = os.path.join(self.folder.name, f"{len(self.runners)}.pt2")
+            package = torch._inductor.aoti_compile_and_package(program, package_path=path)
+        return torch._inductor.aoti_load_package(package)
+
+
+class _Compiled:
+    """``torch.compile`` with inductor freezing; each new input shape compiles under freezing."""
 
     def __init__(self, model: nn.Module) -> None:
         self.compiled = torch.compile(model, dynamic=False)
         self.shapes: set[tuple[int, ...]] = set()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            if tuple(x.shape) in self.shapes:
-                return self.compiled(x)
-            import torch._inductor.config as inductor_config
+        if tuple(x.shape) in self.shapes:
+            return self.compiled(x)
+        import torch._inductor.config as inductor_config
 
-            with inductor_config.patch(freezing=True, cpp_wrapper=True, size_asserts=False):
-                out = self.compiled(x)
-            self.shapes.add(tuple(x.shape))
-            return out
+        with inductor_config.patch(freezing=True):
+            out = self.compiled(x)
+        self.shapes.add(tuple(x.shape))
+        return out
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
