@@ -105,7 +105,11 @@ def torchslim_rows(name: str, dense, data, qat_epochs: int) -> tuple[list[dict],
         t = time.perf_counter()
         result = ts.quantize_(model, cfg, data)
         timed = ("inductor", "onnxruntime") if method == DEFAULT.calibration else ()
-        label = f"static int8, auto (chose {result.calibration['method']})" if method == "auto" else f"static int8, {method}"
+        if method == "auto":
+            moved = sum(m != result.calibration["start"] for m in result.calibration["layers"].values())
+            label = f"static int8, auto (from {result.calibration['start']}, {moved} layers changed)"
+        else:
+            label = f"static int8, {method}"
         row = quantized_row(name, label, model, data, result, timed)
         row["quantize_s"] = time.perf_counter() - t
         if method == DEFAULT.calibration:

@@ -12,6 +12,7 @@ from torchslim.analysis.ranges import BINS, InputStats, _mse, choose_range
 from torchslim.artifact.runtime import compile_model, export_onnx
 from torchslim.core.models import ZOO
 from torchslim.core.qlayers import QuantizedLayer, pack_int4, unpack_int4
+from torchslim.core.qrnn import QuantizedRNN
 from torchslim.errors import ArtifactError, ConfigError, DataError, ShapeMismatchError
 from torchslim.evaluate.metrics import accuracy
 from torchslim.train.fit import TrainConfig, fit
@@ -156,7 +157,7 @@ def test_excluded_and_unsupported_layers_stay_float_with_the_reason():
     model = ZOO["lstm_classifier"]().eval()
     result = quantize_(model, QuantizeConfig(), data=[torch.randn(8, 1, 28, 28)])
     skips = {r.name: r.skip for r in result.layers if r.skip}
-    assert list(skips) == ["rnn"] and skips["rnn"].startswith("no int8 kernel for LSTM")
+    assert list(skips) == ["rnn"] and skips["rnn"] == "LSTM layers are quantized by scheme='dynamic'; kept in float"
     assert isinstance(model.fc, QuantizedLayer) and isinstance(model.rnn, nn.LSTM)
 
     model = ZOO["lenet_300_100"]().eval()
@@ -178,7 +179,7 @@ def test_bad_calibration_data_and_layers(digits_cnn):
     with pytest.raises(ConfigError, match="static quantization calibrates"):
         quantize_(copy.deepcopy(digits_cnn), QuantizeConfig())
     with pytest.raises(ConfigError, match="no layer this scheme can quantize"):
-        quantize_(nn.Sequential(nn.LSTM(8, 8)), QuantizeConfig(scheme="dynamic"), example=torch.randn(2, 3, 8))
+        quantize_(nn.Sequential(nn.Embedding(8, 4)), QuantizeConfig(scheme="dynamic"), example=torch.zeros(2, 3).long())
     with pytest.raises(ConfigError, match=r"exclude \['fc9'\] match no layer"):
         quantize_(copy.deepcopy(digits_cnn), QuantizeConfig(exclude=("fc9",)), data=[good])
     for bad, message in ((dict(bits=4), "int4 weight-only"), (dict(calibration="kl"), "calibration='kl'"),
@@ -356,18 +357,23 @@ def test_an_output_feeding_a_relu_then_int8_layers_takes_their_input_grid(digits
     quantize_(model, QuantizeConfig(calibration="minmax"), data=[torch.randn(8, 1, 28, 28)])
     assert model.layer1.conv1.output_q is None  # conv1 -> folded bn1 -> relu -> conv2
     assert model.stem.output_q is not None  # the stem's ReLU also feeds a float residual add
+    model = ZOO["lenet5"]().eval()
+    quantize_(model, QuantizeConfig(calibration="minmax"), data=[torch.randn(8, 1, 28, 28)])
+    # conv1 -> relu -> max_pool2d -> conv2: one grid from zero, quantized at conv1's output already
+    assert model.conv1.output_q == model.conv2.input_q and model.conv1.output_q[1] == 0
+    assert model.conv2.output_q == model.fc1.input_q  # ... -> max_pool2d -> flatten -> fc1
 
 
-def test_auto_calibration_keeps_the_method_closest_to_the_float_outputs(digits, digits_cnn):
+def test_auto_calibration_picks_per_layer_methods_closest_to_the_float_outputs(digits, digits_cnn):
     model = copy.deepcopy(digits_cnn)
     result = quantize_(model, QuantizeConfig(), data=digits)  # calibration="auto" is the default
-    errors = result.calibration["output_mse"]
-    assert set(errors) == {"minmax", "percentile", "mse", "entropy"}
-    assert result.calibration["method"] == min(errors, key=errors.get)
-    chosen = copy.deepcopy(digits_cnn)
-    quantize_(chosen, QuantizeConfig(calibration=result.calibration["method"]), data=digits)
-    x = digits.example_input(32)
-    assert torch.equal(chosen(x), model(x))
+    chosen = result.calibration
+    whole = chosen["output_mse"]
+    assert set(whole) == {"minmax", "percentile", "mse", "entropy"} and chosen["start"] == min(whole, key=whole.get)
+    assert set(chosen["layers"]) == {"conv1", "conv2", "fc"} and chosen["final_output_mse"] <= whole[chosen["start"]]
+    x = torch.cat([b for b, _ in digits.calib_loader()])
+    with torch.no_grad():
+        assert float(((model(x) - digits_cnn(x)) ** 2).mean()) == pytest.approx(chosen["final_output_mse"], rel=1e-3)
 
 
 def test_the_inductor_backend_falls_back_to_torch_compile_for_models_export_cannot_capture():
@@ -386,3 +392,43 @@ def test_the_inductor_backend_falls_back_to_torch_compile_for_models_export_cann
     fast = compile_model(model, "inductor", x)
     assert fast.fallback is not None
     assert torch.allclose(fast(x), model(x), atol=1e-5) and torch.allclose(fast(-x), model(-x), atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_dynamic_int8_lstm_and_gru_match_the_float_layer_and_round_trip(tmp_path, cell):
+    torch.manual_seed(0)
+    rnn = getattr(nn, cell)(12, 16, num_layers=2, bidirectional=True, batch_first=True).eval()
+    model = nn.Sequential(rnn)
+    x = torch.randn(5, 7, 12)
+    (ref, state) = rnn(x)
+    result = quantize_(model, QuantizeConfig(scheme="dynamic"), example=x)
+    q = model[0]
+    assert isinstance(q, QuantizedRNN) and q.weight_hh_l1_reverse.dtype == torch.int8
+    assert result.layers[0].scheme == "dynamic" and result.layers[0].weight_error < 0.01
+    out, q_state = q(x)
+    assert out.shape == ref.shape and (out - ref).abs().max() < 0.05
+    first = q_state[0] if cell == "LSTM" else q_state
+    assert first.shape == (state[0] if cell == "LSTM" else state).shape
+    reference = getattr(nn, cell)(12, 16, num_layers=2, bidirectional=True, batch_first=True).eval()
+    with torch.no_grad():  # the float layer run with the dequantized weights is what int8 approximates
+        for name, w in q.dequantized_weights().items():
+            getattr(reference, name).copy_(w)
+        for name in q.bias_names():
+            getattr(reference, name).copy_(getattr(q, name))
+    assert (reference(x)[0] - out).abs().max() < 0.03  # only the dynamic activation rounding differs
+    path = ts.save(model, tmp_path / "rnn.tslim")
+    restored = ts.load(path, model=nn.Sequential(getattr(nn, cell)(12, 16, num_layers=2, bidirectional=True, batch_first=True)))
+    assert torch.equal(restored(x)[0], out)
+
+
+def test_a_pruned_lstm_classifier_quantizes_dynamically_and_loads_into_the_full_model(tmp_path):
+    model = ZOO["lstm_classifier"]().eval()
+    channel_prune_(model, ChannelPruneConfig(ratio=0.5, round_to=8, min_channels=8), example=X)
+    before = model(X)
+    quantize_(model, QuantizeConfig(scheme="dynamic"), example=X)
+    assert isinstance(model.rnn, QuantizedRNN) and model.rnn.hidden_size == 64
+    assert (model(X) - before).abs().max() < 0.05 * before.abs().max() + 0.05
+    fp32 = ts.save(ZOO["lstm_classifier"](), tmp_path / "fp32.tslim").stat().st_size
+    path = ts.save(model, tmp_path / "q.tslim")
+    assert fp32 / path.stat().st_size > 3.5 * 2  # half the hidden units, then int8
+    assert torch.equal(ts.load(path, model=ZOO["lstm_classifier"])(X), model(X))

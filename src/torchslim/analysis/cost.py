@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from torchslim.core.qlayers import QuantizedLayer
+from torchslim.core.qrnn import QuantizedRNN
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Layer types whose ``weight`` the unstructured transforms (prune, share) work on."""
@@ -68,10 +69,11 @@ def _macs(module: nn.Module, inp: tuple, kwargs: dict, out: object) -> int:
         return out.numel() * module.in_features  # type: ignore[union-attr]
     if isinstance(module, QuantizedLayer):
         return out.numel() * math.prod(module.weight_shape()[1:])  # type: ignore[union-attr]
-    if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
+    if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN, QuantizedRNN)):
         seq = out[0]  # (B, T, D * H) or (T, B, D * H)
         steps = seq.numel() // (seq.shape[-1])
-        gates = 4 if isinstance(module, nn.LSTM) else 3 if isinstance(module, nn.GRU) else 1
+        kind = getattr(module, "float_type", type(module).__name__)
+        gates = 4 if isinstance(module, nn.LSTM) or kind == "LSTM" else 3 if isinstance(module, nn.GRU) or kind == "GRU" else 1
         dirs = 2 if module.bidirectional else 1
         h, i = module.hidden_size, module.input_size
         per_step = gates * h * (i + h) + (gates * h * (dirs * h + h) * (module.num_layers - 1))
@@ -96,7 +98,7 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """
     batch = example.shape[0] if isinstance(example, torch.Tensor) else 1
     counts: dict[str, int] = {}
-    kinds = (*_CONVS, nn.Linear, QuantizedLayer, nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)
+    kinds = (*_CONVS, nn.Linear, QuantizedLayer, QuantizedRNN, nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)
 
     def hook(name: str):
         return lambda m, inp, kw, out: counts.__setitem__(name, counts.get(name, 0) + _macs(m, inp, kw, out) // batch)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from torchslim.core.qlayers import FLOAT_TYPES, QuantizedLayer
+from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN
 from torchslim.errors import ShapeMismatchError
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -47,6 +48,8 @@ def size_attrs(m: nn.Module) -> tuple[str, ...]:
     """
     if isinstance(m, QuantizedLayer):
         return SIZE_ATTRS[FLOAT_TYPES[m.float_type]]
+    if isinstance(m, QuantizedRNN):
+        return SIZE_ATTRS[RNN_TYPES[m.float_type]]
     for cls in type(m).__mro__:
         if cls in SIZE_ATTRS:
             return SIZE_ATTRS[cls]
@@ -55,7 +58,7 @@ def size_attrs(m: nn.Module) -> tuple[str, ...]:
 
 def type_name(m: nn.Module) -> str:
     """The class name the manifest records: a quantized layer is recorded as its float type."""
-    return m.float_type if isinstance(m, QuantizedLayer) else type(m).__name__
+    return m.float_type if isinstance(m, (QuantizedLayer, QuantizedRNN)) else type(m).__name__
 
 
 def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -168,6 +171,10 @@ def _expected(m: nn.Module) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     broken: list[str] = []
     if isinstance(m, QuantizedLayer):
         return _expected_quantized(m)
+    if isinstance(m, QuantizedRNN):
+        rows = m.weight_shapes()["weight_hh_l0"][0]
+        shapes = dict(m.weight_shapes()) | {f"{n}_scale": (rows,) for n in m.weight_shapes()}
+        return shapes | {n: (rows,) for n in m.bias_names()}, []
     if isinstance(m, _CONV):
         if m.in_channels % m.groups or m.out_channels % m.groups:
             broken.append(f"in_channels and out_channels must be multiples of groups={m.groups}")

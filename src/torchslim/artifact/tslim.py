@@ -23,7 +23,8 @@ from torch import nn
 from torchslim.artifact.codecs import decode_tensor, encode_tensor, entry_shape
 from torchslim.artifact.structure import describe, resize_
 from torchslim.core.files import write_atomic
-from torchslim.core.qlayers import FLOAT_TYPES, SCHEMES, QuantizedLayer, folded_batchnorm, folded_names, quantized_layers
+from torchslim.core.qlayers import FLOAT_TYPES, SCHEMES, QuantizedLayer, folded_batchnorm, folded_names
+from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN, quantized_layers
 from torchslim.errors import ArtifactError, ConfigError, ShapeMismatchError
 
 FORMAT, VERSION = "tslim", 3
@@ -274,15 +275,21 @@ def _requantize(module: nn.Module, quant: Any, path: Any) -> None:
     for name, spec in quant.items():
         layer = owned.get(name)
         of, scheme, bits, group = (spec.get(k) for k in ("of", "scheme", "bits", "group_size")) if isinstance(spec, dict) else (None,) * 4
-        if of not in FLOAT_TYPES or scheme not in SCHEMES or bits not in (4, 8) or type(group) is not int:
+        kinds = FLOAT_TYPES | RNN_TYPES
+        if of not in kinds or scheme not in SCHEMES or bits not in (4, 8) or type(group) is not int:
             raise ArtifactError(f"{path}: quantized layer {name!r} has an unknown description {str(spec)[:120]}")
-        if type(layer) is not FLOAT_TYPES[of]:
+        if type(layer) is not kinds[of]:
             raise ShapeMismatchError(
                 f"{path}: the file quantized a {of} at {name!r} but the model has "
                 f"{type(layer).__name__ if layer is not None else 'nothing'} there; pass the builder of the model that was saved"
             )
         if (bits == 4) != (group > 0) or not 0 <= group <= MAX_ZOO_ARG or (bits == 4 and of != "Linear"):
             raise ArtifactError(f"{path}: quantized layer {name!r}: bits={bits} with group_size={group} is not valid")
+        if of in RNN_TYPES:
+            if scheme != "dynamic" or bits != 8 or getattr(layer, "proj_size", 0):
+                raise ArtifactError(f"{path}: quantized layer {name!r}: an {of} is stored dynamic int8 only")
+            fresh[name] = QuantizedRNN.empty_like(layer)
+            continue
         fresh[name] = QuantizedLayer.empty_like(layer, scheme, bits, group)
         if scheme == "static":
             fresh[name].input_q = _grid(spec.get("input"), name, path)

@@ -240,8 +240,3 @@ def folded_batchnorm(kind: str, conv: str) -> nn.Identity:
 def folded_names(model: nn.Module) -> dict[str, str]:
     """Each BatchNorm folded away in ``model`` -> the convolution it was folded into."""
     return {n: m.folded_batchnorm[1] for n, m in model.named_modules() if isinstance(getattr(m, "folded_batchnorm", None), tuple)}
-
-
-def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The manifest's ``quant`` map: every quantized layer's name -> how it was quantized."""
-    return {n: m.describe() for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}

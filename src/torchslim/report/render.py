@@ -115,6 +115,14 @@ def quant_rows(quantization: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def _auto(chosen: dict[str, Any]) -> str:
+    """How ``calibration="auto"`` chose: the starting method and the layers that moved off it."""
+    if chosen.get("method") != "auto":
+        return ""
+    moved = {n: m for n, m in chosen["layers"].items() if m != chosen["start"]}
+    return f" (from `{chosen['start']}` for all layers" + "".join(f"; `{n}`: `{m}`" for n, m in moved.items()) + ")"
+
+
 def quant_parts(step: dict[str, Any] | None) -> list[str]:
     """Markdown for the quantization step: settings, folded BatchNorms and the per-layer table."""
     if not step:
@@ -123,7 +131,7 @@ def quant_parts(step: dict[str, Any] | None) -> list[str]:
     parts = [
         "## Quantization",
         f"Scheme `{cfg['scheme']}`, int{cfg['bits']} weights, calibration `{cfg['calibration']}`"
-        f"{' (chose `' + q['calibration']['method'] + '`)' if cfg['calibration'] == 'auto' and q.get('calibration') else ''}"
+        f"{_auto(q.get('calibration') or {})}"
         f"{', QAT' if cfg['qat'] else ''}; latency measured on the `{step['backend']}` backend. "
         f"BatchNorms folded into their convolutions: {', '.join(q['folded']) or 'none'}. Weight error is "
         "the relative RMS error of the dequantized weight.",

@@ -2,10 +2,12 @@
 
 ``calibrated_ranges`` observes every target layer's input and output once
 (:func:`torchslim.analysis.ranges.observe`) and turns the statistics into ranges with the
-configured method. ``"auto"`` tries each method on those same statistics, quantizes a copy of
-the model with each, and keeps the method whose outputs on the calibration batches are closest
-(mean squared error) to the float model's -- chosen per model, without labels and without the
-test set.
+configured method. ``"auto"`` scores quantized copies of the model by how far their outputs on
+the calibration batches are (mean squared error) from the float model's: it starts from the
+best single method for all layers, then sweeps the layers once, keeping for each the method
+that lowers the error -- no labels, no test set. A layer whose input is already on a 256-level
+grid (8-bit pixels) thus keeps ``minmax``, which reproduces it exactly, while deeper layers
+may clip.
 """
 
 from __future__ import annotations
@@ -56,36 +58,51 @@ def calibration_batches(config: Any, data: Data | Iterable | None, example: torc
 def calibrated_ranges(
     model: nn.Module, targets: dict[str, nn.Module], batches: list, config: Any
 ) -> tuple[Ranges, dict[str, Any]]:
-    """The ranges of every target layer, and what was chosen (``{"method": ..., "output_mse": {...}}``)."""
+    """The ranges of every target layer, and what was chosen: ``{"method": ...}``, and for
+    ``"auto"`` also each layer's method and the output error of each whole-model method."""
     if config.scheme != "static":
         return {}, {}
     stats = observe(model, targets, batches, histogram=config.calibration != "minmax")
-    consumers = relu_consumers(model, targets)
+    consumers = grid_consumers(model, targets)
     if config.calibration != "auto":
-        return _pick(stats, config.calibration, config.percentile, targets, consumers), {"method": config.calibration}
-    errors, candidates = {}, {}
+        methods = dict.fromkeys(targets, config.calibration)
+        return _pick(stats, methods, config.percentile, consumers), {"method": config.calibration}
     with torch.no_grad():
         reference = [model(x) for x in batches]
-        for method in METHODS:
-            candidates[method] = _pick(stats, method, config.percentile, targets, consumers)
-            copy_ = copy.deepcopy(model)
+
+        def error(methods: dict[str, str]) -> float:
+            ranges = _pick(stats, methods, config.percentile, consumers)
+            trial = copy.deepcopy(model)
             for name, layer in targets.items():
-                _replace(copy_, name, QuantizedLayer.from_float(layer, "static", ranges=candidates[method][name]))
-            diffs = [float(((copy_(x) - ref) ** 2).mean()) for x, ref in zip(batches, reference)]
-            errors[method] = sum(diffs) / len(diffs)
-    best = min(METHODS, key=lambda m: (errors[m], METHODS.index(m)))
-    return candidates[best], {"method": best, "output_mse": errors}
+                _replace(trial, name, QuantizedLayer.from_float(layer, "static", ranges=ranges[name]))
+            return sum(float(((trial(x) - ref) ** 2).mean()) for x, ref in zip(batches, reference)) / len(batches)
+
+        whole = {m: error(dict.fromkeys(targets, m)) for m in METHODS}
+        best = min(METHODS, key=lambda m: (whole[m], METHODS.index(m)))
+        methods, current = dict.fromkeys(targets, best), whole[best]
+        for name in targets:  # one sweep, layer by layer: keep another method where it lowers the error
+            for m in METHODS:
+                if m != methods[name] and (err := error(methods | {name: m})) < current:
+                    methods, current = methods | {name: m}, err
+    return _pick(stats, methods, config.percentile, consumers), {
+        "method": "auto", "start": best, "layers": methods, "output_mse": whole, "final_output_mse": current,
+    }  # fmt: skip
 
 
-def _pick(stats: dict, method: str, percentile: float, targets: dict, consumers: dict[str, list[str]]) -> Ranges:
-    pick = {key: choose_range(s, method, percentile) for key, s in stats.items()}
-    out: dict[str, list] = {n: [pick[n, "input"], pick[n, "output"]] for n in targets}
-    for producer, users in consumers.items():
-        # producer -> ReLU -> users: the users' (one, post-ReLU) input grid quantizes the producer's
-        # output after the ReLU; the producer keeps its output float (no double rounding, and the
-        # backends fuse conv/linear + ReLU + quantize into one int8 kernel)
-        shared = (0.0, max(pick[u, "input"][1] for u in users))
-        out[producer][1] = None
+def _pick(stats: dict, methods: dict[str, str], percentile: float, consumers: dict) -> Ranges:
+    """Each layer's input and output range by its method, then one grid per producer/consumers."""
+    out: dict[str, list] = {
+        n: [choose_range(stats[n, "input"], m, percentile), choose_range(stats[n, "output"], m, percentile)]
+        for n, m in methods.items()
+    }
+    for producer, (users, relu, direct) in consumers.items():
+        # one grid for the producer's output and its consumers' input: no double rounding. After a
+        # ReLU the grid starts at 0 (zero point 0 clamps negatives exactly as the ReLU does); with
+        # the ReLU right before the consumers the producer's output stays float, so the backends
+        # fuse conv/linear + ReLU + quantize into one int8 kernel
+        lo = 0.0 if relu else min(out[u][0][0] for u in users)
+        shared = (lo, max(out[u][0][1] for u in users))
+        out[producer][1] = None if relu and direct else shared
         for u in users:
             out[u][0] = shared
     return {n: (r[0], r[1]) for n, r in out.items()}
@@ -97,11 +114,35 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, nn.functional.relu)
+_POOL_FUNCTIONS = (torch.max_pool1d, torch.max_pool2d, nn.functional.max_pool1d, nn.functional.max_pool2d, torch.flatten)
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity)
+_POOL_METHODS = ("flatten", "view", "reshape")
 
 
-def relu_consumers(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[str]]:
-    """Target layers whose output goes only through a ReLU (after any folded BatchNorm), and from
-    it only into target layers."""
+def _is_relu(node: torch.fx.Node, modules: dict) -> bool:
+    return (
+        (node.op == "call_module" and isinstance(modules.get(node.target), nn.ReLU))
+        or (node.op == "call_function" and node.target in _RELU_FUNCTIONS)
+        or (node.op == "call_method" and node.target in ("relu", "relu_"))
+    )
+
+
+def _keeps_values(node: torch.fx.Node, modules: dict) -> bool:
+    """Max pooling, flattening and reshaping: the output's values are some of the input's."""
+    return (
+        (node.op == "call_module" and isinstance(modules.get(node.target), _POOL_MODULES))
+        or (node.op == "call_function" and node.target in _POOL_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _POOL_METHODS)
+    )
+
+
+def grid_consumers(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, tuple[list[str], bool, bool]]:
+    """Target layers whose output reaches only target layers, through nothing but (a folded
+    BatchNorm,) at most one ReLU and then max pooling / flattening / reshaping.
+
+    Returns ``producer -> (consumers, through a ReLU, directly)``: the consumers' input is a
+    subset of the producer's (ReLU-clamped) output values, so one grid serves both.
+    """
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 -- untraceable: every layer keeps its own grids
@@ -111,18 +152,19 @@ def relu_consumers(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str,
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in targets:
             continue
-        producer = node.target
-        while len(node.users) == 1 and isinstance(modules.get(next(iter(node.users)).target), nn.Identity):
-            node = next(iter(node.users))  # a folded BatchNorm
-        if len(node.users) != 1:
-            continue
-        relu = next(iter(node.users))
-        is_relu = (
-            (relu.op == "call_module" and isinstance(modules.get(relu.target), nn.ReLU))
-            or (relu.op == "call_function" and relu.target in _RELU_FUNCTIONS)
-            or (relu.op == "call_method" and relu.target in ("relu", "relu_"))
-        )
-        users = list(relu.users) if is_relu else []
-        if users and all(u.op == "call_module" and u.target in targets and u.args[:1] == (relu,) for u in users):
-            out[producer] = [u.target for u in users]
+        producer, relu, direct = node.target, False, True
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.op == "call_module" and user.target in targets:
+                break
+            if not relu and (isinstance(modules.get(user.target), nn.Identity) or _is_relu(user, modules)):
+                relu = relu or _is_relu(user, modules)
+            elif _keeps_values(user, modules):
+                direct = False
+            else:
+                break
+            node = user
+        users = list(node.users)
+        if users and all(u.op == "call_module" and u.target in targets and u.args[:1] == (node,) for u in users):
+            out[producer] = ([u.target for u in users], relu, direct)
     return out

@@ -24,6 +24,7 @@ from torchslim.core.plan import match_layer
 from torchslim.core.qlayers import (
     FLOAT_TYPES, SCHEMES, QuantizedLayer, activation_qparams, folded_batchnorm, weight_scales,
 )
+from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
 from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches
@@ -159,7 +160,7 @@ def quantize_(
     if not targets:
         raise ConfigError(
             f"{type(model).__name__} has no layer this scheme can quantize ({_summary(records)}); "
-            "static and dynamic int8 cover nn.Linear and nn.Conv1d/2d, int4 covers nn.Linear"
+            "static int8 covers nn.Linear and nn.Conv1d/2d, dynamic int8 nn.Linear, nn.LSTM and nn.GRU, int4 nn.Linear"
         )
     ranges, calibration = calibrated_ranges(model, targets, batches, config)
     history: list[dict] = []
@@ -169,6 +170,13 @@ def quantize_(
         targets = {n: model.get_submodule(n) for n in targets}
     for name, layer in targets.items():
         rec = records[name]
+        if isinstance(layer, nn.RNNBase):
+            rnn = QuantizedRNN.from_float(layer)
+            _swap(model, name, rnn)
+            rec.scheme, rec.bits = "dynamic", 8
+            weights = rnn.dequantized_weights()
+            rec.weight_error = _relative_error(torch.cat([getattr(layer, n).flatten() for n in weights]), torch.cat([w.flatten() for w in weights.values()]))
+            continue
         q = QuantizedLayer.from_float(layer, config.scheme, config.bits, config.group_size if config.bits == 4 else 0, ranges.get(name))
         _swap(model, name, q)
         rec.scheme, rec.bits = config.scheme, config.bits
@@ -233,7 +241,7 @@ def _select(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, LayerRe
     records, targets = {}, {}
     for name, m in model.named_modules():
         kind = type(m).__name__
-        if type(m) not in FLOAT_TYPES.values():
+        if type(m) not in (*FLOAT_TYPES.values(), *RNN_TYPES.values()):
             if isinstance(m, _WEIGHTED):
                 records[name] = LayerRecord(name, kind, skip=f"no int8 kernel for {kind} in torchslim; kept in float")
             continue
@@ -249,8 +257,14 @@ def _why_not(name: str, m: nn.Module, config: QuantizeConfig) -> str | None:
         return "excluded (kept in float)"
     if getattr(m, "padding_mode", "zeros") != "zeros":
         return f"padding_mode={m.padding_mode!r} has no int8 kernel; kept in float"
+    if isinstance(m, nn.RNNBase):
+        if config.scheme != "dynamic":
+            return f"{type(m).__name__} layers are quantized by scheme='dynamic'; kept in float"
+        if m.proj_size:
+            return f"{type(m).__name__} with proj_size has no int8 path here; kept in float"
+        return None
     if config.scheme == "dynamic" and not isinstance(m, nn.Linear):
-        return "dynamic quantization covers Linear layers; use scheme='static' for convolutions"
+        return "dynamic quantization covers Linear, LSTM and GRU layers; use scheme='static' for convolutions"
     if config.bits == 4:
         if not isinstance(m, nn.Linear):
             return "int4 weight-only covers Linear layers; kept in float"
