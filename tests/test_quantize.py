@@ -366,7 +366,7 @@ def test_an_output_feeding_a_relu_then_int8_layers_takes_their_input_grid(digits
 
 def test_auto_calibration_picks_per_layer_methods_closest_to_the_float_outputs(digits, digits_cnn):
     model = copy.deepcopy(digits_cnn)
-    result = quantize_(model, QuantizeConfig(), data=digits)  # calibration="auto" is the default
+    result = quantize_(model, QuantizeConfig(bias_correction=False), data=digits)  # calibration="auto" is the default
     chosen = result.calibration
     whole = chosen["output_mse"]
     assert set(whole) == {"minmax", "percentile", "mse", "entropy"} and chosen["start"] == min(whole, key=whole.get)
@@ -432,3 +432,17 @@ def test_a_pruned_lstm_classifier_quantizes_dynamically_and_loads_into_the_full_
     path = ts.save(model, tmp_path / "q.tslim")
     assert fp32 / path.stat().st_size > 3.5 * 2  # half the hidden units, then int8
     assert torch.equal(ts.load(path, model=ZOO["lstm_classifier"])(X), model(X))
+
+
+def test_bias_correction_removes_the_mean_output_error_on_the_calibration_data(digits, digits_cnn):
+    x = torch.cat([b for b, _ in digits.calib_loader()])
+    with torch.no_grad():
+        target = digits_cnn(x).mean(0)
+    shifts = {}
+    for corrected in (False, True):
+        model = copy.deepcopy(digits_cnn)
+        result = quantize_(model, QuantizeConfig(calibration="minmax", bias_correction=corrected), data=digits)
+        with torch.no_grad():
+            shifts[corrected] = float((model(x).mean(0) - target).abs().max())
+        assert all((r.bias_shift is not None) == corrected for r in result.layers)
+    assert shifts[True] < shifts[False]

@@ -101,6 +101,7 @@ class QuantizeSection(_Strict):
     calib_batches: int = 8
     group_size: int = 64
     fold_bn: bool = True
+    bias_correction: bool = True
     exclude: list[str] = Field(default_factory=list)
     qat: TrainSection | None = None
     max_drop: Optional[float] = Field(None, ge=0, lt=1, description="mixed precision: keep the most sensitive layers in float until the drop is at most this")

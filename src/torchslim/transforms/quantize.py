@@ -11,6 +11,7 @@ reason recorded. Which kernels run is chosen later, by :func:`torchslim.artifact
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
@@ -51,6 +52,9 @@ class QuantizeConfig:
         calib_batches: calibration batches (of the data's evaluation batch size).
         group_size: inputs per int4 scale group (the last group of a row may be shorter).
         fold_bn: fold each BatchNorm into the convolution feeding it before quantizing.
+        bias_correction: after quantizing (static, post-training), shift each layer's bias by
+            the mean error its output shows on the calibration batches against the float model
+            (empirical bias correction, Nagel et al. 2019), layer by layer in model order.
         exclude: layer names or ``re:`` patterns kept in float (mixed precision).
         qat: quantization-aware training before conversion (``None``: post-training only).
     """
@@ -62,6 +66,7 @@ class QuantizeConfig:
     calib_batches: int = 8
     group_size: int = 64
     fold_bn: bool = True
+    bias_correction: bool = True
     exclude: tuple[str, ...] = ()
     qat: TrainConfig | None = None
 
@@ -103,6 +108,7 @@ class LayerRecord:
     output_scale: float | None = None
     output_zero_point: int | None = None
     weight_error: float | None = None  # ||w - dequant(quant(w))|| / ||w||
+    bias_shift: float | None = None  # largest bias change made by bias correction
     note: str | None = None
     skip: str | None = None
 
@@ -168,6 +174,8 @@ def quantize_(
         assert isinstance(data, Data)  # checked above
         history = _train_fake_quant(model, targets, ranges, config.qat, data, progress, teacher)
         targets = {n: model.get_submodule(n) for n in targets}
+    correct = config.bias_correction and config.scheme == "static" and config.qat is None
+    reference = copy.deepcopy(model) if correct else None
     for name, layer in targets.items():
         rec = records[name]
         if isinstance(layer, nn.RNNBase):
@@ -190,8 +198,57 @@ def quantize_(
                 rec.output_scale, rec.output_zero_point = q.output_q
         if not layer.weight.detach().any():
             rec.note = "all-zero weight: stored as zeros (scale 1)"
+    if reference is not None:
+        for name, shift in correct_biases_(model, reference, list(targets), batches).items():
+            records[name].bias_shift = round(shift, 6)
     _check_runs(model, example)
     return QuantizeResult(list(records.values()), folded, config, history, calibration)
+
+
+def correct_biases_(model: nn.Module, reference: nn.Module, names: list[str], batches: list) -> dict[str, float]:
+    """Empirical bias correction: in model order, add to each quantized layer's bias the mean
+    per-channel difference between the float model's output of that layer and the quantized
+    model's (output grid off while measuring), over the calibration batches. Returns the
+    largest shift per corrected layer."""
+    target = _channel_means(reference, names, batches)
+    shifts = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, QuantizedLayer) or layer.bias is None:
+            continue
+        kept, layer.output_q = layer.output_q, None
+        try:
+            delta = target[name] - _channel_means(model, [name], batches)[name]
+        finally:
+            layer.output_q = kept
+        layer.bias += delta
+        shifts[name] = float(delta.abs().max())
+    return shifts
+
+
+def _channel_means(model: nn.Module, names: list[str], batches: list) -> dict[str, torch.Tensor]:
+    """Per output channel, the mean output of each named layer over the batches."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str, conv: bool):
+        def record(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            y = out.detach().movedim(1 if conv else -1, 0).flatten(1)  # (channels, samples)
+            sums[name] = sums.get(name, 0) + y.sum(1)
+            counts[name] = counts.get(name, 0) + y.shape[1]
+
+        return record
+
+    layers = {n: model.get_submodule(n) for n in names}
+    handles = [m.register_forward_hook(hook(n, getattr(m, "float_type", type(m).__name__) != "Linear")) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
 
 
 def fold_batchnorm_(model: nn.Module) -> list[str]:
