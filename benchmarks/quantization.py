@@ -6,7 +6,7 @@ int4, QAT (from the default static configuration, the float model as teacher) an
 precision (the most sensitive layers back to float until the drop on the calibration split is
 at most 0.3 points) -- and record test accuracy, real `.tslim` bytes and latency at batch 1
 and 64 on each backend: PyTorch eager (float only: the int8 eager path is the fake-quant
-reference), PyTorch inductor (`torch.compile` with freezing) and ONNX Runtime, as ratios
+reference), PyTorch inductor (AOTInductor with freezing) and ONNX Runtime, as ratios
 against float eager measured in the same run. The calibration methods share one graph, so
 latency is measured for the default method only. In the same run the same models are
 quantized by the peers with their defaults: `torch.ao.quantization` FX (`prepare_fx` /
@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 
-from bench_common import TMP, markers, save_results, write_section  # noqa: E402  (sets the cache folders)
+from bench_common import RESULTS, TMP, markers, save_results, write_section  # noqa: E402  (sets the cache folders)
 
 START, END = markers("quantization")
 
@@ -302,9 +302,9 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
         f"{env['onnxruntime']}, {THREADS} threads. Fashion-MNIST test set; float baselines as in the section above "
         f"({BASELINE.epochs} epochs). Bytes: the `.tslim` file against the float model's fp32 safetensors. Latency: "
         "medians in ms; `x` columns divide the float model's eager latency at the same batch size, measured in the "
-        "same run. `inductor` is `torch.compile` with freezing (oneDNN int8 kernels), `ort` ONNX Runtime on the "
+        "same run. `inductor` is AOTInductor with freezing (oneDNN int8 kernels), `ort` ONNX Runtime on the "
         "exported QDQ model. The int8 eager path is the fake-quant reference and is not timed; the calibration "
-        "methods share one graph, so latency is timed for the default (`mse`, in bold). Peers run with their "
+        "methods share one graph, so latency is timed for the default (`auto`, in bold). Peers run with their "
         "defaults, calibrated on the same 2,048 training images.",
     ]
     for net in nets:
@@ -367,7 +367,12 @@ def main() -> int:
     parser.add_argument("--nets", nargs="+", default=NETS, choices=NETS)
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--render", action="store_true", help="only rewrite the docs section from the saved results")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS / "quantization.json").read_text())
+        write_section("quantization", markdown(saved["nets"], saved["env"], saved["qat_epochs"], saved["checks"]))
+        return 0
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import onnxruntime
