@@ -446,3 +446,16 @@ def test_bias_correction_removes_the_mean_output_error_on_the_calibration_data(d
             shifts[corrected] = float((model(x).mean(0) - target).abs().max())
         assert all((r.bias_shift is not None) == corrected for r in result.layers)
     assert shifts[True] < shifts[False]
+
+
+def test_mixed_precision_of_a_dynamic_lstm_classifier():
+    model = ZOO["lstm_classifier"]().eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(2)]
+
+    config = ts.MixedPrecisionConfig(max_drop=0.5, quantize=QuantizeConfig(scheme="dynamic"))
+    with pytest.raises(ConfigError, match="pass eval_batches"):
+        ts.mixed_precision_(copy.deepcopy(model), config, batches)
+    result = ts.mixed_precision_(model, config, batches, eval_batches=batches)
+    assert set(result.sensitivity) == {"rnn", "fc"} and result.kept_float == []
+    assert isinstance(model.rnn, QuantizedRNN) and isinstance(model.fc, QuantizedLayer)

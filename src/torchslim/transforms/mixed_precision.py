@@ -19,6 +19,7 @@ from torch import nn
 
 from torchslim.core.data import Data
 from torchslim.core.qlayers import QuantizedLayer
+from torchslim.core.qrnn import QuantizedRNN
 from torchslim.errors import ConfigError
 from torchslim.evaluate.metrics import accuracy
 from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches
@@ -61,15 +62,16 @@ class MixedPrecisionResult:
 
 
 def mixed_precision_(
-    model: nn.Module, config: MixedPrecisionConfig, data: Data, *, eval_batches: Iterable | None = None
+    model: nn.Module, config: MixedPrecisionConfig, data: Data | Iterable, *, eval_batches: Iterable | None = None
 ) -> MixedPrecisionResult:
     """Quantize ``model`` in place, keeping in float the fewest layers that hold the budget.
 
     Args:
         model: the trained float model.
         config: the accuracy budget and the quantization settings.
-        data: calibration data (and, unless ``eval_batches`` is given, the labelled batches the
-            accuracy is measured on: its calibration split).
+        data: calibration data: a :class:`~torchslim.core.data.Data` (whose calibration split,
+            with labels, also measures the accuracy unless ``eval_batches`` is given) or any
+            iterable of input batches (then ``eval_batches`` is required).
         eval_batches: ``(input, label)`` batches to measure accuracy on.
 
     Example:
@@ -79,6 +81,8 @@ def mixed_precision_(
     """
     if config.quantize.qat is not None:
         raise ConfigError("mixed precision chooses layers by post-training quantization: set quantize.qat=None")
+    if eval_batches is None and not isinstance(data, Data):
+        raise ConfigError("pass eval_batches=<(input, label) batches> to measure accuracy on, or data=<a torchslim Data>")
     batches = list(eval_batches) if eval_batches is not None else list(data.calib_loader())
     work = copy.deepcopy(model).eval()
     fold_batchnorm_(work)  # a folded float model computes what the original does
@@ -87,9 +91,10 @@ def mixed_precision_(
     ranges, _ = calibrated_ranges(work, targets, calibration_batches(config.quantize, data, None), config.quantize)
     q = config.quantize
     quantized = {
-        n: QuantizedLayer.from_float(layer, q.scheme, q.bits, q.group_size if q.bits == 4 else 0, ranges.get(n))
+        n: QuantizedRNN.from_float(layer) if isinstance(layer, nn.RNNBase)
+        else QuantizedLayer.from_float(layer, q.scheme, q.bits, q.group_size if q.bits == 4 else 0, ranges.get(n))
         for n, layer in targets.items()
-    }
+    }  # fmt: skip
     sensitivity = {}
     for name in targets:
         _swap(work, name, quantized[name])
