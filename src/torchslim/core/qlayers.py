@@ -7,7 +7,7 @@ scale and zero point. Its forward is the *reference* computation written with Py
 so that
 
 * run eagerly, it is the exact fake-quant reference every backend is checked against;
-* under ``torch.compile`` with freezing, inductor's x86 passes match the pattern
+* compiled by inductor with freezing (AOTInductor or ``torch.compile``), its x86 passes match the pattern
   ``dequantize(quantize(x)) -> conv/linear(dequantize(int8 weight)) -> quantize`` and run
   oneDNN int8 kernels (:mod:`torchslim.artifact.runtime`);
 * exported to ONNX, the ops become QuantizeLinear / DequantizeLinear pairs that ONNX Runtime

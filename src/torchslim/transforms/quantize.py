@@ -1,12 +1,14 @@
 """Quantization: int8 (or int4 weight-only) layers that run on real integer kernels.
 
 One config, one verb. ``quantize_`` folds each BatchNorm into the convolution before it,
-calibrates the input range of every Linear / Conv layer (static scheme), and replaces each
-layer by a :class:`~torchslim.core.qlayers.QuantizedLayer` holding int8 weights. With
-``qat=TrainConfig(...)`` it first trains through fake quantization (weights per channel with a
-straight-through estimator, inputs on their calibrated grid), optionally against a teacher,
-and then converts to the same int8 layers. Layers it cannot quantize stay in float with the
-reason recorded. Which kernels run is chosen later, by :func:`torchslim.artifact.runtime.compile_model`.
+calibrates the input and output grids of every Linear / Conv layer (static scheme,
+:mod:`torchslim.transforms.calibrate`), replaces each layer by a
+:class:`~torchslim.core.qlayers.QuantizedLayer` holding int8 weights (LSTM / GRU by a
+:class:`~torchslim.core.qrnn.QuantizedRNN` in the dynamic scheme) and corrects the biases for
+the mean error quantization leaves. With ``qat=TrainConfig(...)`` it first trains through fake
+quantization (weights per channel with a straight-through estimator, inputs and outputs on
+their calibrated grids), optionally against a teacher, and then converts to the same int8
+layers. Layers it cannot quantize stay in float with the reason recorded. Which kernels run is chosen later, by :func:`torchslim.artifact.runtime.compile_model`.
 """
 
 from __future__ import annotations
