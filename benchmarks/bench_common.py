@@ -41,3 +41,15 @@ def save_results(name: str, payload: dict) -> Path:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     return write_atomic(RESULTS / f"{name}.json", json.dumps(payload, indent=1))
+
+
+def publish(name: str, payload: dict, section: str | None) -> int:
+    """Save the results, rewrite the docs section (unless ``section`` is None), print the
+    checks; the exit status is 0 only when every check holds."""
+    save_results(name, payload)
+    if section is not None:
+        write_section(name, section)
+    checks = payload["checks"]
+    for k, v in checks.items():
+        print(f"{k}: {'yes' if v else 'NO'}")
+    return 0 if all(checks.values()) else 1

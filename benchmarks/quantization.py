@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 
-from bench_common import RESULTS, TMP, markers, save_results, write_section  # noqa: E402  (sets the cache folders)
+from bench_common import RESULTS, TMP, markers, publish, write_section  # noqa: E402  (sets the cache folders)
 
 START, END = markers("quantization")
 
@@ -385,12 +385,7 @@ def main() -> int:
     }  # fmt: skip
     results = checks(nets)
     payload = {"env": env, "qat_epochs": args.qat_epochs, "nets": nets, "checks": results}
-    save_results("quantization", payload)
-    if not args.no_docs:
-        write_section("quantization", markdown(nets, env, args.qat_epochs, results))
-    for k, v in results.items():
-        print(f"{k}: {'yes' if v else 'NO'}")
-    return 0 if all(results.values()) else 1
+    return publish("quantization", payload, None if args.no_docs else markdown(nets, env, args.qat_epochs, results))
 
 
 if __name__ == "__main__":

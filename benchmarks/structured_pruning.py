@@ -24,7 +24,7 @@ import platform
 import sys
 import time
 
-from bench_common import TMP, markers, save_results, write_section  # noqa: E402  (sets the cache folders)
+from bench_common import TMP, markers, publish  # noqa: E402  (sets the cache folders)
 
 START, END = markers("structured_pruning")
 
@@ -255,12 +255,7 @@ def main() -> int:
     }  # fmt: skip
     results = checks(nets)
     payload = {"env": env, "epochs": args.epochs, "nets": nets, "checks": results}
-    save_results("structured_pruning", payload)
-    if not args.no_docs:
-        write_section("structured_pruning", markdown(nets, env, args.epochs, results))
-    for k, v in results.items():
-        print(f"{k}: {'yes' if v else 'NO'}")
-    return 0 if all(results.values()) else 1
+    return publish("structured_pruning", payload, None if args.no_docs else markdown(nets, env, args.epochs, results))
 
 
 if __name__ == "__main__":

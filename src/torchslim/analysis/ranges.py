@@ -68,13 +68,17 @@ def observe(
         s.hist = h if s.hist is None else s.hist + h
         s.zeros += x.numel() - nonzero.numel()
 
-    _run(model, layers, batches, minmax)
+    run_with_hooks(model, layers, batches, minmax)
     if histogram:
-        _run(model, layers, batches, fill)
+        run_with_hooks(model, layers, batches, fill)
     return stats
 
 
-def _run(model: nn.Module, layers: dict[str, nn.Module], batches: list, fn: Callable[[tuple[str, str], torch.Tensor], None]) -> None:
+def run_with_hooks(
+    model: nn.Module, layers: dict[str, nn.Module], batches: list, fn: Callable[[tuple[str, str], torch.Tensor], None]
+) -> None:
+    """Run ``batches`` through ``model`` without gradients, calling ``fn((name, "input" | "output"),
+    tensor)`` with each named layer's input and output."""
     hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: fn((n, "input"), args[0])) for n, m in layers.items()]
     hooks += [m.register_forward_hook(lambda _m, _args, out, n=n: fn((n, "output"), out)) for n, m in layers.items()]
     try:

@@ -265,17 +265,17 @@ def _refold(module: nn.Module, folded: Any, path: Any) -> None:
         conv = owned[conv_name]
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
-        _replace(module, bn_name, folded_batchnorm(type(owned[bn_name]).__name__, conv_name))
+        module.set_submodule(bn_name, folded_batchnorm(type(owned[bn_name]).__name__, conv_name))
 
 
 def _requantize(module: nn.Module, quant: Any, path: Any) -> None:
     """Replace each layer the file stores quantized by an empty quantized layer of its shapes."""
     owned = dict(module.named_modules())
+    kinds = FLOAT_TYPES | RNN_TYPES
     fresh = {}
     for name, spec in quant.items():
         layer = owned.get(name)
         of, scheme, bits, group = (spec.get(k) for k in ("of", "scheme", "bits", "group_size")) if isinstance(spec, dict) else (None,) * 4
-        kinds = FLOAT_TYPES | RNN_TYPES
         if of not in kinds or scheme not in SCHEMES or bits not in (4, 8) or type(group) is not int:
             raise ArtifactError(f"{path}: quantized layer {name!r} has an unknown description {str(spec)[:120]}")
         if type(layer) is not kinds[of]:
@@ -295,7 +295,7 @@ def _requantize(module: nn.Module, quant: Any, path: Any) -> None:
             fresh[name].input_q = _grid(spec.get("input"), name, path)
             fresh[name].output_q = None if spec.get("output") is None else _grid(spec.get("output"), name, path)
     for name, q in fresh.items():
-        _replace(module, name, q)
+        module.set_submodule(name, q)
 
 
 def _grid(value: Any, name: str, path: Any) -> tuple[float, int]:
@@ -305,10 +305,6 @@ def _grid(value: Any, name: str, path: Any) -> tuple[float, int]:
         raise ArtifactError(f"{path}: quantized layer {name!r}: a grid must be [scale > 0, zero point 0..255], got {str(value)[:60]}")
     return float(value[0]), int(value[1])
 
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def _shapes(manifest: dict, stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

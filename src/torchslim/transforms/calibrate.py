@@ -67,14 +67,14 @@ def calibrated_ranges(
     if config.calibration != "auto":
         methods = dict.fromkeys(targets, config.calibration)
         return _pick(stats, methods, config.percentile, consumers), {"method": config.calibration}
+    trial = copy.deepcopy(model)  # one working copy; each trial swaps in freshly quantized layers
     with torch.no_grad():
         reference = [model(x) for x in batches]
 
         def error(methods: dict[str, str]) -> float:
             ranges = _pick(stats, methods, config.percentile, consumers)
-            trial = copy.deepcopy(model)
             for name, layer in targets.items():
-                _replace(trial, name, QuantizedLayer.from_float(layer, "static", ranges=ranges[name]))
+                trial.set_submodule(name, QuantizedLayer.from_float(layer, "static", ranges=ranges[name]))
             return sum(float(((trial(x) - ref) ** 2).mean()) for x, ref in zip(batches, reference)) / len(batches)
 
         whole = {m: error(dict.fromkeys(targets, m)) for m in METHODS}
@@ -107,10 +107,6 @@ def _pick(stats: dict, methods: dict[str, str], percentile: float, consumers: di
             out[u][0] = shared
     return {n: (r[0], r[1]) for n, r in out.items()}
 
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, nn.functional.relu)

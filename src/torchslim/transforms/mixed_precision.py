@@ -18,12 +18,10 @@ from typing import Iterable
 from torch import nn
 
 from torchslim.core.data import Data
-from torchslim.core.qlayers import QuantizedLayer
-from torchslim.core.qrnn import QuantizedRNN
 from torchslim.errors import ConfigError
 from torchslim.evaluate.metrics import accuracy
 from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches
-from torchslim.transforms.quantize import QuantizeConfig, QuantizeResult, _select, _swap, fold_batchnorm_, quantize_
+from torchslim.transforms.quantize import QuantizeConfig, QuantizeResult, _select, fold_batchnorm_, quantize_, quantize_layer
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +88,12 @@ def mixed_precision_(
     _, targets = _select(work, config.quantize)
     ranges, _ = calibrated_ranges(work, targets, calibration_batches(config.quantize, data, None), config.quantize)
     q = config.quantize
-    quantized = {
-        n: QuantizedRNN.from_float(layer) if isinstance(layer, nn.RNNBase)
-        else QuantizedLayer.from_float(layer, q.scheme, q.bits, q.group_size if q.bits == 4 else 0, ranges.get(n))
-        for n, layer in targets.items()
-    }  # fmt: skip
+    quantized = {n: quantize_layer(layer, q, ranges.get(n)) for n, layer in targets.items()}
     sensitivity = {}
     for name in targets:
-        _swap(work, name, quantized[name])
+        work.set_submodule(name, quantized[name])
         sensitivity[name] = round(base - accuracy(work, batches), 6)
-        _swap(work, name, targets[name])
+        work.set_submodule(name, targets[name])
         log.info("sensitivity of %s: %.4f", name, sensitivity[name])
     kept = _greedy(work, targets, quantized, sensitivity, (base, config.max_drop), batches)
     result = MixedPrecisionResult(base, sensitivity, [h["kept_float"][-1] for h in kept[1:]], kept)
@@ -114,13 +108,13 @@ def _greedy(
     """Quantize every layer, then return the most sensitive to float until the budget holds."""
     base, max_drop = budget
     for name in targets:
-        _swap(work, name, quantized[name])
+        work.set_submodule(name, quantized[name])
     kept: list[str] = []
     history = [{"kept_float": [], "accuracy": accuracy(work, batches)}]
     for name in sorted(targets, key=lambda n: -sensitivity[n]):
         if base - history[-1]["accuracy"] <= max_drop:
             break
-        _swap(work, name, targets[name])
+        work.set_submodule(name, targets[name])
         kept.append(name)
         history.append({"kept_float": list(kept), "accuracy": accuracy(work, batches)})
     return history

@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from torchslim.analysis.ranges import METHODS
+from torchslim.analysis.ranges import METHODS, run_with_hooks
 from torchslim.core.data import Data
 from torchslim.core.plan import match_layer
 from torchslim.core.qlayers import (
@@ -180,22 +180,19 @@ def quantize_(
     reference = copy.deepcopy(model) if correct else None
     for name, layer in targets.items():
         rec = records[name]
-        if isinstance(layer, nn.RNNBase):
-            rnn = QuantizedRNN.from_float(layer)
-            _swap(model, name, rnn)
-            rec.scheme, rec.bits = "dynamic", 8
-            weights = rnn.dequantized_weights()
+        q = quantize_layer(layer, config, ranges.get(name))
+        model.set_submodule(name, q)
+        rec.scheme, rec.bits = q.scheme, q.bits
+        if isinstance(q, QuantizedRNN):
+            weights = q.dequantized_weights()
             rec.weight_error = _relative_error(torch.cat([getattr(layer, n).flatten() for n in weights]), torch.cat([w.flatten() for w in weights.values()]))
             continue
-        q = QuantizedLayer.from_float(layer, config.scheme, config.bits, config.group_size if config.bits == 4 else 0, ranges.get(name))
-        _swap(model, name, q)
-        rec.scheme, rec.bits = config.scheme, config.bits
         rec.weight_error = _relative_error(layer.weight, q.dequantized_weight())
         if name in ranges:
             rec.input_range, rec.output_range = ([round(v, 6) for v in r] if r else None for r in ranges[name])
             rec.input_scale, rec.input_zero_point = q.input_q
             if q.output_q is None:
-                rec.output_range, rec.note = None, "output quantized after the ReLU by the next layers' input grid"
+                rec.note = "output quantized after the ReLU by the next layers' input grid"
             else:
                 rec.output_scale, rec.output_zero_point = q.output_q
         if not layer.weight.detach().any():
@@ -205,6 +202,15 @@ def quantize_(
             records[name].bias_shift = round(shift, 6)
     _check_runs(model, example)
     return QuantizeResult(list(records.values()), folded, config, history, calibration)
+
+
+def quantize_layer(layer: nn.Module, config: QuantizeConfig, ranges: tuple | None = None) -> nn.Module:
+    """The quantized replacement of one target layer: an LSTM / GRU becomes a dynamic
+    :class:`QuantizedRNN`, a Linear / Conv a :class:`QuantizedLayer` of the config's scheme."""
+    if isinstance(layer, nn.RNNBase):
+        return QuantizedRNN.from_float(layer)
+    group = config.group_size if config.bits == 4 else 0
+    return QuantizedLayer.from_float(layer, config.scheme, config.bits, group, ranges)
 
 
 def correct_biases_(model: nn.Module, reference: nn.Module, names: list[str], batches: list) -> dict[str, float]:
@@ -230,26 +236,19 @@ def correct_biases_(model: nn.Module, reference: nn.Module, names: list[str], ba
 
 def _channel_means(model: nn.Module, names: list[str], batches: list) -> dict[str, torch.Tensor]:
     """Per output channel, the mean output of each named layer over the batches."""
+    layers = {n: model.get_submodule(n) for n in names}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name: str, conv: bool):
-        def record(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+    def record(key: tuple[str, str], out: torch.Tensor) -> None:
+        name, end = key
+        if end == "output":
+            conv = getattr(layers[name], "float_type", type(layers[name]).__name__) != "Linear"
             y = out.detach().movedim(1 if conv else -1, 0).flatten(1)  # (channels, samples)
             sums[name] = sums.get(name, 0) + y.sum(1)
             counts[name] = counts.get(name, 0) + y.shape[1]
 
-        return record
-
-    layers = {n: model.get_submodule(n) for n in names}
-    handles = [m.register_forward_hook(hook(n, getattr(m, "float_type", type(m).__name__) != "Linear")) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, layers, batches, record)
     return {n: sums[n] / counts[n] for n in sums}
 
 
@@ -277,15 +276,11 @@ def fold_batchnorm_(model: nn.Module) -> list[str]:
         conv = modules.get(prev.target) if isinstance(prev, torch.fx.Node) and prev.op == "call_module" else None
         if type(conv) not in (nn.Conv1d, nn.Conv2d) or len(prev.users) != 1 or conv.out_channels != bn.num_features:
             continue
-        _swap(model, prev.target, fuse_conv_bn_eval(conv.eval(), bn.eval()))
-        _swap(model, node.target, folded_batchnorm(type(bn).__name__, prev.target))
+        model.set_submodule(prev.target, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+        model.set_submodule(node.target, folded_batchnorm(type(bn).__name__, prev.target))
         folded.append(node.target)
     return folded
 
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def _check_names(model: nn.Module, config: QuantizeConfig) -> None:
@@ -379,12 +374,12 @@ def _train_fake_quant(
 ) -> list[dict]:  # fmt: skip
     """QAT: train with every target layer behind fake quantization, then unwrap them."""
     for name, layer in targets.items():
-        _swap(model, name, _FakeQuant(layer, ranges[name]))
+        model.set_submodule(name, _FakeQuant(layer, ranges[name]))
     try:
         loss = fit(model, data, train, progress, teacher=teacher)
     finally:
         for name, layer in targets.items():
-            _swap(model, name, layer)
+            model.set_submodule(name, layer)
         model.eval()
     return [{"qat_epochs": train.epochs, "loss": loss}]
 
