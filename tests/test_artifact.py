@@ -1,6 +1,8 @@
+import base64
 import hashlib
 import json
 import pickle
+import zlib
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 
 import torchslim.artifact.tslim as tslim
 from torchslim.artifact.inspect import inspect_file
-from torchslim.artifact.tslim import decode_state, encode, load, read, save
+from torchslim.artifact.tslim import decode_state, encode, load, read, save, unpack_manifest
 from torchslim.core.models import lenet_300_100
 from torchslim.errors import ArtifactError, ShapeMismatchError
 from torchslim.evaluate.metrics import fp32_safetensors_bytes
@@ -29,9 +31,9 @@ def _tiny() -> nn.Module:
     return model.eval()
 
 
-# The exact bytes of _tiny() as a .tslim file (docs/format.md, version 3). A change here is a
+# The exact bytes of _tiny() as a .tslim file (docs/format.md, version 4; zlib level 9). A change here is a
 # format change: bump the version and say so in docs/format.md.
-TINY_SHA256 = "04cb9e5ce67a5eed18737efe8f253d156fbd2d87fbecea9a9ece55ab4018db09"
+TINY_SHA256 = "a4973c6d82b6bcab860feeafd3375603ff429b353dbd893dca932fc566656e83"
 
 
 def test_tiny_model_has_exact_bytes(tmp_path):
@@ -39,7 +41,7 @@ def test_tiny_model_has_exact_bytes(tmp_path):
     raw = path.read_bytes()
     assert hashlib.sha256(raw).hexdigest() == TINY_SHA256
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-    manifest = json.loads(header["__metadata__"]["tslim"])
+    manifest = json.loads(unpack_manifest(header["__metadata__"])[0])
     assert set(manifest["coded"]) == {"0.weight"} and manifest["coded"]["0.weight"]["k"] == 4
     assert manifest["coded"]["0.weight"]["nnz"] == 43
     assert header["0.bias"]["dtype"] == "F32" and header["1.num_batches_tracked"]["dtype"] == "I64"
@@ -145,22 +147,55 @@ def test_pickle_renamed_to_tslim_is_rejected_and_never_unpickled(tmp_path, monke
     assert not (tmp_path / "PWNED").exists()
 
 
-def _rewrite(tmp_path, model, change):
+def _rewrite(tmp_path, model, change, key="tslim.zlib"):
     """A copy of ``model``'s file whose manifest ``change`` edited (the fingerprint still holds)."""
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
     data = encode(model, zoo={"zoo": "lenet_300_100", "kwargs": {"in_features": 64}})
-    manifest = json.loads(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["tslim"])
+    manifest = json.loads(unpack_manifest(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"])[0])
     change(manifest)
     path = tmp_path / "edited.tslim"
-    path.write_bytes(st_save(st_load(data), metadata={"tslim": json.dumps(manifest)}))
+    path.write_bytes(st_save(st_load(data), metadata=_packed(manifest, key)))
     return path
+
+
+def _packed(manifest, key="tslim.zlib"):
+    """Metadata holding ``manifest`` as a writer that allows NaN (unlike torchslim's) would store it."""
+    text = json.dumps(manifest)
+    return {key: base64.b64encode(zlib.compress(text.encode())).decode() if key == "tslim.zlib" else text}
 
 
 def test_unknown_version_is_rejected(tmp_path, compressed):
     path = _rewrite(tmp_path, compressed, lambda m: m.update(version=99))
     with pytest.raises(ArtifactError, match="version 99.*upgrade torchslim"):
+        read(path)
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"tslim.zlib": "not base64!"}, "compressed tslim manifest is damaged"),
+        ({"tslim.zlib": base64.b64encode(zlib.compress(b"{")[:-3]).decode()}, "truncated|damaged"),
+        ({"tslim.zlib": base64.b64encode(zlib.compress(b" " * (tslim.MAX_MANIFEST + 1))).decode()}, "inflates beyond"),
+        ({"tslim.zlib": base64.b64encode(zlib.compress(b"\xff\xfe")).decode()}, "damaged"),
+    ],
+)
+def test_damaged_or_oversized_compressed_manifests_are_artifact_errors(tmp_path, metadata, message):
+    from safetensors.torch import save as st_save
+
+    path = tmp_path / "bad.tslim"
+    path.write_bytes(st_save({"w": torch.zeros(2)}, metadata=metadata))
+    with pytest.raises(ArtifactError, match=message):
+        read(path)
+
+
+def test_a_manifest_under_the_key_of_another_version_is_rejected(tmp_path, compressed):
+    path = _rewrite(tmp_path, compressed, lambda m: m.update(version=3))  # version 3 stored compressed
+    with pytest.raises(ArtifactError, match="version 3 manifest must be stored under 'tslim'"):
+        read(path)
+    path = _rewrite(tmp_path, compressed, lambda m: None, key="tslim")  # version 4 stored plain
+    with pytest.raises(ArtifactError, match="version 4 manifest must be stored under 'tslim.zlib'"):
         read(path)
 
 
@@ -257,9 +292,9 @@ def _with_modules(raw: bytes, edit) -> bytes:
     """The same file with its manifest's `modules` edited (the fingerprint covers only tensors)."""
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
-    manifest = json.loads(header["__metadata__"]["tslim"])
+    manifest = json.loads(unpack_manifest(header["__metadata__"])[0])
     edit(manifest["modules"])
-    header["__metadata__"]["tslim"] = json.dumps(manifest)
+    header["__metadata__"] = _packed(manifest)
     body = json.dumps(header).encode()
     body += b" " * (-len(body) % 8)
     return len(body).to_bytes(8, "little") + body + raw[8 + n :]

@@ -1,13 +1,13 @@
 """Quantization: numerics against references, calibration, QAT, save/load, backends, bad input."""
 
 import copy
-import json
 
 import pytest
 import torch
 from torch import nn
 
 import torchslim as ts
+import torchslim.artifact.tslim as tslim
 from torchslim.analysis.ranges import BINS, InputStats, _mse, choose_range
 from torchslim.artifact.runtime import compile_model, export_onnx
 from torchslim.core.models import ZOO
@@ -124,11 +124,18 @@ def test_saved_int8_loads_bit_exact_and_is_four_times_smaller(tmp_path, digits_c
     restored = ts.load(path, model=DigitsCNN)
     x = digits.example_input(16)
     assert torch.equal(restored(x), model(x))
-    manifest = json.loads(__import__("safetensors").safe_open(path, "pt").metadata()["tslim"])
+    manifest = tslim.read(path)[0]
     assert manifest["folded"] == {"bn1": "conv1", "bn2": "conv2"}
-    assert manifest["quant"]["conv1"] == {"of": "Conv2d", "scheme": "static", "bits": 8, "group_size": 0,
+    assert manifest["quant"]["conv1"] == {"of": "Conv2d", "scheme": "static", "bits": 8, "group_size": 0, "per_channel": True,
                                           "input": list(model.conv1.input_q), "output": None}
     assert restored.conv1.input_q == model.conv1.input_q and type(restored.conv1.input_q[0]) is float
+
+    per_tensor = copy.deepcopy(digits_cnn)
+    quantize_(per_tensor, QuantizeConfig(per_channel=False), data=digits)
+    assert per_tensor.conv1.weight_scale.shape == (1,) and "per tensor" in repr(per_tensor.conv1)
+    restored = ts.load(ts.save(per_tensor, tmp_path / "tensor.tslim"), model=DigitsCNN)
+    assert not restored.conv1.per_channel and restored.conv1.tensor_scale == per_tensor.conv1.tensor_scale
+    assert torch.equal(restored(x), per_tensor(x))
 
     mlp = ZOO["lenet_300_100"]()
     fp32 = ts.save(mlp, tmp_path / "fp32.tslim").stat().st_size
@@ -233,6 +240,8 @@ def test_a_file_quantized_for_another_model_is_refused_and_the_model_kept(tmp_pa
         (lambda m: m["quant"]["conv1"].update(output=[1.5]), "a grid must be"),
         (lambda m: m["folded"].update(bn1="fc"), "folded a BatchNorm at 'bn1' into 'fc'"),
         (lambda m: m.pop("quant"), "needs 'quant' and 'folded'"),
+        (lambda m: m["quant"]["fc"].update(per_channel="yes"), "per_channel must be true or false"),
+        (lambda m: m["quant"]["fc"].update(per_channel=False), "weight_scale is \\(10,\\), expected \\(1,\\)|shape"),
     ],
 )
 def test_hostile_quantization_manifests_are_artifact_errors(tmp_path, digits_cnn, digits, edit, message):
@@ -241,19 +250,17 @@ def test_hostile_quantization_manifests_are_artifact_errors(tmp_path, digits_cnn
     model = copy.deepcopy(digits_cnn)
     quantize_(model, QuantizeConfig(calibration="minmax"), data=digits)
     path = ts.save(model, tmp_path / "int8.tslim")
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        manifest = json.loads(f.metadata()["tslim"])
+    manifest = tslim.read(path)[0]
     edit(manifest)
-    save_file(load_file(path), tmp_path / "bad.tslim", metadata={"tslim": json.dumps(manifest)})
+    save_file(load_file(path), tmp_path / "bad.tslim", metadata=tslim.pack_manifest(manifest))
     with pytest.raises(ArtifactError, match=message):
         ts.load(tmp_path / "bad.tslim", model=DigitsCNN)
 
 
-def test_inductor_runs_the_int8_model_on_integer_kernels_with_the_same_answers(digits, digits_cnn):
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_inductor_runs_the_int8_model_on_integer_kernels_with_the_same_answers(digits, digits_cnn, per_channel):
     model = copy.deepcopy(digits_cnn)
-    quantize_(model, QuantizeConfig(), data=digits)
+    quantize_(model, QuantizeConfig(per_channel=per_channel), data=digits)
     x = next(iter(digits.eval_loader()))[0]
     fast = compile_model(model, "inductor", x)
     ref, out = model(x), fast(x)
@@ -261,13 +268,17 @@ def test_inductor_runs_the_int8_model_on_integer_kernels_with_the_same_answers(d
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
 
 
-def test_onnx_export_runs_in_onnx_runtime_with_the_same_answers(digits, digits_cnn):
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_onnx_export_runs_in_onnx_runtime_with_the_same_answers(digits, digits_cnn, per_channel):
     model = copy.deepcopy(digits_cnn)
-    quantize_(model, QuantizeConfig(), data=digits)
+    quantize_(model, QuantizeConfig(per_channel=per_channel), data=digits)
     import onnx
 
-    ops = {n.op_type for n in onnx.load_from_string(export_onnx(model, digits.example_input(2))).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    graph = onnx.load_from_string(export_onnx(model, digits.example_input(2))).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    sizes = {i.name: len(onnx.numpy_helper.to_array(i).reshape(-1)) for i in graph.initializer}
+    weight_scales = [sizes.get(n.input[1]) for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight")]
+    assert weight_scales and all((size > 1) == per_channel for size in weight_scales)
     x = torch.cat([b[0] for b in digits.eval_loader()])
     ort = compile_model(model, "onnxruntime", x[:64])
     agree = (ort(x).argmax(1) == model(x).argmax(1)).float().mean()
@@ -362,6 +373,17 @@ def test_an_output_feeding_a_relu_then_int8_layers_takes_their_input_grid(digits
     # conv1 -> relu -> max_pool2d -> conv2: one grid from zero, quantized at conv1's output already
     assert model.conv1.output_q == model.conv2.input_q and model.conv1.output_q[1] == 0
     assert model.conv2.output_q == model.fc1.input_q  # ... -> max_pool2d -> flatten -> fc1
+
+
+def test_the_model_outputs_grid_spans_their_whole_range_whatever_the_method(digits, digits_mlp):
+    batches = [x for x, _ in digits.calib_loader()][: QuantizeConfig().calib_batches]
+    with torch.no_grad():
+        logits = torch.cat([digits_mlp(x) for x in batches])
+    model = copy.deepcopy(digits_mlp)
+    result = quantize_(model, QuantizeConfig(calibration="percentile", percentile=90.0), data=digits)
+    rows = {r.name: r for r in result.layers}
+    assert rows["fc3"].output_range == pytest.approx([float(logits.min()), float(logits.max())], abs=1e-5)
+    assert rows["fc1"].input_range[1] < float(batches[0].max())  # the inputs are clipped at the 90th percentile
 
 
 def test_auto_calibration_picks_per_layer_methods_closest_to_the_float_outputs(digits, digits_cnn):

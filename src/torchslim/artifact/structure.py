@@ -220,7 +220,7 @@ def _expected_quantized(m: QuantizedLayer) -> tuple[dict[str, tuple[int, ...]], 
     if m.bits == 4:
         shapes = {"weight": (out, (shape[1] + 1) // 2), "weight_scale": (out, -(-shape[1] // m.group_size))}
     else:
-        shapes = {"weight": shape, "weight_scale": (out,)}
+        shapes = {"weight": shape, "weight_scale": (out if m.per_channel else 1,)}
     return shapes | {"bias": (out,)}, broken
 
 

@@ -7,10 +7,13 @@ passes (or a zoo builder named in the manifest and looked up in a literal dict).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -27,10 +30,14 @@ from torchslim.core.qlayers import FLOAT_TYPES, SCHEMES, QuantizedLayer, folded_
 from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN, quantized_layers
 from torchslim.errors import ArtifactError, ConfigError, ShapeMismatchError
 
-FORMAT, VERSION = "tslim", 3
-READS = (1, 2, 3)
+FORMAT, VERSION = "tslim", 4
+READS = (1, 2, 3, 4)
 """Versions this reader reads: 1 has no ``modules`` key (no structural pruning), 2 requires it,
-3 adds ``quant`` and ``folded`` (quantized layers, BatchNorms folded into convolutions)."""
+3 adds ``quant`` and ``folded`` (quantized layers, BatchNorms folded into convolutions), 4
+stores the manifest zlib-compressed (metadata key ``tslim.zlib``) instead of as plain JSON."""
+MANIFEST_KEY, PLAIN_KEY = "tslim.zlib", "tslim"
+MAX_MANIFEST = 64 * 2**20
+"""Bytes a compressed manifest may inflate to; bounds what a hostile file makes the reader allocate."""
 MAX_ZOO_ARG = 65536
 """Zoo builder arguments (sizes, class counts) a file may name; bounds what loading allocates."""
 _REQUIRED = ("format", "version", "coded", "model", "plan", "metrics", "fingerprint")
@@ -74,11 +81,34 @@ def encode(
     manifest["modules"] = modules or {}
     manifest["quant"] = quantized_layers(model) if isinstance(model, nn.Module) else {}
     manifest["folded"] = folded_names(model) if isinstance(model, nn.Module) else {}
-    return st_save(stored, metadata={"tslim": _compact(manifest)})
+    return st_save(stored, metadata=pack_manifest(manifest))
 
 
 def _compact(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def pack_manifest(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """The safetensors metadata that holds ``manifest``: its compact JSON, zlib-compressed and
+    base64-encoded (a manifest is mostly names and repeated keys; small models' files would
+    otherwise spend a tenth of their bytes on it)."""
+    raw = zlib.compress(_compact(manifest).encode(), 9)
+    return {MANIFEST_KEY: base64.b64encode(raw).decode("ascii")}
+
+
+def unpack_manifest(meta: Mapping[str, str], path: str | os.PathLike = "file") -> tuple[str, bool]:
+    """The manifest's JSON text from the metadata, and whether it came compressed."""
+    if MANIFEST_KEY not in meta:
+        return meta[PLAIN_KEY], False
+    try:
+        packed = base64.b64decode(meta[MANIFEST_KEY], validate=True)
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(packed, MAX_MANIFEST)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ArtifactError(f"{path}: the manifest inflates beyond {MAX_MANIFEST} bytes or is truncated")
+        return text.decode("utf-8"), True
+    except (binascii.Error, zlib.error, UnicodeDecodeError, TypeError) as exc:
+        raise ArtifactError(f"{path}: the compressed tslim manifest is damaged ({exc!r})") from None
 
 
 def save(
@@ -153,10 +183,11 @@ def _no_constant(name: str) -> None:
 
 def _manifest(path: Path, header: Any) -> dict:
     meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or "tslim" not in meta:
+    if not isinstance(meta, dict) or not {MANIFEST_KEY, PLAIN_KEY} & set(meta):
         raise ArtifactError(f"{path}: a safetensors file without a tslim manifest; save it with torchslim.save")
+    text, compressed = unpack_manifest(meta, path)
     try:
-        manifest = json.loads(meta["tslim"], parse_constant=_no_constant)
+        manifest = json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise ArtifactError(f"{path}: the tslim manifest is not valid JSON ({exc!r})") from None
     missing = [k for k in _REQUIRED if not isinstance(manifest, dict) or k not in manifest]
@@ -166,6 +197,11 @@ def _manifest(path: Path, header: Any) -> dict:
         raise ArtifactError(
             f"{path}: format {manifest['format']!r} version {manifest['version']!r}; this torchslim reads "
             f"{FORMAT!r} versions {list(READS)}: upgrade torchslim"
+        )
+    if compressed != (manifest["version"] >= 4):
+        raise ArtifactError(
+            f"{path}: a version {manifest['version']} manifest must be stored under "
+            f"{MANIFEST_KEY if manifest['version'] >= 4 else PLAIN_KEY!r}"
         )
     if manifest["version"] >= 2 and not isinstance(manifest.get("modules"), dict):
         raise ArtifactError(f"{path}: a version {manifest['version']} manifest needs a 'modules' object")
@@ -290,7 +326,10 @@ def _requantize(module: nn.Module, quant: Any, path: Any) -> None:
                 raise ArtifactError(f"{path}: quantized layer {name!r}: an {of} is stored dynamic int8 only")
             fresh[name] = QuantizedRNN.empty_like(layer)
             continue
-        fresh[name] = QuantizedLayer.empty_like(layer, scheme, bits, group)
+        per_channel = spec.get("per_channel", True)  # absent before version 4
+        if type(per_channel) is not bool or (bits == 4 and not per_channel):
+            raise ArtifactError(f"{path}: quantized layer {name!r}: per_channel must be true or false (true for 4 bits), got {per_channel!r}")
+        fresh[name] = QuantizedLayer.empty_like(layer, scheme, bits, group, per_channel)
         if scheme == "static":
             fresh[name].input_q = _grid(spec.get("input"), name, path)
             fresh[name].output_q = None if spec.get("output") is None else _grid(spec.get("output"), name, path)

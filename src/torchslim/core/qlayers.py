@@ -13,13 +13,18 @@ so that
 * exported to ONNX, the ops become QuantizeLinear / DequantizeLinear pairs that ONNX Runtime
   fuses into its integer kernels.
 
+Weights are symmetric int8 per output channel, or with ``per_channel=False`` one scale for the
+whole tensor (what ONNX Runtime's integer Gemm runs fastest: it prepacks a weight only when its
+zero point is a single number).
+
 Schemes:
-  ``static``: int8 weights (per output channel, symmetric); the input and the output on uint8
+  ``static``: int8 weights; the input and the output on uint8
     grids (per tensor, affine) whose scale and zero point calibration fixed. Quantizing the
     output too gives ONNX Runtime its ``DQ -> Conv -> Q`` pattern (QLinearConv) and lets the
     inductor kernels write uint8. An output that only feeds a ReLU and then quantized layers is
     left float: the next layers' input grid quantizes it after the ReLU, which both backends
-    fuse into the layer (a ReLU post-op writing uint8).
+    fuse into the layer (a ReLU post-op writing uint8). The grid of the model's own outputs
+    (the logits) spans their whole calibrated range: clipping them can change the top class.
   ``dynamic``: int8 weights; each input's range is measured on the fly (Linear only).
   ``weight``: weight-only int8 (per channel) or int4 (per group of inputs, the last group
     padded; two values packed in a byte); inputs stay float. Smaller files, float compute.
@@ -56,8 +61,9 @@ def _float_type(layer: nn.Module) -> str | None:
     return None
 
 
-def weight_scales(weight: torch.Tensor, bits: int = 8, group_size: int = 0) -> torch.Tensor:
-    """Symmetric scales: per output channel (``group_size`` 0) or per group of that many inputs.
+def weight_scales(weight: torch.Tensor, bits: int = 8, group_size: int = 0, per_channel: bool = True) -> torch.Tensor:
+    """Symmetric scales: per output channel (``group_size`` 0), per group of that many inputs,
+    or one for the whole tensor (``per_channel=False``, shape ``(1,)``).
 
     An all-zero channel gets scale 1 (its integers are all 0, so the scale never matters).
     """
@@ -65,7 +71,10 @@ def weight_scales(weight: torch.Tensor, bits: int = 8, group_size: int = 0) -> t
     qmax = 2 ** (bits - 1) - 1
     if group_size:
         w = _grouped(w, group_size)  # (out, groups, group_size)
-    amax = w.abs().amax(dim=-1) if group_size else w.flatten(1).abs().amax(dim=1)
+    if not per_channel:
+        amax = w.abs().amax().reshape(1)
+    else:
+        amax = w.abs().amax(dim=-1) if group_size else w.flatten(1).abs().amax(dim=1)
     return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
 
 
@@ -114,19 +123,24 @@ def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
 
 
 def _match_zero_points(module: "QuantizedLayer", _keys: Any) -> None:
-    """After a load (which may have resized the layer), one zero point per output channel again."""
+    """After a load (which may have resized the layer), one zero point per scale again, and the
+    per-tensor scale as the number compiled graphs bake in."""
     module.weight_zero_point = torch.zeros(module.weight_scale.shape[0], dtype=torch.int64)
+    if not module.per_channel:
+        module.tensor_scale = float(module.weight_scale[0])
 
 
 class QuantizedLayer(nn.Module):
     """A Linear or Conv layer with integer weights (see the module docstring)."""
 
     def __init__(self, float_type: str, sizes: dict[str, Any], scheme: str, bits: int = 8, group_size: int = 0,
-                 bias: bool = True) -> None:  # fmt: skip
+                 bias: bool = True, per_channel: bool = True) -> None:  # fmt: skip
         super().__init__()
-        if float_type not in FLOAT_TYPES or scheme not in SCHEMES:
-            raise ValueError(f"cannot quantize {float_type} with scheme {scheme!r}")
+        if float_type not in FLOAT_TYPES or scheme not in SCHEMES or (bits == 4 and not per_channel):
+            raise ValueError(f"cannot quantize {float_type} with scheme {scheme!r}, bits {bits}, per_channel {per_channel}")
         self.float_type, self.scheme, self.bits, self.group_size = float_type, scheme, bits, group_size
+        self.per_channel = per_channel
+        self.tensor_scale = 1.0  # per_channel=False: weight_scale[0] as a Python number
         for key, value in sizes.items():
             setattr(self, key, value)
         out = self.out_features if float_type == "Linear" else self.out_channels
@@ -136,10 +150,10 @@ class QuantizedLayer(nn.Module):
             self.register_buffer("weight_scale", torch.ones(out, -(-shape[1] // group_size), dtype=torch.float16))
         else:
             self.register_buffer("weight", torch.zeros(shape, dtype=torch.int8))
-            self.register_buffer("weight_scale", torch.ones(out))
+            self.register_buffer("weight_scale", torch.ones(out if per_channel else 1))
         self.register_buffer("bias", torch.zeros(out) if bias else None)
         # the weights' zero points (symmetric: all 0); a constant that compiled graphs freeze
-        self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int64), persistent=False)
+        self.register_buffer("weight_zero_point", torch.zeros(len(self.weight_scale), dtype=torch.int64), persistent=False)
         self.register_load_state_dict_post_hook(_match_zero_points)
         # static only: the (scale, zero point) of the input's and the output's uint8 grids, kept as
         # Python numbers (compiled graphs bake them in; the file keeps them in its manifest)
@@ -159,28 +173,32 @@ class QuantizedLayer(nn.Module):
         return {k: getattr(layer, k) for k in dict.fromkeys(keys)}
 
     @classmethod
-    def empty_like(cls, layer: nn.Module, scheme: str, bits: int = 8, group_size: int = 0) -> "QuantizedLayer":
+    def empty_like(cls, layer: nn.Module, scheme: str, bits: int = 8, group_size: int = 0,
+                   per_channel: bool = True) -> "QuantizedLayer":  # fmt: skip
         """A zero-filled quantized layer of ``layer``'s shapes, to be filled by ``load_state_dict``."""
         kind = _float_type(layer)
         if kind is None:
             raise ValueError(f"{type(layer).__name__} cannot be quantized")
-        return cls(kind, cls.sizes_of(layer), scheme, bits, group_size, bias=layer.bias is not None)
+        return cls(kind, cls.sizes_of(layer), scheme, bits, group_size, bias=layer.bias is not None, per_channel=per_channel)
 
     @classmethod
     def from_float(cls, layer: nn.Module, scheme: str, bits: int = 8, group_size: int = 0,
-                   ranges: tuple[tuple[float, float], tuple[float, float]] | None = None) -> "QuantizedLayer":  # fmt: skip
+                   ranges: tuple[tuple[float, float], tuple[float, float]] | None = None,
+                   per_channel: bool = True) -> "QuantizedLayer":  # fmt: skip
         """Quantize ``layer``'s weight; ``static`` needs the calibrated ``(input, output)`` ranges
         (output ``None``: the output stays float because the next layer's input grid takes it)."""
-        q = cls.empty_like(layer, scheme, bits, group_size)
+        q = cls.empty_like(layer, scheme, bits, group_size, per_channel)
         w = layer.weight.detach().float()
         if bits == 4:
             w = w.reshape(w.shape[0], -1)  # (out, in)
-        scales = weight_scales(w, bits, group_size)
+        scales = weight_scales(w, bits, group_size, per_channel)
         if bits == 4:
             scales = scales.half().float()  # quantize with the scales that are stored
         ints = quantize_weight(w, scales, bits, group_size)
         q.weight.copy_(pack_int4(ints) if bits == 4 else ints)
         q.weight_scale.copy_(scales)
+        if not per_channel:
+            q.tensor_scale = float(scales[0])
         if layer.bias is not None:
             q.bias.copy_(layer.bias.detach().float())
         if scheme == "static":
@@ -195,6 +213,8 @@ class QuantizedLayer(nn.Module):
             width = self.weight_shape()[1]
             q = _grouped(unpack_int4(self.weight, width).float(), self.group_size)  # (out, groups, group_size)
             return (q * self.weight_scale.float().unsqueeze(-1)).flatten(1)[:, :width]  # (out, in)
+        if not self.per_channel:
+            return _qd.dequantize_per_tensor(self.weight, self.tensor_scale, 0, -128, 127, torch.int8)
         return _qd.dequantize_per_channel(self.weight, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,12 +238,13 @@ class QuantizedLayer(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        kind = f"int{self.bits}" + (f" groups of {self.group_size}" if self.group_size else "")
+        kind = f"int{self.bits}" + (f" groups of {self.group_size}" if self.group_size else "") + ("" if self.per_channel else " per tensor")
         return f"{self.float_type} {tuple(self.weight_shape())}, {self.scheme} {kind}"
 
     def describe(self) -> dict[str, Any]:
         """The manifest entry that lets a loader rebuild this layer from the float one."""
-        entry = {"of": self.float_type, "scheme": self.scheme, "bits": self.bits, "group_size": self.group_size}
+        entry = {"of": self.float_type, "scheme": self.scheme, "bits": self.bits, "group_size": self.group_size,
+                 "per_channel": self.per_channel}  # fmt: skip
         if self.scheme == "static":
             entry |= {"input": list(self.input_q), "output": list(self.output_q) if self.output_q else None}
         return entry

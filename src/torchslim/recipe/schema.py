@@ -100,6 +100,7 @@ class QuantizeSection(_Strict):
     percentile: float = 99.99
     calib_batches: int = 8
     group_size: int = 64
+    per_channel: bool = True
     fold_bn: bool = True
     bias_correction: bool = True
     exclude: list[str] = Field(default_factory=list)

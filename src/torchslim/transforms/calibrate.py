@@ -63,18 +63,20 @@ def calibrated_ranges(
     if config.scheme != "static":
         return {}, {}
     stats = observe(model, targets, batches, histogram=config.calibration != "minmax")
-    consumers = grid_consumers(model, targets)
+    graph = _trace(model)
+    consumers = grid_consumers(model, targets, graph)
+    outputs = model_outputs(model, targets, graph)
     if config.calibration != "auto":
         methods = dict.fromkeys(targets, config.calibration)
-        return _pick(stats, methods, config.percentile, consumers), {"method": config.calibration}
+        return _pick(stats, methods, config.percentile, consumers, outputs), {"method": config.calibration}
     trial = copy.deepcopy(model)  # one working copy; each trial swaps in freshly quantized layers
     with torch.no_grad():
         reference = [model(x) for x in batches]
 
         def error(methods: dict[str, str]) -> float:
-            ranges = _pick(stats, methods, config.percentile, consumers)
+            ranges = _pick(stats, methods, config.percentile, consumers, outputs)
             for name, layer in targets.items():
-                trial.set_submodule(name, QuantizedLayer.from_float(layer, "static", ranges=ranges[name]))
+                trial.set_submodule(name, QuantizedLayer.from_float(layer, "static", ranges=ranges[name], per_channel=config.per_channel))
             return sum(float(((trial(x) - ref) ** 2).mean()) for x, ref in zip(batches, reference)) / len(batches)
 
         whole = {m: error(dict.fromkeys(targets, m)) for m in METHODS}
@@ -84,17 +86,23 @@ def calibrated_ranges(
             for m in METHODS:
                 if m != methods[name] and (err := error(methods | {name: m})) < current:
                     methods, current = methods | {name: m}, err
-    return _pick(stats, methods, config.percentile, consumers), {
+    return _pick(stats, methods, config.percentile, consumers, outputs), {
         "method": "auto", "start": best, "layers": methods, "output_mse": whole, "final_output_mse": current,
     }  # fmt: skip
 
 
-def _pick(stats: dict, methods: dict[str, str], percentile: float, consumers: dict) -> Ranges:
-    """Each layer's input and output range by its method, then one grid per producer/consumers."""
+def _pick(stats: dict, methods: dict[str, str], percentile: float, consumers: dict, outputs: set[str]) -> Ranges:
+    """Each layer's input and output range by its method, then one grid per producer/consumers.
+
+    The layers that produce the model's outputs take their whole observed range (``minmax``)
+    whatever their method: a clipped logit can change the top class. (Left float, the last
+    layer would not fuse into ONNX Runtime's integer Gemm, which needs a quantized output.)
+    """
     out: dict[str, list] = {
-        n: [choose_range(stats[n, "input"], m, percentile), choose_range(stats[n, "output"], m, percentile)]
+        n: [choose_range(stats[n, "input"], m, percentile),
+            choose_range(stats[n, "output"], "minmax" if n in outputs else m, percentile)]
         for n, m in methods.items()
-    }
+    }  # fmt: skip
     for producer, (users, relu, direct) in consumers.items():
         # one grid for the producer's output and its consumers' input: no double rounding. After a
         # ReLU the grid starts at 0 (zero point 0 clamps negatives exactly as the ReLU does); with
@@ -132,16 +140,41 @@ def _keeps_values(node: torch.fx.Node, modules: dict) -> bool:
     )
 
 
-def grid_consumers(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, tuple[list[str], bool, bool]]:
+def _trace(model: nn.Module) -> torch.fx.Graph | None:
+    """The model's FX graph, or ``None`` when it cannot be traced symbolically."""
+    try:
+        return torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 -- untraceable: every layer keeps its own grids
+        return None
+
+
+def model_outputs(model: nn.Module, targets: dict[str, nn.Module], graph: torch.fx.Graph | None) -> set[str]:
+    """Target layers whose output is one of the model's outputs (directly or through max
+    pooling / reshaping only): their output grid never clips."""
+    if graph is None:
+        return set()
+    modules, out = dict(model.named_modules()), set()
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in targets:
+            continue
+        producer = node.target
+        while len(node.users) == 1 and _keeps_values(user := next(iter(node.users)), modules) and user.op != "output":
+            node = user
+        if any(u.op == "output" for u in node.users):
+            out.add(producer)
+    return out
+
+
+def grid_consumers(
+    model: nn.Module, targets: dict[str, nn.Module], graph: torch.fx.Graph | None
+) -> dict[str, tuple[list[str], bool, bool]]:
     """Target layers whose output reaches only target layers, through nothing but (a folded
     BatchNorm,) at most one ReLU and then max pooling / flattening / reshaping.
 
     Returns ``producer -> (consumers, through a ReLU, directly)``: the consumers' input is a
     subset of the producer's (ReLU-clamped) output values, so one grid serves both.
     """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 -- untraceable: every layer keeps its own grids
+    if graph is None:
         return {}
     modules = dict(model.named_modules())
     out = {}
