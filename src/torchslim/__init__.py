@@ -19,7 +19,9 @@ from torchslim.core.plan import CompressionPlan, LayerDecision
 from torchslim.errors import TorchslimError
 from torchslim.evaluate.metrics import accuracy
 from torchslim.train.fit import TrainConfig, fit
+from torchslim.train.losses import FeatureLoss, SoftTargetLoss
 from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
+from torchslim.transforms.distill import DistillConfig, derive_student, distill
 from torchslim.transforms.mixed_precision import MixedPrecisionConfig, mixed_precision_
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
 from torchslim.transforms.quantize import QuantizeConfig, quantize_
@@ -27,8 +29,8 @@ from torchslim.transforms.share import ShareConfig, share_
 
 __version__ = "0.1.0"
 __all__ = [
-    "ChannelPruneConfig", "CompressionPlan", "LayerDecision", "MagnitudePruneConfig", "MixedPrecisionConfig",
-    "QuantizeConfig", "ShareConfig", "TorchslimError", "TrainConfig", "accuracy", "channel_prune_", "compile_model",
-    "data", "errors", "export_onnx", "fit", "load", "mixed_precision_", "models", "prune_", "quantize_", "save",
-    "share_",
+    "ChannelPruneConfig", "CompressionPlan", "DistillConfig", "FeatureLoss", "LayerDecision", "MagnitudePruneConfig",
+    "MixedPrecisionConfig", "QuantizeConfig", "ShareConfig", "SoftTargetLoss", "TorchslimError", "TrainConfig",
+    "accuracy", "channel_prune_", "compile_model", "data", "derive_student", "distill", "errors", "export_onnx", "fit",
+    "load", "mixed_precision_", "models", "prune_", "quantize_", "save", "share_",
 ]  # fmt: skip

@@ -52,8 +52,8 @@ def compress(
     from torchslim.recipe.run import run_recipe
     from torchslim.recipe.schema import load_recipe
     from torchslim.report.render import (
-        GROUP_COLUMNS, LAYER_COLUMNS, QUANT_COLUMNS, STRUCTURE_COLUMNS, group_rows, layer_rows, quant_rows,
-        structure_rows, summary_rows,
+        DISTILL_COLUMNS, GROUP_COLUMNS, LAYER_COLUMNS, QUANT_COLUMNS, STRUCTURE_COLUMNS, distill_rows, group_rows,
+        layer_rows, quant_rows, structure_rows, summary_rows,
     )  # fmt: skip
 
     try:
@@ -69,6 +69,8 @@ def compress(
     if report["baseline_cached"]:
         console.print("baseline: loaded from the cache (no training)")
     console.print(_rich_table("before / after", ("metric", "baseline", "compressed"), summary_rows(report)))
+    if report.get("distillation"):
+        console.print(_rich_table("distillation", DISTILL_COLUMNS, distill_rows(report["distillation"])))
     for i, step in enumerate(report.get("structure", []), 1):
         console.print(_rich_table(f"channels removed (step {i}), per group", GROUP_COLUMNS, group_rows(step)))
         console.print(_rich_table(f"channels removed (step {i}), per layer", STRUCTURE_COLUMNS, structure_rows(step)))

@@ -13,6 +13,7 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -69,9 +70,19 @@ class Data:
 
     def train_loader(self, epoch_seed: int = 0) -> DataLoader:
         """Shuffled training batches; the order depends only on ``spec.seed`` and ``epoch_seed``."""
+        return DataLoader(self.train, sampler=self._train_sampler(epoch_seed), batch_size=None)
+
+    def train_batches(self, epoch_seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches of :meth:`train_loader` with their rows in the training split:
+        ``(x, y, indices)`` (what per-sample caches, such as a teacher's logits, are keyed by)."""
+        x, y = self.train.tensors
+        for rows in self._train_sampler(epoch_seed):
+            idx = torch.as_tensor(rows)
+            yield x[idx], y[idx], idx
+
+    def _train_sampler(self, epoch_seed: int) -> BatchSampler:
         gen = torch.Generator().manual_seed(self.spec.seed * 100_003 + epoch_seed)
-        sampler = BatchSampler(RandomSampler(self.train, generator=gen), self.spec.batch_size, False)
-        return DataLoader(self.train, sampler=sampler, batch_size=None)
+        return BatchSampler(RandomSampler(self.train, generator=gen), self.spec.batch_size, False)
 
     def eval_loader(self) -> DataLoader:
         """Evaluation batches in file order."""

@@ -31,6 +31,27 @@ class LeNet300100(nn.Module):
         return self.fc3(x)
 
 
+class MLP(nn.Module):
+    """A ReLU MLP of ``depth`` hidden layers of ``width`` units, with optional dropout (as the
+    teacher of Hinton et al.'s MNIST distillation experiment: 2 x 1200, dropout)."""
+
+    def __init__(self, in_features: int = 784, width: int = 1200, depth: int = 2, num_classes: int = 10,
+                 dropout_percent: int = 0) -> None:  # fmt: skip
+        super().__init__()
+        if not 0 <= dropout_percent < 100:
+            raise ConfigError(f"dropout_percent={dropout_percent}: use a whole number from 0 to 99")
+        sizes = [in_features] + [width] * depth
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.dropout = nn.Dropout(dropout_percent / 100)
+        self.fc = nn.Linear(sizes[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)  # (B, in_features)
+        for layer in self.hidden:
+            x = self.dropout(torch.relu(layer(x)))  # (B, width)
+        return self.fc(x)
+
+
 class LeNet5(nn.Module):
     """The Caffe LeNet-5 variant of Deep Compression: conv 20@5x5, conv 50@5x5, fc 500, fc 10.
 
@@ -174,6 +195,11 @@ def lenet_300_100(in_features: int = 784, num_classes: int = 10) -> nn.Module:
     return LeNet300100(in_features, num_classes)
 
 
+def mlp(in_features: int = 784, width: int = 1200, depth: int = 2, num_classes: int = 10, dropout_percent: int = 0) -> nn.Module:
+    """Build a ReLU MLP (``depth`` x ``width``; dropout after each hidden layer, in percent)."""
+    return MLP(in_features, width, depth, num_classes, dropout_percent)
+
+
 def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Module:
     """Build the Caffe LeNet-5 variant (431,080 parameters for 28x28 inputs)."""
     return LeNet5(in_channels, num_classes, image_size)
@@ -206,7 +232,7 @@ def gru_classifier(input_size: int = 28, hidden_size: int = 128, num_classes: in
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "lenet_300_100": lenet_300_100, "lenet5": lenet5, "resnet_mini": resnet_mini, "mobilenet_mini": mobilenet_mini,
-    "concat_net": concat_net, "lstm_classifier": lstm_classifier, "gru_classifier": gru_classifier,
+    "concat_net": concat_net, "lstm_classifier": lstm_classifier, "gru_classifier": gru_classifier, "mlp": mlp,
 }  # fmt: skip
 
 

@@ -14,8 +14,8 @@ so that
   fuses into its integer kernels.
 
 Weights are symmetric int8 per output channel, or with ``per_channel=False`` one scale for the
-whole tensor (what ONNX Runtime's integer Gemm runs fastest: it prepacks a weight only when its
-zero point is a single number).
+whole tensor (which ONNX Runtime's integer Gemm runs faster; inductor's int8 patterns match
+per-channel weights only).
 
 Schemes:
   ``static``: int8 weights; the input and the output on uint8

@@ -15,15 +15,17 @@ from torchslim.artifact.inspect import inspect_file
 from torchslim.artifact.runtime import compile_model
 from torchslim.artifact.tslim import load, save
 from torchslim.core.data import DataSpec, load_data
+from torchslim.core.models import build_model
 from torchslim.core.plan import CompressionPlan
 from torchslim.errors import TorchslimError
 from torchslim.evaluate.latency import measure_latency
 from torchslim.evaluate.metrics import accuracy, agreement, file_bytes, fp32_safetensors_bytes
-from torchslim.recipe.schema import Recipe, Step, TrainSection
+from torchslim.recipe.schema import DistillSection, Recipe, Step, TrainSection
 from torchslim.report.render import write_report
 from torchslim.train.baseline import trained_baseline
-from torchslim.train.fit import Progress, TrainConfig
+from torchslim.train.fit import Progress, TrainConfig, fit
 from torchslim.transforms.channels import channel_prune_
+from torchslim.transforms.distill import distill
 from torchslim.transforms.mixed_precision import MixedPrecisionConfig, mixed_precision_
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
 from torchslim.transforms.quantize import quantize_
@@ -74,6 +76,32 @@ def _apply(
     return share_(model, cfg, data, progress, teacher).plan
 
 
+def _distill(
+    section: DistillSection, recipe: Recipe, teacher: torch.nn.Module, data, bar: ProgressFactory
+) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """The distilled student, its zoo spec, and the report entry: teacher, student trained alone
+    (same initial weights, epochs and seed, no teacher) and student distilled, side by side."""
+    name, kwargs = section.student_spec(recipe.model)
+    cfg = section.config(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    student = build_model(name, **kwargs)
+    init = copy.deepcopy(student.state_dict())
+    result = distill(student, teacher, data, cfg, progress=bar("distill: student with teacher"))
+
+    def row(model: torch.nn.Module, seconds: float | None) -> dict[str, Any]:
+        return {"accuracy": accuracy(model, data.eval_loader()), "params": count_params(model), "train_s": seconds}
+
+    entry = {"student": {"name": name, "kwargs": kwargs}, "teacher": row(teacher, None),
+             "student_distilled": row(student, result.seconds), "student_alone": None} | result.to_dict()  # fmt: skip
+    if section.compare_alone:
+        alone = build_model(name, **kwargs)
+        alone.load_state_dict(init)
+        t0 = time.perf_counter()
+        fit(alone, data, cfg.train, bar("distill: student alone"))
+        entry["student_alone"] = row(alone, time.perf_counter() - t0)
+    return student, {"zoo": name, "kwargs": kwargs}, entry
+
+
 def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[str, Any]:
     """Run ``recipe`` end to end; write the artifact and reports; return the report data.
 
@@ -91,8 +119,13 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[
     timings["baseline_s"] = time.perf_counter() - start
 
     model, plan, structure = copy.deepcopy(baseline), CompressionPlan(), []
+    zoo, distilled = {"zoo": recipe.model.name, "kwargs": recipe.model.kwargs}, None
     for i, step in enumerate(recipe.steps):
         t0 = time.perf_counter()
+        if step.distill is not None:  # the first step (the schema says so): the student replaces the model
+            model, zoo, distilled = _distill(step.distill, recipe, baseline, data, bar)
+            timings[f"step{i + 1}_distill_s"] = time.perf_counter() - t0
+            continue
         plan = plan.updated(_apply(step, model, data, recipe.seed, bar(f"step {i + 1}: {step.kind}"), baseline, structure))
         timings[f"step{i + 1}_{step.kind}_s"] = time.perf_counter() - t0
     model.eval()
@@ -102,7 +135,6 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[
     out, artifact = recipe.out_dir(), recipe.artifact_path()
     t0 = time.perf_counter()
     mem_acc = accuracy(model, data.eval_loader())
-    zoo = {"zoo": recipe.model.name, "kwargs": recipe.model.kwargs}
     save(model, artifact, plan=plan.to_dict(), metrics={"accuracy": mem_acc}, zoo=zoo)
     restored = load(artifact)
     _check_same(model, restored, data)
@@ -120,6 +152,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[
         "layers": [row.to_dict() for row in inspect_file(artifact)[0]],
         "structure": [s for s in structure if "quantization" not in s],
         "quantization": next((s for s in structure if "quantization" in s), None),
+        "distillation": distilled,
         "artifact": str(artifact),
     }
     report["compressed"]["agreement"] = agreement(restored, baseline, data.eval_loader())

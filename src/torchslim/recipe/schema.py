@@ -17,6 +17,7 @@ from torchslim.core.models import ZOO
 from torchslim.errors import ConfigError, RecipeError
 from torchslim.train.fit import TrainConfig
 from torchslim.transforms.channels import ChannelPruneConfig
+from torchslim.transforms.distill import DistillConfig, student_kwargs
 from torchslim.transforms.prune import MagnitudePruneConfig
 from torchslim.transforms.quantize import QuantizeConfig
 from torchslim.transforms.share import ShareConfig
@@ -119,12 +120,51 @@ class QuantizeSection(_Strict):
         return QuantizeConfig(**fields, exclude=tuple(self.exclude), qat=qat)
 
 
-STEP_KINDS = ("channels", "prune", "share", "quantize")
+class DistillSection(_Strict):
+    """Knowledge distillation into a smaller student, the recipe's model as teacher: a zoo
+    ``student``, or one derived from the teacher by a ``width`` multiplier (and ``depth``)."""
+
+    student: Optional[ModelSpec] = None
+    width: Optional[float] = Field(None, gt=0, le=1, description="derive the student: the teacher's width times this")
+    depth: Optional[int] = Field(None, ge=1, description="derive the student: this many hidden layers (mlp)")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T of the soft targets")
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft targets; the labels get 1 - alpha")
+    features: list[tuple[str, str]] = Field(default_factory=list, description="[student layer, teacher layer] pairs")
+    feature_weight: float = Field(1.0, ge=0)
+    feature_kind: Literal["hint", "attention"] = "hint"
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    cache_teacher: bool = False
+    compare_alone: bool = Field(True, description="also train the student without the teacher (same epochs and seed) for the report")
+
+    @model_validator(mode="after")
+    def _one_student(self) -> "DistillSection":
+        if (self.student is None) == (self.width is None):
+            raise ValueError("give exactly one of student (a zoo model) or width (derive the student from the teacher)")
+        if self.depth is not None and self.width is None:
+            raise ValueError("depth derives the student with width; a named student has its own depth")
+        return self
+
+    def config(self, seed: int = 0) -> DistillConfig:
+        train = TrainConfig(self.epochs, self.lr, self.weight_decay, seed, self.alpha, self.temperature)
+        return DistillConfig(train, tuple(self.features), self.feature_weight, self.feature_kind, self.cache_teacher)
+
+    def student_spec(self, teacher: ModelSpec) -> tuple[str, dict[str, Any]]:
+        """The student's zoo name and arguments."""
+        if self.student is not None:
+            return self.student.name, dict(self.student.kwargs)
+        assert self.width is not None
+        return teacher.name, student_kwargs(teacher.name, teacher.kwargs, width=self.width, depth=self.depth)
+
+
+STEP_KINDS = ("distill", "channels", "prune", "share", "quantize")
 
 
 class Step(_Strict):
-    """Exactly one of the keys: ``channels``, ``prune``, ``share`` or ``quantize``."""
+    """Exactly one of the keys: ``distill``, ``channels``, ``prune``, ``share`` or ``quantize``."""
 
+    distill: DistillSection | None = None
     channels: ChannelsSection | None = None
     prune: PruneSection | None = None
     share: ShareSection | None = None
@@ -136,7 +176,9 @@ class Step(_Strict):
         if len(given) != 1:
             raise ValueError(f"a step has exactly one of {list(STEP_KINDS)}, got {given or 'none'}")
         try:  # the transforms' own checks, before any training starts
-            if self.channels is not None:
+            if self.distill is not None:
+                self.distill.config()
+            elif self.channels is not None:
                 self.channels.config()
             elif self.quantize is not None:
                 self.quantize.config(TrainConfig(1, 1e-3) if self.quantize.qat else None)
@@ -181,8 +223,16 @@ class Recipe(_Strict):
         if self.baseline.teacher:
             raise ValueError("baseline.teacher: the dense baseline is the teacher; it cannot have one")
         kinds = [s.kind for s in self.steps]
-        if "channels" in kinds and any(k != "channels" for k in kinds[: max(i for i, k in enumerate(kinds) if k == "channels")]):
+        if "channels" in kinds and any(k not in ("channels", "distill") for k in kinds[: max(i for i, k in enumerate(kinds) if k == "channels")]):
             raise ValueError("steps: 'channels' steps must come before 'prune' and 'share' (they resize the layers those mask)")
+        if "distill" in kinds and (kinds.index("distill") != 0 or kinds.count("distill") > 1):
+            raise ValueError("steps: 'distill' must be the first step, and only one (it replaces the model by its student)")
+        for step in self.steps:
+            if step.distill is not None and step.distill.width is not None:
+                try:
+                    step.distill.student_spec(self.model)
+                except ConfigError as exc:
+                    raise ValueError(f"steps: distill: {exc}") from None
         if "quantize" in kinds and kinds.index("quantize") != len(kinds) - 1:
             raise ValueError("steps: 'quantize' must be the last step, and only one (it replaces the float layers)")
         return self

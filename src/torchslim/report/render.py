@@ -150,6 +150,34 @@ def quant_parts(step: dict[str, Any] | None) -> list[str]:
     return parts
 
 
+DISTILL_COLUMNS = ("model", "parameters", "test accuracy", "training s")
+
+
+def distill_rows(entry: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Teacher, student alone and student distilled, in :data:`DISTILL_COLUMNS` order."""
+    student = f"{entry['student']['name']} {entry['student']['kwargs'] or ''}".strip()
+    rows = [("teacher (the baseline)", entry["teacher"]), (f"student {student}, alone", entry.get("student_alone")),
+            (f"student {student}, distilled", entry["student_distilled"])]  # fmt: skip
+    return [(label, f"{r['params']:,}", _pct(r["accuracy"]), _num(r["train_s"], "{:.1f}")) for label, r in rows if r]
+
+
+def distill_parts(entry: dict[str, Any] | None) -> list[str]:
+    """Markdown for the distillation step: settings and the side-by-side table."""
+    if not entry:
+        return []
+    cfg = entry["config"]
+    pairs = ", ".join(f"`{s}` <- `{t}`" for s, t in cfg["features"]) or "none"
+    return [
+        "## Distillation",
+        f"Soft targets at T = {cfg['train']['temperature']:g}, alpha = {cfg['train']['distill_weight']:g} (labels "
+        f"{1 - cfg['train']['distill_weight']:g}), {cfg['train']['epochs']} epochs at lr {cfg['train']['lr']:g}; feature "
+        f"pairs ({cfg['feature_kind']}, weight {cfg['feature_weight']:g}): {pairs}. The student alone starts from the "
+        "same weights and trains with the same epochs and seed, without the teacher. The distilled student is then "
+        "compressed by the later steps.",
+        markdown_table(DISTILL_COLUMNS, distill_rows(entry)),
+    ]
+
+
 def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -168,6 +196,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         markdown_table(("metric", "baseline", "compressed"), summary_rows(report)),
         "Latency runs the decoded weights with PyTorch's dense eager kernels: removed channels make "
         "them faster; unstructured zeros and shared values make the file small, not the matmuls faster.",
+        *distill_parts(report.get("distillation")),
         *structure_parts(report.get("structure", [])),
         *quant_parts(report.get("quantization")),
         "## Per tensor in the file",

@@ -17,11 +17,14 @@ from torch import nn
 
 from torchslim.core.data import Data
 from torchslim.errors import ConfigError
+from torchslim.train.losses import SoftTargetLoss, check_temperature, logits_of
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each optimiser step."""
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``objective(x, y, rows)``: the loss of one training batch (``rows``: its rows in the training split)."""
 
 
 @dataclass(frozen=True)
@@ -52,16 +55,7 @@ class TrainConfig:
             raise ConfigError(f"lr={self.lr!r}: use a positive learning rate such as 3e-3")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ConfigError(f"distill_weight={self.distill_weight!r}: use a value in [0, 1]")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature!r}: a softmax temperature must be > 0")
-
-
-def soft_target_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) between temperature-softened distributions, times T**2."""
-    t = temperature
-    log_p = nn.functional.log_softmax(logits / t, dim=1)
-    log_q = nn.functional.log_softmax(teacher_logits / t, dim=1)
-    return nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * t * t
+        check_temperature(self.temperature)
 
 
 def fit(
@@ -70,17 +64,22 @@ def fit(
     config: TrainConfig,
     progress: Progress | None = None,
     teacher: nn.Module | None = None,
+    *,
+    objective: Objective | None = None,
+    extra_params: list[nn.Parameter] | tuple = (),
 ) -> list[float]:
     """Train ``model`` in place on ``data.train``; return the mean loss of each epoch.
 
-    With a ``teacher`` (run in eval mode, without gradients), the loss mixes the hard labels
-    with the teacher's softened outputs, as ``config.distill_weight`` and
-    ``config.temperature`` say.
+    The loss is cross-entropy on the labels; with a ``teacher`` (run in eval mode, without
+    gradients) it mixes the labels with the teacher's soft targets
+    (:class:`~torchslim.train.losses.SoftTargetLoss` with ``config.temperature`` and
+    ``alpha = config.distill_weight``). ``objective`` replaces that loss altogether (it runs
+    the model itself); ``extra_params`` (e.g. its projections) are trained along.
 
     Example:
         >>> losses = fit(model, data, TrainConfig(epochs=2))  # doctest: +SKIP
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
     if config.epochs == 0 or not params:
         return []
     torch.manual_seed(config.seed)
@@ -89,19 +88,15 @@ def fit(
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total)
     losses, done = [], 0
+    if objective is None:
+        objective = _default_objective(model, config, teacher)
     model.train()
     if teacher is not None:
         teacher.eval()
     for epoch in range(config.epochs):
         running = 0.0
-        for x, y in data.train_loader(epoch_seed=config.seed * 1000 + epoch):
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            if teacher is not None:
-                with torch.no_grad():
-                    soft = teacher(x)
-                w = config.distill_weight
-                loss = (1 - w) * loss + w * soft_target_loss(logits, soft, config.temperature)
+        for x, y, rows in data.train_batches(epoch_seed=config.seed * 1000 + epoch):
+            loss = objective(x, y, rows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -114,3 +109,18 @@ def fit(
         log.info("epoch %d/%d loss %.4f", epoch + 1, config.epochs, losses[-1])
     model.eval()
     return losses
+
+
+def _default_objective(model: nn.Module, config: TrainConfig, teacher: nn.Module | None) -> Objective:
+    """Cross-entropy, or with a teacher its soft targets mixed with the labels."""
+    soft = SoftTargetLoss(config.temperature, config.distill_weight) if teacher is not None else None
+
+    def objective(x: torch.Tensor, y: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        if soft is None or teacher is None:
+            return nn.functional.cross_entropy(logits_of(out), y)
+        with torch.no_grad():
+            target = teacher(x)
+        return soft(out, target, y)
+
+    return objective

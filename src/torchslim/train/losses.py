@@ -1,0 +1,148 @@
+"""Distillation losses, as ordinary ``nn.Module`` losses usable inside any training loop.
+
+* :class:`SoftTargetLoss` -- Hinton, Vinyals & Dean (2015): the KL divergence between the
+  teacher's and the student's softmax at temperature ``T``, scaled by ``T**2`` (so its
+  gradients keep their size as ``T`` changes), mixed with the hard-label cross-entropy:
+  ``(1 - alpha) * CE(student, labels) + alpha * T**2 * KL(teacher_T || student_T)``.
+* :class:`FeatureLoss` -- one intermediate feature of the student pulled towards one of the
+  teacher's: a *hint* (FitNets, Romero et al. 2015: mean squared error, through a learned
+  linear projection when the widths differ) or *attention transfer* (Zagoruyko & Komodakis
+  2017: the distance between the L2-normalised spatial maps ``mean_c(f**2)`` of two conv
+  features, which needs no projection at all).
+
+Model outputs may be tensors, tuples whose first item is the logits, dicts with a ``logits``
+key (or a single tensor value) or objects with a ``logits`` attribute (:func:`logits_of`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchslim.errors import ConfigError
+
+FEATURE_KINDS = ("hint", "attention")
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, a tuple's first item, a dict's
+    ``logits`` (or only tensor) value, or an object's ``logits`` attribute."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        tensors = [v for v in output.values() if isinstance(v, torch.Tensor)]
+        if isinstance(output.get("logits"), torch.Tensor):
+            return output["logits"]
+        if len(tensors) == 1:
+            return tensors[0]
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    elif isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    raise ConfigError(
+        f"cannot find the logits in a model output of type {type(output).__name__}: return a tensor, a tuple "
+        "whose first item is the logits, or a dict with a 'logits' key"
+    )
+
+
+def check_temperature(temperature: Any) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ConfigError(f"temperature={temperature!r}: a softmax temperature must be a finite number > 0 (e.g. 4)")
+    return float(temperature)
+
+
+def check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha={alpha!r}: the soft-target weight must be in [0, 1] (the labels get 1 - alpha)")
+    return float(alpha)
+
+
+def soft_target_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) between temperature-softened distributions, times T**2."""
+    if logits.shape != teacher_logits.shape:
+        raise ConfigError(
+            f"the student's logits have shape {tuple(logits.shape)} but the teacher's {tuple(teacher_logits.shape)}: "
+            "teacher and student must predict the same number of classes"
+        )
+    t = temperature
+    log_p = F.log_softmax(logits / t, dim=-1)
+    log_q = F.log_softmax(teacher_logits.detach() / t, dim=-1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * t * t
+
+
+class SoftTargetLoss(nn.Module):
+    """Soft targets mixed with hard labels (see the module docstring).
+
+    Example:
+        >>> loss_fn = SoftTargetLoss(temperature=4.0, alpha=0.7)
+        >>> loss = loss_fn(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1]))
+    """
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.7) -> None:
+        super().__init__()
+        self.temperature, self.alpha = check_temperature(temperature), check_alpha(alpha)
+
+    def forward(self, student: Any, teacher: Any, target: torch.Tensor | None = None) -> torch.Tensor:
+        s, t = logits_of(student), logits_of(teacher)
+        soft = soft_target_loss(s, t, self.temperature)
+        if target is None:
+            return soft
+        return (1 - self.alpha) * F.cross_entropy(s, target) + self.alpha * soft
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}"
+
+
+def _channels(shape: tuple[int, ...]) -> int:
+    """A feature's width: dim 1 of an (N, C, H, W) map, else the last dim ((B, F) or (B, L, F))."""
+    return shape[1] if len(shape) == 4 else shape[-1]
+
+
+class FeatureLoss(nn.Module):
+    """One student feature pulled towards one teacher feature (see the module docstring).
+
+    Args:
+        student_shape, teacher_shape: the features' shapes (batch first), e.g. from one probe
+            batch; they fix the projection. 4-D features are (N, C, H, W); 2-D and 3-D ones
+            have their width last ((B, F), (B, L, F): token sequences).
+        kind: ``"hint"`` (MSE, projected when the widths differ) or ``"attention"`` (4-D only).
+    """
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], kind: str = "hint") -> None:
+        super().__init__()
+        if kind not in FEATURE_KINDS:
+            raise ConfigError(f"feature loss kind {kind!r}: choose one of {list(FEATURE_KINDS)}")
+        s, t = tuple(student_shape), tuple(teacher_shape)
+        self.kind, self.projection = kind, None
+        if kind == "attention":
+            if len(s) != 4 or len(t) != 4:
+                raise ConfigError(f"attention transfer compares conv feature maps (N, C, H, W); got {s} and {t}: use kind='hint'")
+            return
+        if len(s) != len(t):
+            raise ConfigError(f"hint features of different ranks ({s} vs {t}): pair layers of the same kind")
+        cs, ct = _channels(s), _channels(t)
+        if cs != ct:  # a learned projection from the student's width to the teacher's
+            self.projection = nn.Conv2d(cs, ct, 1, bias=False) if len(s) == 4 else nn.Linear(cs, ct, bias=False)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        teacher = teacher.detach()
+        if self.kind == "attention":
+            a_s, a_t = (f.float().pow(2).mean(1) for f in (student, teacher))  # (B, H, W)
+            if a_s.shape[-2:] != a_t.shape[-2:]:
+                a_s = F.adaptive_avg_pool2d(a_s.unsqueeze(1), a_t.shape[-2:]).squeeze(1)
+            a_s, a_t = (F.normalize(a.flatten(1), dim=1) for a in (a_s, a_t))
+            return (a_s - a_t).pow(2).sum(1).mean()
+        if self.projection is not None:
+            student = self.projection(student)
+        if student.dim() == 4 and student.shape[-2:] != teacher.shape[-2:]:
+            student = F.adaptive_avg_pool2d(student, teacher.shape[-2:])
+        if student.shape != teacher.shape:
+            raise ConfigError(f"hint features differ in shape after projection: {tuple(student.shape)} vs {tuple(teacher.shape)}")
+        return F.mse_loss(student, teacher)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}"
