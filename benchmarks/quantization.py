@@ -354,7 +354,7 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
             ind, ort = (lambda b, k=k: _lat(r, k, b) for k in ("inductor", "onnxruntime"))
             lines.append(
                 f"| {name} | {100 * r['accuracy']:.2f} % | {100 * (fp['accuracy'] - r['accuracy']):.2f} | "
-                f"{r['tslim_bytes']:,} | {fp['fp32_bytes'] / r['tslim_bytes']:.2f}x | {_ms(ind('b1'))} | {_ms(ind('b64'))} | "
+                f"{r['tslim_bytes']:,} | {fp['fp32_bytes'] / r['tslim_bytes']:.3f}x | {_ms(ind('b1'))} | {_ms(ind('b64'))} | "
                 f"{_speed(fp, ind('b64'), 'b64')} | {_ms(ort('b1'))} | {_ms(ort('b64'))} | {_speed(fp, ort('b64'), 'b64')} |"
             )
         fx, ortp = net["peers"]
