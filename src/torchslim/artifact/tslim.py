@@ -206,7 +206,7 @@ def _manifest(path: Path, header: Any) -> dict:
     if manifest["version"] >= 2 and not isinstance(manifest.get("modules"), dict):
         raise ArtifactError(f"{path}: a version {manifest['version']} manifest needs a 'modules' object")
     if manifest["version"] >= 3 and not (isinstance(manifest.get("quant"), dict) and isinstance(manifest.get("folded"), dict)):
-        raise ArtifactError(f"{path}: a version 3 manifest needs 'quant' and 'folded' objects")
+        raise ArtifactError(f"{path}: a version {manifest['version']} manifest needs 'quant' and 'folded' objects")
     return manifest
 
 
