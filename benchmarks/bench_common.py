@@ -43,6 +43,17 @@ def save_results(name: str, payload: dict) -> Path:
     return write_atomic(RESULTS / f"{name}.json", json.dumps(payload, indent=1))
 
 
+def saved_results(name: str) -> dict | None:
+    """benchmarks/results/<name>.json as a script last saved it, or None."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_lines(results: dict[str, bool]) -> list[str]:
+    """The acceptance checks as a Markdown list."""
+    return [f"- {k}: {'yes' if v else 'NO'}" for k, v in results.items()]
+
+
 def publish(name: str, payload: dict, section: str | None) -> int:
     """Save the results, rewrite the docs section (unless ``section`` is None), print the
     checks; the exit status is 0 only when every check holds."""

@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 
-from bench_common import RESULTS, markers, publish, write_section  # noqa: E402  (sets the cache folders)
+from bench_common import check_lines, markers, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
 
 START, END = markers("distillation")
 
@@ -203,7 +203,7 @@ def markdown(res: dict, env: dict, args: dict, results: dict[str, bool]) -> str:
             lines += [_row(f"{label}, seed {row['seed']}", row) for row in r[key]]
         lines += ["", f"Recovered alone: {_stats(r['without'])}; with the teacher: {_stats(r['with_teacher'])}."]
     lines += ["", "Acceptance checks (computed by the script):", ""]
-    lines += [f"- {k}: {'yes' if v else 'NO'}" for k, v in results.items()]
+    lines += check_lines(results)
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -219,13 +219,12 @@ def main() -> int:
     parser.add_argument("--render", action="store_true", help="only rewrite the docs section from the saved results")
     args = parser.parse_args()
     if args.render:
-        saved = json.loads((RESULTS / "distillation.json").read_text())
+        saved = saved_results("distillation")
         write_section("distillation", markdown(saved["results"], saved["env"], saved["args"], saved["checks"]))
         return 0
     torch.set_num_threads(THREADS)
     data = fashion_mnist()
-    saved = RESULTS / "distillation.json"  # parts not rerun keep their saved figures
-    res = json.loads(saved.read_text())["results"] if saved.exists() else {}
+    res = (saved_results("distillation") or {}).get("results", {})  # parts not rerun keep their saved figures
     t0 = time.perf_counter()
     if "mlp" in args.parts:
         res["mlp"] = mlp_part(data, args.epochs, args.temperatures, args.seeds)

@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 
-from bench_common import RESULTS, TMP, markers, publish, write_section  # noqa: E402  (sets the cache folders)
+from bench_common import TMP, check_lines, markers, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
 
 START, END = markers("quantization")
 
@@ -378,7 +378,7 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
             + ".",
         ]
     lines += ["", f"QAT: {qat_epochs} epochs at lr 1e-4 from the calibrated grids. Acceptance checks (computed by the script):", ""]
-    lines += [f"- {k}: {'yes' if v else 'NO'}" for k, v in results.items()]
+    lines += check_lines(results)
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -393,7 +393,7 @@ def main() -> int:
     parser.add_argument("--render", action="store_true", help="only rewrite the docs section from the saved results")
     args = parser.parse_args()
     if args.render:
-        saved = json.loads((RESULTS / "quantization.json").read_text())
+        saved = saved_results("quantization")
         write_section("quantization", markdown(saved["nets"], saved["env"], saved["qat_epochs"], saved["checks"]))
         return 0
     torch.set_num_threads(THREADS)

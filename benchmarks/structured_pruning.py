@@ -24,7 +24,7 @@ import platform
 import sys
 import time
 
-from bench_common import TMP, markers, publish  # noqa: E402  (sets the cache folders)
+from bench_common import TMP, check_lines, markers, publish  # noqa: E402  (sets the cache folders)
 
 START, END = markers("structured_pruning")
 
@@ -229,7 +229,7 @@ def markdown(nets: list[dict], env: dict, epochs: int, results: dict[str, bool])
                 + ", ".join(f"{k} {v}" for k, v in best["widths"].items()) + ".",
             ]
     lines += ["", "Acceptance checks (computed by the script):", ""]
-    lines += [f"- {k}: {'yes' if v else 'NO'}" for k, v in results.items()]
+    lines += check_lines(results)
     lines.append(END)
     return "\n".join(lines) + "\n"
 

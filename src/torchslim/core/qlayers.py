@@ -197,8 +197,7 @@ class QuantizedLayer(nn.Module):
         ints = quantize_weight(w, scales, bits, group_size)
         q.weight.copy_(pack_int4(ints) if bits == 4 else ints)
         q.weight_scale.copy_(scales)
-        if not per_channel:
-            q.tensor_scale = float(scales[0])
+        _match_zero_points(q, None)
         if layer.bias is not None:
             q.bias.copy_(layer.bias.detach().float())
         if scheme == "static":

@@ -79,8 +79,9 @@ def _apply(
 def _distill(
     section: DistillSection, recipe: Recipe, teacher: torch.nn.Module, data, bar: ProgressFactory
 ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
-    """The distilled student, its zoo spec, and the report entry: teacher, student trained alone
-    (same initial weights, epochs and seed, no teacher) and student distilled, side by side."""
+    """The distilled student, its zoo spec, and the report entry: student trained alone (same
+    initial weights, epochs and seed, no teacher) and student distilled (the teacher's row is
+    the report's baseline, added by the caller)."""
     name, kwargs = section.student_spec(recipe.model)
     cfg = section.config(recipe.seed)
     torch.manual_seed(recipe.seed)
@@ -91,8 +92,8 @@ def _distill(
     def row(model: torch.nn.Module, seconds: float | None) -> dict[str, Any]:
         return {"accuracy": accuracy(model, data.eval_loader()), "params": count_params(model), "train_s": seconds}
 
-    entry = {"student": {"name": name, "kwargs": kwargs}, "teacher": row(teacher, None),
-             "student_distilled": row(student, result.seconds), "student_alone": None} | result.to_dict()  # fmt: skip
+    entry = {"student": {"name": name, "kwargs": kwargs}, "student_distilled": row(student, result.seconds),
+             "student_alone": None} | result.to_dict()  # fmt: skip
     if section.compare_alone:
         alone = build_model(name, **kwargs)
         alone.load_state_dict(init)
@@ -155,6 +156,8 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[
         "distillation": distilled,
         "artifact": str(artifact),
     }
+    if distilled is not None:
+        distilled["teacher"] = {"accuracy": report["baseline"]["accuracy"], "params": report["baseline"]["params"], "train_s": None}
     report["compressed"]["agreement"] = agreement(restored, baseline, data.eval_loader())
     report["compressed"]["ratio"] = report["baseline"]["bytes"] / report["compressed"]["bytes"]
     timings["total_s"] = time.perf_counter() - start

@@ -17,7 +17,7 @@ from torch import nn
 
 from torchslim.core.data import Data
 from torchslim.errors import ConfigError
-from torchslim.train.losses import SoftTargetLoss, check_temperature, logits_of
+from torchslim.train.losses import SoftTargetLoss, check_alpha, check_temperature, logits_of
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,7 @@ class TrainConfig:
             raise ConfigError(f"epochs={self.epochs!r}: use a whole number >= 0")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr={self.lr!r}: use a positive learning rate such as 3e-3")
-        if not 0.0 <= self.distill_weight <= 1.0:
-            raise ConfigError(f"distill_weight={self.distill_weight!r}: use a value in [0, 1]")
+        check_alpha(self.distill_weight, "distill_weight")
         check_temperature(self.temperature)
 
 

@@ -55,9 +55,9 @@ def check_temperature(temperature: Any) -> float:
     return float(temperature)
 
 
-def check_alpha(alpha: Any) -> float:
+def check_alpha(alpha: Any, name: str = "alpha") -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"alpha={alpha!r}: the soft-target weight must be in [0, 1] (the labels get 1 - alpha)")
+        raise ConfigError(f"{name}={alpha!r}: the soft-target weight must be in [0, 1] (the labels get 1 - {name})")
     return float(alpha)
 
 

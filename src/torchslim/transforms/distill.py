@@ -29,7 +29,7 @@ from torchslim.core.data import Data
 from torchslim.core.models import ZOO, build_model
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
-from torchslim.train.losses import FEATURE_KINDS, FeatureLoss, SoftTargetLoss, check_alpha, check_temperature, logits_of
+from torchslim.train.losses import FEATURE_KINDS, FeatureLoss, SoftTargetLoss, logits_of
 
 WIDTH_ARGS = {"resnet_mini": "width", "mobilenet_mini": "width", "concat_net": "width", "mlp": "width",
               "lstm_classifier": "hidden_size", "gru_classifier": "hidden_size"}  # fmt: skip
@@ -60,9 +60,7 @@ class DistillConfig:
     feature_kind: str = "hint"
     cache_teacher: bool = False
 
-    def __post_init__(self) -> None:
-        check_temperature(self.train.temperature)
-        check_alpha(self.train.distill_weight)
+    def __post_init__(self) -> None:  # the temperature and alpha are checked by TrainConfig
         pairs = tuple(tuple(p) for p in self.features)
         if not all(len(p) == 2 and all(isinstance(n, str) and n for n in p) for p in pairs):
             raise ConfigError(f"features={self.features!r}: give (student layer, teacher layer) name pairs")
@@ -132,7 +130,8 @@ class Distiller(nn.Module):
         super().__init__()
         self.config = config
         self.soft = SoftTargetLoss(config.train.temperature, config.train.distill_weight)
-        s_names, t_names = [p[0] for p in config.features], [p[1] for p in config.features]
+        self.s_names, self.t_names = [p[0] for p in config.features], [p[1] for p in config.features]
+        s_names, t_names = self.s_names, self.t_names
         check_layers(student, s_names, "student")
         check_layers(teacher, t_names, "teacher")
         self._student, self._teacher = [student], [teacher]  # not submodules: not trained, not saved
@@ -161,14 +160,13 @@ class Distiller(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         student, teacher = self._student[0], self._teacher[0]
-        s_names, t_names = [p[0] for p in self.config.features], [p[1] for p in self.config.features]
-        with capture(student, s_names) as fs:
+        with capture(student, self.s_names) as fs:
             out = student(x)
         if self.cache is not None:
             target: Any = self.cache[rows]
             ft: dict[str, torch.Tensor] = {}
         else:
-            with torch.no_grad(), capture(teacher, t_names) as ft:
+            with torch.no_grad(), capture(teacher, self.t_names) as ft:
                 target = teacher(x)
         loss = self.soft(out, target, y)
         for (s, t), feature in zip(self.config.features, self.features):
