@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import sys
@@ -59,12 +60,26 @@ def images(data) -> torch.Tensor:
     return data.eval.tensors[0]
 
 
-def run_acc(fn, data) -> float:
-    """Top-1 accuracy of any callable over the test set, in batches of 500."""
+def correct(fn, data) -> torch.Tensor:
+    """Which test images any callable classifies right (bool, one per image), in batches of 500."""
     x, y = data.eval.tensors
     with torch.no_grad():
         preds = torch.cat([fn(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
-    return float((preds == y).float().mean())
+    return preds == y
+
+
+def run_acc(fn, data) -> float:
+    """Top-1 accuracy of any callable over the test set."""
+    return float(correct(fn, data).float().mean())
+
+
+def mcnemar(ours: torch.Tensor, peer: torch.Tensor) -> dict:
+    """Paired comparison on the same test images: how many only ours / only the peer gets right,
+    and the exact two-sided McNemar p-value (a binomial test on those discordant images)."""
+    b, c = int((ours & ~peer).sum()), int((~ours & peer).sum())
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n if n else 1.0
+    return {"only_ours": b, "only_peer": c, "p": min(1.0, 2 * tail)}
 
 
 def latencies(fn_for_batch, data) -> dict:
@@ -258,7 +273,11 @@ def run_net(name: str, data, qat_epochs: int) -> dict:
     print(name, json.dumps(fp), flush=True)
     rows, extra = torchslim_rows(name, dense, data, qat_epochs)
     (fx, fx_model), (ortp, ort_runner) = fx_peer(dense, data), ort_peer(name, dense, data)
-    extra["paired"] = head_to_head(dense, extra.pop("default_model"), extra.pop("per_tensor_model"), fx_model, ort_runner, data)
+    ours, per_tensor = extra.pop("default_model"), extra.pop("per_tensor_model")
+    hits = {"default": correct(ours, data), "per-tensor": correct(per_tensor, data)}
+    peer_hits = {"torch.ao FX": correct(fx_model, data), "ONNX Runtime": correct(ort_runner, data)}
+    extra["mcnemar"] = {f"{a} vs {p}": mcnemar(h, ph) for a, h in hits.items() for p, ph in peer_hits.items()}
+    extra["paired"] = head_to_head(dense, ours, per_tensor, fx_model, ort_runner, data)
     return {"net": name, "baseline_cached": cached, "fp32": fp, "rows": rows, "peers": [fx, ortp], **extra,
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
@@ -377,6 +396,11 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
             )
             + ".",
         ]
+        if "mcnemar" in net:
+            lines += ["", "Paired accuracy on the same 10,000 test images (images only torchslim / only the peer "
+                      "classifies right; exact McNemar p-value, small when the difference is unlikely to be chance): "
+                      + "; ".join(f"{k}: {m['only_ours']} / {m['only_peer']}, p = {m['p']:.2f}" for k, m in net["mcnemar"].items())
+                      + "."]  # fmt: skip
     lines += ["", f"QAT: {qat_epochs} epochs at lr 1e-4 from the calibrated grids. Acceptance checks (computed by the script):", ""]
     lines += check_lines(results)
     lines.append(END)

@@ -1,6 +1,7 @@
 import base64
 import hashlib
 import json
+import math
 import pickle
 import zlib
 
@@ -31,9 +32,9 @@ def _tiny() -> nn.Module:
     return model.eval()
 
 
-# The exact bytes of _tiny() as a .tslim file (docs/format.md, version 4; zlib level 9). A change here is a
+# The exact bytes of _tiny() as a .tslim file (docs/format.md, version 5; zlib level 9). A change here is a
 # format change: bump the version and say so in docs/format.md.
-TINY_SHA256 = "a4973c6d82b6bcab860feeafd3375603ff429b353dbd893dca932fc566656e83"
+TINY_SHA256 = "1d1e4765a53ffac699ab3046cb0661b9d544643e42b9c3c983c63cbffe1b4845"
 
 
 def test_tiny_model_has_exact_bytes(tmp_path):
@@ -91,6 +92,16 @@ def test_inspect_accounts_for_every_byte_of_payload(tmp_path, compressed):
     assert fc1.position_bytes <= 1.05 * fc1.position_h0_bytes + 8
     assert not by_name["fc1.bias"].coded and by_name["fc1.bias"].bytes == 300 * 4
     assert sum(r.bytes for r in rows) < path.stat().st_size
+
+
+def test_inspect_reports_int8_codebooks_at_a_byte_an_entry(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.clamp(torch.round(torch.randn(64, 256, generator=gen) * 12), -128, 127).to(torch.int8)
+    path = save({"w": q}, tmp_path / "q.tslim")
+    (row,), manifest = inspect_file(path)
+    assert manifest["coded"]["w"]["values"] == "codebook8" and row.codebook_bits == math.ceil(math.log2(manifest["coded"]["w"]["k"]))
+    assert row.header_bytes <= 3 * manifest["coded"]["w"]["k"]  # a signed byte per entry and 1-2 byte counts (float32: 5-6)
+    assert row.index_bytes <= 1.05 * row.index_h0_bytes + 8 and row.bytes < 0.8 * q.numel()
 
 
 def test_a_file_may_shrink_the_model_but_never_grow_it(tmp_path, compressed):
@@ -194,8 +205,8 @@ def test_a_manifest_under_the_key_of_another_version_is_rejected(tmp_path, compr
     path = _rewrite(tmp_path, compressed, lambda m: m.update(version=3))  # version 3 stored compressed
     with pytest.raises(ArtifactError, match="version 3 manifest must be stored under 'tslim'"):
         read(path)
-    path = _rewrite(tmp_path, compressed, lambda m: None, key="tslim")  # version 4 stored plain
-    with pytest.raises(ArtifactError, match="version 4 manifest must be stored under 'tslim.zlib'"):
+    path = _rewrite(tmp_path, compressed, lambda m: None, key="tslim")  # version 5 stored plain
+    with pytest.raises(ArtifactError, match="version 5 manifest must be stored under 'tslim.zlib'"):
         read(path)
 
 

@@ -133,10 +133,29 @@ def test_int8_weights_code_below_a_byte_and_hostile_int8_codebooks_are_refused()
     gen = torch.Generator().manual_seed(0)
     q = torch.clamp(torch.round(torch.randn(64, 256, generator=gen) * 12), -128, 127).to(torch.int8)  # bell-shaped
     coded = encode_tensor(q)
-    assert coded.entry["dtype"] == "int8" and coded.entry["values"] == "codebook"
+    assert coded.entry["dtype"] == "int8" and coded.entry["values"] == "codebook8"
     assert len(coded.blob) < 0.8 * q.numel()  # about 5.6 bits a value
     back = decode_tensor(coded.blob, coded.entry, "w")
     assert back.dtype == torch.int8 and torch.equal(back, q)
     half = encode_tensor(torch.full((4, 4), 0.5))
     with pytest.raises(ArtifactError, match="integers in \\[-128, 127\\]"):
         decode_tensor(half.blob, half.entry | {"dtype": "int8"}, "w")
+    with pytest.raises(ArtifactError, match="'codebook8' values cannot decode to float32"):
+        decode_tensor(coded.blob, coded.entry | {"dtype": "float32"}, "w")
+
+
+def test_int8_codebooks_cost_a_byte_an_entry_and_version_4_float_codebooks_still_decode():
+    entries = torch.cat([torch.arange(-100, 0), torch.arange(1, 101)])  # 200 non-zero values
+    q = entries.to(torch.int8).repeat(3).reshape(6, 100)
+    coded = encode_tensor(q)
+    k = coded.entry["k"]
+    head = coded.entry["sections"][0]
+    assert k == 200 and head == k + len(varints(np.full(k, 3)))  # one signed byte per entry, then the counts
+    # a version 4 writer stored the same codebook as float32: readers still decode it
+    old_head = entries.numpy().astype("<f4").tobytes() + coded.blob[k:head]
+    old_entry = coded.entry | {"values": "codebook", "sections": [len(old_head), *coded.entry["sections"][1:]]}
+    back = decode_tensor(old_head + coded.blob[head:], old_entry, "w")
+    assert back.dtype == torch.int8 and torch.equal(back, q)
+    unsorted = coded.blob[1::-1] + coded.blob[2:]  # first two codebook entries swapped
+    with pytest.raises(ArtifactError, match="not strictly ascending"):
+        decode_tensor(unsorted, coded.entry, "w")

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchslim as ts
-from torchslim.core.models import mlp
+from torchslim.core.models import build_model, mlp
 from torchslim.errors import ConfigError
 from torchslim.evaluate.metrics import agreement
 from torchslim.train.fit import TrainConfig
@@ -143,10 +143,16 @@ def test_students_derive_from_zoo_teachers_by_width_and_depth():
     assert student_kwargs("resnet_mini", {"width": 32}, width=0.25) == {"width": 8}
     small = derive_student("mlp", {"width": 1200}, width=2 / 3, depth=1)
     assert [layer.out_features for layer in small.hidden] == [800]
+    shallow = derive_student("resnet_mini", {}, width=0.5, depth=2)  # drops the last block
+    assert not hasattr(shallow, "layer3") and shallow.fc.in_features == 32 and shallow(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    mobile = derive_student("mobilenet_mini", {}, width=1.0, depth=3)
+    assert len(mobile.blocks) == 3 and mobile(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     for bad, message in (
         (lambda: derive_student("lenet5", {}), "no width argument"),
         (lambda: derive_student("resnet_mini", {}, width=0), "width=0"),
-        (lambda: derive_student("resnet_mini", {}, depth=1), "fixed depth"),
+        (lambda: derive_student("concat_net", {}, depth=1), "fixed depth"),
+        (lambda: derive_student("resnet_mini", {"blocks": 2}, depth=3), "depth=3"),
+        (lambda: build_model("resnet_mini", blocks=0), "1 to 3 blocks"),
         (lambda: derive_student("mlp", {"depth": 2}, depth=3), "depth=3"),
         (lambda: derive_student("vgg", {}), "unknown model"),
     ):

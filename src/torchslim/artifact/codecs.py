@@ -190,7 +190,8 @@ def _matrix(t: torch.Tensor) -> np.ndarray:
 def _value_codings(values: np.ndarray, integers: bool) -> dict[str, tuple[bytes, bytes, int]]:
     """Every applicable coding of the non-zero values: name -> (value section, index stream, k).
 
-    Integer (int8) tensors use the codebook only: their dense form is already one byte a value.
+    Integer (int8) tensors use the codebook only (their dense form is already one byte a value),
+    with one signed byte per codebook entry (``codebook8``).
     """
     out = {} if integers else {"raw": (values.astype("<f4").tobytes(), b"", 0)}
     half = values.astype("<f2")
@@ -200,7 +201,8 @@ def _value_codings(values: np.ndarray, integers: bool) -> dict[str, tuple[bytes,
     if codebook.size <= MAX_CODEBOOK:
         counts = np.bincount(index, minlength=codebook.size)
         stream = encode_indices(index, counts) if values.size else b""
-        out["codebook"] = (codebook.astype("<f4").tobytes() + varints(counts), stream, int(codebook.size))
+        entries = codebook.astype("i1" if integers else "<f4").tobytes()
+        out["codebook8" if integers else "codebook"] = (entries + varints(counts), stream, int(codebook.size))
     return out
 
 
@@ -270,7 +272,7 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
     rows = _rows(shape)
     if min(head_len, pos_len, idx_len) < 0 or head_len + pos_len + idx_len != len(blob) or not 0 <= nnz <= numel:
         raise ArtifactError(f"tensor {name!r}: sections {sections} do not fit a {len(blob)}-byte blob")
-    width = {"codebook": None, "raw": 4, "raw16": 2}.get(kind, 0) if isinstance(kind, str) else 0
+    width = {"codebook": None, "codebook8": None, "raw": 4, "raw16": 2}.get(kind, 0) if isinstance(kind, str) else 0
     if width == 0 or type(alpha) not in (int, float) or not 0 < alpha < math.inf:
         raise ArtifactError(f"tensor {name!r}: unsupported value coding {kind!r} (alpha={alpha!r})")
     if (width and (k != 0 or idx_len or head_len != width * nnz)) or (not width and not 0 < k <= min(nnz, MAX_CODEBOOK) and nnz):
@@ -285,8 +287,10 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
         mask = decode_positions(pos, rows, cols, nnz, float(alpha), model == "rowcol")
     if int(mask.sum()) != nnz:
         raise ArtifactError(f"tensor {name!r}: position stream holds {int(mask.sum())} non-zeros, manifest says {nnz}")
+    if (kind == "codebook8") != (entry["dtype"] == "int8") and kind != "codebook":
+        raise ArtifactError(f"tensor {name!r}: {kind!r} values cannot decode to {entry['dtype']}; an int8 tensor uses a codebook")
     values = _decode_values(head, idx, kind, k, nnz, name) if nnz else np.zeros(0, dtype=np.float32)
-    if entry["dtype"] == "int8" and (kind != "codebook" or not np.isin(values, np.arange(-128, 128)).all()):
+    if entry["dtype"] == "int8" and not np.isin(values, np.arange(-128, 128)).all():
         raise ArtifactError(f"tensor {name!r}: an int8 tensor's values must be a codebook of integers in [-128, 127]")
     out = np.zeros((rows, cols), dtype=np.float32)
     out[mask] = values
@@ -294,12 +298,15 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
 
 
 def _decode_values(head: bytes, idx: bytes, kind: str, k: int, nnz: int, name: str) -> np.ndarray:
-    if kind != "codebook":
+    if kind in ("raw", "raw16"):
         return np.frombuffer(head, dtype="<f4" if kind == "raw" else "<f2").astype(np.float32)
-    if len(head) < 4 * k:
+    width = 1 if kind == "codebook8" else 4
+    if len(head) < width * k:
         raise ArtifactError(f"tensor {name!r}: value section too short for a {k}-entry codebook")
-    codebook = np.frombuffer(head[: 4 * k], dtype="<f4")
-    counts, end = read_varints(head, k, 4 * k)
+    codebook = np.frombuffer(head[: width * k], dtype="i1" if width == 1 else "<f4").astype(np.float32)
+    if (np.diff(codebook) <= 0).any():
+        raise ArtifactError(f"tensor {name!r}: codebook entries are not strictly ascending")
+    counts, end = read_varints(head, k, width * k)
     counts = np.asarray(counts, dtype=np.int64)
     if end != len(head) or int(counts.sum()) != nnz or (counts < 1).any():
         raise ArtifactError(f"tensor {name!r}: codebook counts do not match nnz={nnz}")

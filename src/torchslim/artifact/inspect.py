@@ -59,7 +59,7 @@ def inspect_file(path: str | os.PathLike) -> tuple[list[TensorRow], dict]:
                                   t.numel() * t.element_size(), fp32))  # fmt: skip
             continue
         head, pos, idx = entry["sections"]
-        nnz, k, shared = entry["nnz"], entry["k"], entry["values"] == "codebook"
+        nnz, k, shared = entry["nnz"], entry["k"], entry["values"] in ("codebook", "codebook8")
         b = stream_bounds(t, float(entry["alpha"]), entry["positions"] == "rowcol")
         rows.append(TensorRow(
             name, list(t.shape), True, t.numel(), nnz,

@@ -30,11 +30,12 @@ from torchslim.core.qlayers import FLOAT_TYPES, SCHEMES, QuantizedLayer, folded_
 from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN, quantized_layers
 from torchslim.errors import ArtifactError, ConfigError, ShapeMismatchError
 
-FORMAT, VERSION = "tslim", 4
-READS = (1, 2, 3, 4)
+FORMAT, VERSION = "tslim", 5
+READS = (1, 2, 3, 4, 5)
 """Versions this reader reads: 1 has no ``modules`` key (no structural pruning), 2 requires it,
 3 adds ``quant`` and ``folded`` (quantized layers, BatchNorms folded into convolutions), 4
-stores the manifest zlib-compressed (metadata key ``tslim.zlib``) instead of as plain JSON."""
+stores the manifest zlib-compressed (metadata key ``tslim.zlib``) instead of as plain JSON, 5
+codes int8 tensors with a one-byte-per-entry codebook (``codebook8``)."""
 MANIFEST_KEY, PLAIN_KEY = "tslim.zlib", "tslim"
 MAX_MANIFEST = 64 * 2**20
 """Bytes a compressed manifest may inflate to; bounds what a hostile file makes the reader allocate."""

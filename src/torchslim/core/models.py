@@ -96,22 +96,28 @@ class BasicBlock(nn.Module):
 class ResNetMini(nn.Module):
     """A ResNet for 28x28 images: a stride-2 stem, three basic blocks (widths w, 2w, 4w), pooling.
 
+    ``blocks`` < 3 keeps only the first blocks (a shallower student of the same family).
+
     Residual adds couple the stem with ``layer1.conv2`` and each block's ``conv2`` with its
     shortcut, so channels there can only be removed together.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, blocks: int = 3) -> None:
         super().__init__()
+        if type(blocks) is not int or blocks not in (1, 2, 3):
+            raise ConfigError(f"blocks={blocks!r}: resnet_mini has 1 to 3 blocks (the first ones are kept)")
         self.stem = nn.Conv2d(in_channels, width, 3, 2, 1, bias=False)
         self.stem_bn = nn.BatchNorm2d(width)
-        self.layer1 = BasicBlock(width, width, 1)
-        self.layer2 = BasicBlock(width, 2 * width, 2)
-        self.layer3 = BasicBlock(2 * width, 4 * width, 2)
-        self.fc = nn.Linear(4 * width, num_classes)
+        stages = [(width, width, 1), (width, 2 * width, 2), (2 * width, 4 * width, 2)][:blocks]
+        for i, (c_in, c_out, stride) in enumerate(stages, 1):
+            self.add_module(f"layer{i}", BasicBlock(c_in, c_out, stride))
+        self.blocks = blocks
+        self.fc = nn.Linear(stages[-1][1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.stem_bn(self.stem(x)))  # (B, w, 14, 14) for 28x28 inputs
-        x = self.layer3(self.layer2(self.layer1(x)))  # (B, 4w, 4, 4)
+        for i in range(1, self.blocks + 1):
+            x = getattr(self, f"layer{i}")(x)  # (B, 4w, 4, 4) after three blocks
         return self.fc(x.mean((2, 3)))  # (B, num_classes)
 
 
@@ -131,19 +137,22 @@ class SeparableBlock(nn.Module):
 
 
 class MobileNetMini(nn.Module):
-    """A MobileNet-style net for 28x28 images: a stride-2 stem and four depthwise separable blocks."""
+    """A MobileNet-style net for 28x28 images: a stride-2 stem and four depthwise separable blocks
+    (``blocks`` < 4 keeps only the first ones)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, blocks: int = 4) -> None:
         super().__init__()
+        if type(blocks) is not int or blocks not in (1, 2, 3, 4):
+            raise ConfigError(f"blocks={blocks!r}: mobilenet_mini has 1 to 4 blocks (the first ones are kept)")
         self.stem = nn.Conv2d(in_channels, width, 3, 2, 1, bias=False)
         self.stem_bn = nn.BatchNorm2d(width)
-        widths = [(width, 2 * width, 1), (2 * width, 4 * width, 2), (4 * width, 4 * width, 1), (4 * width, 8 * width, 2)]
+        widths = [(width, 2 * width, 1), (2 * width, 4 * width, 2), (4 * width, 4 * width, 1), (4 * width, 8 * width, 2)][:blocks]
         self.blocks = nn.Sequential(*(SeparableBlock(i, o, s) for i, o, s in widths))
-        self.fc = nn.Linear(8 * width, num_classes)
+        self.fc = nn.Linear(widths[-1][1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.stem_bn(self.stem(x)))  # (B, w, 14, 14) for 28x28 inputs
-        x = self.blocks(x)  # (B, 8w, 4, 4)
+        x = self.blocks(x)  # (B, 8w, 4, 4) after four blocks
         return self.fc(x.mean((2, 3)))  # (B, num_classes)
 
 
@@ -205,14 +214,14 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) ->
     return LeNet5(in_channels, num_classes, image_size)
 
 
-def resnet_mini(in_channels: int = 1, num_classes: int = 10, width: int = 32) -> nn.Module:
-    """Build the residual CNN for 28x28 images (308,074 parameters at width 32)."""
-    return ResNetMini(in_channels, num_classes, width)
+def resnet_mini(in_channels: int = 1, num_classes: int = 10, width: int = 32, blocks: int = 3) -> nn.Module:
+    """Build the residual CNN for 28x28 images (308,074 parameters at width 32, 3 blocks)."""
+    return ResNetMini(in_channels, num_classes, width, blocks)
 
 
-def mobilenet_mini(in_channels: int = 1, num_classes: int = 10, width: int = 32) -> nn.Module:
-    """Build the depthwise separable CNN for 28x28 images."""
-    return MobileNetMini(in_channels, num_classes, width)
+def mobilenet_mini(in_channels: int = 1, num_classes: int = 10, width: int = 32, blocks: int = 4) -> nn.Module:
+    """Build the depthwise separable CNN for 28x28 images (the first ``blocks`` of its four blocks)."""
+    return MobileNetMini(in_channels, num_classes, width, blocks)
 
 
 def concat_net(in_channels: int = 1, num_classes: int = 10, width: int = 16) -> nn.Module:

@@ -126,7 +126,7 @@ class DistillSection(_Strict):
 
     student: Optional[ModelSpec] = None
     width: Optional[float] = Field(None, gt=0, le=1, description="derive the student: the teacher's width times this")
-    depth: Optional[int] = Field(None, ge=1, description="derive the student: this many hidden layers (mlp)")
+    depth: Optional[int] = Field(None, ge=1, description="derive the student: this many hidden layers (mlp) or blocks (resnet_mini, mobilenet_mini)")
     temperature: float = Field(4.0, gt=0, description="softmax temperature T of the soft targets")
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft targets; the labels get 1 - alpha")
     features: list[tuple[str, str]] = Field(default_factory=list, description="[student layer, teacher layer] pairs")

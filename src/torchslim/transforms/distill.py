@@ -34,8 +34,9 @@ from torchslim.train.losses import FEATURE_KINDS, FeatureLoss, SoftTargetLoss, l
 WIDTH_ARGS = {"resnet_mini": "width", "mobilenet_mini": "width", "concat_net": "width", "mlp": "width",
               "lstm_classifier": "hidden_size", "gru_classifier": "hidden_size"}  # fmt: skip
 """The zoo builders' width argument, scaled by :func:`derive_student`'s multiplier."""
-DEPTH_ARGS = {"mlp": "depth"}
-"""The zoo builders' depth argument (hidden layers / blocks), set by :func:`derive_student`."""
+DEPTH_ARGS = {"mlp": "depth", "resnet_mini": "blocks", "mobilenet_mini": "blocks"}
+"""The zoo builders' depth argument (hidden layers / blocks; a student keeps the first ones),
+set by :func:`derive_student`."""
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,8 @@ def distill(
 
 def derive_student(name: str, kwargs: dict[str, Any] | None = None, *, width: float = 0.5, depth: int | None = None) -> nn.Module:
     """A fresh zoo model narrower than the teacher ``name(**kwargs)``: its width argument times
-    ``width`` (rounded, at least 1), and for builders with a depth argument ``depth`` layers.
+    ``width`` (rounded, at least 1), and for builders with a depth argument ``depth`` hidden
+    layers or blocks (the first ones).
 
     Example:
         >>> derive_student("resnet_mini", {"width": 32}, width=0.25).fc.in_features
