@@ -3,6 +3,7 @@ rewrite of its own section of docs/benchmarks.md and its results file (both atom
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -49,9 +50,18 @@ def saved_results(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_lines(results: dict[str, bool]) -> list[str]:
-    """The acceptance checks as a Markdown list."""
-    return [f"- {k}: {'yes' if v else 'NO'}" for k, v in results.items()]
+def end_section(lines: list[str], results: dict[str, bool], end: str, lead: str = "") -> str:
+    """A section's Markdown: ``lines``, then the acceptance checks as a list (after ``lead``, a
+    sentence of the paragraph that introduces them), then the ``end`` marker."""
+    checks = [f"- {k}: {'yes' if v else 'NO'}" for k, v in results.items()]
+    return "\n".join([*lines, "", f"{lead}Acceptance checks (computed by the script):", "", *checks, end]) + "\n"
+
+
+def output_args(parser: argparse.ArgumentParser, render: bool = True) -> None:
+    """The options every script takes about its outputs: ``--no-docs`` and ``--render``."""
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    if render:
+        parser.add_argument("--render", action="store_true", help="only rewrite the docs section from the saved results")
 
 
 def publish(name: str, payload: dict, section: str | None) -> int:

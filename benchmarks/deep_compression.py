@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import TMP, markers, save_results, write_section  # noqa: E402  (sets the cache folders)
+from bench_common import TMP, markers, output_args, save_results, write_section  # noqa: E402  (sets the cache folders)
 
 START, END = markers("deep_compression")
 PAPER = {"lenet_300_100": (40, "1.64 -> 1.58 % error (MNIST)"), "lenet5": (39, "0.80 -> 0.74 % error (MNIST)")}
@@ -135,7 +135,7 @@ def markdown(summaries: list[dict], extra: dict, env: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["lenet_300_100", "lenet5"])
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    output_args(parser, render=False)
     args = parser.parse_args()
     import torch
 

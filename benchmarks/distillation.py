@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 
-from bench_common import check_lines, markers, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
+from bench_common import end_section, markers, output_args, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
 
 START, END = markers("distillation")
 
@@ -215,10 +215,7 @@ def markdown(res: dict, env: dict, args: dict, results: dict[str, bool]) -> str:
         for key, label in (("without", "pruned, recovered alone"), ("with_teacher", "pruned, recovered with the dense teacher")):
             lines += [_row(f"{label}, seed {row['seed']}", row) for row in r[key]]
         lines += ["", f"Recovered alone: {_stats(r['without'])}; with the teacher: {_stats(r['with_teacher'])}."]
-    lines += ["", "Acceptance checks (computed by the script):", ""]
-    lines += check_lines(results)
-    lines.append(END)
-    return "\n".join(lines) + "\n"
+    return end_section(lines, results, END)
 
 
 def main() -> int:
@@ -228,8 +225,7 @@ def main() -> int:
     parser.add_argument("--temperatures", nargs="+", type=float, default=[2.0, 4.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--recovery-epochs", type=int, default=3)
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
-    parser.add_argument("--render", action="store_true", help="only rewrite the docs section from the saved results")
+    output_args(parser)
     args = parser.parse_args()
     if args.render:
         saved = saved_results("distillation")

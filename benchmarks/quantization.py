@@ -31,7 +31,7 @@ import sys
 import time
 import warnings
 
-from bench_common import TMP, check_lines, markers, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
+from bench_common import TMP, end_section, markers, output_args, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
 
 START, END = markers("quantization")
 
@@ -401,10 +401,7 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
                       "classifies right; exact McNemar p-value, small when the difference is unlikely to be chance): "
                       + "; ".join(f"{k}: {m['only_ours']} / {m['only_peer']}, p = {m['p']:.2f}" for k, m in net["mcnemar"].items())
                       + "."]  # fmt: skip
-    lines += ["", f"QAT: {qat_epochs} epochs at lr 1e-4 from the calibrated grids. Acceptance checks (computed by the script):", ""]
-    lines += check_lines(results)
-    lines.append(END)
-    return "\n".join(lines) + "\n"
+    return end_section(lines, results, END, f"QAT: {qat_epochs} epochs at lr 1e-4 from the calibrated grids. ")
 
 
 
@@ -413,8 +410,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nets", nargs="+", default=NETS, choices=NETS)
     parser.add_argument("--qat-epochs", type=int, default=2)
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
-    parser.add_argument("--render", action="store_true", help="only rewrite the docs section from the saved results")
+    output_args(parser)
     args = parser.parse_args()
     if args.render:
         saved = saved_results("quantization")

@@ -24,7 +24,7 @@ import platform
 import sys
 import time
 
-from bench_common import TMP, check_lines, markers, publish  # noqa: E402  (sets the cache folders)
+from bench_common import TMP, end_section, markers, output_args, publish  # noqa: E402  (sets the cache folders)
 
 START, END = markers("structured_pruning")
 
@@ -228,10 +228,7 @@ def markdown(nets: list[dict], env: dict, epochs: int, results: dict[str, bool])
                 "speed-up column divides medians taken minutes apart and moves with the machine's load). Its widths: "
                 + ", ".join(f"{k} {v}" for k, v in best["widths"].items()) + ".",
             ]
-    lines += ["", "Acceptance checks (computed by the script):", ""]
-    lines += check_lines(results)
-    lines.append(END)
-    return "\n".join(lines) + "\n"
+    return end_section(lines, results, END)
 
 
 
@@ -242,7 +239,7 @@ def main() -> int:
     parser.add_argument("--targets", nargs="+", type=float, default=[2.0, 3.0])
     parser.add_argument("--criteria", nargs="+", default=sorted(CRITERIA), choices=sorted(CRITERIA))
     parser.add_argument("--epochs", type=int, default=3, help="recovery epochs for every pruned model")
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    output_args(parser, render=False)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     import torch_pruning as tp

@@ -99,13 +99,18 @@ def capture(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tens
         ...     model(x)
         >>> feats["fc1"].shape  # doctest: +SKIP
     """
-    check_layers(model, names, "model")
+    try:  # runs every training batch: look the names up, and list the model's layers only on a miss
+        modules = {name: model.get_submodule(name) for name in names if name}
+    except AttributeError:
+        modules = {}
+    if len(modules) != len(set(names)):
+        check_layers(model, names, "model")
     found: dict[str, torch.Tensor] = {}
     handles = []
-    for name in dict.fromkeys(names):
+    for name, module in modules.items():
         def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
             found[name] = logits_of(out)
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
+        handles.append(module.register_forward_hook(hook))
     try:
         yield found
     finally:
@@ -132,15 +137,14 @@ class Distiller(nn.Module):
         self.config = config
         self.soft = SoftTargetLoss(config.train.temperature, config.train.distill_weight)
         self.s_names, self.t_names = [p[0] for p in config.features], [p[1] for p in config.features]
-        s_names, t_names = self.s_names, self.t_names
-        check_layers(student, s_names, "student")
-        check_layers(teacher, t_names, "teacher")
+        check_layers(student, self.s_names, "student")
+        check_layers(teacher, self.t_names, "teacher")
         self._student, self._teacher = [student], [teacher]  # not submodules: not trained, not saved
         self.cache: torch.Tensor | None = None
         was_training = student.training
         student.eval()
         teacher.eval()
-        with torch.no_grad(), capture(student, s_names) as fs, capture(teacher, t_names) as ft:
+        with torch.no_grad(), capture(student, self.s_names) as fs, capture(teacher, self.t_names) as ft:
             s_out, t_out = logits_of(student(example)), logits_of(teacher(example))
         student.train(was_training)
         if s_out.shape[-1] != t_out.shape[-1]:
@@ -194,7 +198,6 @@ def distill(
         >>> ts.distill(student, teacher, data, ts.DistillConfig(features=(("layer3", "layer3"),)))  # doctest: +SKIP
     """
     start = time.perf_counter()
-    teacher.eval()
     objective = Distiller(student, teacher, config, data.example_input(2))
     if config.cache_teacher:
         objective.cache_teacher(data)
