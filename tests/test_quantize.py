@@ -375,6 +375,32 @@ def test_an_output_feeding_a_relu_then_int8_layers_takes_their_input_grid(digits
     assert model.conv2.output_q == model.fc1.input_q  # ... -> max_pool2d -> flatten -> fc1
 
 
+def test_an_output_feeding_only_a_relu_gets_a_grid_from_zero_and_the_export_drops_that_relu():
+    import onnx
+
+    torch.manual_seed(0)
+    model = ZOO["mobilenet_mini"](width=8).eval()
+    x = torch.randn(32, 1, 28, 28)
+    seen = []
+    hook = model.blocks[3].pw_bn.register_forward_hook(lambda _m, _a, out: seen.append(out))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    assert float(seen[0].min()) < 0  # what the last pointwise conv (+ BN) gives the ReLU
+    result = quantize_(model, QuantizeConfig(calibration="minmax"), data=[x])
+    pw = model.blocks[3].pw  # pw -> folded pw_bn -> relu -> mean -> fc: no int8 layer takes its output directly
+    assert pw.output_q is not None and pw.output_q[1] == 0  # zero point 0: the grid clamps as the ReLU does
+    row = next(r for r in result.layers if r.name == "blocks.3.pw")
+    assert row.output_range[0] == 0.0 and row.output_range[1] == pytest.approx(float(seen[0].max()), rel=1e-4)
+    graph = onnx.load_from_string(export_onnx(model, x[:2])).graph
+    made = {out: n.op_type for n in graph.node for out in n.output}
+    relus = [n for n in graph.node if n.op_type == "Relu"]
+    assert relus and not any(made.get(n.input[0]) == "DequantizeLinear" for n in relus)  # the ones left quantize next
+    assert sum(n.op_type == "Identity" and made.get(n.input[0]) == "DequantizeLinear" for n in graph.node) >= 1
+    with torch.no_grad():
+        torch.testing.assert_close(compile_model(model, "onnxruntime", x[:8])(x[:8]), model(x[:8]), atol=0.05, rtol=0.0)
+
+
 def test_the_model_outputs_grid_spans_their_whole_range_whatever_the_method(digits, digits_mlp):
     batches = [x for x, _ in digits.calib_loader()][: QuantizeConfig().calib_batches]
     with torch.no_grad():

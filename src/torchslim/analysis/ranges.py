@@ -44,11 +44,16 @@ class InputStats:
 
 
 def observe(
-    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[torch.Tensor], histogram: bool
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: Iterable[torch.Tensor],
+    histogram: bool,
+    relu_outputs: Iterable[str] = (),
 ) -> dict[tuple[str, str], InputStats]:
     """Run ``batches`` through ``model`` and gather, for each named layer, the statistics of its
-    input and of its output, keyed ``(name, "input")`` and ``(name, "output")``."""
-    batches = list(batches)
+    input and of its output, keyed ``(name, "input")`` and ``(name, "output")``. The outputs
+    of the layers in ``relu_outputs`` are observed after a ReLU (the one that follows them)."""
+    batches, clamped = list(batches), set(relu_outputs)
     stats = {(name, end): InputStats() for name in layers for end in ("input", "output")}
 
     def minmax(key: tuple[str, str], x: torch.Tensor) -> None:
@@ -68,9 +73,12 @@ def observe(
         s.hist = h if s.hist is None else s.hist + h
         s.zeros += x.numel() - nonzero.numel()
 
-    run_with_hooks(model, layers, batches, minmax)
+    def seen(fn: Callable[[tuple[str, str], torch.Tensor], None]) -> Callable[[tuple[str, str], torch.Tensor], None]:
+        return lambda key, x: fn(key, torch.relu(x) if key[1] == "output" and key[0] in clamped else x)
+
+    run_with_hooks(model, layers, batches, seen(minmax))
     if histogram:
-        run_with_hooks(model, layers, batches, fill)
+        run_with_hooks(model, layers, batches, seen(fill))
     return stats
 
 

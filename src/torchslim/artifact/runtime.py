@@ -128,7 +128,34 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
             f"cannot export {type(model).__name__} to ONNX ({type(exc).__name__}: {str(exc)[:300]}); use "
             "backend='inductor' or 'eager'"
         ) from exc
-    return program.model_proto.SerializeToString()
+    proto = program.model_proto
+    drop_noop_relus(proto)
+    return proto.SerializeToString()
+
+
+def drop_noop_relus(proto) -> int:
+    """Turn into Identity (which ONNX Runtime removes) every Relu fed by a DequantizeLinear whose
+    zero point is the lowest value of its integer type: that output is never negative, so the
+    Relu changes nothing. This is the ReLU after a layer whose output grid was calibrated after
+    it (:func:`torchslim.transforms.calibrate.relu_fed`). Returns how many were changed."""
+    from onnx import numpy_helper
+
+    lowest = {"uint8": 0, "int8": -128, "uint16": 0, "int16": -32768}
+    consts = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = node.attribute[0].t
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    changed = 0
+    for node in proto.graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "Relu" and node.domain in ("", "ai.onnx") else None
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or dq.input[2] not in consts:
+            continue
+        zero = numpy_helper.to_array(consts[dq.input[2]])
+        if str(zero.dtype) in lowest and zero.size and (zero == lowest[str(zero.dtype)]).all():
+            node.op_type = "Identity"
+            changed += 1
+    return changed
 
 
 class OrtRunner:

@@ -62,8 +62,8 @@ def calibrated_ranges(
     ``"auto"`` also each layer's method and the output error of each whole-model method."""
     if config.scheme != "static":
         return {}, {}
-    stats = observe(model, targets, batches, histogram=config.calibration != "minmax")
     graph = _trace(model)
+    stats = observe(model, targets, batches, config.calibration != "minmax", relu_fed(model, targets, graph))
     consumers = grid_consumers(model, targets, graph)
     outputs = model_outputs(model, targets, graph)
     if config.calibration != "auto":
@@ -161,6 +161,28 @@ def model_outputs(model: nn.Module, targets: dict[str, nn.Module], graph: torch.
         while len(node.users) == 1 and _keeps_values(user := next(iter(node.users)), modules) and user.op != "output":
             node = user
         if any(u.op == "output" for u in node.users):
+            out.add(producer)
+    return out
+
+
+def relu_fed(model: nn.Module, targets: dict[str, nn.Module], graph: torch.fx.Graph | None) -> set[str]:
+    """Target layers whose output goes (through a folded BatchNorm) into one ReLU and nowhere else.
+
+    Their output grid is chosen from the ReLU's output, so it starts at 0: with zero point 0 it
+    clamps negatives exactly as the ReLU does, no grid step is spent on values the ReLU drops,
+    and the exported graph's ReLU after that grid is a no-op that the export removes. (When
+    target layers take that output, :func:`grid_consumers` decides its grid instead.)
+    """
+    if graph is None:
+        return set()
+    modules, out = dict(model.named_modules()), set()
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in targets:
+            continue
+        producer = node.target
+        while len(node.users) == 1 and (user := next(iter(node.users))).op == "call_module" and isinstance(modules.get(user.target), nn.Identity):
+            node = user
+        if len(node.users) == 1 and _is_relu(next(iter(node.users)), modules):
             out.add(producer)
     return out
 
