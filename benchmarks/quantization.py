@@ -529,7 +529,7 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
             d = net["draws"]
             lines += ["", f"Accuracy over {len(d['default'])} calibration draws of 2,048 training images (draw 0 is the "
                       "split of the table; mean, then each draw): "
-                      + "; ".join(f"{k} {100 * statistics.fmean(v):.2f} % ({' / '.join(f'{100 * a:.2f}' for a in v)})" for k, v in d.items())
+                      + "; ".join(f"{k} {100 * draw_mean(net, k):.2f} % ({' / '.join(f'{100 * a:.2f}' for a in v)})" for k, v in d.items())
                       + "."]  # fmt: skip
     return end_section(lines, results, END, f"QAT: {qat_epochs} epochs at lr 1e-4 from the calibrated grids. ")
 

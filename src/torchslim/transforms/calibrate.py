@@ -13,7 +13,7 @@ may clip.
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -148,21 +148,26 @@ def _trace(model: nn.Module) -> torch.fx.Graph | None:
         return None
 
 
+def _walks(graph: torch.fx.Graph, targets: dict[str, nn.Module], through: Callable[[torch.fx.Node], bool]):
+    """For each target layer's node: its name, and the last node reached from it by following
+    single users that ``through`` accepts."""
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in targets:
+            continue
+        producer = node.target
+        while len(node.users) == 1 and through(user := next(iter(node.users))):
+            node = user
+        yield producer, node
+
+
 def model_outputs(model: nn.Module, targets: dict[str, nn.Module], graph: torch.fx.Graph | None) -> set[str]:
     """Target layers whose output is one of the model's outputs (directly or through max
     pooling / reshaping only): their output grid never clips."""
     if graph is None:
         return set()
-    modules, out = dict(model.named_modules()), set()
-    for node in graph.nodes:
-        if node.op != "call_module" or node.target not in targets:
-            continue
-        producer = node.target
-        while len(node.users) == 1 and _keeps_values(user := next(iter(node.users)), modules) and user.op != "output":
-            node = user
-        if any(u.op == "output" for u in node.users):
-            out.add(producer)
-    return out
+    modules = dict(model.named_modules())
+    walks = _walks(graph, targets, lambda user: _keeps_values(user, modules) and user.op != "output")
+    return {producer for producer, node in walks if any(u.op == "output" for u in node.users)}
 
 
 def relu_fed(model: nn.Module, targets: dict[str, nn.Module], graph: torch.fx.Graph | None) -> set[str]:
@@ -175,16 +180,9 @@ def relu_fed(model: nn.Module, targets: dict[str, nn.Module], graph: torch.fx.Gr
     """
     if graph is None:
         return set()
-    modules, out = dict(model.named_modules()), set()
-    for node in graph.nodes:
-        if node.op != "call_module" or node.target not in targets:
-            continue
-        producer = node.target
-        while len(node.users) == 1 and (user := next(iter(node.users))).op == "call_module" and isinstance(modules.get(user.target), nn.Identity):
-            node = user
-        if len(node.users) == 1 and _is_relu(next(iter(node.users)), modules):
-            out.add(producer)
-    return out
+    modules = dict(model.named_modules())
+    walks = _walks(graph, targets, lambda user: user.op == "call_module" and isinstance(modules.get(user.target), nn.Identity))
+    return {producer for producer, node in walks if len(node.users) == 1 and _is_relu(next(iter(node.users)), modules)}
 
 
 def grid_consumers(
