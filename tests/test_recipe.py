@@ -46,7 +46,9 @@ def test_unknown_and_misspelled_keys_are_named_all_at_once():
     "text, message",
     [
         ("name: x\nmodel: {name: lenet5}\nsteps: [{prune: {sparsity: 0.5}, share: {bits: 4}}]", "exactly one"),
-        ("name: x\nmodel: {name: lenet5}\nsteps: []", "steps"),
+        ("name: x\nmodel: {name: lenet5}\nsearch: {budget: '1'}", r"search: .*'1pt'"),
+        ("name: x\nmodel: {name: lenet5}\nsearch: {sparsity: [0.5, 0.9]}", r"search: .*include 0.0"),
+        ("name: x\nmodel: {name: lenet5}\nsearch: {objective: speed}", r"search.objective"),
         ("name: x\nmodel: {name: lenet5}\nsteps: [{prune: {sparsity: 1.5}}]", r"steps.0: .*outside \[0, 1\)"),
         ("name: x\nmodel: {name: lenet5}\nsteps: [{share: {bits: {fc1: 12}}}]", "steps.0: .*bits=12"),
         ("name: x\nmodel: {name: resnet}\nsteps: [{prune: {sparsity: 0.5}}]", "model: .*unknown model 'resnet'"),
@@ -58,6 +60,15 @@ def test_unknown_and_misspelled_keys_are_named_all_at_once():
 def test_malformed_recipes(text, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(text)
+
+
+def test_a_recipe_without_steps_is_for_search_and_compress_says_so():
+    from torchslim.recipe.run import run_recipe
+
+    recipe = parse_recipe("name: x\nmodel: {name: lenet5}")
+    assert recipe.steps == [] and recipe.search is None
+    with pytest.raises(RecipeError, match="no steps.*torchslim search"):
+        run_recipe(recipe)
 
 
 def test_null_skips_a_layer_and_braces_in_paths_are_literal():

@@ -110,3 +110,11 @@ def test_unnamed_layers_keep_their_weights_and_zeros(digits, digits_mlp):
 def test_bad_bits(bits):
     with pytest.raises(ConfigError, match="bits"):
         ShareConfig(bits=bits)
+
+
+def test_after_centroid_training_no_gradient_is_left_on_the_weights(digits, digits_mlp):
+    model = copy.deepcopy(digits_mlp)
+    share_(model, ShareConfig(bits=4, finetune=TrainConfig(epochs=1, lr=1e-4)), digits)
+    assert all(p.grad is None or p.grad.shape == p.shape for p in model.parameters())
+    assert model.fc1.weight.grad is None  # a codebook-sized gradient here broke torch.export
+    torch.export.export(model, (digits.example_input(2),))

@@ -1,4 +1,5 @@
-"""The ``torchslim`` command: ``compress`` runs a recipe, ``inspect`` explains a `.tslim` file."""
+"""The ``torchslim`` command: ``compress`` runs a recipe, ``search`` finds a plan under a budget,
+``report`` rewrites a run's report, ``inspect`` explains a `.tslim` file, ``export`` writes ONNX."""
 
 from __future__ import annotations
 
@@ -19,23 +20,29 @@ console = Console()
 
 
 @contextlib.contextmanager
-def _bars() -> Iterator:
+def _bars() -> Iterator[Progress]:
+    """One live display for every long step; a task's ``note`` field carries extra text."""
     columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())  # fmt: skip
+               TimeRemainingColumn(), TextColumn("{task.fields[note]}"))  # fmt: skip
     with Progress(*columns, console=console, transient=False) as progress:
+        yield progress
 
-        def factory(description: str):
-            task = None  # created on the first update, so steps that train nothing show no bar
 
-            def update(done: int, total: int) -> None:
-                nonlocal task
-                if task is None:
-                    task = progress.add_task(description, total=total)
-                progress.update(task, completed=done, total=total)
+def _step_bars(progress: Progress):
+    """Given a step's description, the ``progress(done, total)`` callback of its bar."""
 
-            return update
+    def factory(description: str):
+        task = None  # created on the first update, so steps that train nothing show no bar
 
-        yield factory
+        def update(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = progress.add_task(description, total=total, note="")
+            progress.update(task, completed=done, total=total)
+
+        return update
+
+    return factory
 
 
 def _fail(exc: TorchslimError) -> None:
@@ -61,8 +68,8 @@ def compress(
         if out is not None:
             spec = spec.model_copy(update={"outputs": spec.outputs.model_copy(update={"dir": str(out)})})
         console.print(f"recipe [bold]{spec.name}[/]: {spec.model.name} on {spec.data.name}, {spec.threads} threads")
-        with _bars() as factory:
-            report = run_recipe(spec, factory)
+        with _bars() as progress:
+            report = run_recipe(spec, _step_bars(progress))
     except TorchslimError as exc:
         _fail(exc)
         return
@@ -80,6 +87,92 @@ def compress(
     console.print(_rich_table("per tensor in the file", LAYER_COLUMNS, layer_rows(report["layers"])))
     out_dir = Path(report["artifact"]).parent
     console.print(f"wrote {report['artifact']}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+
+
+@app.command()
+def search(
+    recipe: Optional[str] = typer.Argument(None, help="recipe YAML path or built-in name (default: lenet_300_100)"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="accuracy allowed to go: '1pt' (points, absolute) or '1%' (relative)"),
+    objective: Optional[str] = typer.Option(None, "--objective", help="size (bytes on disk) or latency (measured)"),
+    trials: Optional[int] = typer.Option(None, "--trials", help="trials in the study in all (finished ones count)"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="stop starting trials after this many seconds"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="trials at once; more than 1 runs them on Ray"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="an existing Ray cluster (default: a local Ray)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (overrides the recipe's); rerunning resumes there"),
+) -> None:
+    """Search per-layer plans under an accuracy budget; deliver the best .tslim and report.html."""
+    from torchslim.recipe.run import run_search
+    from torchslim.recipe.schema import load_recipe
+
+    try:
+        spec = load_recipe(recipe)
+        if out is not None:
+            spec = spec.model_copy(update={"outputs": spec.outputs.model_copy(update={"dir": str(out)})})
+        overrides = {"budget": budget, "objective": objective, "trials": trials, "timeout_s": timeout,
+                     "workers": workers, "ray_address": ray_address}  # fmt: skip
+        console.print(f"search [bold]{spec.name}[/]: {spec.model.name} on {spec.data.name}, run folder {spec.out_dir()}")
+        with _bars() as progress:
+            report = run_search(spec, _step_bars(progress), _trial_line(progress), **overrides)
+    except TorchslimError as exc:
+        _fail(exc)
+        return
+    _print_search(report, spec.out_dir())
+
+
+def _trial_line(progress: Progress):
+    """The trials bar: done of the total, time spent and left, and the best plan so far."""
+    task = None
+
+    def update(info: dict) -> None:
+        nonlocal task
+        best = info["best"]
+        note = "best: none yet" if best is None else (
+            f"best: trial {best['trial']}, {best['bytes']:,} B, {best['latency_ms']:.3f} ms, "
+            f"-{100 * best['drop']:.2f} pts{'' if best['met_budget'] else ' (over budget)'}"
+        )
+        if task is None:
+            task = progress.add_task("trials", total=info["total"], note=note)
+        progress.update(task, completed=info["done"], total=info["total"], note=note)
+
+    return update
+
+
+def _print_search(report: dict, out_dir: Path) -> None:
+    from torchslim.report.html import plan_rows, summary_rows
+
+    search_facts = report["search"]
+    if search_facts.get("execution_note"):
+        console.print(f"[yellow]note:[/] {search_facts['execution_note']}", highlight=False)
+    console.print(report["chosen"]["message"], highlight=False)
+    console.print(_rich_table("before / after", ("metric", "baseline", "delivered file"), summary_rows(report)))
+    console.print(_rich_table("per-layer plan", ("layer", "channels removed", "sparsity", "codebook bits", "int8", "skipped because"),
+                              plan_rows(report)))  # fmt: skip
+    final = report.get("final")
+    if final:
+        verdict = "within" if final["within_budget"] else "NOT within"
+        console.print(f"held-out split: {100 * final['drop_holdout']:.2f} points lost, {verdict} the budget", highlight=False)
+    console.print(f"wrote {out_dir / 'report.html'}, report.json, report.md" + (f", {final['artifact']}" if final else ""))
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run folder with report.json (from compress or search)")) -> None:
+    """Regenerate a run's report files (report.md, and report.html for a search) from its report.json."""
+    import json
+
+    from torchslim.report.html import write_search_report
+    from torchslim.report.render import write_report
+
+    path = run_dir / "report.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        console.print(f"[bold red]error:[/] {path} does not exist: run `torchslim search` (it resumes) or `torchslim compress` first")
+        raise typer.Exit(code=2)
+    except ValueError as exc:
+        console.print(f"[bold red]error:[/] {path} is not valid JSON ({exc}); rerun the search or compress to rewrite it")
+        raise typer.Exit(code=2)
+    written = write_search_report(data, run_dir) if data.get("kind") == "search" else write_report(data, run_dir)
+    console.print("wrote " + ", ".join(str(p) for p in written))
 
 
 @app.command()
@@ -154,3 +247,7 @@ def _rich_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]
 def main() -> None:  # pragma: no cover - console entry point
     logging.basicConfig(level=logging.WARNING)
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m torchslim.cli
+    main()

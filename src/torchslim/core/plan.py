@@ -26,12 +26,15 @@ class LayerDecision:
         sparsity: fraction of weights set to zero, in [0, 1).
         bits: codebook size as bits per shared-weight index (2**bits clusters), 1..8.
         channels: fraction of the layer's output channels removed by structured pruning, in [0, 1).
+        quantize: integer bits of the weights and activations at run time (8: static int8);
+            ``None`` keeps the layer in float.
         skip: why the layer is left untouched; a skipped layer always carries a reason.
     """
 
     sparsity: float | None = None
     bits: int | None = None
     channels: float | None = None
+    quantize: int | None = None
     skip: str | None = None
 
     def __post_init__(self) -> None:
@@ -41,6 +44,8 @@ class LayerDecision:
             check_sparsity(self.channels, "channels")
         if self.bits is not None and (not isinstance(self.bits, int) or not 1 <= self.bits <= 8):
             raise ConfigError(f"bits={self.bits!r}: use an integer from 1 to 8 (2 to 256 clusters)")
+        if self.quantize is not None and self.quantize != 8:
+            raise ConfigError(f"quantize={self.quantize!r}: 8 runs the layer in static int8; leave it out to keep float")
 
 
 def check_sparsity(value: Any, where: str) -> float:

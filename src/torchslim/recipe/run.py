@@ -17,7 +17,7 @@ from torchslim.artifact.tslim import load, save
 from torchslim.core.data import DataSpec, load_data
 from torchslim.core.models import build_model
 from torchslim.core.plan import CompressionPlan
-from torchslim.errors import TorchslimError
+from torchslim.errors import RecipeError, TorchslimError
 from torchslim.evaluate.latency import measure_latency
 from torchslim.evaluate.metrics import accuracy, agreement, file_bytes, fp32_safetensors_bytes
 from torchslim.recipe.schema import DistillSection, Recipe, Step, TrainSection
@@ -109,6 +109,10 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> dict[
     Example:
         >>> report = run_recipe(load_recipe("lenet_300_100"))  # doctest: +SKIP
     """
+    if not recipe.steps:
+        raise RecipeError(
+            f"recipe {recipe.name!r} has no steps: add steps for `torchslim compress`, or run `torchslim search` with it"
+        )
     bar = progress or (lambda _description: None)
     torch.set_num_threads(recipe.threads)
     timings: dict[str, float] = {}
@@ -190,3 +194,34 @@ def _measure(model: torch.nn.Module, data, recipe: Recipe, nbytes: int, backend:
         "nonzero": int(sum(int((t != 0).sum()) for t in model.state_dict().values())),
         "latency": latency,
     }
+
+
+def run_search(
+    recipe: Recipe, progress: ProgressFactory | None = None, on_trial: Callable[[dict], None] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Search plans for the recipe's model (its ``search`` section, ``overrides`` winning); write
+    the delivered `.tslim` and report.json / report.md / report.html; return the report data.
+
+    Example:
+        >>> report = run_search(load_recipe("lenet5"), budget="1pt", objective="size")  # doctest: +SKIP
+    """
+    from torchslim.recipe.schema import SearchSection
+    from torchslim.report.html import write_search_report
+    from torchslim.search.run import search
+
+    bar = progress or (lambda _description: None)
+    config = (recipe.search or SearchSection()).config(recipe.threads, recipe.seed, **overrides)
+    torch.set_num_threads(recipe.threads)
+    start = time.perf_counter()
+    data = load_data(DataSpec(**recipe.data.model_dump()))
+    base_cfg = _train(recipe.baseline, recipe.seed)
+    assert base_cfg is not None
+    baseline, cached = trained_baseline(recipe.model.name, data, base_cfg, recipe.model.kwargs, bar("baseline"))
+    baseline_s = time.perf_counter() - start
+    zoo = {"zoo": recipe.model.name, "kwargs": recipe.model.kwargs}
+    report = search(baseline, data, config, recipe.out_dir(), name=recipe.name, zoo=zoo, progress=bar, on_trial=on_trial)
+    report["baseline_cached"] = cached
+    report["timings"]["baseline_s"] = baseline_s
+    write_search_report(report, recipe.out_dir())
+    return report

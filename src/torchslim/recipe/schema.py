@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from torchslim.core.models import ZOO
 from torchslim.errors import ConfigError, RecipeError
+from torchslim.search.config import Budget, LatencySetting, SearchConfig
+from torchslim.search.space import Recovery, SearchSpace
 from torchslim.train.fit import TrainConfig
 from torchslim.transforms.channels import ChannelPruneConfig
 from torchslim.transforms.distill import DistillConfig, student_kwargs
@@ -196,6 +198,68 @@ class Step(_Strict):
         return next(k for k in STEP_KINDS if getattr(self, k) is not None)
 
 
+class RecoverySection(_Strict):
+    """Recovery training with the uncompressed model as teacher (``search.space.Recovery``)."""
+
+    samples: int = Field(8192, ge=0, description="training images used (a seeded subset); 0: all")
+    epochs: int = Field(1, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    share_epochs: int = Field(1, ge=0, description="epochs that train the shared layers' centroids")
+    distill_weight: float = Field(0.7, ge=0, le=1)
+    temperature: float = Field(4.0, gt=0)
+
+
+class SearchSection(_Strict):
+    """Adaptive compression (``torchslim search``): the budget, the objective, the per-layer
+    choices, how trials recover and are timed, and how many run."""
+
+    budget: Optional[str] = Field(None, description="'1pt' (absolute points) or '1%' (relative); --budget overrides")
+    objective: Literal["size", "latency"] = "size"
+    sampler: Literal["tpe", "nsga2"] = "tpe"
+    trials: int = Field(40, ge=1)
+    timeout_s: Optional[float] = Field(None, gt=0)
+    sparsity: list[float] = Field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 0.95])
+    bits: list[int] = Field(default_factory=lambda: [8, 6, 5, 4, 3])
+    channels: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
+    int8: bool = True
+    round_to: int = Field(8, ge=1)
+    min_channels: int = Field(8, ge=1)
+    recovery: RecoverySection = RecoverySection()
+    final: RecoverySection = RecoverySection(samples=0, epochs=3)
+    latency_backend: Literal["eager", "inductor", "onnxruntime"] = "onnxruntime"
+    latency_batch: int = Field(64, ge=1)
+    seeds: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], description="budget multiples of the sensitivity-seeded plans")
+    workers: int = Field(1, ge=1, description="trials at once (more than 1 runs them on Ray)")
+    ray_address: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> "SearchSection":
+        try:
+            self.space()
+            if self.budget is not None:
+                Budget.parse(self.budget)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def space(self) -> SearchSpace:
+        return SearchSpace(tuple(self.sparsity), tuple(self.bits), tuple(self.channels), self.int8, self.round_to, self.min_channels)
+
+    def config(self, threads: int, seed: int, **overrides: Any) -> SearchConfig:
+        """The :class:`SearchConfig`; ``overrides`` (budget text, objective, trials, ...) win when not None."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        budget = given.pop("budget", self.budget)
+        if budget is None:
+            raise ConfigError("no accuracy budget: pass --budget 1pt (points, absolute) or --budget 1% (relative), or set search.budget")
+        fields = {k: getattr(self, k) for k in ("objective", "sampler", "trials", "timeout_s", "workers", "ray_address")}
+        fields |= given
+        return SearchConfig(
+            Budget.parse(budget), space=self.space(), recovery=Recovery(**self.recovery.model_dump()),
+            final=Recovery(**self.final.model_dump()), seeds=tuple(self.seeds), seed=seed,
+            latency=LatencySetting(self.latency_backend, self.latency_batch, threads), **fields,
+        )  # fmt: skip
+
+
 class LatencySection(_Strict):
     batches: list[int] = Field(default_factory=lambda: [1, 64])
     repeats: int = Field(50, ge=1)
@@ -212,7 +276,8 @@ class Recipe(_Strict):
     model: ModelSpec
     data: DataSection = DataSection()
     baseline: TrainSection = TrainSection(epochs=15, lr=3e-3)
-    steps: list[Step] = Field(min_length=1)
+    steps: list[Step] = Field(default_factory=list, description="compression steps of `torchslim compress`")
+    search: Optional[SearchSection] = Field(None, description="settings of `torchslim search`")
     outputs: Outputs = Outputs()
     latency: LatencySection = LatencySection()
     threads: int = Field(2, ge=1)

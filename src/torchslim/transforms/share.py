@@ -160,6 +160,7 @@ def share_(
         for m in layers.values():
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+                m.weight.grad = None  # the codebook's gradient would otherwise stay on the new weight
     if config.half_biases:
         with torch.no_grad():
             for m in layers.values():

@@ -1,0 +1,327 @@
+"""A search report as one self-contained HTML page and as Markdown, written atomically.
+
+The page works opened from disk with no network: the style sheet is inline, the figures are inline
+SVG from :mod:`torchslim.report.plots`, and there is no JavaScript. Every piece of text taken from
+the report is escaped. The Markdown has the same tables without the figures. :func:`screenshot`
+renders a page with headless Chromium (``apt-get install chromium``) into a PNG for the docs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from torchslim.core.files import write_atomic
+from torchslim.errors import TorchslimError
+from torchslim.report import plots
+from torchslim.report.render import _num, _pct, markdown_table
+
+TECHNIQUES = {
+    "channels": "Channels removed (structured pruning)",
+    "sparsity": "Unstructured sparsity",
+    "bits": "Weight sharing (codebook bits)",
+    "int8": "int8 quantization",
+}
+OBJECTIVES = {"size": "the smallest file", "latency": "the lowest latency"}
+SPLITS = (("search split", "accuracy_search"), ("held-out split", "accuracy_holdout"), ("full test set", "accuracy_test"))
+SUMMARY_COLUMNS = ("metric", "baseline (uncompressed)", "delivered file")
+PLAN_COLUMNS = ("layer", "channels removed", "sparsity", "codebook bits", "int8", "skipped because")
+TRIAL_COLUMNS = ("trial", "origin", "state", "accuracy", "drop (points)", "bytes", "latency (ms)", "feasible",
+                 "on front", "seconds")  # fmt: skip
+SENSITIVITY_COLUMNS = ("technique", "layer", "setting: drop (points)")
+CHROMIUM = "/usr/bin/chromium"
+HEADLESS_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+                  "--hide-scrollbars", "--mute-audio", "--disable-dev-shm-usage")  # fmt: skip
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1b1b1b;margin:0;background:#fafafa}
+main{max-width:1180px;margin:0 auto;padding:24px 32px;background:#fff}
+h1{font-size:1.6em;margin:0 0 .4em}h2{font-size:1.25em;margin:1.6em 0 .5em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.92em}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;white-space:nowrap}
+th{background:#f0f3f7}td.n{text-align:right;font-variant-numeric:tabular-nums}
+tr.chosen td{background:#fff3c4;font-weight:600}
+figure{margin:1em 0}figure svg{max-width:100%;height:auto}
+figcaption{font-size:.88em;color:#555;max-width:900px}
+.verdict-ok,.verdict-bad{border-left:4px solid #1a7f37;padding-left:12px}.verdict-bad{border-left-color:#b42318}
+table.plan td:last-child{white-space:normal}
+""".strip()
+
+
+def _pts(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _fact(x: Any) -> str:
+    """A search fact or table cell as text: ``-`` for missing, yes/no for booleans."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    return f"{x:,.1f}" if isinstance(x, float) else str(x)
+
+
+def budget_text(budget: dict[str, Any]) -> str:
+    """The accuracy budget in words, absolute points or relative percent, with the points it allows."""
+    if budget["kind"] == "relative":
+        return (f"at most {100 * budget['value']:.2f} % of the baseline accuracy lost (relative), "
+                f"i.e. {_pts(budget['max_drop'])} points")  # fmt: skip
+    return f"at most {_pts(budget['max_drop'])} points of accuracy lost (absolute)"
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    """One paragraph: what was searched, the budget, the objective and whether the chosen plan met it."""
+    chosen, final = report.get("chosen") or {}, report.get("final")
+    text = (f"Adaptive compression search of model {report['model']['name']} on {report['data']['name']} "
+            f"(recipe {report['recipe']}, {report['threads']} threads). Budget: {budget_text(report['budget'])}, "
+            f"on the search split against the uncompressed baseline. Objective: "
+            f"{OBJECTIVES.get(report['objective'], report['objective'])} within the budget. ")  # fmt: skip
+    if chosen.get("trial") is None:
+        text += "No trial met the budget, so no plan was chosen."
+    else:
+        met = "met" if chosen.get("met_budget") else "did not meet"
+        text += f"The chosen plan (trial {chosen['trial']}) {met} the budget."
+    if chosen.get("message"):
+        text += f" {chosen['message'].rstrip('.')}."
+    if final:
+        within = "within" if final.get("within_budget") else "outside"
+        drop = _pts(final.get("drop_holdout"))
+        text += f" On the held-out split the delivered file loses {drop} points: {within} the budget."
+    else:
+        text += " No compressed file was delivered."
+    return text
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The before/after table as ``(metric, baseline, delivered)`` strings."""
+    b, f = report["baseline"], report.get("final") or {}
+    rows = [(f"accuracy, {name}", _pct(b.get(key)), _pct(f.get(key))) for name, key in SPLITS]
+    rows += [
+        ("accuracy drop, held-out split (points)", "-", _pts(f.get("drop_holdout"))),
+        ("bytes on disk", f"{b['bytes']:,} (fp32)", "-" if f.get("bytes") is None else f"{f['bytes']:,} (.tslim)"),
+        ("compression ratio", "1.0x", "-" if f.get("ratio") is None else f"{f['ratio']:.1f}x"),
+    ]
+    for key, ms in (b.get("latency_ms") or {}).items():
+        other = (f.get("latency_ms") or {}).get(key)
+        rows.append((f"latency per batch of {key.removeprefix('batch')} (ms)", _num(ms, "{:.3f}"), _num(other, "{:.3f}")))
+    return rows
+
+
+def plan_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The chosen per-layer plan, in :data:`PLAN_COLUMNS` order."""
+    return [
+        (r["layer"], _pct(r.get("channels")), _pct(r.get("sparsity")), _fact(r.get("bits")), _fact(r.get("int8")),
+         r.get("skip") or "")  # fmt: skip
+        for r in report.get("plan_table") or []
+    ]
+
+
+def trial_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Every trial by number, in :data:`TRIAL_COLUMNS` order; the chosen one is labelled."""
+    chosen = (report.get("chosen") or {}).get("trial")
+    rows = []
+    for t in sorted(report["trials"], key=lambda t: t["number"]):
+        label = f"{t['number']} (chosen)" if t["number"] == chosen else str(t["number"])
+        rows.append((label, t.get("origin", "-"), t["state"], _pct(t.get("accuracy")), _pts(t.get("drop")),
+                     _num(t.get("bytes"), "{:,}"), _num(t.get("latency_ms"), "{:.3f}"),
+                     _fact(t.get("feasible")), _fact(t.get("pareto")), _fact(t.get("seconds"))))  # fmt: skip
+    return rows
+
+
+def sensitivity_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Every sensitivity curve as ``(technique, layer, "setting: drop, ...")``."""
+    curves = (report.get("sensitivity") or {}).get("curves") or {}
+    return [
+        (tech, layer, ", ".join(f"{s:g}: {_pts(d)}" for s, d in pts))
+        for tech in TECHNIQUES
+        for layer, pts in (curves.get(tech) or {}).items()
+    ]
+
+
+def search_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """Facts about the search run: sampler, trials, workers, wall time, storage, phase timings."""
+    s, lat = report.get("search") or {}, report.get("latency_setting") or {}
+    keys = ("sampler", "trials_done", "trials_failed", "workers", "trials_per_hour", "study", "storage", "resumed")
+    rows = [(key.replace("_", " "), _fact(s.get(key))) for key in keys]
+    rows.insert(4, ("wall time (s)", _fact(s.get("wall_s"))))
+    rows.append(("latency measured with", f"{lat.get('backend', '-')}, batch {lat.get('batch', '-')}, "
+                 f"{lat.get('threads', '-')} threads"))  # fmt: skip
+    rows.append(("artifact", _fact((report.get("final") or {}).get("artifact"))))
+    rows += [(f"time: {k.removesuffix('_s')} (s)", _num(v, "{:.1f}")) for k, v in (report.get("timings") or {}).items()]
+    return rows
+
+
+def _title(report: dict[str, Any]) -> str:
+    return f"torchslim search report: {report['recipe']}"
+
+
+_NUMBER = re.compile(r"-|[-+]?[\d.,]+(?: %|x)?(?: \(.*\))?")
+
+
+def _cell(value: Any) -> str:
+    """A table cell, escaped; numbers (and ``-`` for none) align right."""
+    text = str(value)
+    return f'<td class="n">{escape(text)}</td>' if _NUMBER.fullmatch(text) else f"<td>{escape(text)}</td>"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]], marked: str | None = None, cls: str = "") -> str:
+    """An HTML table, every cell escaped; the row whose first cell is ``marked`` gets class chosen."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = [
+        ('<tr class="chosen">' if row[0] == marked else "<tr>") + "".join(map(_cell, row)) + "</tr>" for row in rows
+    ]
+    table = f'<table class="{cls}">' if cls else "<table>"
+    return f"{table}<thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table>"
+
+
+def _p(text: str, cls: str = "") -> str:
+    return f'<p class="{cls}">{escape(text)}</p>' if cls else f"<p>{escape(text)}</p>"
+
+
+def _section(title: str, *body: str) -> str:
+    return f"<section>\n<h2>{escape(title)}</h2>\n" + "\n".join(body) + "\n</section>"
+
+
+def _figure(svg: str, caption: str) -> str:
+    return f"<figure>\n{svg}\n<figcaption>{escape(caption)}</figcaption>\n</figure>"
+
+
+_PARETO_CAPTION = ("Accuracy on the search split against {}. Light dots: completed trials (crosses: over the "
+                   "budget); dark steps: the Pareto front of the feasible trials; dashed red: the budget; "
+                   "diamond: the uncompressed baseline; star: the chosen trial.")  # fmt: skip
+
+
+def _pareto_section(report: dict[str, Any]) -> str:
+    return _section(
+        "Accuracy against size and latency",
+        _figure(plots.pareto_svg(report, "bytes"), _PARETO_CAPTION.format("file size")),
+        _figure(plots.pareto_svg(report, "latency_ms"), _PARETO_CAPTION.format("latency")),
+    )
+
+
+def _sensitivity_section(report: dict[str, Any]) -> str:
+    sens = report.get("sensitivity") or {}
+    curves = sens.get("curves") or {}
+    present = [t for t in TECHNIQUES if curves.get(t)]
+    if not present:
+        return _section("Sensitivity", _p("This report has no sensitivity analysis."))
+    body = [_p(f"Accuracy drop on the {sens.get('split', 'search')} split when one layer alone is compressed at "
+               "one setting, all others left as they are; the dashed red line is the budget.")]  # fmt: skip
+    body += [_figure(plots.sensitivity_svg(report, t), TECHNIQUES[t]) for t in present]
+    missing = [t for t in TECHNIQUES if t not in present]
+    if missing:
+        body.append(_p(f"Not measured (technique not searched): {', '.join(missing)}."))
+    table = _table(SENSITIVITY_COLUMNS, sensitivity_rows(report))
+    body.append(f"<details><summary>The numbers</summary>\n{table}\n</details>")
+    return _section("Sensitivity", *body)
+
+
+def _before_after(report: dict[str, Any]) -> list[str]:
+    out = [_table(SUMMARY_COLUMNS, summary_rows(report))]
+    if not report.get("final"):
+        out.append(_p("No compressed file was delivered: no trial met the budget.", "verdict-bad"))
+    return out
+
+
+def to_html(report: dict[str, Any]) -> str:
+    """The search report as one self-contained HTML5 document (inline CSS and SVG, no scripts).
+
+    Example:
+        >>> Path("report.html").write_text(to_html(report))  # doctest: +SKIP
+    """
+    chosen = (report.get("chosen") or {}).get("trial")
+    plan = plan_rows(report)
+    body = [
+        f"<h1>{escape(_title(report))}</h1>",
+        _p(summary_text(report), "verdict-ok" if (report.get("final") or {}).get("within_budget") else "verdict-bad"),
+        _section("Before / after", *_before_after(report)),
+        _pareto_section(report),
+        _section("Per-layer plan", _table(PLAN_COLUMNS, plan, cls="plan") if plan else _p("No plan was chosen.")),
+        _sensitivity_section(report),
+        _section("Trials", _table(TRIAL_COLUMNS, trial_rows(report), None if chosen is None else f"{chosen} (chosen)")),
+        _section("Search", _table(("fact", "value"), search_rows(report))),
+    ]
+    head = "\n".join((
+        '<meta charset="utf-8">', '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<link rel="icon" href="data:,">', f"<title>{escape(_title(report))}</title>", f"<style>\n{CSS}\n</style>",
+    ))  # fmt: skip
+    page = "\n".join(("<!DOCTYPE html>", '<html lang="en">', "<head>", head, "</head>", "<body>", "<main>", *body))
+    return page + "\n</main>\n</body>\n</html>\n"
+
+
+def _md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """:func:`markdown_table` with pipes and newlines in cells escaped."""
+    clean = [tuple(str(c).replace("|", "\\|").replace("\n", " ") for c in row) for row in rows]
+    return markdown_table(header, clean)
+
+
+def to_search_markdown(report: dict[str, Any]) -> str:
+    """The search report as Markdown: the same tables as :func:`to_html`, without the figures."""
+    plan, sens = plan_rows(report), sensitivity_rows(report)
+    parts = [
+        f"# {_title(report)}",
+        summary_text(report),
+        "## Before / after",
+        _md_table(SUMMARY_COLUMNS, summary_rows(report)),
+        "The plots of accuracy against size and latency are in report.html.",
+        "## Per-layer plan",
+        _md_table(PLAN_COLUMNS, plan) if plan else "No plan was chosen.",
+        "## Sensitivity",
+        _md_table(SENSITIVITY_COLUMNS, sens) if sens else "This report has no sensitivity analysis.",
+        "## Trials",
+        _md_table(TRIAL_COLUMNS, trial_rows(report)),
+        "## Search",
+        _md_table(("fact", "value"), search_rows(report)),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_search_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path, Path]:
+    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir``.
+
+    All three are rendered before any is written, so a report that fails to render (a value JSON
+    cannot hold, a missing key) leaves the files of an earlier report as they were.
+
+    Example:
+        >>> write_search_report(report, "runs/lenet5_search")  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    texts = (json.dumps(report, indent=2, sort_keys=True) + "\n", to_search_markdown(report), to_html(report))
+    names = ("report.json", "report.md", "report.html")
+    j, m, h = (write_atomic(out / name, text) for name, text in zip(names, texts))
+    return j, m, h
+
+
+def find_chromium() -> str | None:
+    """The Chromium binary: ``chromium`` on the PATH, else ``/usr/bin/chromium``, else None."""
+    found = shutil.which("chromium")
+    return found or (CHROMIUM if os.access(CHROMIUM, os.X_OK) else None)
+
+
+def screenshot(html_path: str | Path, png_path: str | Path, size: tuple[int, int] = (1280, 2400)) -> Path:
+    """Render ``html_path`` in headless Chromium and write a ``size`` PNG of it to ``png_path``.
+
+    Chromium runs with a throwaway profile and HOME, so it writes nothing outside a temp dir.
+
+    Example:
+        >>> screenshot("runs/lenet5_search/report.html", "docs/search_report.png")  # doctest: +SKIP
+    """
+    exe = find_chromium()
+    if exe is None:
+        raise TorchslimError("screenshot: chromium is not installed; run `apt-get install chromium`")
+    with tempfile.TemporaryDirectory(prefix="torchslim-chromium-") as tmp:
+        shot = Path(tmp) / "shot.png"
+        cmd = [exe, *HEADLESS_FLAGS, f"--user-data-dir={tmp}/profile", f"--window-size={size[0]},{size[1]}",
+               f"--screenshot={shot}", Path(html_path).resolve().as_uri()]  # fmt: skip
+        done = subprocess.run(cmd, env={**os.environ, "HOME": tmp}, capture_output=True, timeout=60, check=False)
+        if done.returncode != 0 or not shot.is_file():
+            tail = done.stderr.decode(errors="replace")[-800:]
+            raise TorchslimError(f"screenshot: chromium exited with {done.returncode} without writing {shot}: {tail}")
+        return write_atomic(png_path, shot.read_bytes())

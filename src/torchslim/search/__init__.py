@@ -1,0 +1,1 @@
+"""Adaptive compression: per-layer sensitivity and a budget-driven multi-objective search."""

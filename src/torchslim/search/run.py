@@ -1,0 +1,198 @@
+"""Adaptive compression end to end: sensitivity -> seeded multi-objective search -> the chosen
+plan applied, recovered with distillation, saved, loaded back and measured -> report data.
+
+Every figure about the delivered model is measured on the model loaded from its `.tslim`
+file. The choice is made on the search split; the budget is judged on the held-out split,
+which no trial ever saw.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from torchslim.analysis.cost import count_params
+from torchslim.artifact.tslim import load, save
+from torchslim.core.data import Data
+from torchslim.core.files import write_atomic
+from torchslim.core.plan import CompressionPlan
+from torchslim.errors import TorchslimError
+from torchslim.evaluate.metrics import accuracy, file_bytes, fp32_safetensors_bytes
+from torchslim.search.config import SearchConfig
+from torchslim.search.parallel import WorkerSpec, make_executor
+from torchslim.search.sensitivity import cached_sensitivity, fingerprint
+from torchslim.search.space import Layers, apply_plan
+from torchslim.search.study import (
+    choose, finished, open_study, recover_interrupted, run_lock, run_trials, seed_study, trial_rows,
+)  # fmt: skip
+from torchslim.search.trial import Evaluator, latency_ms
+
+log = logging.getLogger(__name__)
+Bar = Callable[[str], Callable[[int, int], None] | None]
+
+
+def search(
+    model: nn.Module, data: Data, config: SearchConfig, run_dir: str | Path, *, name: str = "search",
+    zoo: Mapping[str, Any] | None = None, progress: Bar | None = None, on_trial: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Search per-layer plans for ``model`` under ``config.budget``; deliver the best as a file.
+
+    Writes into ``run_dir``: ``study.sqlite3`` (the trials; rerunning resumes), ``sensitivity.json``,
+    ``baseline.safetensors``, ``<name>.tslim`` (the delivered model). Returns the report data.
+
+    Example:
+        >>> report = search(model, data, SearchConfig(Budget.parse("1pt")), "runs/s")  # doctest: +SKIP
+    """
+    run_dir, bar = Path(run_dir), progress or (lambda _d: None)
+    timings: dict[str, float] = {}
+    with run_lock(run_dir):
+        start = time.perf_counter()
+        torch.set_num_threads(config.latency.threads)
+        model = model.eval()
+        key = fingerprint(model, config.space, f"search split, seed {config.seed}")
+        weights = run_dir / "baseline.safetensors"
+        write_atomic(weights, save_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
+        evaluator = Evaluator(model, data, config, zoo)
+        max_drop = config.budget.max_drop(evaluator.base_accuracy)
+        layers = Layers.of(model, data.example_input(2), config.space)
+        curves, cached = cached_sensitivity(run_dir / "sensitivity.json", model, data, evaluator.search_batches,
+                                            config.space, layers, "search", bar("sensitivity"))  # fmt: skip
+        timings["sensitivity_s"] = time.perf_counter() - start
+
+        study = open_study(run_dir, name, config, key)
+        interrupted = recover_interrupted(study)
+        resumed = len(study.trials) > 0
+        seed_study(study, config, layers, curves, max_drop)
+        spec = _worker_spec(zoo, weights, data, config)
+        executor, message = make_executor(evaluator, spec, config.workers, config.ray_address)
+        if message:
+            log.warning(message)
+        try:
+            t0 = time.perf_counter()
+            already = len(finished(study))
+            run_trials(study, executor, config, layers, max_drop, on_trial)
+            timings["search_s"] = time.perf_counter() - t0
+        finally:
+            executor.close()
+        trials = finished(study)
+        chosen = choose(trials, config, max_drop)
+        t0 = time.perf_counter()
+        report = _report_base(evaluator, model, config, max_drop, name, zoo)
+        report["final"] = None if chosen is None else _deliver(evaluator, config, chosen, run_dir / f"{name}.tslim", max_drop)
+        timings["final_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - start
+        ran = len(trials) - already
+        report |= {
+            "trials": trial_rows(trials, max_drop, config.objective),
+            "chosen": _chosen(chosen, max_drop, config),
+            "sensitivity": {"split": "search", "cached": cached, "curves": curves},
+            "layers": {"weights": list(layers.weights), "groups": list(layers.groups), "skipped_groups": layers.skipped},
+            "plan_table": _plan_table(chosen, layers),
+            "search": {
+                "sampler": config.sampler, "trials_done": len(trials), "trials_this_run": ran,
+                "trials_failed": sum(t.state.name == "FAIL" for t in trials), "wall_s": timings["search_s"],
+                "workers": config.workers, "executor": executor.description, "execution_note": message,
+                "trials_per_hour": ran / timings["search_s"] * 3600 if timings["search_s"] > 0 and ran else None,
+                "study": name, "storage": str(run_dir / "study.sqlite3"), "resumed": resumed,
+                "interrupted_trials": interrupted,
+            },
+            "timings": timings,
+        }  # fmt: skip
+        return report
+
+
+def _worker_spec(zoo: Mapping[str, Any] | None, weights: Path, data: Data, config: SearchConfig) -> Callable[[], WorkerSpec] | None:
+    if zoo is None:
+        return None
+    from dataclasses import asdict
+
+    return lambda: WorkerSpec(zoo["zoo"], dict(zoo.get("kwargs", {})), str(weights), asdict(data.spec), config, config.latency.threads)
+
+
+def _report_base(ev: Evaluator, model: nn.Module, config: SearchConfig, max_drop: float, name: str, zoo: Any) -> dict[str, Any]:
+    example = ev.data.eval.tensors[0]
+    return {
+        "kind": "search", "recipe": name, "model": {"name": zoo["zoo"], "kwargs": dict(zoo.get("kwargs", {}))} if zoo else {"name": type(model).__name__, "kwargs": {}},
+        "data": {"name": ev.data.spec.name}, "threads": config.latency.threads,
+        "budget": {"kind": "relative" if config.budget.relative else "absolute", "value": config.budget.value,
+                   "max_drop": max_drop, "text": config.budget.text()},
+        "objective": config.objective,
+        "latency_setting": {"backend": config.latency.backend, "batch": config.latency.batch, "threads": config.latency.threads},
+        "baseline": {
+            "accuracy_search": ev.base_accuracy, "accuracy_holdout": accuracy(model, ev.holdout_batches),
+            "accuracy_test": accuracy(model, ev.data.eval_loader()), "bytes": fp32_safetensors_bytes(model),
+            "params": count_params(model),
+            "latency_ms": {f"batch{b}": latency_ms(model, example, _at(config, b)) for b in _batches(config)},
+        },
+    }  # fmt: skip
+
+
+def _batches(config: SearchConfig) -> list[int]:
+    return sorted({1, config.latency.batch})
+
+
+def _at(config: SearchConfig, batch: int):
+    from dataclasses import replace
+
+    return replace(config.latency, batch=batch)
+
+
+def _deliver(ev: Evaluator, config: SearchConfig, chosen: dict, path: Path, max_drop: float) -> dict[str, Any]:
+    """Apply the chosen plan with the final (distillation) recovery, save, load, measure the file."""
+    plan = CompressionPlan.from_dict(chosen["plan"])
+    torch.manual_seed(config.seed)
+    model = apply_plan(ev.model, plan, ev.data, config.final, config.space, config.seed)
+    acc = accuracy(model, ev.search_batches)
+    save(model, path, plan=plan.to_dict(), metrics={"accuracy_search": acc}, zoo=ev.zoo)
+    restored = load(path) if ev.zoo else load(path, model=copy.deepcopy(ev.model))
+    for x, _ in ev.search_batches[:2]:
+        with torch.no_grad():
+            if not torch.equal(model(x), restored(x)):
+                raise TorchslimError(f"{path} does not reproduce the compressed model's outputs exactly")
+    base_holdout = accuracy(ev.model, ev.holdout_batches)
+    holdout = accuracy(restored, ev.holdout_batches)
+    example = ev.data.eval.tensors[0]
+    nbytes = file_bytes(path)
+    return {
+        "plan": plan.to_dict(), "artifact": str(path), "bytes": nbytes,
+        "ratio": fp32_safetensors_bytes(ev.model) / nbytes,
+        "accuracy_search": accuracy(restored, ev.search_batches), "accuracy_holdout": holdout,
+        "accuracy_test": accuracy(restored, ev.data.eval_loader()),
+        "drop_holdout": base_holdout - holdout, "within_budget": base_holdout - holdout <= max_drop,
+        "latency_ms": {f"batch{b}": latency_ms(restored, example, _at(config, b)) for b in _batches(config)},
+    }  # fmt: skip
+
+
+def _chosen(chosen: dict | None, max_drop: float, config: SearchConfig) -> dict[str, Any]:
+    if chosen is None:
+        return {"trial": None, "met_budget": False, "message": "no trial finished; nothing to deliver"}
+    what = f"{chosen['bytes']:,} bytes" if config.objective == "size" else f"{chosen['latency_ms']:.3f} ms"
+    lost = f"loses {100 * chosen['drop']:.2f} points on the search split"
+    if chosen["met_budget"]:
+        message = f"trial {chosen['trial']}: {what}, {lost}, within the budget of {100 * max_drop:.2f} points"
+    else:
+        message = (f"no trial met the budget of {100 * max_drop:.2f} points; delivering the closest, trial "
+                   f"{chosen['trial']}: {what}, {lost}")  # fmt: skip
+    return {"trial": chosen["trial"], "met_budget": chosen["met_budget"], "message": message}
+
+
+def _plan_table(chosen: dict | None, layers: Layers) -> list[dict[str, Any]]:
+    plan = CompressionPlan.from_dict(chosen["plan"]) if chosen else CompressionPlan()
+    rows = []
+    for name in layers.weights:
+        d = plan.resolve(name)
+        touched = d is not None and any(v for v in (d.channels, d.sparsity, d.bits, d.quantize))
+        why = layers.skipped.get(name)
+        rows.append({
+            "layer": name, "channels": d.channels if d else None, "sparsity": d.sparsity if d else None,
+            "bits": d.bits if d else None, "int8": bool(d and d.quantize),
+            "skip": None if touched else ("left as it is by the chosen plan" + (f"; its channels cannot shrink: {why}" if why else "")),
+        })  # fmt: skip
+    return rows

@@ -1,0 +1,200 @@
+"""What the search may choose for each layer, and how a chosen plan is applied to a copy.
+
+A candidate is a :class:`~torchslim.core.plan.CompressionPlan`: per coupling group a fraction
+of channels removed (structured pruning), per weight layer a sparsity (unstructured magnitude
+pruning) and a precision -- float, a k-means codebook of ``bits`` (weight sharing), or static
+int8. Optuna sees the same choices as categorical parameters named ``channels:<root>``,
+``sparsity:<layer>`` and ``precision:<layer>``; :func:`plan_from_params` and
+:func:`params_from_plan` translate between the two, so a plan can seed the study.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from torchslim.analysis.cost import weight_layers
+from torchslim.analysis.coupling import analyse
+from torchslim.core.data import Data
+from torchslim.core.plan import CompressionPlan, LayerDecision
+from torchslim.errors import ConfigError
+from torchslim.train.fit import TrainConfig, fit
+from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
+from torchslim.transforms.prune import MagnitudePruneConfig, frozen_zeros, prune_
+from torchslim.transforms.quantize import QuantizeConfig, quantize_
+from torchslim.transforms.share import ShareConfig, share_
+
+FLOAT, INT8 = "float", "int8"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The per-layer choices.
+
+    Attributes:
+        sparsity: fractions of a layer's weights set to zero (0 keeps them all).
+        bits: codebook sizes for weight sharing (empty: no sharing).
+        channels: fractions of a coupling group's channels removed (empty or ``(0,)``: none).
+        int8: whether a layer may run in static int8.
+        round_to: kept channel counts are multiples of this.
+        min_channels: no group keeps fewer channels.
+    """
+
+    sparsity: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
+    bits: tuple[int, ...] = (8, 6, 5, 4, 3)
+    channels: tuple[float, ...] = (0.0, 0.25, 0.5)
+    int8: bool = True
+    round_to: int = 8
+    min_channels: int = 8
+
+    def __post_init__(self) -> None:
+        for s in (*self.sparsity, *self.channels):
+            LayerDecision(sparsity=s)  # range checks with a clear message
+        for b in self.bits:
+            LayerDecision(bits=b)
+        if 0.0 not in self.sparsity:
+            raise ConfigError(f"sparsity={self.sparsity}: include 0.0 so a layer can keep all its weights")
+        if self.channels and 0.0 not in self.channels:
+            raise ConfigError(f"channels={self.channels}: include 0.0 so a group can keep all its channels")
+
+    def precisions(self) -> list[str]:
+        """The precision choices: ``float``, ``int8`` and ``share<bits>``."""
+        return [FLOAT] + ([INT8] if self.int8 else []) + [f"share{b}" for b in self.bits]
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The model's weight layers and the coupling groups structured pruning can shrink."""
+
+    weights: tuple[str, ...]
+    groups: tuple[str, ...]  # root layer of each prunable coupling group
+    skipped: dict[str, str] = field(default_factory=dict)  # group root -> why it cannot shrink
+
+    @classmethod
+    def of(cls, model: nn.Module, example: torch.Tensor, space: SearchSpace) -> "Layers":
+        names = tuple(n for n, _ in weight_layers(model))
+        if not names:
+            raise ConfigError(f"{type(model).__name__} has no Linear or Conv layer to compress")
+        if not any(c > 0 for c in space.channels):
+            return cls(names, ())
+        coupling = analyse(model, example, min_channels=space.min_channels)
+        groups = tuple(g.root for g in coupling.prunable())
+        return cls(names, groups, {g.root: g.skip for g in coupling.groups if g.skip})
+
+
+def distributions(space: SearchSpace, layers: Layers) -> dict[str, Any]:
+    """Optuna's categorical distribution for every parameter, in a fixed order."""
+    from optuna.distributions import CategoricalDistribution
+
+    out: dict[str, Any] = {}
+    if any(c > 0 for c in space.channels):
+        out |= {f"channels:{g}": CategoricalDistribution(list(space.channels)) for g in layers.groups}
+    out |= {f"sparsity:{n}": CategoricalDistribution(list(space.sparsity)) for n in layers.weights}
+    out |= {f"precision:{n}": CategoricalDistribution(space.precisions()) for n in layers.weights}
+    return out
+
+
+def plan_from_params(params: Mapping[str, Any]) -> CompressionPlan:
+    """The plan that Optuna parameters describe; choices that change nothing are left out."""
+    decisions: dict[str, dict[str, Any]] = {}
+    for key, value in params.items():
+        kind, _, layer = key.partition(":")
+        entry = decisions.setdefault(layer, {})
+        if kind in ("channels", "sparsity") and value:
+            entry[kind] = float(value)
+        elif kind == "precision" and value == INT8:
+            entry["quantize"] = 8
+        elif kind == "precision" and str(value).startswith("share"):
+            entry["bits"] = int(str(value)[5:])
+    return CompressionPlan.from_dict({k: v for k, v in decisions.items() if v})
+
+
+def params_from_plan(plan: CompressionPlan, space: SearchSpace, layers: Layers) -> dict[str, Any]:
+    """Optuna parameters for ``plan``, each value snapped to the nearest choice of ``space``."""
+
+    def near(options: tuple, value: float) -> Any:
+        return min(options, key=lambda o: abs(o - value))
+
+    params: dict[str, Any] = {}
+    for key in distributions(space, layers):
+        kind, _, layer = key.partition(":")
+        d = plan.resolve(layer) or LayerDecision()
+        if kind == "channels":
+            params[key] = near(space.channels, d.channels or 0.0)
+        elif kind == "sparsity":
+            params[key] = near(space.sparsity, d.sparsity or 0.0)
+        elif d.quantize and space.int8:
+            params[key] = INT8
+        elif d.bits and space.bits:
+            params[key] = f"share{near(space.bits, d.bits)}"
+        else:
+            params[key] = FLOAT
+    return params
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Training that recovers a candidate's accuracy, with the uncompressed model as teacher.
+
+    Attributes:
+        samples: training images used (a seeded subset; 0: the whole training split).
+        epochs: passes over them after pruning (0: no recovery).
+        lr: peak learning rate.
+        share_epochs: passes that train the shared layers' centroids.
+        distill_weight: weight of the teacher's soft targets (the labels get the rest).
+        temperature: softmax temperature of the soft targets.
+    """
+
+    samples: int = 8192
+    epochs: int = 1
+    lr: float = 1e-3
+    share_epochs: int = 1
+    distill_weight: float = 0.7
+    temperature: float = 4.0
+
+    def train(self, epochs: int, lr: float, seed: int) -> TrainConfig:
+        return TrainConfig(epochs, lr, 0.0, seed, self.distill_weight, self.temperature)
+
+
+def subset(data: Data, samples: int, seed: int) -> Data:
+    """``data`` whose training split is a seeded subset of ``samples`` images (0: all)."""
+    n = len(data.train)
+    if samples <= 0 or samples >= n:
+        return data
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
+    return dataclasses.replace(data, train=TensorDataset(*(t[rows] for t in data.train.tensors)))
+
+
+def apply_plan(
+    model: nn.Module, plan: CompressionPlan, data: Data, recovery: Recovery, space: SearchSpace, seed: int = 0
+) -> nn.Module:
+    """A compressed copy of ``model``: channels removed, weights pruned, recovered with ``model``
+    as teacher, shared, then quantized -- each step only where ``plan`` asks for it."""
+    teacher = model.eval()
+    work = copy.deepcopy(model)
+    train = subset(data, recovery.samples, seed)
+    channels = {k: v for k, v in plan.field_map("channels").items() if v}
+    if channels:
+        cfg = ChannelPruneConfig(ratio=channels, round_to=space.round_to, min_channels=space.min_channels, seed=seed)
+        channel_prune_(work, cfg, data)
+    sparsity = {k: v for k, v in plan.field_map("sparsity").items() if v}
+    if sparsity:
+        prune_(work, MagnitudePruneConfig(sparsity, finetune=None), data)
+    if (channels or sparsity) and recovery.epochs:
+        with frozen_zeros(m for _, m in weight_layers(work)):
+            fit(work, train, recovery.train(recovery.epochs, recovery.lr, seed), teacher=teacher)
+    bits = {k: v for k, v in plan.field_map("bits").items() if v}
+    if bits:
+        finetune = recovery.train(recovery.share_epochs, recovery.lr / 10, seed) if recovery.share_epochs else None
+        share_(work, ShareConfig(bits, finetune), train, teacher=teacher)
+    int8 = [k for k, v in plan.field_map("quantize").items() if v]
+    if int8:
+        others = tuple(n for n, _ in weight_layers(work) if n not in int8)
+        quantize_(work, QuantizeConfig(exclude=others), data)
+    return work.eval()

@@ -1,0 +1,199 @@
+"""The search loop: an Optuna study on SQLite, seeded by the sensitivity table, run by an
+executor (this process or Ray), resumable after any interruption.
+
+Trials live in ``<run>/study.sqlite3`` (Optuna's RDB storage). Running the same search again
+loads the study: finished trials are kept (never rerun), a trial that was running when the
+process died is marked failed and its plan queued again, and the loop continues until the
+study holds ``trials`` finished trials. A lock file keeps two processes off one run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from torchslim.errors import ConfigError
+from torchslim.search.config import SearchConfig
+from torchslim.search.sensitivity import Curves, budget_plan
+from torchslim.search.space import INT8, Layers, distributions, params_from_plan
+
+log = logging.getLogger(__name__)
+OnTrial = Callable[[dict[str, Any]], None]
+"""Called after each finished trial with ``{"done", "total", "best", "elapsed_s", "last"}``."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run>/.search.lock`` for the duration; a second search on the folder is an error."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".search.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another search is running in {run_dir}; wait for it or use another output folder") from None
+        yield
+
+
+def open_study(run_dir: Path, name: str, config: SearchConfig, fingerprint: str) -> Any:
+    """Create the study, or load it and check it was started with the same settings and model."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{(run_dir / 'study.sqlite3').resolve()}"
+
+    kind = optuna.samplers.TPESampler if config.sampler == "tpe" else optuna.samplers.NSGAIISampler
+    sampler = kind(seed=config.seed)  # the budget is a constraint each trial sets (see tell)
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
+                                directions=["minimize", "minimize"])  # fmt: skip
+    identity = json.loads(json.dumps(config.identity() | {"model": fingerprint}))
+    stored = study.user_attrs.get("identity")
+    if stored is None:
+        study.set_user_attr("identity", identity)
+    elif stored != identity:
+        changed = sorted(k for k in identity if stored.get(k) != identity[k])
+        raise ConfigError(
+            f"{run_dir} holds study {name!r} started with other settings ({', '.join(changed)} differ); "
+            "rerun with the same settings to resume it, or use another output folder"
+        )
+    return study
+
+
+def recover_interrupted(study: Any) -> list[int]:
+    """Mark trials left running by a dead process as failed and queue their plans again."""
+    from optuna.trial import TrialState
+
+    lost = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in lost:
+        study.tell(t.number, state=TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"origin": t.user_attrs.get("origin", "sampler"), "rerun_of": t.number})
+    if lost:
+        study.set_user_attr("interrupted", sorted(study.user_attrs.get("interrupted", []) + [t.number for t in lost]))
+        log.warning("trials %s were running when the last search stopped; they run again", [t.number for t in lost])
+    return [t.number for t in lost]
+
+
+def seed_study(study: Any, config: SearchConfig, layers: Layers, curves: Curves, max_drop: float) -> int:
+    """Queue the starting plans once per study: uniform ones, then sensitivity-guided ones."""
+    if study.user_attrs.get("seeded"):
+        return 0
+    space, seeds = config.space, []
+    precision = INT8 if config.objective == "latency" and space.int8 else (f"share{sorted(space.bits)[len(space.bits) // 2]}" if space.bits else INT8 if space.int8 else None)
+    if precision:
+        uniform = {k: (precision if k.startswith("precision:") else 0.0) for k in distributions(space, layers)}
+        seeds.append(("seed: uniform " + precision, uniform))
+    for multiple in config.seeds:
+        plan = budget_plan(curves, space, layers, multiple * max_drop, config.objective)
+        seeds.append((f"seed: sensitivity x{multiple:g} budget", params_from_plan(plan, space, layers)))
+    unique = []
+    for origin, params in seeds:
+        if all(params != p for _, p in unique):
+            unique.append((origin, params))
+    for origin, params in unique:
+        study.enqueue_trial(params, user_attrs={"origin": origin})
+    study.set_user_attr("seeded", True)
+    return len(unique)
+
+
+def finished(study: Any) -> list[Any]:
+    """Trials that ended (complete or failed), not counting those a dead process left behind."""
+    from optuna.trial import TrialState
+
+    interrupted = set(study.user_attrs.get("interrupted", []))
+    states = (TrialState.COMPLETE, TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if t.number not in interrupted]
+
+
+def objective_key(config: SearchConfig) -> str:
+    return "bytes" if config.objective == "size" else "latency_ms"
+
+
+def run_trials(
+    study: Any, executor: Any, config: SearchConfig, layers: Layers, max_drop: float, on_trial: OnTrial | None
+) -> float:
+    """Ask, run and tell trials until the study holds ``config.trials`` finished ones (or the
+    timeout passes); returns the wall seconds spent."""
+    dists = distributions(config.space, layers)
+    start, running = time.perf_counter(), {}
+
+    def can_start() -> bool:
+        timed_out = config.timeout_s is not None and time.perf_counter() - start > config.timeout_s
+        return not timed_out and len(finished(study)) + len(running) < config.trials
+
+    while True:
+        while len(running) < executor.slots and can_start():
+            trial = study.ask(fixed_distributions=dists)
+            trial.set_user_attr("origin", trial.user_attrs.get("origin", "sampler"))
+            running[trial.number] = trial
+            executor.submit(trial.number, trial.params)
+        if not running:
+            return time.perf_counter() - start
+        number, result = executor.wait()
+        tell(study, running.pop(number), result, config, max_drop)
+        if on_trial is not None:
+            on_trial(progress_info(study, config, max_drop, time.perf_counter() - start, number))
+
+
+def tell(study: Any, trial: Any, result: dict, config: SearchConfig, max_drop: float) -> None:
+    """Record a trial's result: its metrics, the budget as a constraint, the two objectives."""
+    from optuna.trial import TrialState
+
+    for key, value in result.items():
+        trial.set_user_attr(key, value)
+    if "error" in result:
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    trial.set_constraint("drop_over_budget", result["drop"] - max_drop)  # feasible when <= 0
+    study.tell(trial, [result["drop"], result[objective_key(config)]])
+
+
+def progress_info(study: Any, config: SearchConfig, max_drop: float, elapsed: float, last: int) -> dict[str, Any]:
+    done = finished(study)
+    best = choose(done, config, max_drop)
+    return {"done": len(done), "total": config.trials, "best": best, "elapsed_s": elapsed, "last": last}
+
+
+def choose(trials: list[Any], config: SearchConfig, max_drop: float) -> dict[str, Any] | None:
+    """The best complete trial within the budget (smallest objective, then smallest drop); if
+    none is within it, the one that loses least. Returns its attributes and whether it met it."""
+    complete = [t for t in trials if t.values is not None and "drop" in t.user_attrs]
+    if not complete:
+        return None
+    key = objective_key(config)
+    feasible = [t for t in complete if t.user_attrs["drop"] <= max_drop]
+    if feasible:
+        best = min(feasible, key=lambda t: (t.user_attrs[key], t.user_attrs["drop"]))
+    else:
+        best = min(complete, key=lambda t: (t.user_attrs["drop"], t.user_attrs[key]))
+    return {"trial": best.number, "met_budget": bool(feasible), **best.user_attrs}
+
+
+def trial_rows(trials: list[Any], max_drop: float, objective: str) -> list[dict[str, Any]]:
+    """Every trial as a report row, with whether it is on the accuracy / bytes and accuracy /
+    latency Pareto fronts of the feasible trials (``pareto``: the front of ``objective``)."""
+    rows = []
+    for t in sorted(trials, key=lambda t: t.number):
+        a = t.user_attrs
+        rows.append({
+            "number": t.number, "state": t.state.name, "origin": a.get("origin", "sampler"), "plan": a.get("plan"),
+            "accuracy": a.get("accuracy"), "drop": a.get("drop"), "bytes": a.get("bytes"),
+            "latency_ms": a.get("latency_ms"), "seconds": a.get("seconds"), "error": a.get("error"),
+            "feasible": a.get("drop") is not None and a["drop"] <= max_drop,
+        })  # fmt: skip
+    for key in ("bytes", "latency_ms"):
+        done = [r for r in rows if r["feasible"]]
+        for r in done:
+            r[f"pareto_{key}"] = not any(_dominates(o, r, key) for o in done)
+    for r in rows:
+        r["pareto"] = r.get("pareto_bytes" if objective == "size" else "pareto_latency_ms", False)
+    return rows
+
+
+def _dominates(a: dict, b: dict, key: str) -> bool:
+    better_or_equal = a["accuracy"] >= b["accuracy"] and a[key] <= b[key]
+    return better_or_equal and (a["accuracy"] > b["accuracy"] or a[key] < b[key])
+

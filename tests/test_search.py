@@ -1,0 +1,226 @@
+"""Adaptive compression search: space, sensitivity, study, resume, parallel trials, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchslim.core.plan import CompressionPlan
+from torchslim.core.qlayers import QuantizedLayer
+from torchslim.errors import ConfigError
+from torchslim.search.config import Budget, LatencySetting, SearchConfig
+from torchslim.search.run import search
+from torchslim.search.sensitivity import budget_plan, cached_sensitivity
+from torchslim.search.space import Layers, Recovery, SearchSpace, apply_plan, distributions, params_from_plan, plan_from_params
+from torchslim.search.trial import split_eval
+
+optuna = pytest.importorskip("optuna")
+SPACE = SearchSpace(sparsity=(0.0, 0.5, 0.8), bits=(6, 4), channels=(0.0, 0.25))
+ZOO = {"zoo": "lenet_300_100", "kwargs": {"in_features": 64}}
+
+
+def small_config(trials: int = 4, **kw) -> SearchConfig:
+    fields = dict(objective="size", trials=trials, space=SPACE, recovery=Recovery(samples=256, epochs=1),
+                  final=Recovery(samples=0, epochs=1), latency=LatencySetting("eager", batch=8, threads=1, repeats=3))  # fmt: skip
+    return SearchConfig(Budget.parse("3pt"), **(fields | kw))
+
+
+def test_budget_is_stated_explicitly_absolute_or_relative():
+    assert Budget.parse("1pt").max_drop(0.9) == pytest.approx(0.01)
+    assert Budget.parse("0.5 points").max_drop(0.9) == pytest.approx(0.005)
+    assert Budget.parse("1%").max_drop(0.9) == pytest.approx(0.009)
+    assert "relative" in Budget.parse("2%").text() and "absolute" in Budget.parse("2pt").text()
+    for bad in ("1", "one point", "-1pt", "150pt"):
+        with pytest.raises(ConfigError, match="1pt|fraction"):
+            Budget.parse(bad)
+
+
+def test_a_plan_and_optuna_parameters_translate_both_ways(digits_mlp, digits):
+    layers = Layers.of(digits_mlp, digits.example_input(2), SPACE)
+    assert layers.weights == ("fc1", "fc2", "fc3") and set(layers.groups) == {"fc1", "fc2"}
+    plan = CompressionPlan.from_dict({"fc1": {"channels": 0.25, "sparsity": 0.8, "bits": 4}, "fc3": {"quantize": 8}})
+    params = params_from_plan(plan, SPACE, layers)
+    assert set(params) == set(distributions(SPACE, layers))
+    assert params["precision:fc1"] == "share4" and params["precision:fc3"] == "int8" and params["sparsity:fc2"] == 0.0
+    assert plan_from_params(params).to_dict() == {"fc1": {"channels": 0.25, "sparsity": 0.8, "bits": 4}, "fc3": {"quantize": 8}}
+
+
+def test_apply_plan_removes_channels_prunes_shares_and_quantizes_a_copy(digits_mlp, digits):
+    before = copy.deepcopy(digits_mlp.state_dict())
+    plan = CompressionPlan.from_dict({"fc1": {"channels": 0.25, "sparsity": 0.8}, "fc2": {"bits": 4}, "fc3": {"quantize": 8}})
+    out = apply_plan(digits_mlp, plan, digits, Recovery(samples=256, epochs=1), SPACE)
+    assert all(torch.equal(v, digits_mlp.state_dict()[k]) for k, v in before.items())  # the original is untouched
+    assert out.fc1.out_features == 232  # 300 - 25 % = 225, rounded up to a multiple of 8
+    assert abs(float((out.fc1.weight == 0).float().mean()) - 0.8) < 0.01
+    assert out.fc2.weight.unique().numel() <= 2**4 + 1
+    assert isinstance(out.fc3, QuantizedLayer)
+
+
+def test_sensitivity_is_measured_per_layer_and_cached(digits_mlp, digits, tmp_path):
+    layers = Layers.of(digits_mlp, digits.example_input(2), SPACE)
+    search_batches, _ = split_eval(digits, 0)
+    curves, cached = cached_sensitivity(tmp_path / "s.json", digits_mlp, digits, search_batches, SPACE, layers, "search")
+    assert not cached
+    assert [s for s, _ in curves["sparsity"]["fc1"]] == [0.5, 0.8] and [b for b, _ in curves["bits"]["fc3"]] == [6, 4]
+    assert set(curves["channels"]) == {"fc1", "fc2"} and set(curves["int8"]) == {"fc1", "fc2", "fc3"}
+    again, cached = cached_sensitivity(tmp_path / "s.json", digits_mlp, digits, search_batches, SPACE, layers, "search")
+    assert cached and again == curves
+    generous = budget_plan(curves, SPACE, layers, 1.0, "size")  # every single-layer drop fits: the most aggressive
+    assert generous.resolve("fc1").sparsity == 0.8 and generous.resolve("fc1").bits == 4
+    assert budget_plan(curves, SPACE, layers, 1.0, "latency").resolve("fc1").quantize == 8
+
+
+def test_split_halves_are_disjoint_and_cover_the_evaluation_set(digits):
+    a, b = split_eval(digits, 0)
+    xa, xb = torch.cat([x for x, _ in a]), torch.cat([x for x, _ in b])
+    assert len(xa) + len(xb) == len(digits.eval)
+    rows = {tuple(r.flatten().tolist()) for r in xa}
+    assert not any(tuple(r.flatten().tolist()) in rows for r in xb[:50])
+
+
+def test_search_delivers_a_file_measured_after_loading_and_resumes_without_rerunning(digits_mlp, digits, tmp_path):
+    seen: list[int] = []
+    report = search(digits_mlp, digits, small_config(4), tmp_path, name="s", zoo=ZOO, on_trial=lambda i: seen.append(i["last"]))
+    assert sorted(seen) == [0, 1, 2, 3] and report["search"]["trials_done"] == 4
+    assert report["trials"][0]["origin"].startswith("seed: uniform")
+    final, chosen = report["final"], report["chosen"]
+    assert chosen["met_budget"] and final["plan"] == report["trials"][chosen["trial"]]["plan"]
+    assert final["bytes"] == (tmp_path / "s.tslim").stat().st_size < report["baseline"]["bytes"]
+    assert final["within_budget"] == (final["drop_holdout"] <= report["budget"]["max_drop"])
+    first = {t["number"]: (t["plan"], t["accuracy"]) for t in report["trials"]}
+
+    seen.clear()
+    again = search(digits_mlp, digits, small_config(6), tmp_path, name="s", zoo=ZOO, on_trial=lambda i: seen.append(i["last"]))
+    assert sorted(seen) == [4, 5]  # only the new trials ran
+    assert again["search"]["resumed"] and again["search"]["trials_done"] == 6
+    assert {t["number"]: (t["plan"], t["accuracy"]) for t in again["trials"] if t["number"] < 4} == first
+
+
+def test_a_trial_left_running_by_a_dead_process_runs_again(digits_mlp, digits, tmp_path):
+    search(digits_mlp, digits, small_config(2), tmp_path, name="s", zoo=ZOO)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.sqlite3'}")
+    layers = Layers.of(digits_mlp, digits.example_input(2), SPACE)
+    lost = study.ask(fixed_distributions=distributions(SPACE, layers))  # asked, never told: the process died
+    report = search(digits_mlp, digits, small_config(3), tmp_path, name="s", zoo=ZOO)
+    assert report["search"]["interrupted_trials"] == [lost.number]
+    rerun = [t for t in report["trials"] if t["number"] > lost.number]
+    assert len(rerun) == 1 and rerun[0]["plan"] == plan_from_params(lost.params).to_dict()
+    assert report["search"]["trials_done"] == 3
+
+
+def test_a_study_resumed_with_other_settings_or_a_busy_folder_is_refused(digits_mlp, digits, tmp_path):
+    search(digits_mlp, digits, small_config(1), tmp_path, name="s", zoo=ZOO)
+    with pytest.raises(ConfigError, match="other settings.*objective"):
+        search(digits_mlp, digits, small_config(2, objective="latency"), tmp_path, name="s", zoo=ZOO)
+    import fcntl
+
+    with open(tmp_path / ".search.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another search is running"):
+            search(digits_mlp, digits, small_config(2), tmp_path, name="s", zoo=ZOO)
+
+
+def test_parallel_trials_without_ray_run_one_at_a_time_and_say_how_to_enable_it(digits_mlp, digits, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    report = search(digits_mlp, digits, small_config(2, workers=2), tmp_path, name="s", zoo=ZOO)
+    assert "pip install 'torchslim[ray]'" in report["search"]["execution_note"]
+    assert report["search"]["trials_done"] == 2
+
+
+def test_two_ray_workers_are_pinned_to_their_own_cores(digits_mlp, digits, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    with pytest.raises(ConfigError, match="zoo"):  # a worker rebuilds the model from the zoo, by name
+        search(digits_mlp, digits, small_config(3, workers=2), tmp_path / "other", name="s")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    report = search(digits_mlp, digits, small_config(4, workers=2), tmp_path / "run", name="s", zoo=ZOO)
+    assert report["search"]["trials_done"] == 4 and report["final"] is not None
+    executor = report["search"]["executor"]
+    assert "2 Ray workers" in executor and "cores [[0], [1]]" in executor
+
+
+RECIPE = """
+name: digits_search
+model: {name: lenet_300_100, kwargs: {in_features: 64}}
+data: {name: digits, batch_size: 64, eval_batch_size: 128, calib_size: 256}
+baseline: {epochs: 4, lr: 0.003}
+search:
+  trials: TRIALS
+  sparsity: [0.0, 0.5, 0.8]
+  bits: [6, 4]
+  channels: [0.0, 0.25]
+  recovery: {samples: 256, epochs: 1}
+  final: {samples: 0, epochs: 1}
+  latency_backend: eager
+  latency_batch: 8
+outputs: {dir: OUT}
+threads: 1
+"""
+
+
+def test_cli_search_and_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from torchslim.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("OUT", str(tmp_path / "run")).replace("TRIALS", "3"))
+    runner = CliRunner()
+    missing = runner.invoke(app, ["search", str(recipe)])
+    assert missing.exit_code == 2 and "--budget 1pt" in missing.output
+    bad = runner.invoke(app, ["search", str(recipe), "--budget", "2"])
+    assert bad.exit_code == 2 and "'1pt'" in bad.output
+    done = runner.invoke(app, ["search", str(recipe), "--budget", "3pt"], env={"COLUMNS": "200"})
+    assert done.exit_code == 0, done.output
+    assert "per-layer plan" in done.output and "held-out split" in done.output
+    html = tmp_path / "run" / "report.html"
+    assert html.stat().st_size > 10_000 and html.stat().st_mode & 0o044  # readable by others, like any report
+    html.unlink()
+    again = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert again.exit_code == 0 and html.is_file()
+    assert runner.invoke(app, ["report", str(tmp_path / "nothing")]).exit_code == 2
+
+
+def _complete_trials(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_a_search_killed_with_sigkill_resumes_without_rerunning_finished_trials(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    run = tmp_path / "run"
+    recipe.write_text(RECIPE.replace("OUT", str(run)).replace("TRIALS", "5"))
+    env = os.environ | {"HOME": str(tmp_path), "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "torchslim.cli", "search", str(recipe), "--budget", "3pt"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _complete_trials(run / "study.sqlite3") < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _complete_trials(run / "study.sqlite3")
+    assert 2 <= killed_at < 5 and not (run / "report.json").exists()
+    with sqlite3.connect(run / "study.sqlite3") as con:
+        before = dict(con.execute("select number, datetime_complete from trials where state = 'COMPLETE'").fetchall())
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((run / "report.json").read_text())
+    with sqlite3.connect(run / "study.sqlite3") as con:
+        after = dict(con.execute("select number, datetime_complete from trials where state = 'COMPLETE'").fetchall())
+    assert all(after[n] == t for n, t in before.items())  # finished trials kept, not rerun
+    assert report["search"]["trials_done"] == 5 and report["search"]["trials_this_run"] == 5 - killed_at
+    assert report["final"] is not None and (run / "digits_search.tslim").is_file()
