@@ -201,9 +201,9 @@ class Step(_Strict):
 class RecoverySection(_Strict):
     """Recovery training with the uncompressed model as teacher (``search.space.Recovery``)."""
 
-    samples: int = Field(8192, ge=0, description="training images used (a seeded subset); 0: all")
+    samples: int = Field(16384, ge=0, description="training images used (a seeded subset); 0: all")
     epochs: int = Field(1, ge=0)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)
     share_epochs: int = Field(1, ge=0, description="epochs that train the shared layers' centroids")
     distill_weight: float = Field(0.7, ge=0, le=1)
     temperature: float = Field(4.0, gt=0)
@@ -218,17 +218,17 @@ class SearchSection(_Strict):
     sampler: Literal["tpe", "nsga2"] = "tpe"
     trials: int = Field(40, ge=1)
     timeout_s: Optional[float] = Field(None, gt=0)
-    sparsity: list[float] = Field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 0.95])
-    bits: list[int] = Field(default_factory=lambda: [8, 6, 5, 4, 3])
+    sparsity: list[float] = Field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+    bits: list[int] = Field(default_factory=lambda: [8, 6, 5, 4, 3, 2])
     channels: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
     int8: bool = True
     round_to: int = Field(8, ge=1)
     min_channels: int = Field(8, ge=1)
     recovery: RecoverySection = RecoverySection()
-    final: RecoverySection = RecoverySection(samples=0, epochs=3)
+    final: RecoverySection = RecoverySection(samples=0, epochs=3, lr=1e-3)
     latency_backend: Literal["eager", "inductor", "onnxruntime"] = "onnxruntime"
     latency_batch: int = Field(64, ge=1)
-    seeds: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], description="budget multiples of the sensitivity-seeded plans")
+    seeds: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0], description="budget multiples of the sensitivity-seeded plans")
     workers: int = Field(1, ge=1, description="trials at once (more than 1 runs them on Ray)")
     ray_address: Optional[str] = None
 

@@ -101,9 +101,9 @@ class SearchConfig:
     timeout_s: float | None = None
     space: SearchSpace = field(default_factory=SearchSpace)
     recovery: Recovery = field(default_factory=Recovery)
-    final: Recovery = field(default_factory=lambda: Recovery(samples=0, epochs=3, share_epochs=1))
+    final: Recovery = field(default_factory=lambda: Recovery(samples=0, epochs=3, lr=1e-3, share_epochs=1))
     latency: LatencySetting = field(default_factory=LatencySetting)
-    seeds: tuple[float, ...] = (0.5, 1.0, 2.0)
+    seeds: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     workers: int = 1
     ray_address: str | None = None
     seed: int = 0

@@ -71,7 +71,9 @@ def search(
         resumed = len(study.trials) > 0
         seed_study(study, config, layers, curves, max_drop)
         spec = _worker_spec(zoo, weights, data, config)
+        t0 = time.perf_counter()
         executor, message = make_executor(evaluator, spec, config.workers, config.ray_address)
+        timings["executor_s"] = time.perf_counter() - t0
         if message:
             log.warning(message)
         try:
@@ -85,7 +87,7 @@ def search(
         chosen = choose(trials, config, max_drop)
         t0 = time.perf_counter()
         report = _report_base(evaluator, model, config, max_drop, name, zoo)
-        report["final"] = None if chosen is None else _deliver(evaluator, config, chosen, run_dir / f"{name}.tslim", max_drop)
+        report["final"] = None if chosen is None else deliver(evaluator, config, chosen, run_dir / f"{name}.tslim", max_drop)
         timings["final_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - start
         ran = len(trials) - already
@@ -144,7 +146,7 @@ def _at(config: SearchConfig, batch: int):
     return replace(config.latency, batch=batch)
 
 
-def _deliver(ev: Evaluator, config: SearchConfig, chosen: dict, path: Path, max_drop: float) -> dict[str, Any]:
+def deliver(ev: Evaluator, config: SearchConfig, chosen: dict, path: Path, max_drop: float) -> dict[str, Any]:
     """Apply the chosen plan with the final (distillation) recovery, save, load, measure the file."""
     plan = CompressionPlan.from_dict(chosen["plan"])
     torch.manual_seed(config.seed)

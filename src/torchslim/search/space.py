@@ -46,8 +46,8 @@ class SearchSpace:
         min_channels: no group keeps fewer channels.
     """
 
-    sparsity: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
-    bits: tuple[int, ...] = (8, 6, 5, 4, 3)
+    sparsity: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+    bits: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
     channels: tuple[float, ...] = (0.0, 0.25, 0.5)
     int8: bool = True
     round_to: int = 8
@@ -151,9 +151,9 @@ class Recovery:
         temperature: softmax temperature of the soft targets.
     """
 
-    samples: int = 8192
+    samples: int = 16384
     epochs: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-3
     share_epochs: int = 1
     distill_weight: float = 0.7
     temperature: float = 4.0

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -46,8 +47,11 @@ def open_study(run_dir: Path, name: str, config: SearchConfig, fingerprint: str)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{(run_dir / 'study.sqlite3').resolve()}"
 
-    kind = optuna.samplers.TPESampler if config.sampler == "tpe" else optuna.samplers.NSGAIISampler
-    sampler = kind(seed=config.seed)  # the budget is a constraint each trial sets (see tell)
+    if config.sampler == "tpe":  # the constant liar keeps parallel workers off the same plan
+        sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, constant_liar=True)
+    else:
+        sampler = optuna.samplers.NSGAIISampler(seed=config.seed)
+    # the budget is a constraint each trial sets (see tell), not a sampler argument
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
                                 directions=["minimize", "minimize"])  # fmt: skip
     identity = json.loads(json.dumps(config.identity() | {"model": fingerprint}))
@@ -100,12 +104,14 @@ def seed_study(study: Any, config: SearchConfig, layers: Layers, curves: Curves,
 
 
 def finished(study: Any) -> list[Any]:
-    """Trials that ended (complete or failed), not counting those a dead process left behind."""
+    """Trials that ended (complete or failed), not counting those a dead process left behind
+    nor repeats of a plan already measured."""
     from optuna.trial import TrialState
 
     interrupted = set(study.user_attrs.get("interrupted", []))
     states = (TrialState.COMPLETE, TrialState.FAIL)
-    return [t for t in study.get_trials(deepcopy=False, states=states) if t.number not in interrupted]
+    trials = study.get_trials(deepcopy=False, states=states)
+    return [t for t in trials if t.number not in interrupted and "repeat_of" not in t.user_attrs]
 
 
 def objective_key(config: SearchConfig) -> str:
@@ -116,17 +122,34 @@ def run_trials(
     study: Any, executor: Any, config: SearchConfig, layers: Layers, max_drop: float, on_trial: OnTrial | None
 ) -> float:
     """Ask, run and tell trials until the study holds ``config.trials`` finished ones (or the
-    timeout passes); returns the wall seconds spent."""
+    timeout passes); returns the wall seconds spent.
+
+    Trials are deterministic, so a plan the sampler proposes again is not run again: the repeat
+    is told the measured result at no cost and does not count. After three repeats in a row a
+    neighbour of the best plan so far (one choice moved one step) is queued instead; after
+    thirty the space is taken as exhausted and the search ends.
+    """
     dists = distributions(config.space, layers)
-    start, running = time.perf_counter(), {}
+    start, running, repeats = time.perf_counter(), {}, 0
+    rng = random.Random(config.seed)
 
     def can_start() -> bool:
         timed_out = config.timeout_s is not None and time.perf_counter() - start > config.timeout_s
-        return not timed_out and len(finished(study)) + len(running) < config.trials
+        if repeats >= 30:
+            log.warning("the sampler keeps proposing measured plans: the space holds no new ones; stopping")
+        return not timed_out and repeats < 30 and len(finished(study)) + len(running) < config.trials
 
     while True:
         while len(running) < executor.slots and can_start():
             trial = study.ask(fixed_distributions=dists)
+            twin = measured(study).get(_key(trial.params))
+            if twin is not None:
+                tell(study, trial, {**twin.user_attrs, "repeat_of": twin.number}, config, max_drop)
+                repeats += 1
+                if repeats % 3 == 0:
+                    study.enqueue_trial(neighbour(study, config, max_drop, dists, rng), user_attrs={"origin": "neighbour of the best"})
+                continue
+            repeats = 0
             trial.set_user_attr("origin", trial.user_attrs.get("origin", "sampler"))
             running[trial.number] = trial
             executor.submit(trial.number, trial.params)
@@ -136,6 +159,33 @@ def run_trials(
         tell(study, running.pop(number), result, config, max_drop)
         if on_trial is not None:
             on_trial(progress_info(study, config, max_drop, time.perf_counter() - start, number))
+
+
+def _key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def measured(study: Any) -> dict[str, Any]:
+    """Plan (as sorted JSON of its parameters) -> the complete trial that measured it."""
+    from optuna.trial import TrialState
+
+    out = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "repeat_of" not in t.user_attrs:
+            out.setdefault(_key(t.params), t)
+    return out
+
+
+def neighbour(study: Any, config: SearchConfig, max_drop: float, dists: dict, rng: random.Random) -> dict[str, Any]:
+    """The best plan so far with one randomly chosen parameter moved to an adjacent choice."""
+    best = choose(finished(study), config, max_drop)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    params = dict(trials[best["trial"]].params) if best else {k: d.choices[0] for k, d in dists.items()}
+    key = rng.choice(sorted(dists))
+    choices = list(dists[key].choices)
+    i = choices.index(params[key])
+    params[key] = choices[min(max(i + rng.choice((-1, 1)), 0), len(choices) - 1)]
+    return params
 
 
 def tell(study: Any, trial: Any, result: dict, config: SearchConfig, max_drop: float) -> None:
