@@ -235,3 +235,10 @@ def test_a_plan_proposed_again_is_not_rerun_and_an_exhausted_space_ends_the_sear
     plans = [json.dumps(t["plan"], sort_keys=True) for t in report["trials"]]
     assert len(plans) == len(set(plans)) == len(seen) <= 8  # every plan measured once, then the search stopped
     assert report["search"]["trials_done"] == len(plans) and report["final"] is not None
+
+
+def test_nsga2_runs_the_same_study_shape(digits_mlp, digits, tmp_path):
+    report = search(digits_mlp, digits, small_config(3, sampler="nsga2", objective="latency"), tmp_path, name="s", zoo=ZOO)
+    assert report["search"]["sampler"] == "nsga2" and report["search"]["trials_done"] == 3
+    assert report["chosen"]["trial"] is not None and report["objective"] == "latency"
+    assert all(t["latency_ms"] > 0 for t in report["trials"] if t["state"] == "COMPLETE")
