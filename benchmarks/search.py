@@ -8,7 +8,7 @@ Parts (each saves its figures as soon as it ends; a part not rerun keeps its sav
            codebook size) and channel fraction, the largest uniform sparsity that meets the
            budget (bisection, scored like a trial); the best of those is delivered exactly as
            the searched plan is (same final recovery, saved, loaded, measured from the file)
-  ray      LeNet-5 trials per hour, 1 thread per trial, 1 worker vs 2 Ray workers
+  ray      LeNet-5 trials per hour, 1 thread per trial, 1 Ray worker vs 2
   kill     `torchslim search` killed with SIGKILL after some trials, then rerun
 
 Run: .venv/bin/python benchmarks/search.py [--models lenet5 resnet_mini] [--objectives size latency]
@@ -118,7 +118,7 @@ def uniform_part(name: str, objective: str) -> dict:
 
 
 def ray_part(trials: int) -> dict:
-    """LeNet-5 trials per hour with 1 thread per trial: 1 worker, then 2 Ray workers."""
+    """LeNet-5 trials per hour with 1 thread per trial: 1 Ray worker, then 2 (both pinned to cores)."""
     model, data, zoo = setup("lenet5")
     out = {}
     for workers in (1, 2):
@@ -128,7 +128,7 @@ def ray_part(trials: int) -> dict:
         if sens.exists():  # same weights, space and split: reuse the table, time only the trials
             run.mkdir(parents=True)
             shutil.copy(sens, run / "sensitivity.json")
-        cfg = config("size", trials, threads=1, workers=workers, seeds=())
+        cfg = config("size", trials, threads=1, workers=workers, seeds=(), use_ray=True)  # 1 Ray actor vs 2
         report = search(model, data, cfg, run, name=f"lenet5_ray{workers}", zoo=zoo)
         s = report["search"]
         out[f"workers{workers}"] = {"trials": s["trials_this_run"], "search_s": s["wall_s"], "trials_per_hour": s["trials_per_hour"],
@@ -189,16 +189,21 @@ def kill_part(trials: int, kill_after: int) -> dict:
 
 
 def checks(res: dict) -> dict[str, bool]:
+    """The issue's acceptance, per model: 1.3x smaller (size) or 1.2x faster (latency) than the
+    best uniform recipe, and every delivered searched file within the budget on the held-out split."""
     out = {}
     for name in ("lenet5", "resnet_mini"):
+        gains, within = {}, []
         for objective, need in (("size", 1.3), ("latency", 1.2)):
             s, u = res.get(f"{name}_{objective}"), res.get(f"{name}_{objective}_uniform")
-            if not s or not u or not s.get("final") or not u.get("final"):
-                continue
-            key = "bytes" if objective == "size" else "latency_ms"
-            gain = _gain(s["final"], u["final"], key)
-            out[f"{name} {objective}: searched plan >= {need}x better than the best uniform recipe ({gain:.2f}x)"] = gain >= need
-            out[f"{name} {objective}: delivered file within the budget on the held-out split"] = s["final"]["within_budget"]
+            if s and u and s.get("final") and u.get("final"):
+                gains[objective] = (_gain(s["final"], u["final"], "bytes" if objective == "size" else "latency_ms"), need)
+                within.append(s["final"]["within_budget"])
+        text = ", ".join(f"{o} {g:.2f}x" for o, (g, _) in gains.items()) or "not measured"
+        out[f"{name}: searched plan >= 1.3x smaller or >= 1.2x faster than the best uniform recipe ({text})"] = any(
+            g >= need for g, need in gains.values()
+        )
+        out[f"{name}: every delivered searched file within the budget on the held-out split"] = bool(within) and all(within)
     if "ray" in res:
         out[f"2 Ray workers >= 1.6x the trials per hour of 1 ({res['ray']['speedup']:.2f}x)"] = res["ray"]["speedup"] >= 1.6
     if "kill" in res:
@@ -272,8 +277,9 @@ def markdown(res: dict, env: dict, results: dict[str, bool]) -> str:
         "group, magnitude sparsity, a short recovery (one pass over 16,384 training images, peak lr 2e-3) with the dense model as teacher, k-means "
         "codebooks with centroids trained, static int8 last), then measures accuracy on the search split (a seeded half "
         "of the test set), the bytes of the `.tslim` file and the median latency on ONNX Runtime at batch 64 with 2 "
-        "threads. The study (Optuna TPE, constraint: drop <= budget) starts from a uniform plan and three "
-        "sensitivity-seeded plans. The chosen plan, and the best uniform recipe, are then applied again with a 3-epoch "
+        "threads. The study (Optuna TPE, constraint: drop <= budget) starts from a uniform plan and four "
+        "sensitivity-seeded plans (each layer at its most aggressive setting whose own drop, without recovery, fits "
+        "an even share of 1, 2, 4 or 8 times the budget); a plan the sampler proposes again is not rerun. The chosen plan, and the best uniform recipe, are then applied again with a 3-epoch "
         "distillation recovery on the whole training split, saved, loaded back, and measured from the file; the budget "
         "is judged on the held-out half, which no trial saw. The uniform recipe uses the same techniques with one "
         "setting for every layer: for each precision (int8 or a codebook size) and channel fraction, the largest "
@@ -321,8 +327,8 @@ def main() -> int:
         from torchslim.report.html import screenshot
 
         screenshot(RUNS / "lenet5_size" / "report.html", ROOT / "docs" / "search_report.png")
-    if args.render:
-        write_section("search", markdown(saved["results"], saved["env"], saved["checks"]))
+    if args.render:  # the checks are recomputed: they are a pure function of the saved measurements
+        write_section("search", markdown(saved["results"], saved["env"], checks(saved["results"])))
         return 0
     torch.set_num_threads(THREADS)
     res, t0 = saved.get("results", {}), time.perf_counter()

@@ -91,6 +91,8 @@ class SearchConfig:
         seeds: multiples of the budget given to the sensitivity-seeded plans.
         workers: trials run at once (more than one needs Ray).
         ray_address: an existing Ray cluster's address (``None``: a local Ray).
+        use_ray: run trials on Ray actors even with one worker (so that 1 and N workers are
+            compared on equal terms); more than one worker or an address always uses Ray.
         seed: seeds the sampler, the recovery subsets and the split.
     """
 
@@ -106,6 +108,7 @@ class SearchConfig:
     seeds: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     workers: int = 1
     ray_address: str | None = None
+    use_ray: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

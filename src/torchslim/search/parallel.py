@@ -104,7 +104,7 @@ class RayPool:
         self.running: dict[Any, tuple[Any, Any]] = {}
         self.slots = workers
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        self.description = f"{workers} Ray workers on {where}, {spec.threads} thread(s) each, cores {self.pinned}"
+        self.description = f"{workers} Ray worker{'s' if workers > 1 else ''} on {where}, {spec.threads} thread(s) each, cores {self.pinned}"
 
     def submit(self, key: Any, params: Mapping[str, Any]) -> None:
         worker = self.free.popleft()
@@ -126,10 +126,10 @@ class RayPool:
 
 def make_executor(
     evaluate: Callable[[Mapping[str, Any]], dict], spec: Callable[[], WorkerSpec] | None, workers: int,
-    address: str | None,
+    address: str | None, use_ray: bool = False,
 ) -> tuple[Inline | RayPool, str | None]:  # fmt: skip
     """The executor for ``workers``, and a message when Ray was asked for but cannot run."""
-    if workers == 1 and address is None:
+    if workers == 1 and address is None and not use_ray:
         return Inline(evaluate), None
     try:
         importlib.import_module("ray")

@@ -72,7 +72,7 @@ def search(
         seed_study(study, config, layers, curves, max_drop)
         spec = _worker_spec(zoo, weights, data, config)
         t0 = time.perf_counter()
-        executor, message = make_executor(evaluator, spec, config.workers, config.ray_address)
+        executor, message = make_executor(evaluator, spec, config.workers, config.ray_address, config.use_ray)
         timings["executor_s"] = time.perf_counter() - t0
         if message:
             log.warning(message)
