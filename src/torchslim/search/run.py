@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,7 +25,7 @@ from torchslim.core.data import Data
 from torchslim.core.files import write_atomic
 from torchslim.core.plan import CompressionPlan
 from torchslim.errors import TorchslimError
-from torchslim.evaluate.metrics import accuracy, file_bytes, fp32_safetensors_bytes
+from torchslim.evaluate.metrics import accuracy, file_bytes
 from torchslim.search.config import SearchConfig
 from torchslim.search.parallel import WorkerSpec, make_executor
 from torchslim.search.sensitivity import cached_sensitivity, fingerprint
@@ -113,8 +114,6 @@ def search(
 def _worker_spec(zoo: Mapping[str, Any] | None, weights: Path, data: Data, config: SearchConfig) -> Callable[[], WorkerSpec] | None:
     if zoo is None:
         return None
-    from dataclasses import asdict
-
     return lambda: WorkerSpec(zoo["zoo"], dict(zoo.get("kwargs", {})), str(weights), asdict(data.spec), config, config.latency.threads)
 
 
@@ -128,8 +127,8 @@ def _report_base(ev: Evaluator, model: nn.Module, config: SearchConfig, max_drop
         "objective": config.objective,
         "latency_setting": {"backend": config.latency.backend, "batch": config.latency.batch, "threads": config.latency.threads},
         "baseline": {
-            "accuracy_search": ev.base_accuracy, "accuracy_holdout": accuracy(model, ev.holdout_batches),
-            "accuracy_test": accuracy(model, ev.data.eval_loader()), "bytes": fp32_safetensors_bytes(model),
+            "accuracy_search": ev.base_accuracy, "accuracy_holdout": ev.base_holdout,
+            "accuracy_test": accuracy(model, ev.data.eval_loader()), "bytes": ev.base_bytes,
             "params": count_params(model),
             "latency_ms": {f"batch{b}": latency_ms(model, example, _at(config, b)) for b in _batches(config)},
         },
@@ -141,8 +140,6 @@ def _batches(config: SearchConfig) -> list[int]:
 
 
 def _at(config: SearchConfig, batch: int):
-    from dataclasses import replace
-
     return replace(config.latency, batch=batch)
 
 
@@ -158,16 +155,15 @@ def deliver(ev: Evaluator, config: SearchConfig, chosen: dict, path: Path, max_d
         with torch.no_grad():
             if not torch.equal(model(x), restored(x)):
                 raise TorchslimError(f"{path} does not reproduce the compressed model's outputs exactly")
-    base_holdout = accuracy(ev.model, ev.holdout_batches)
     holdout = accuracy(restored, ev.holdout_batches)
     example = ev.data.eval.tensors[0]
     nbytes = file_bytes(path)
     return {
         "plan": plan.to_dict(), "artifact": str(path), "bytes": nbytes,
-        "ratio": fp32_safetensors_bytes(ev.model) / nbytes,
+        "ratio": ev.base_bytes / nbytes,
         "accuracy_search": accuracy(restored, ev.search_batches), "accuracy_holdout": holdout,
         "accuracy_test": accuracy(restored, ev.data.eval_loader()),
-        "drop_holdout": base_holdout - holdout, "within_budget": base_holdout - holdout <= max_drop,
+        "drop_holdout": ev.base_holdout - holdout, "within_budget": ev.base_holdout - holdout <= max_drop,
         "latency_ms": {f"batch{b}": latency_ms(restored, example, _at(config, b)) for b in _batches(config)},
     }  # fmt: skip
 

@@ -12,6 +12,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,7 +25,7 @@ from torchslim.core.data import Data
 from torchslim.core.plan import CompressionPlan
 from torchslim.errors import TorchslimError
 from torchslim.evaluate.latency import measure_latency
-from torchslim.evaluate.metrics import accuracy, file_bytes
+from torchslim.evaluate.metrics import accuracy, file_bytes, fp32_safetensors_bytes
 from torchslim.search.config import LatencySetting, SearchConfig
 from torchslim.search.space import apply_plan, plan_from_params
 
@@ -70,6 +71,16 @@ class Evaluator:
         self.model.eval()
         self.search_batches, self.holdout_batches = split_eval(self.data, self.config.seed)
         self.base_accuracy = accuracy(self.model, self.search_batches)
+
+    @cached_property
+    def base_holdout(self) -> float:
+        """The uncompressed model's accuracy on the held-out split (measured once, when asked)."""
+        return accuracy(self.model, self.holdout_batches)
+
+    @cached_property
+    def base_bytes(self) -> int:
+        """Bytes of the uncompressed model as fp32 safetensors."""
+        return fp32_safetensors_bytes(self.model)
 
     def __call__(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Metrics of the plan ``params`` describe, or ``{"error": ...}`` when it cannot be built."""
