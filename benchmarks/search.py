@@ -114,7 +114,8 @@ def uniform_part(name: str, objective: str) -> dict:
     key = "bytes" if objective == "size" else "latency_ms"
     chosen = min(rows, key=lambda r: (r[key], r["drop"])) if rows else None
     final = deliver(ev, cfg, chosen, RUNS / f"{name}_{objective}_uniform.tslim", max_drop) if chosen else None
-    return {"evaluated": len(cache), "feasible": rows, "chosen": chosen, "final": final, "wall_s": time.perf_counter() - t0}
+    return {"evaluated": len(cache), "feasible": rows, "chosen": chosen, "final": final, "wall_s": time.perf_counter() - t0,
+            "trial_s": sum(r.get("seconds", 0.0) for r in cache.values())}  # fmt: skip
 
 
 def ray_part(trials: int) -> dict:
@@ -236,16 +237,17 @@ def _result_rows(res: dict) -> list[str]:
             continue
         name, objective = key.rsplit("_", 1)
         b = s["baseline"]
-        entries = [("searched (trial {})".format(s["chosen"]["trial"]), s["final"], s["search"]["trials_done"], s["search"]["wall_s"])]
+        trial_s = sum(t.get("seconds") or 0.0 for t in s["trials"])
+        entries = [("searched (trial {})".format(s["chosen"]["trial"]), s["final"], s["search"]["trials_done"], trial_s)]
         u = res.get(f"{key}_uniform")
         if u and u.get("final"):
-            entries.append((_uniform_text(u), u["final"], u["evaluated"], u["wall_s"]))
-        for label, f, n, wall in entries:
+            entries.append((_uniform_text(u), u["final"], u["evaluated"], u.get("trial_s")))
+        for label, f, n, busy in entries:
             lat = f["latency_ms"]
             rows.append(
                 f"| {name} | {objective} | {label} | {_pct(b['accuracy_holdout'])} -> {_pct(f['accuracy_holdout'])} "
                 f"| {100 * f['drop_holdout']:.2f} | {_pct(b['accuracy_test'])} -> {_pct(f['accuracy_test'])} | {f['bytes']:,} "
-                f"| {f['ratio']:.1f}x | {lat['batch1']:.3f} / {lat['batch64']:.3f} | {n} | {wall:.0f} |"
+                f"| {f['ratio']:.1f}x | {lat['batch1']:.3f} / {lat['batch64']:.3f} | {n} | {'-' if busy is None else f'{busy:,.0f}'} |"
             )
     return rows
 
@@ -279,13 +281,16 @@ def markdown(res: dict, env: dict, results: dict[str, bool]) -> str:
         "of the test set), the bytes of the `.tslim` file and the median latency on ONNX Runtime at batch 64 with 2 "
         "threads. The study (Optuna TPE, constraint: drop <= budget) starts from a uniform plan and four "
         "sensitivity-seeded plans (each layer at its most aggressive setting whose own drop, without recovery, fits "
-        "an even share of 1, 2, 4 or 8 times the budget); a plan the sampler proposes again is not rerun. The chosen plan, and the best uniform recipe, are then applied again with a 3-epoch "
+        "an even share of 1, 2, 4 or 8 times the budget, then, while the most aggressive one fits, twice its multiple, "
+        "bisecting after the first miss); a plan the sampler proposes again is not rerun. The chosen plan, and the best uniform recipe, are then applied again with a 3-epoch "
         "distillation recovery on the whole training split, saved, loaded back, and measured from the file; the budget "
         "is judged on the held-out half, which no trial saw. The uniform recipe uses the same techniques with one "
         "setting for every layer: for each precision (int8 or a codebook size) and channel fraction, the largest "
-        "uniform sparsity within the budget on the search split (bisection, trials scored exactly like the search's).",
+        "uniform sparsity within the budget on the search split (bisection, trials scored exactly like the search's). "
+        "trial s: the seconds its trials took, summed (sensitivity table and delivery not included), which does not "
+        "depend on whether a study was resumed or uniform trials were cached.",
         "",
-        "| model | objective | plan | accuracy held-out (baseline -> file) | drop held-out (points) | accuracy full test | bytes | vs fp32 | latency b1 / b64 ms | trials | wall s |",
+        "| model | objective | plan | accuracy held-out (baseline -> file) | drop held-out (points) | accuracy full test | bytes | vs fp32 | latency b1 / b64 ms | trials | trial s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *_result_rows(res),
         "",
@@ -300,7 +305,8 @@ def markdown(res: dict, env: dict, results: dict[str, bool]) -> str:
                   "| workers | trials | loop s | trials per hour | start-up s | executor |", "|---|---|---|---|---|---|"]  # fmt: skip
         for w in ("workers1", "workers2"):
             x = r[w]
-            lines.append(f"| {w[-1]} | {x['trials']} | {x['search_s']:.0f} | {x['trials_per_hour']:.0f} | {x['executor_s']:.1f} | {x['executor']} |")
+            executor = x["executor"].replace("1 Ray workers", "1 Ray worker")  # singular (older results say "workers")
+            lines.append(f"| {w[-1]} | {x['trials']} | {x['search_s']:.0f} | {x['trials_per_hour']:.0f} | {x['executor_s']:.1f} | {executor} |")
         lines += ["", f"2 workers: {r['speedup']:.2f}x the trials per hour of 1."]
     if "kill" in res:
         k = res["kill"]

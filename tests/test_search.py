@@ -242,3 +242,47 @@ def test_nsga2_runs_the_same_study_shape(digits_mlp, digits, tmp_path):
     assert report["search"]["sampler"] == "nsga2" and report["search"]["trials_done"] == 3
     assert report["chosen"]["trial"] is not None and report["objective"] == "latency"
     assert all(t["latency_ms"] > 0 for t in report["trials"] if t["state"] == "COMPLETE")
+
+
+def _synthetic_curves(layers: Layers) -> dict:
+    """Single-layer drops that grow with each setting's aggressiveness."""
+    return {
+        "sparsity": {n: [[x, 0.2 * x] for x in SPACE.sparsity] for n in layers.weights},
+        "bits": {n: [[b, 0.04 * (8 - b)] for b in SPACE.bits] for n in layers.weights},
+        "int8": {n: [[8, 0.02]] for n in layers.weights},
+        "channels": {g: [[c, 0.5 * c] for c in SPACE.channels] for g in layers.groups},
+    }
+
+
+def test_the_seed_ladder_doubles_the_budget_multiple_while_plans_fit_then_bisects(digits_mlp, digits):
+    from torchslim.search.study import ladder_step, seed_study, tell
+
+    layers = Layers.of(digits_mlp, digits.example_input(2), SPACE)
+    config, max_drop = small_config(40, seeds=(1.0, 2.0)), 0.03
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    seed_study(study, config, layers, _synthetic_curves(layers), max_drop)
+    weight = {**{str(x): 0.008 * x for x in SPACE.sparsity}, "float": 0.0, "int8": 0.002, "share6": 0.004, "share4": 0.008}
+
+    def measure(params: dict) -> dict:  # a recovered plan loses less than its single-layer drops say
+        drop = sum(weight[str(v)] for k, v in params.items() if not k.startswith("channels")) + sum(
+            0.016 * v for k, v in params.items() if k.startswith("channels"))
+        return {"drop": round(drop, 6), "bytes": 1000 - int(10_000 * drop), "accuracy": 0.9 - drop}
+
+    queued, plans = [], []
+    for _ in range(30):
+        queued.append(ladder_step(study, config, layers, _synthetic_curves(layers), max_drop))
+        if not study.get_trials(states=(optuna.trial.TrialState.WAITING,)):
+            break
+        trial = study.ask(fixed_distributions=distributions(SPACE, layers))
+        plans.append(json.dumps(trial.params, sort_keys=True))
+        tell(study, trial, measure(trial.params), config, max_drop)
+    ladder = [m for m in queued if m is not None]
+    fits = {t.user_attrs["seed_multiple"]: t.user_attrs["drop"] <= max_drop for t in study.trials if "seed_multiple" in t.user_attrs}
+    assert ladder[0] == 4.0  # the seeds at 1x and 2x (one plan) fit, so the walk goes on at 4x
+    miss = next(i for i, m in enumerate(ladder) if not fits[m])
+    assert ladder[: miss + 1] == sorted(ladder[: miss + 1]) and all(m < ladder[miss] for m in ladder[miss + 1 :])
+    assert len(plans) == len(set(plans))  # every queued plan is a new one
+    best = max(m for m, ok in fits.items() if ok)
+    assert min(m for m, ok in fits.items() if not ok and m > best) / best <= 1.25  # the bisection converged
+    assert ladder_step(study, config, layers, _synthetic_curves(layers), max_drop) is None
+

@@ -31,7 +31,7 @@ from torchslim.search.parallel import WorkerSpec, make_executor
 from torchslim.search.sensitivity import cached_sensitivity, fingerprint
 from torchslim.search.space import Layers, apply_plan
 from torchslim.search.study import (
-    choose, finished, open_study, recover_interrupted, run_lock, run_trials, seed_study, trial_rows,
+    choose, finished, ladder_step, open_study, recover_interrupted, run_lock, run_trials, seed_study, trial_rows,
 )  # fmt: skip
 from torchslim.search.trial import Evaluator, latency_ms
 
@@ -80,7 +80,8 @@ def search(
         try:
             t0 = time.perf_counter()
             already = len(finished(study))
-            run_trials(study, executor, config, layers, max_drop, on_trial)
+            ladder = lambda: ladder_step(study, config, layers, curves, max_drop)  # noqa: E731
+            run_trials(study, executor, config, layers, max_drop, on_trial, ladder)
             timings["search_s"] = time.perf_counter() - t0
         finally:
             executor.close()

@@ -74,7 +74,7 @@ def recover_interrupted(study: Any) -> list[int]:
     lost = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in lost:
         study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"origin": t.user_attrs.get("origin", "sampler"), "rerun_of": t.number})
+        study.enqueue_trial(t.params, user_attrs={"origin": "sampler", **t.user_attrs, "rerun_of": t.number})
     if lost:
         study.set_user_attr("interrupted", sorted(study.user_attrs.get("interrupted", []) + [t.number for t in lost]))
         log.warning("trials %s were running when the last search stopped; they run again", [t.number for t in lost])
@@ -89,18 +89,71 @@ def seed_study(study: Any, config: SearchConfig, layers: Layers, curves: Curves,
     precision = INT8 if config.objective == "latency" and space.int8 else (f"share{sorted(space.bits)[len(space.bits) // 2]}" if space.bits else INT8 if space.int8 else None)
     if precision:
         uniform = {k: (precision if k.startswith("precision:") else 0.0) for k in distributions(space, layers)}
-        seeds.append(("seed: uniform " + precision, uniform))
+        seeds.append(("seed: uniform " + precision, uniform, None))
     for multiple in config.seeds:
-        plan = budget_plan(curves, space, layers, multiple * max_drop, config.objective)
-        seeds.append((f"seed: sensitivity x{multiple:g} budget", params_from_plan(plan, space, layers)))
+        seeds.append((f"seed: sensitivity x{multiple:g} budget", sensitivity_params(config, layers, curves, multiple * max_drop), multiple))
     unique = []
-    for origin, params in seeds:
-        if all(params != p for _, p in unique):
-            unique.append((origin, params))
-    for origin, params in unique:
-        study.enqueue_trial(params, user_attrs={"origin": origin})
+    for origin, params, multiple in seeds:
+        if all(params != p for _, p, _ in unique):
+            unique.append((origin, params, {} if multiple is None else {"seed_multiple": multiple}))
+    for origin, params, extra in unique:
+        study.enqueue_trial(params, user_attrs={"origin": origin, **extra})
     study.set_user_attr("seeded", True)
     return len(unique)
+
+
+def sensitivity_params(config: SearchConfig, layers: Layers, curves: Curves, allowance: float) -> dict[str, Any]:
+    plan = budget_plan(curves, config.space, layers, allowance, config.objective)
+    return params_from_plan(plan, config.space, layers)
+
+
+LADDER_TOP = 1024.0
+"""The largest multiple of the budget the seed ladder tries."""
+
+
+def ladder_step(study: Any, config: SearchConfig, layers: Layers, curves: Curves, max_drop: float) -> float | None:
+    """Walk the sensitivity-seeded plans along their budget multiple, one measured plan at a time.
+
+    Single-layer drops are measured without recovery and overstate what a recovered plan loses,
+    so the seed at 8x the budget often still fits it. While the most aggressive seed measured
+    fits, the plan at twice its multiple is queued; once one misses, the multiple is bisected
+    between the last that fits and the first that misses, down to a 1.25 ratio. A plan equal to
+    one already measured is taken at its measured result. Nothing is queued while a ladder
+    plan waits or runs, nor when even the smallest seed misses. Returns the multiple queued.
+    """
+    from optuna.trial import TrialState
+
+    if not config.seeds:
+        return None
+    interrupted = set(study.user_attrs.get("interrupted", []))
+    fits: dict[float, bool] = {float(k): v for k, v in study.user_attrs.get("ladder_known", {}).items()}
+    for t in study.get_trials(deepcopy=False):
+        multiple = t.user_attrs.get("seed_multiple")
+        if multiple is None or "repeat_of" in t.user_attrs or t.number in interrupted:
+            continue
+        if t.state in (TrialState.WAITING, TrialState.RUNNING):
+            return None
+        if t.state == TrialState.COMPLETE:
+            fits[float(multiple)] = t.user_attrs["drop"] <= max_drop
+        elif t.state == TrialState.FAIL:
+            fits[float(multiple)] = False
+    twins = measured(study)
+    while True:
+        lo = max((m for m, ok in fits.items() if ok), default=None)
+        if lo is None:
+            return None
+        hi = min((m for m, ok in fits.items() if not ok and m > lo), default=None)
+        multiple = 2 * lo if hi is None else (lo + hi) / 2
+        if (hi is not None and hi / lo <= 1.25) or multiple > LADDER_TOP:
+            return None
+        params = sensitivity_params(config, layers, curves, multiple * max_drop)
+        twin = twins.get(_key(params))
+        if twin is None:
+            study.enqueue_trial(params, user_attrs={"origin": f"seed: sensitivity x{multiple:g} budget", "seed_multiple": multiple})
+            return multiple
+        fits[multiple] = twin.user_attrs.get("drop", float("inf")) <= max_drop
+        known = study.user_attrs.get("ladder_known", {})
+        study.set_user_attr("ladder_known", known | {str(multiple): fits[multiple]})
 
 
 def finished(study: Any) -> list[Any]:
@@ -119,10 +172,12 @@ def objective_key(config: SearchConfig) -> str:
 
 
 def run_trials(
-    study: Any, executor: Any, config: SearchConfig, layers: Layers, max_drop: float, on_trial: OnTrial | None
+    study: Any, executor: Any, config: SearchConfig, layers: Layers, max_drop: float, on_trial: OnTrial | None,
+    follow_up: Callable[[], Any] | None = None,
 ) -> float:
     """Ask, run and tell trials until the study holds ``config.trials`` finished ones (or the
-    timeout passes); returns the wall seconds spent.
+    timeout passes); returns the wall seconds spent. ``follow_up`` runs at the start and after
+    each finished trial (the seed ladder queues its next plan there).
 
     Trials are deterministic, so a plan the sampler proposes again is not run again: the repeat
     is told the measured result at no cost and does not count. After three repeats in a row a
@@ -132,6 +187,8 @@ def run_trials(
     dists = distributions(config.space, layers)
     start, running, repeats = time.perf_counter(), {}, 0
     rng = random.Random(config.seed)
+    follow = follow_up or (lambda: None)
+    follow()
 
     def can_start() -> bool:
         timed_out = config.timeout_s is not None and time.perf_counter() - start > config.timeout_s
@@ -157,6 +214,7 @@ def run_trials(
             return time.perf_counter() - start
         number, result = executor.wait()
         tell(study, running.pop(number), result, config, max_drop)
+        follow()
         if on_trial is not None:
             on_trial(progress_info(study, config, max_drop, time.perf_counter() - start, number))
 
