@@ -286,3 +286,23 @@ def test_the_seed_ladder_doubles_the_budget_multiple_while_plans_fit_then_bisect
     assert min(m for m, ok in fits.items() if not ok and m > best) / best <= 1.25  # the bisection converged
     assert ladder_step(study, config, layers, _synthetic_curves(layers), max_drop) is None
 
+
+
+def test_latency_searches_channels_and_int8_only_and_is_seeded_in_int8_and_in_float(digits_mlp, digits):
+    from torchslim.recipe.schema import SearchSection
+    from torchslim.search.study import seed_study
+
+    config = SearchConfig(Budget.parse("1pt"), objective="latency")
+    assert config.space.sparsity == (0.0,) and config.space.bits == () and config.space.int8
+    assert SearchConfig(Budget.parse("1pt")).space == SearchSpace()  # size: every technique
+    assert SearchSection(objective="latency").space("latency") == config.space
+    assert SearchSection(bits=[4]).space("latency").bits == (4,)  # what a recipe sets is kept
+    layers = Layers.of(digits_mlp, digits.example_input(2), config.space)
+    curves = _synthetic_curves(layers)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    seed_study(study, config, layers, curves, 0.2)
+    by_variant: dict[str, set] = {}
+    for t in study.trials:
+        precisions = {v for k, v in t.system_attrs["fixed_params"].items() if k.startswith("precision:")}
+        by_variant.setdefault(t.user_attrs.get("seed_variant"), set()).update(precisions)
+    assert "int8" in by_variant["int8"] and by_variant["float"] == {"float"}

@@ -7,6 +7,7 @@ steps in order, and where outputs go. All problems in a file are reported at onc
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -218,9 +219,9 @@ class SearchSection(_Strict):
     sampler: Literal["tpe", "nsga2"] = "tpe"
     trials: int = Field(40, ge=1)
     timeout_s: Optional[float] = Field(None, gt=0)
-    sparsity: list[float] = Field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
-    bits: list[int] = Field(default_factory=lambda: [8, 6, 5, 4, 3, 2])
-    channels: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
+    sparsity: Optional[list[float]] = Field(None, description="sparsity choices; default: the objective's (none for latency)")
+    bits: Optional[list[int]] = Field(None, description="codebook sizes; default: the objective's (none for latency)")
+    channels: Optional[list[float]] = Field(None, description="channel fractions; default [0, 0.25, 0.5]")
     int8: bool = True
     round_to: int = Field(8, ge=1)
     min_channels: int = Field(8, ge=1)
@@ -235,15 +236,18 @@ class SearchSection(_Strict):
     @model_validator(mode="after")
     def _valid(self) -> "SearchSection":
         try:
-            self.space()
+            self.space(self.objective)
             if self.budget is not None:
                 Budget.parse(self.budget)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return self
 
-    def space(self) -> SearchSpace:
-        return SearchSpace(tuple(self.sparsity), tuple(self.bits), tuple(self.channels), self.int8, self.round_to, self.min_channels)
+    def space(self, objective: str) -> SearchSpace:
+        """The choices set here, the rest from ``SearchSpace.default_for(objective)``."""
+        base = SearchSpace.default_for(objective)
+        given = {k: tuple(v) for k in ("sparsity", "bits", "channels") if (v := getattr(self, k)) is not None}
+        return replace(base, **given, int8=self.int8, round_to=self.round_to, min_channels=self.min_channels)
 
     def config(self, threads: int, seed: int, **overrides: Any) -> SearchConfig:
         """The :class:`SearchConfig`; ``overrides`` (budget text, objective, trials, ...) win when not None."""
@@ -254,7 +258,7 @@ class SearchSection(_Strict):
         fields = {k: getattr(self, k) for k in ("objective", "sampler", "trials", "timeout_s", "workers", "ray_address")}
         fields |= given
         return SearchConfig(
-            Budget.parse(budget), space=self.space(), recovery=Recovery(**self.recovery.model_dump()),
+            Budget.parse(budget), space=self.space(fields["objective"]), recovery=Recovery(**self.recovery.model_dump()),
             final=Recovery(**self.final.model_dump()), seeds=tuple(self.seeds), seed=seed,
             latency=LatencySetting(self.latency_backend, self.latency_batch, threads), **fields,
         )  # fmt: skip

@@ -84,7 +84,7 @@ class SearchConfig:
         sampler: Optuna's ``"tpe"`` or ``"nsga2"``.
         trials: trials in the study in all (finished ones of an earlier run count).
         timeout_s: stop starting trials after this many seconds (``None``: no limit).
-        space: the per-layer choices.
+        space: the per-layer choices (``None``: ``SearchSpace.default_for(objective)``).
         recovery: the short recovery of each trial.
         final: the recovery of the chosen plan (distillation from the uncompressed model).
         latency: backend, batch size and threads of the latency measurement.
@@ -101,7 +101,7 @@ class SearchConfig:
     sampler: str = "tpe"
     trials: int = 40
     timeout_s: float | None = None
-    space: SearchSpace = field(default_factory=SearchSpace)
+    space: SearchSpace | None = None
     recovery: Recovery = field(default_factory=Recovery)
     final: Recovery = field(default_factory=lambda: Recovery(samples=0, epochs=3, lr=1e-3, share_epochs=1))
     latency: LatencySetting = field(default_factory=LatencySetting)
@@ -122,6 +122,8 @@ class SearchConfig:
             raise ConfigError(f"workers={self.workers!r}: use a whole number >= 1")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ConfigError(f"timeout_s={self.timeout_s!r}: use a positive number of seconds, or None")
+        if self.space is None:
+            object.__setattr__(self, "space", SearchSpace.default_for(self.objective))
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed study must share with the one that started it."""

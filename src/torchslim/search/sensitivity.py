@@ -97,11 +97,14 @@ def cached_sensitivity(
     return curves, False
 
 
-def budget_plan(curves: Curves, space: SearchSpace, layers: Layers, allowance: float, objective: str) -> CompressionPlan:
+def budget_plan(
+    curves: Curves, space: SearchSpace, layers: Layers, allowance: float, objective: str, int8: bool = True
+) -> CompressionPlan:
     """A plan giving every place the most aggressive setting whose own drop is within
     ``allowance`` split evenly over the places (single-layer drops roughly add up). For the
-    ``latency`` objective a layer prefers int8 (the only choice that runs faster); for ``size``
-    the smallest codebook, else int8."""
+    ``latency`` objective a layer prefers int8; for ``size`` the smallest codebook, else int8.
+    ``int8=False`` leaves every layer in float (whether int8 is faster depends on the model and
+    the backend, so the latency search is seeded both ways)."""
     each = allowance / max(len(layers.weights) + len(layers.groups), 1)
 
     def most(technique: str, name: str) -> float | None:
@@ -112,9 +115,9 @@ def budget_plan(curves: Curves, space: SearchSpace, layers: Layers, allowance: f
     for n in layers.weights:
         entry = rules.setdefault(n, {})
         entry["sparsity"] = most("sparsity", n)
-        int8 = space.int8 and curves.get("int8", {}).get(n, [[8, 1.0]])[0][1] <= each
+        fits8 = int8 and space.int8 and curves.get("int8", {}).get(n, [[8, 1.0]])[0][1] <= each
         bits = most("bits", n)
-        if int8 and (objective == "latency" or bits is None):
+        if fits8 and (objective == "latency" or bits is None):
             entry["quantize"] = 8
         elif bits is not None and objective == "size":
             entry["bits"] = int(bits)

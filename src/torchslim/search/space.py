@@ -63,6 +63,12 @@ class SearchSpace:
         if self.channels and 0.0 not in self.channels:
             raise ConfigError(f"channels={self.channels}: include 0.0 so a group can keep all its channels")
 
+    @classmethod
+    def default_for(cls, objective: str) -> "SearchSpace":
+        """Every technique for ``size``; for ``latency`` channel fractions and int8 only: sparsity
+        and codebooks cost accuracy without making dense kernels any faster."""
+        return cls(sparsity=(0.0,), bits=()) if objective == "latency" else cls()
+
     def precisions(self) -> list[str]:
         """The precision choices: ``float``, ``int8`` and ``share<bits>``."""
         return [FLOAT] + ([INT8] if self.int8 else []) + [f"share{b}" for b in self.bits]

@@ -90,20 +90,32 @@ def seed_study(study: Any, config: SearchConfig, layers: Layers, curves: Curves,
     if precision:
         uniform = {k: (precision if k.startswith("precision:") else 0.0) for k in distributions(space, layers)}
         seeds.append(("seed: uniform " + precision, uniform, None))
-    for multiple in config.seeds:
-        seeds.append((f"seed: sensitivity x{multiple:g} budget", sensitivity_params(config, layers, curves, multiple * max_drop), multiple))
+    for variant in variants(config):
+        for multiple in config.seeds:
+            params = sensitivity_params(config, layers, curves, multiple * max_drop, variant)
+            seeds.append((_seed_origin(multiple, variant), params, {"seed_multiple": multiple, "seed_variant": variant}))
     unique = []
-    for origin, params, multiple in seeds:
+    for origin, params, extra in seeds:
         if all(params != p for _, p, _ in unique):
-            unique.append((origin, params, {} if multiple is None else {"seed_multiple": multiple}))
+            unique.append((origin, params, extra or {}))
     for origin, params, extra in unique:
         study.enqueue_trial(params, user_attrs={"origin": origin, **extra})
     study.set_user_attr("seeded", True)
     return len(unique)
 
 
-def sensitivity_params(config: SearchConfig, layers: Layers, curves: Curves, allowance: float) -> dict[str, Any]:
-    plan = budget_plan(curves, config.space, layers, allowance, config.objective)
+def variants(config: SearchConfig) -> tuple[str, ...]:
+    """The seed families: for latency, int8 layers and float layers (which one runs faster
+    depends on the model and the backend: int8 kernels do not always shrink with the channels)."""
+    return ("int8", "float") if config.objective == "latency" and config.space.int8 else ("",)
+
+
+def _seed_origin(multiple: float, variant: str) -> str:
+    return f"seed: sensitivity x{multiple:g} budget" + (f", {variant}" if variant else "")
+
+
+def sensitivity_params(config: SearchConfig, layers: Layers, curves: Curves, allowance: float, variant: str = "") -> dict[str, Any]:
+    plan = budget_plan(curves, config.space, layers, allowance, config.objective, int8=variant != "float")
     return params_from_plan(plan, config.space, layers)
 
 
@@ -117,43 +129,49 @@ def ladder_step(study: Any, config: SearchConfig, layers: Layers, curves: Curves
     Single-layer drops are measured without recovery and overstate what a recovered plan loses,
     so the seed at 8x the budget often still fits it. While the most aggressive seed measured
     fits, the plan at twice its multiple is queued; once one misses, the multiple is bisected
-    between the last that fits and the first that misses, down to a 1.25 ratio. A plan equal to
-    one already measured is taken at its measured result. Nothing is queued while a ladder
-    plan waits or runs, nor when even the smallest seed misses. Returns the multiple queued.
+    between the last that fits and the first that misses, down to a 1.25 ratio. Each seed
+    family (see :func:`variants`) walks on its own. A plan equal to one already measured is
+    taken at its measured result. Nothing is queued while a ladder plan waits or runs, nor for a
+    family whose smallest seed misses. Returns the multiple queued.
     """
     from optuna.trial import TrialState
 
     if not config.seeds:
         return None
     interrupted = set(study.user_attrs.get("interrupted", []))
-    fits: dict[float, bool] = {float(k): v for k, v in study.user_attrs.get("ladder_known", {}).items()}
+    fits: dict[str, dict[float, bool]] = {v: {} for v in variants(config)}
+    for key, ok in study.user_attrs.get("ladder_known", {}).items():
+        variant, _, multiple = key.rpartition(":")
+        fits.setdefault(variant, {})[float(multiple)] = ok
     for t in study.get_trials(deepcopy=False):
         multiple = t.user_attrs.get("seed_multiple")
         if multiple is None or "repeat_of" in t.user_attrs or t.number in interrupted:
             continue
         if t.state in (TrialState.WAITING, TrialState.RUNNING):
             return None
+        walk = fits.setdefault(t.user_attrs.get("seed_variant", ""), {})
         if t.state == TrialState.COMPLETE:
-            fits[float(multiple)] = t.user_attrs["drop"] <= max_drop
+            walk[float(multiple)] = t.user_attrs["drop"] <= max_drop
         elif t.state == TrialState.FAIL:
-            fits[float(multiple)] = False
+            walk[float(multiple)] = False
     twins = measured(study)
-    while True:
-        lo = max((m for m, ok in fits.items() if ok), default=None)
-        if lo is None:
-            return None
-        hi = min((m for m, ok in fits.items() if not ok and m > lo), default=None)
-        multiple = 2 * lo if hi is None else (lo + hi) / 2
-        if (hi is not None and hi / lo <= 1.25) or multiple > LADDER_TOP:
-            return None
-        params = sensitivity_params(config, layers, curves, multiple * max_drop)
-        twin = twins.get(_key(params))
-        if twin is None:
-            study.enqueue_trial(params, user_attrs={"origin": f"seed: sensitivity x{multiple:g} budget", "seed_multiple": multiple})
-            return multiple
-        fits[multiple] = twin.user_attrs.get("drop", float("inf")) <= max_drop
-        known = study.user_attrs.get("ladder_known", {})
-        study.set_user_attr("ladder_known", known | {str(multiple): fits[multiple]})
+    for variant, walk in fits.items():
+        while True:
+            lo = max((m for m, ok in walk.items() if ok), default=None)
+            hi = None if lo is None else min((m for m, ok in walk.items() if not ok and m > lo), default=None)
+            if lo is None or (hi is not None and hi / lo <= 1.25) or (hi is None and 2 * lo > LADDER_TOP):
+                break
+            multiple = 2 * lo if hi is None else (lo + hi) / 2
+            params = sensitivity_params(config, layers, curves, multiple * max_drop, variant)
+            twin = twins.get(_key(params))
+            if twin is None:
+                study.enqueue_trial(params, user_attrs={"origin": _seed_origin(multiple, variant), "seed_multiple": multiple,
+                                                        "seed_variant": variant})  # fmt: skip
+                return multiple
+            walk[multiple] = twin.user_attrs.get("drop", float("inf")) <= max_drop
+            known = study.user_attrs.get("ladder_known", {})
+            study.set_user_attr("ladder_known", known | {f"{variant}:{multiple}": walk[multiple]})
+    return None
 
 
 def finished(study: Any) -> list[Any]:
