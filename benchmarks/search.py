@@ -242,13 +242,13 @@ def _result_rows(res: dict) -> list[str]:
         entries = [("searched (trial {})".format(s["chosen"]["trial"]), s["final"], s["search"]["trials_done"], trial_s)]
         u = res.get(f"{key}_uniform")
         if u and u.get("final"):
-            entries.append((_uniform_text(u), u["final"], u["evaluated"], u.get("trial_s")))
+            entries.append((_uniform_text(u), u["final"], u["evaluated"], u["trial_s"]))
         for label, f, n, busy in entries:
             lat = f["latency_ms"]
             rows.append(
                 f"| {name} | {objective} | {label} | {_pct(b['accuracy_holdout'])} -> {_pct(f['accuracy_holdout'])} "
                 f"| {100 * f['drop_holdout']:.2f} | {_pct(b['accuracy_test'])} -> {_pct(f['accuracy_test'])} | {f['bytes']:,} "
-                f"| {f['ratio']:.1f}x | {lat['batch1']:.3f} / {lat['batch64']:.3f} | {n} | {'-' if busy is None else f'{busy:,.0f}'} |"
+                f"| {f['ratio']:.1f}x | {lat['batch1']:.3f} / {lat['batch64']:.3f} | {n} | {busy:,.0f} |"
             )
     return rows
 
@@ -326,8 +326,7 @@ def markdown(res: dict, env: dict, results: dict[str, bool]) -> str:
                   "| workers | trials | loop s | trials per hour | start-up s | executor |", "|---|---|---|---|---|---|"]  # fmt: skip
         for w in ("workers1", "workers2"):
             x = r[w]
-            executor = x["executor"].replace("1 Ray workers", "1 Ray worker")  # singular (older results say "workers")
-            lines.append(f"| {w[-1]} | {x['trials']} | {x['search_s']:.0f} | {x['trials_per_hour']:.0f} | {x['executor_s']:.1f} | {executor} |")
+            lines.append(f"| {w[-1]} | {x['trials']} | {x['search_s']:.0f} | {x['trials_per_hour']:.0f} | {x['executor_s']:.1f} | {x['executor']} |")
         lines += ["", f"2 workers: {r['speedup']:.2f}x the trials per hour of 1."]
     if "kill" in res:
         k = res["kill"]

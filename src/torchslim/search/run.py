@@ -12,6 +12,7 @@ import copy
 import logging
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -80,7 +81,7 @@ def search(
         try:
             t0 = time.perf_counter()
             already = len(finished(study))
-            ladder = lambda: ladder_step(study, config, layers, curves, max_drop)  # noqa: E731
+            ladder = partial(ladder_step, study, config, layers, curves, max_drop)
             run_trials(study, executor, config, layers, max_drop, on_trial, ladder)
             timings["search_s"] = time.perf_counter() - t0
         finally:

@@ -89,7 +89,7 @@ def seed_study(study: Any, config: SearchConfig, layers: Layers, curves: Curves,
     precision = INT8 if config.objective == "latency" and space.int8 else (f"share{sorted(space.bits)[len(space.bits) // 2]}" if space.bits else INT8 if space.int8 else None)
     if precision:
         uniform = {k: (precision if k.startswith("precision:") else 0.0) for k in distributions(space, layers)}
-        seeds.append(("seed: uniform " + precision, uniform, None))
+        seeds.append(("seed: uniform " + precision, uniform, {}))
     for variant in variants(config):
         for multiple in config.seeds:
             params = sensitivity_params(config, layers, curves, multiple * max_drop, variant)
@@ -97,7 +97,7 @@ def seed_study(study: Any, config: SearchConfig, layers: Layers, curves: Curves,
     unique = []
     for origin, params, extra in seeds:
         if all(params != p for _, p, _ in unique):
-            unique.append((origin, params, extra or {}))
+            unique.append((origin, params, extra))
     for origin, params, extra in unique:
         study.enqueue_trial(params, user_attrs={"origin": origin, **extra})
     study.set_user_attr("seeded", True)
@@ -140,7 +140,7 @@ def ladder_step(study: Any, config: SearchConfig, layers: Layers, curves: Curves
         return None
     interrupted = set(study.user_attrs.get("interrupted", []))
     fits: dict[str, dict[float, bool]] = {v: {} for v in variants(config)}
-    for key, ok in study.user_attrs.get("ladder_known", {}).items():
+    for key, ok in study.user_attrs.get("ladder_known", {}).items():  # multiples whose plan was measured already
         variant, _, multiple = key.rpartition(":")
         fits.setdefault(variant, {})[float(multiple)] = ok
     for t in study.get_trials(deepcopy=False):
