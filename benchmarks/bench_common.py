@@ -27,7 +27,11 @@ def write_section(name: str, section: str) -> None:
     from torchslim.core.files import write_atomic
 
     start, end = markers(name)
-    text = DOCS.read_text() if DOCS.exists() else "# torchslim benchmarks\n\nFigures printed by the scripts in `benchmarks/`.\n"
+    text = (
+        DOCS.read_text()
+        if DOCS.exists()
+        else "# torchslim benchmarks\n\nFigures printed by the scripts in `benchmarks/`.\n"
+    )
     if start in text and end in text:
         head, rest = text.split(start, 1)
         text = head + section.rstrip("\n") + rest.split(end, 1)[1]
@@ -61,7 +65,9 @@ def output_args(parser: argparse.ArgumentParser, render: bool = True) -> None:
     """The options every script takes about its outputs: ``--no-docs`` and ``--render``."""
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     if render:
-        parser.add_argument("--render", action="store_true", help="only rewrite the docs section from the saved results")
+        parser.add_argument(
+            "--render", action="store_true", help="only rewrite the docs section from the saved results"
+        )
 
 
 def publish(name: str, payload: dict, section: str | None) -> int:

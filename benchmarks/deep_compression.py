@@ -33,7 +33,7 @@ def run(name: str, out: Path) -> tuple[dict, float]:
     recipe = load_recipe(name)
     recipe = recipe.model_copy(update={"outputs": recipe.outputs.model_copy(update={"dir": str(out)})})
     t0 = time.perf_counter()
-    report = run_recipe(recipe)
+    report = run_recipe(recipe).to_dict()
     return report, time.perf_counter() - t0
 
 
@@ -62,7 +62,8 @@ def summarise(name: str, report: dict, wall: float) -> dict:
             "streams_within_5pct_of_bound": all(
                 r["position_bytes"] <= 1.05 * r["position_h0_bytes"] + 8
                 and r["index_bytes"] <= 1.05 * r["index_h0_bytes"] + 8
-                for r in report["layers"] if r["coded"]
+                for r in report["layers"]
+                if r["coded"]
             ),
         },
     }
@@ -128,8 +129,6 @@ def markdown(summaries: list[dict], extra: dict, env: dict) -> str:
         ]
     lines.append(END)
     return "\n".join(lines) + "\n"
-
-
 
 
 def main() -> int:

@@ -70,7 +70,9 @@ def measure(model: torch.nn.Module, data, seconds: float | None, **extra) -> dic
     return row
 
 
-def train_student(name: str, kwargs: dict, data, cfg: TrainConfig, teacher=None, seed: int = 0) -> tuple[torch.nn.Module, float]:
+def train_student(
+    name: str, kwargs: dict, data, cfg: TrainConfig, teacher=None, seed: int = 0
+) -> tuple[torch.nn.Module, float]:
     """A fresh student (initial weights fixed by ``seed``), trained alone or distilled."""
     torch.manual_seed(seed)
     student = build_model(name, **kwargs)
@@ -78,7 +80,7 @@ def train_student(name: str, kwargs: dict, data, cfg: TrainConfig, teacher=None,
     if teacher is None:
         fit(student, data, cfg)
     else:
-        distill(student, teacher, data, DistillConfig(train=cfg, cache_teacher=True))
+        distill(student, DistillConfig(train=cfg, cache_teacher=True), data, teacher=teacher)
     return student, time.perf_counter() - t
 
 
@@ -94,8 +96,14 @@ def mlp_part(data, epochs: int, temperatures: list[float], seeds: list[int]) -> 
         out["alone"].append(measure(student, data, secs, seed=seed))
         for key, teacher in teachers.items():
             for temp in temperatures:
-                dcfg = TrainConfig(epochs=epochs, lr=BASELINE.lr, weight_decay=BASELINE.weight_decay, seed=seed,
-                                   distill_weight=ALPHA, temperature=temp)  # fmt: skip
+                dcfg = TrainConfig(
+                    epochs=epochs,
+                    lr=BASELINE.lr,
+                    weight_decay=BASELINE.weight_decay,
+                    seed=seed,
+                    distill_weight=ALPHA,
+                    temperature=temp,
+                )
                 student, secs = train_student("mlp", STUDENT_MLP, data, dcfg, teacher, seed)
                 row = measure(student, data, secs, seed=seed, temperature=temp, teacher=key)
                 out["distilled"].setdefault(key, {}).setdefault(str(temp), []).append(row)
@@ -105,12 +113,24 @@ def mlp_part(data, epochs: int, temperatures: list[float], seeds: list[int]) -> 
 def cnn_part(data, epochs: int) -> dict:
     t = time.perf_counter()
     teacher, cached = trained_baseline("resnet_mini", data, BASELINE)
-    out = {"teacher": measure(teacher, data, None if cached else time.perf_counter() - t, cached=cached), "students": []}
+    out = {
+        "teacher": measure(teacher, data, None if cached else time.perf_counter() - t, cached=cached),
+        "students": [],
+    }
     for width in (0.5, 0.25):
         kwargs = {"width": round(32 * width)}
-        assert count_params(derive_student("resnet_mini", {}, width=width)) == count_params(build_model("resnet_mini", **kwargs))
+        assert count_params(derive_student("resnet_mini", {}, width=width)) == count_params(
+            build_model("resnet_mini", **kwargs)
+        )
         cfg = TrainConfig(epochs=epochs, lr=BASELINE.lr, weight_decay=BASELINE.weight_decay, seed=0)
-        dcfg = TrainConfig(epochs=epochs, lr=BASELINE.lr, weight_decay=BASELINE.weight_decay, seed=0, distill_weight=ALPHA, temperature=CNN_T)
+        dcfg = TrainConfig(
+            epochs=epochs,
+            lr=BASELINE.lr,
+            weight_decay=BASELINE.weight_decay,
+            seed=0,
+            distill_weight=ALPHA,
+            temperature=CNN_T,
+        )
         alone, secs = train_student("resnet_mini", kwargs, data, cfg)
         row = {"width": kwargs["width"], "alone": measure(alone, data, secs)}
         student, secs = train_student("resnet_mini", kwargs, data, dcfg, teacher)
@@ -127,8 +147,14 @@ def recovery_part(data, epochs: int, seeds: list[int]) -> dict:
             model = copy.deepcopy(dense)
             ft = TrainConfig(epochs=epochs, lr=1e-3, weight_decay=1e-4, seed=seed, distill_weight=0.5, temperature=2.0)
             t = time.perf_counter()
-            result = channel_prune_(model, ChannelPruneConfig(macs=0.5, round_to=16, finetune=ft), data, teacher=teacher)
-            out[key].append(measure(model, data, time.perf_counter() - t, seed=seed, macs_kept=result.macs_after / result.macs_before))
+            result = channel_prune_(
+                model, ChannelPruneConfig(macs=0.5, round_to=16, finetune=ft), data, teacher=teacher
+            )
+            out[key].append(
+                measure(
+                    model, data, time.perf_counter() - t, seed=seed, macs_kept=result.macs_after / result.macs_before
+                )
+            )
     return out
 
 
@@ -149,25 +175,31 @@ def checks(res: dict) -> dict[str, bool]:
         for key, by_temp in m["distilled"].items():
             for temp, rows in by_temp.items():
                 margin = _mean(rows) - _mean(m["alone"])
-                out[f"2x800 student distilled from the {TEACHER_LABEL[key]} at T={temp} beats it alone by more than "
-                    f"the spread over {len(rows)} seeds"] = margin > max(_spread(rows), _spread(m["alone"]))  # fmt: skip
+                out[
+                    f"2x800 student distilled from the {TEACHER_LABEL[key]} at T={temp} beats it alone by more than "
+                    f"the spread over {len(rows)} seeds"
+                ] = margin > max(_spread(rows), _spread(m["alone"]))
     if "cnn" in res:
         c = res["cnn"]
         out["ResNet teacher at least 92 %"] = c["teacher"]["accuracy"] >= 0.92
         half = next(s for s in c["students"] if s["width"] == 16)
-        out["half-width ResNet student distilled within 1 point of the teacher"] = c["teacher"]["accuracy"] - half["distilled"]["accuracy"] <= 0.01
+        out["half-width ResNet student distilled within 1 point of the teacher"] = (
+            c["teacher"]["accuracy"] - half["distilled"]["accuracy"] <= 0.01
+        )
     if "recovery" in res:
         r = res["recovery"]
-        out[f"recovery after 2x structured pruning with the teacher at least as accurate as without (mean of {len(r['without'])} seeds)"] = (
-            _mean(r["with_teacher"]) >= _mean(r["without"])
-        )
+        out[
+            f"recovery after 2x structured pruning with the teacher at least as accurate as without (mean of {len(r['without'])} seeds)"
+        ] = _mean(r["with_teacher"]) >= _mean(r["without"])
     return out
 
 
 def _row(label: str, r: dict) -> str:
     secs = "-" if r.get("train_s") is None else f"{r['train_s']:.0f}"
-    return (f"| {label} | {100 * r['accuracy']:.2f} % | {r['params']:,} | {r['latency_ms']['b1']:.3f} | "
-            f"{r['latency_ms']['b64']:.2f} | {secs} |")  # fmt: skip
+    return (
+        f"| {label} | {100 * r['accuracy']:.2f} % | {r['params']:,} | {r['latency_ms']['b1']:.3f} | "
+        f"{r['latency_ms']['b64']:.2f} | {secs} |"
+    )
 
 
 def _stats(rows: list[dict]) -> str:
@@ -196,23 +228,48 @@ def markdown(res: dict, env: dict, args: dict, results: dict[str, bool]) -> str:
         for key, by_temp in m["distilled"].items():
             for temp, rows in by_temp.items():
                 lines += [_row(f"student from the {TEACHER_LABEL[key]}, T={temp}, seed {r['seed']}", r) for r in rows]
-        lines += ["", f"Student alone: {_stats(m['alone'])}. " + " ".join(
-            f"From the {TEACHER_LABEL[key]} at T={temp}: {_stats(rows)}, {100 * (_mean(rows) - _mean(m['alone'])):+.2f} points."
-            for key, by_temp in m["distilled"].items() for temp, rows in by_temp.items()
-        ), "", f"The 2 x 1200 teacher is {100 * (m['teachers']['mlp']['accuracy'] - _mean(m['alone'])):+.2f} points from "
-           f"the student alone, the ResNet {100 * (m['teachers']['resnet']['accuracy'] - _mean(m['alone'])):+.2f}. Soft "
-           "targets are each teacher's logits for the training images, computed once per run (`cache_teacher`, "
-           "included in the training time)."]  # fmt: skip
+        lines += [
+            "",
+            f"Student alone: {_stats(m['alone'])}. "
+            + " ".join(
+                f"From the {TEACHER_LABEL[key]} at T={temp}: {_stats(rows)}, {100 * (_mean(rows) - _mean(m['alone'])):+.2f} points."
+                for key, by_temp in m["distilled"].items()
+                for temp, rows in by_temp.items()
+            ),
+            "",
+            f"The 2 x 1200 teacher is {100 * (m['teachers']['mlp']['accuracy'] - _mean(m['alone'])):+.2f} points from "
+            f"the student alone, the ResNet {100 * (m['teachers']['resnet']['accuracy'] - _mean(m['alone'])):+.2f}. Soft "
+            "targets are each teacher's logits for the training images, computed once per run (`cache_teacher`, "
+            "included in the training time).",
+        ]
     if "cnn" in res:
         c = res["cnn"]
-        lines += ["", f"### ResNet teacher (width 32) and derived students (T = {CNN_T:g})", "", head, _row("teacher, width 32", c["teacher"])]
+        lines += [
+            "",
+            f"### ResNet teacher (width 32) and derived students (T = {CNN_T:g})",
+            "",
+            head,
+            _row("teacher, width 32", c["teacher"]),
+        ]
         for s in c["students"]:
-            lines += [_row(f"width {s['width']}, alone", s["alone"]), _row(f"width {s['width']}, distilled", s["distilled"])]
+            lines += [
+                _row(f"width {s['width']}, alone", s["alone"]),
+                _row(f"width {s['width']}, distilled", s["distilled"]),
+            ]
     if "recovery" in res:
         r = res["recovery"]
-        lines += ["", f"### Recovery after 2x structured pruning of the ResNet ({args['recovery_epochs']} epochs, L2 channels, "
-                  "T = 2, soft-target weight 0.5)", "", head, _row("dense", r["dense"])]  # fmt: skip
-        for key, label in (("without", "pruned, recovered alone"), ("with_teacher", "pruned, recovered with the dense teacher")):
+        lines += [
+            "",
+            f"### Recovery after 2x structured pruning of the ResNet ({args['recovery_epochs']} epochs, L2 channels, "
+            "T = 2, soft-target weight 0.5)",
+            "",
+            head,
+            _row("dense", r["dense"]),
+        ]
+        for key, label in (
+            ("without", "pruned, recovered alone"),
+            ("with_teacher", "pruned, recovered with the dense teacher"),
+        ):
             lines += [_row(f"{label}, seed {row['seed']}", row) for row in r[key]]
         lines += ["", f"Recovered alone: {_stats(r['without'])}; with the teacher: {_stats(r['with_teacher'])}."]
     return end_section(lines, results, END)
@@ -241,8 +298,12 @@ def main() -> int:
         res["cnn"] = cnn_part(data, args.epochs)
     if "recovery" in args.parts:
         res["recovery"] = recovery_part(data, args.recovery_epochs, args.seeds)
-    env = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-           "torch": torch.__version__, "wall_s": time.perf_counter() - t0}  # fmt: skip
+    env = {
+        "when": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "wall_s": time.perf_counter() - t0,
+    }
     results = checks(res)
     payload = {"env": env, "args": vars(args), "results": res, "checks": results}
     return publish("distillation", payload, None if args.no_docs else markdown(res, env, vars(args), results))

@@ -92,7 +92,7 @@ def latencies(fn_for_batch, data) -> dict:
     for b in BATCHES:
         try:
             out[f"b{b}"] = measure_latency(fn_for_batch(b), images(data)[:b], THREADS, 10, 60).median_ms
-        except Exception as exc:  # a backend that cannot run this model is reported, not fatal
+        except Exception as exc:  # noqa: BLE001 -- a backend that cannot run this model is reported, not fatal
             out[f"b{b}_error"] = f"{type(exc).__name__}: {exc}"[:200]
     return out
 
@@ -157,7 +157,9 @@ def torchslim_rows(name: str, dense, data, qat_epochs: int) -> tuple[list[dict],
         rows.append(quantized_row(name, label, model, data, result, timed))
     model = copy.deepcopy(dense)
     mixed = ts.mixed_precision_(model, ts.MixedPrecisionConfig(max_drop=0.003, quantize=DEFAULT), data)
-    row = quantized_row(name, "mixed precision (<= 0.3 points on the calibration split)", model, data, mixed.quantized, ("inductor",))
+    row = quantized_row(
+        name, "mixed precision (<= 0.3 points on the calibration split)", model, data, mixed.quantized, ("inductor",)
+    )
     row["kept_float"], row["sensitivity"] = mixed.kept_float, mixed.sensitivity
     rows.append(row)
     model = copy.deepcopy(dense)
@@ -250,8 +252,12 @@ def fx_peer(dense, data, timed: bool = True) -> dict:
             for x in calib_batches(data):
                 prepared(x)
         model = convert_fx(prepared)
-        row = {"variant": "peer: torch.ao FX defaults (x86)", "backend": "PyTorch eager quantized kernels",
-               "accuracy": run_acc(model, data), "latency_ms": {"torch.ao": latencies(lambda b: model, data)} if timed else {}}  # fmt: skip
+        row = {
+            "variant": "peer: torch.ao FX defaults (x86)",
+            "backend": "PyTorch eager quantized kernels",
+            "accuracy": run_acc(model, data),
+            "latency_ms": {"torch.ao": latencies(lambda b: model, data)} if timed else {},
+        }
     print("fx peer", json.dumps(row), flush=True)
     return row, model
 
@@ -279,9 +285,13 @@ def ort_peer(name: str, dense, data, timed: bool = True) -> dict:
     out = TMP / f"{name}-ort-int8.onnx"
     quantize_static(str(fp32), str(out), Reader())
     runner = OrtRunner(out.read_bytes(), THREADS)
-    row = {"variant": "peer: ONNX Runtime quantize_static defaults", "backend": "onnxruntime",
-           "accuracy": run_acc(runner, data), "onnx_bytes": out.stat().st_size,
-           "latency_ms": {"onnxruntime": latencies(lambda b: runner, data)} if timed else {}}  # fmt: skip
+    row = {
+        "variant": "peer: ONNX Runtime quantize_static defaults",
+        "backend": "onnxruntime",
+        "accuracy": run_acc(runner, data),
+        "onnx_bytes": out.stat().st_size,
+        "latency_ms": {"onnxruntime": latencies(lambda b: runner, data)} if timed else {},
+    }
     print("ort peer", json.dumps(row), flush=True)
     return row, runner
 
@@ -327,7 +337,10 @@ def optimized_ops(onnx_bytes: bytes, tag: str) -> list[str]:
     ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     graph = onnx.load(str(path)).graph
     shapes = {t.name: list(t.dims) for t in graph.initializer}
-    return [f"{n.domain + '.' if n.domain else ''}{n.op_type}{[shapes[i] for i in n.input if i in shapes]}" for n in graph.node]
+    return [
+        f"{n.domain + '.' if n.domain else ''}{n.op_type}{[shapes[i] for i in n.input if i in shapes]}"
+        for n in graph.node
+    ]
 
 
 def same_graphs(name: str, ours, per_tensor, peer_bytes: bytes, data) -> dict:
@@ -364,8 +377,15 @@ def run_net(name: str, data, qat_epochs: int, draws: int) -> dict:
     extra["ort_graphs"] = same_graphs(name, ours, per_tensor, (TMP / f"{name}-ort-int8.onnx").read_bytes(), data)
     first = {k: float(h.float().mean()) for k, h in (*hits.items(), *peer_hits.items())}
     extra["draws"] = draw_accuracies(name, dense, data, draws, first)
-    return {"net": name, "baseline_cached": cached, "fp32": fp, "rows": rows, "peers": [fx, ortp], **extra,
-            "wall_s": time.perf_counter() - t0}  # fmt: skip
+    return {
+        "net": name,
+        "baseline_cached": cached,
+        "fp32": fp,
+        "rows": rows,
+        "peers": [fx, ortp],
+        **extra,
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def _lat(row: dict, backend: str, batch: str) -> float | None:
@@ -387,8 +407,10 @@ def ort_choice(net: dict) -> str | None:
     """The torchslim configuration (default, else per-tensor weights) that is at least as accurate
     as both peers (mean over the calibration draws) and at least as fast as ONNX Runtime's
     quantize_static on ONNX Runtime."""
-    for label, key, draws in (("the default int8", "ort_vs_ort_quantize_static", "default"),
-                              ("per-tensor int8", "ort_per_tensor_vs_ort_quantize_static", "per-tensor")):  # fmt: skip
+    for label, key, draws in (
+        ("the default int8", "ort_vs_ort_quantize_static", "default"),
+        ("per-tensor int8", "ort_per_tensor_vs_ort_quantize_static", "per-tensor"),
+    ):
         if draw_mean(net, draws) >= best_peer(net) and all(net["paired"][f"b{b}"][key] >= 1.0 for b in BATCHES):
             return label
     return None
@@ -405,20 +427,34 @@ def checks(nets: list[dict]) -> dict[str, bool]:
             out[f"{n}: static int8 at least 2x faster than fp32 eager at batch 64 on one backend"] = (
                 max(p64["inductor_vs_fp32_eager"], p64["ort_vs_fp32_eager"]) >= 2.0
             )
-        out[f"{n}: int8 .tslim at least 3.5x smaller than fp32 safetensors"] = fp["fp32_bytes"] / ours["tslim_bytes"] >= 3.5
-        out[f"{n}: default int8 at least as accurate as torch.ao FX and ONNX Runtime defaults "
-            f"(mean over {len(net['draws']['default'])} calibration draws)"] = draw_mean(net, "default") >= best_peer(net)  # fmt: skip
+        out[f"{n}: int8 .tslim at least 3.5x smaller than fp32 safetensors"] = (
+            fp["fp32_bytes"] / ours["tslim_bytes"] >= 3.5
+        )
+        out[
+            f"{n}: default int8 at least as accurate as torch.ao FX and ONNX Runtime defaults "
+            f"(mean over {len(net['draws']['default'])} calibration draws)"
+        ] = draw_mean(net, "default") >= best_peer(net)
         for b in BATCHES:
             pb = net["paired"][f"b{b}"]
-            out[f"{n}: default int8 at least as fast as torch.ao FX in PyTorch (inductor vs its eager kernels, batch {b})"] = pb["inductor_vs_torch_ao_fx"] >= 1.0
-        out[f"{n}: on ONNX Runtime, {ort_choice(net) or 'no configuration'} at least as accurate as both peers and "
-            "at least as fast as quantize_static at batch 1 and 64"] = ort_choice(net) is not None  # fmt: skip
+            out[
+                f"{n}: default int8 at least as fast as torch.ao FX in PyTorch (inductor vs its eager kernels, batch {b})"
+            ] = pb["inductor_vs_torch_ao_fx"] >= 1.0
+        out[
+            f"{n}: on ONNX Runtime, {ort_choice(net) or 'no configuration'} at least as accurate as both peers and "
+            "at least as fast as quantize_static at batch 1 and 64"
+        ] = ort_choice(net) is not None
         qat = next(r for r in net["rows"] if r["variant"].startswith("QAT"))
         loss = fp["accuracy"] - ours["accuracy"]
         if loss > 0.003:
-            out[f"{n}: QAT recovers at least half of the PTQ loss above 0.3 points"] = fp["accuracy"] - qat["accuracy"] <= loss - (loss - 0.003) / 2
-        out[f"{n}: ONNX Runtime top-1 agreement with the PyTorch int8 model at least 99.5 %"] = net["ort_agreement"] >= 0.995
-        out[f"{n}: every quantized file loads back with equal outputs"] = all(r.get("roundtrip_equal", True) for r in net["rows"])
+            out[f"{n}: QAT recovers at least half of the PTQ loss above 0.3 points"] = (
+                fp["accuracy"] - qat["accuracy"] <= loss - (loss - 0.003) / 2
+            )
+        out[f"{n}: ONNX Runtime top-1 agreement with the PyTorch int8 model at least 99.5 %"] = (
+            net["ort_agreement"] >= 0.995
+        )
+        out[f"{n}: every quantized file loads back with equal outputs"] = all(
+            r.get("roundtrip_equal", True) for r in net["rows"]
+        )
     return out
 
 
@@ -427,9 +463,15 @@ def graphs_text(net: dict) -> str:
     if not g:
         return ""
     same = [k for k in ("default", "per-tensor") if g[k]["same_as_peer"]]
-    return (f" After its optimizations ONNX Runtime runs {g['default']['nodes']} nodes for the default, "
-            f"{g['per-tensor']['nodes']} for per-tensor weights and {g['peer_nodes']} for quantize_static's model"
-            + (f"; the {' and '.join(same)} graph{'s are' if len(same) > 1 else ' is'} node for node the peer's." if same else "."))  # fmt: skip
+    return (
+        f" After its optimizations ONNX Runtime runs {g['default']['nodes']} nodes for the default, "
+        f"{g['per-tensor']['nodes']} for per-tensor weights and {g['peer_nodes']} for quantize_static's model"
+        + (
+            f"; the {' and '.join(same)} graph{'s are' if len(same) > 1 else ' is'} node for node the peer's."
+            if same
+            else "."
+        )
+    )
 
 
 def cpu() -> dict:
@@ -438,9 +480,14 @@ def cpu() -> dict:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return {}
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.processor())
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.processor()
+    )
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    return {"name": name, "int8_isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]}
+    return {
+        "name": name,
+        "int8_isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
+    }
 
 
 def cpu_text(env: dict) -> str:
@@ -493,7 +540,7 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
             name = f"**{r['variant']}**" if r.get("default") else r["variant"]
             if r.get("kept_float") is not None:
                 name += f" (float: {', '.join(r['kept_float']) or 'none'})"
-            ind, ort = (lambda b, k=k: _lat(r, k, b) for k in ("inductor", "onnxruntime"))
+            ind, ort = (lambda b, k=k, r=r: _lat(r, k, b) for k in ("inductor", "onnxruntime"))
             lines.append(
                 f"| {name} | {100 * r['accuracy']:.2f} % | {100 * (fp['accuracy'] - r['accuracy']):.2f} | "
                 f"{r['tslim_bytes']:,} | {fp['fp32_bytes'] / r['tslim_bytes']:.3f}x | {_ms(ind('b1'))} | {_ms(ind('b64'))} | "
@@ -521,26 +568,40 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
             + graphs_text(net),
         ]
         if "mcnemar" in net:
-            lines += ["", "Paired accuracy on the same 10,000 test images (images only torchslim / only the peer "
-                      "classifies right; exact McNemar p-value, small when the difference is unlikely to be chance): "
-                      + "; ".join(f"{k}: {m['only_ours']} / {m['only_peer']}, p = {m['p']:.2f}" for k, m in net["mcnemar"].items())
-                      + "."]  # fmt: skip
+            lines += [
+                "",
+                "Paired accuracy on the same 10,000 test images (images only torchslim / only the peer "
+                "classifies right; exact McNemar p-value, small when the difference is unlikely to be chance): "
+                + "; ".join(
+                    f"{k}: {m['only_ours']} / {m['only_peer']}, p = {m['p']:.2f}" for k, m in net["mcnemar"].items()
+                )
+                + ".",
+            ]
         if "draws" in net:
             d = net["draws"]
-            lines += ["", f"Accuracy over {len(d['default'])} calibration draws of 2,048 training images (draw 0 is the "
-                      "split of the table; mean, then each draw): "
-                      + "; ".join(f"{k} {100 * draw_mean(net, k):.2f} % ({' / '.join(f'{100 * a:.2f}' for a in v)})" for k, v in d.items())
-                      + "."]  # fmt: skip
+            lines += [
+                "",
+                f"Accuracy over {len(d['default'])} calibration draws of 2,048 training images (draw 0 is the "
+                "split of the table; mean, then each draw): "
+                + "; ".join(
+                    f"{k} {100 * draw_mean(net, k):.2f} % ({' / '.join(f'{100 * a:.2f}' for a in v)})"
+                    for k, v in d.items()
+                )
+                + ".",
+            ]
     return end_section(lines, results, END, f"QAT: {qat_epochs} epochs at lr 1e-4 from the calibrated grids. ")
-
-
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nets", nargs="+", default=NETS, choices=NETS)
     parser.add_argument("--qat-epochs", type=int, default=2)
-    parser.add_argument("--calib-draws", type=int, default=3, help="calibration draws the accuracy comparison with the peers averages over")
+    parser.add_argument(
+        "--calib-draws",
+        type=int,
+        default=3,
+        help="calibration draws the accuracy comparison with the peers averages over",
+    )
     output_args(parser)
     args = parser.parse_args()
     if args.render:
@@ -554,9 +615,12 @@ def main() -> int:
     data = fashion_mnist()
     nets = [run_net(n, data, args.qat_epochs, args.calib_draws) for n in args.nets]
     env = {
-        "when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "cpu": cpu(),
-    }  # fmt: skip
+        "when": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu": cpu(),
+    }
     results = checks(nets)
     payload = {"env": env, "qat_epochs": args.qat_epochs, "nets": nets, "checks": results}
     return publish("quantization", payload, None if args.no_docs else markdown(nets, env, args.qat_epochs, results))

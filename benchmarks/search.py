@@ -28,9 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import ROOT, TMP, output_args, publish, saved_results, write_section
-
 import torch  # noqa: E402  (after bench_common sets the cache folders)
+from bench_common import ROOT, TMP, output_args, publish, saved_results, write_section
 
 from torchslim.core.data import DataSpec, load_data  # noqa: E402
 from torchslim.recipe.schema import load_recipe  # noqa: E402
@@ -62,7 +61,9 @@ def config(objective: str, trials: int, **kw) -> SearchConfig:
 def search_part(name: str, objective: str, trials: int) -> dict:
     model, data, zoo = setup(name)
     t0 = time.perf_counter()
-    report = search(model, data, config(objective, trials), RUNS / f"{name}_{objective}", name=f"{name}_{objective}", zoo=zoo)
+    report = search(
+        model, data, config(objective, trials), RUNS / f"{name}_{objective}", name=f"{name}_{objective}", zoo=zoo
+    )
     from torchslim.report.html import write_search_report
 
     write_search_report(report, RUNS / f"{name}_{objective}")
@@ -91,8 +92,10 @@ def uniform_part(name: str, objective: str) -> dict:
     t0, used = time.perf_counter(), set()
 
     def score(precision: str, channels: float, sparsity: float) -> dict:
-        params = {k: (precision if k.startswith("precision:") else channels if k.startswith("channels:") else sparsity)
-                  for k in distributions(cfg.space, layers)}  # fmt: skip
+        params = {
+            k: (precision if k.startswith("precision:") else channels if k.startswith("channels:") else sparsity)
+            for k in distributions(cfg.space, layers)
+        }
         key = json.dumps(params, sort_keys=True)
         used.add(key)
         if key not in cache:
@@ -115,8 +118,14 @@ def uniform_part(name: str, objective: str) -> dict:
     key = "bytes" if objective == "size" else "latency_ms"
     chosen = min(rows, key=lambda r: (r[key], r["drop"])) if rows else None
     final = deliver(ev, cfg, chosen, RUNS / f"{name}_{objective}_uniform.tslim", max_drop) if chosen else None
-    return {"evaluated": len(used), "feasible": rows, "chosen": chosen, "final": final, "wall_s": time.perf_counter() - t0,
-            "trial_s": sum(cache[k].get("seconds", 0.0) for k in used)}  # fmt: skip
+    return {
+        "evaluated": len(used),
+        "feasible": rows,
+        "chosen": chosen,
+        "final": final,
+        "wall_s": time.perf_counter() - t0,
+        "trial_s": sum(cache[k].get("seconds", 0.0) for k in used),
+    }
 
 
 def ray_part(trials: int) -> dict:
@@ -133,9 +142,14 @@ def ray_part(trials: int) -> dict:
         cfg = config("size", trials, threads=1, workers=workers, seeds=(), use_ray=True)  # 1 Ray actor vs 2
         report = search(model, data, cfg, run, name=f"lenet5_ray{workers}", zoo=zoo)
         s = report["search"]
-        out[f"workers{workers}"] = {"trials": s["trials_this_run"], "search_s": s["wall_s"], "trials_per_hour": s["trials_per_hour"],
-                                    "executor": s["executor"], "executor_s": report["timings"].get("executor_s"),
-                                    "trial_s": [t["seconds"] for t in report["trials"]]}  # fmt: skip
+        out[f"workers{workers}"] = {
+            "trials": s["trials_this_run"],
+            "search_s": s["wall_s"],
+            "trials_per_hour": s["trials_per_hour"],
+            "executor": s["executor"],
+            "executor_s": report["timings"].get("executor_s"),
+            "trial_s": [t["seconds"] for t in report["trials"]],
+        }
     out["speedup"] = out["workers2"]["trials_per_hour"] / out["workers1"]["trials_per_hour"]
     return out
 
@@ -183,11 +197,16 @@ def kill_part(trials: int, kill_after: int) -> dict:
     report = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}
     s = report.get("search", {})
     return {
-        "killed_with": len(before), "rerun_rc": done.returncode, "rerun_s": time.perf_counter() - t0,
-        "kept_unchanged": all(after.get(n) == t for n, t in before.items()), "complete_after": len(after),
-        "trials_this_run": s.get("trials_this_run"), "interrupted": s.get("interrupted_trials"),
-        "delivered": bool(report.get("final")), "tail": done.stdout[-600:] if done.returncode else "",
-    }  # fmt: skip
+        "killed_with": len(before),
+        "rerun_rc": done.returncode,
+        "rerun_s": time.perf_counter() - t0,
+        "kept_unchanged": all(after.get(n) == t for n, t in before.items()),
+        "complete_after": len(after),
+        "trials_this_run": s.get("trials_this_run"),
+        "interrupted": s.get("interrupted_trials"),
+        "delivered": bool(report.get("final")),
+        "tail": done.stdout[-600:] if done.returncode else "",
+    }
 
 
 def checks(res: dict) -> dict[str, bool]:
@@ -199,18 +218,27 @@ def checks(res: dict) -> dict[str, bool]:
         for objective, need in (("size", 1.3), ("latency", 1.2)):
             s, u = res.get(f"{name}_{objective}"), res.get(f"{name}_{objective}_uniform")
             if s and u and s.get("final") and u.get("final"):
-                gains[objective] = (_gain(s["final"], u["final"], "bytes" if objective == "size" else "latency_ms"), need)
+                gains[objective] = (
+                    _gain(s["final"], u["final"], "bytes" if objective == "size" else "latency_ms"),
+                    need,
+                )
                 within.append(s["final"]["within_budget"])
         text = ", ".join(f"{o} {g:.2f}x" for o, (g, _) in gains.items()) or "not measured"
         out[f"{name}: searched plan >= 1.3x smaller or >= 1.2x faster than the best uniform recipe ({text})"] = any(
             g >= need for g, need in gains.values()
         )
-        out[f"{name}: every delivered searched file within the budget on the held-out split"] = bool(within) and all(within)
+        out[f"{name}: every delivered searched file within the budget on the held-out split"] = bool(within) and all(
+            within
+        )
     if "ray" in res:
-        out[f"2 Ray workers >= 1.6x the trials per hour of 1 ({res['ray']['speedup']:.2f}x)"] = res["ray"]["speedup"] >= 1.6
+        out[f"2 Ray workers >= 1.6x the trials per hour of 1 ({res['ray']['speedup']:.2f}x)"] = (
+            res["ray"]["speedup"] >= 1.6
+        )
     if "kill" in res:
         k = res["kill"]
-        out["SIGKILL mid-run, rerun: finished trials kept, result produced"] = k["kept_unchanged"] and k["delivered"] and k["rerun_rc"] == 0
+        out["SIGKILL mid-run, rerun: finished trials kept, result produced"] = (
+            k["kept_unchanged"] and k["delivered"] and k["rerun_rc"] == 0
+        )
     return out
 
 
@@ -227,7 +255,11 @@ def _pct(x: float | None) -> str:
 
 def _uniform_text(u: dict) -> str:
     r = u["chosen"]["recipe"]
-    parts = [r["precision"]] + ([f"{r['sparsity']:g} sparsity"] if r["sparsity"] else []) + ([f"{r['channels']:g} channels"] if r["channels"] else [])
+    parts = (
+        [r["precision"]]
+        + ([f"{r['sparsity']:g} sparsity"] if r["sparsity"] else [])
+        + ([f"{r['channels']:g} channels"] if r["channels"] else [])
+    )
     return "uniform: " + ", ".join(parts)
 
 
@@ -239,7 +271,9 @@ def _result_rows(res: dict) -> list[str]:
         name, objective = key.rsplit("_", 1)
         b = s["baseline"]
         trial_s = sum(t.get("seconds") or 0.0 for t in s["trials"])
-        entries = [("searched (trial {})".format(s["chosen"]["trial"]), s["final"], s["search"]["trials_done"], trial_s)]
+        entries = [
+            ("searched (trial {})".format(s["chosen"]["trial"]), s["final"], s["search"]["trials_done"], trial_s)
+        ]
         u = res.get(f"{key}_uniform")
         if u and u.get("final"):
             entries.append((_uniform_text(u), u["final"], u["evaluated"], u["trial_s"]))
@@ -264,10 +298,13 @@ def _latency_notes(res: dict) -> list[str]:
         cut = max((c for p, c in ms if p == "float" and ("int8", c) in ms), default=0)
         if cut and ("float", 0.0) in ms and ("int8", 0.0) in ms:
             gain = _gain(s["final"], u["final"], "latency_ms")
-            out += [f"{key.removesuffix('_latency_uniform')}, objective latency (searched plan {gain:.2f}x the uniform "
-                    f"recipe's speed): with every channel kept int8 takes {ms[('int8', 0.0)]:.2f} ms against "
-                    f"{ms[('float', 0.0)]:.2f} ms in float (ONNX Runtime, batch 64); with {cut:g} of the channels "
-                    f"removed float takes {ms[('float', cut)]:.2f} ms and int8 {ms[('int8', cut)]:.2f} ms.", ""]  # fmt: skip
+            out += [
+                f"{key.removesuffix('_latency_uniform')}, objective latency (searched plan {gain:.2f}x the uniform "
+                f"recipe's speed): with every channel kept int8 takes {ms[('int8', 0.0)]:.2f} ms against "
+                f"{ms[('float', 0.0)]:.2f} ms in float (ONNX Runtime, batch 64); with {cut:g} of the channels "
+                f"removed float takes {ms[('float', cut)]:.2f} ms and int8 {ms[('int8', cut)]:.2f} ms.",
+                "",
+            ]
     return out
 
 
@@ -278,8 +315,12 @@ def _plan_lines(res: dict) -> list[str]:
             continue
         cells = []
         for r in s["plan_table"]:
-            what = [f"{r['channels']:g} ch" if r["channels"] else "", f"{r['sparsity']:g} sp" if r["sparsity"] else "",
-                    f"{r['bits']}-bit" if r["bits"] else "", "int8" if r["int8"] else ""]  # fmt: skip
+            what = [
+                f"{r['channels']:g} ch" if r["channels"] else "",
+                f"{r['sparsity']:g} sp" if r["sparsity"] else "",
+                f"{r['bits']}-bit" if r["bits"] else "",
+                "int8" if r["int8"] else "",
+            ]
             cells.append(f"`{r['layer']}` " + (" + ".join(w for w in what if w) or "as is"))
         out.append(f"- {key}: " + "; ".join(cells))
     return out
@@ -321,36 +362,50 @@ def markdown(res: dict, env: dict, results: dict[str, bool]) -> str:
     ]
     if "ray" in res:
         r = res["ray"]
-        lines += ["", "Parallel trials (LeNet-5, objective size, 1 thread per trial; Ray actors pinned to their own cores; "
-                  "wall time of the trial loop, Ray start-up excluded and listed):", "",
-                  "| workers | trials | loop s | trials per hour | start-up s | executor |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "Parallel trials (LeNet-5, objective size, 1 thread per trial; Ray actors pinned to their own cores; "
+            "wall time of the trial loop, Ray start-up excluded and listed):",
+            "",
+            "| workers | trials | loop s | trials per hour | start-up s | executor |",
+            "|---|---|---|---|---|---|",
+        ]
         for w in ("workers1", "workers2"):
             x = r[w]
-            lines.append(f"| {w[-1]} | {x['trials']} | {x['search_s']:.0f} | {x['trials_per_hour']:.0f} | {x['executor_s']:.1f} | {x['executor']} |")
+            lines.append(
+                f"| {w[-1]} | {x['trials']} | {x['search_s']:.0f} | {x['trials_per_hour']:.0f} | {x['executor_s']:.1f} | {x['executor']} |"
+            )
         lines += ["", f"2 workers: {r['speedup']:.2f}x the trials per hour of 1."]
     if "kill" in res:
         k = res["kill"]
-        lines += ["", f"Resume: `torchslim search` on LeNet-5 (8 trials) was killed with SIGKILL after {k['killed_with']} "
-                  f"finished trials, with one running; the rerun marked the running one failed and queued it again "
-                  f"(interrupted: {k['interrupted']}), ran {k['trials_this_run']} trials, kept every finished trial "
-                  f"unchanged ({'yes' if k['kept_unchanged'] else 'NO'}) and delivered the file "
-                  f"({'yes' if k['delivered'] else 'NO'}) in {k['rerun_s']:.0f} s."]  # fmt: skip
+        lines += [
+            "",
+            f"Resume: `torchslim search` on LeNet-5 (8 trials) was killed with SIGKILL after {k['killed_with']} "
+            f"finished trials, with one running; the rerun marked the running one failed and queued it again "
+            f"(interrupted: {k['interrupted']}), ran {k['trials_this_run']} trials, kept every finished trial "
+            f"unchanged ({'yes' if k['kept_unchanged'] else 'NO'}) and delivered the file "
+            f"({'yes' if k['delivered'] else 'NO'}) in {k['rerun_s']:.0f} s.",
+        ]
     return end_section(lines, results, end)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["search", "uniform", "ray", "kill"], choices=["search", "uniform", "ray", "kill"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["search", "uniform", "ray", "kill"], choices=["search", "uniform", "ray", "kill"]
+    )
     parser.add_argument("--models", nargs="+", default=["lenet5", "resnet_mini"])
     parser.add_argument("--objectives", nargs="+", default=["size", "latency"], choices=["size", "latency"])
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--ray-trials", type=int, default=12)
-    parser.add_argument("--screenshot", action="store_true", help="refresh docs/search_report.png from LeNet-5's size report")
+    parser.add_argument(
+        "--screenshot", action="store_true", help="refresh docs/search_report.png from LeNet-5's size report"
+    )
     output_args(parser)
     args = parser.parse_args()
     saved = saved_results("search") or {}
     if args.screenshot:
-        from torchslim.report.html import screenshot
+        from chromium import screenshot
 
         screenshot(RUNS / "lenet5_size" / "report.html", ROOT / "docs" / "search_report.png")
     if args.render:  # the checks are recomputed: they are a pure function of the saved measurements
@@ -358,12 +413,24 @@ def main() -> int:
         return 0
     torch.set_num_threads(THREADS)
     res, t0 = saved.get("results", {}), time.perf_counter()
-    env = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-           "cpu": platform.processor() or _cpu_name(), "torch": torch.__version__}  # fmt: skip
+    env = {
+        "when": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "cpu": platform.processor() or _cpu_name(),
+        "torch": torch.__version__,
+    }
 
     def save() -> None:
-        publish("search", {"env": env | {"wall_s": time.perf_counter() - t0}, "args": vars(args), "results": res,
-                           "checks": checks(res)}, None)  # fmt: skip
+        publish(
+            "search",
+            {
+                "env": env | {"wall_s": time.perf_counter() - t0},
+                "args": vars(args),
+                "results": res,
+                "checks": checks(res),
+            },
+            None,
+        )
 
     for name in args.models:
         for objective in args.objectives:

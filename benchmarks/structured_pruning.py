@@ -61,7 +61,7 @@ def latency(model: torch.nn.Module, data, compiled: bool) -> dict:
         try:
             fast = torch.compile(copy.deepcopy(model).eval())
             out["compiled_b64"] = measure_latency(fast, x[:64], THREADS, 5, 60).median_ms
-        except Exception as exc:  # compile failures are reported, not fatal
+        except Exception as exc:  # noqa: BLE001 -- compile failures are reported, not fatal
             out["compiled_error"] = f"{type(exc).__name__}: {exc}"[:200]
     return out
 
@@ -99,9 +99,12 @@ def metapruner(model: torch.nn.Module, goal: int) -> tuple[torch.nn.Module, floa
     def pruned(ratio: float) -> torch.nn.Module:
         clone = copy.deepcopy(model)
         pruner = tp.pruner.MetaPruner(
-            clone, torch.zeros(1, 1, 28, 28), importance=tp.importance.MagnitudeImportance(p=2),
-            pruning_ratio=ratio, ignored_layers=[clone.fc],
-        )  # fmt: skip
+            clone,
+            torch.zeros(1, 1, 28, 28),
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            ignored_layers=[clone.fc],
+        )
         pruner.step()
         return clone
 
@@ -124,7 +127,11 @@ def run_net(name: str, data, targets: list[float], criteria: list[str], epochs: 
         for criterion in criteria:
             model = copy.deepcopy(dense)
             cfg = ChannelPruneConfig(
-                macs=1 / factor, criterion=criterion, round_to=ROUND_TO, min_channels=ROUND_TO, finetune=recovery(epochs)
+                macs=1 / factor,
+                criterion=criterion,
+                round_to=ROUND_TO,
+                min_channels=ROUND_TO,
+                finetune=recovery(epochs),
             )
             t = time.perf_counter()
             result = channel_prune_(model, cfg, data, teacher=dense)
@@ -141,7 +148,11 @@ def run_net(name: str, data, targets: list[float], criteria: list[str], epochs: 
         t = time.perf_counter()
         model, ratio = metapruner(dense, int(goal))
         ts.fit(model, data, recovery(epochs), teacher=dense)
-        meta = {"method": "Torch-Pruning MetaPruner (magnitude, L2)", "ratio": ratio, "prune_recover_s": time.perf_counter() - t}
+        meta = {
+            "method": "Torch-Pruning MetaPruner (magnitude, L2)",
+            "ratio": ratio,
+            "prune_recover_s": time.perf_counter() - t,
+        }
         meta.update(measure(name, model, data, compiled=True))
         print(name, f"{factor}x", json.dumps(meta), flush=True)
         rows.append(meta)
@@ -169,9 +180,9 @@ def checks(nets: list[dict]) -> dict[str, bool]:
             if n == "resnet_mini" and t["factor"] == 2:
                 ratio = dense["macs"] / best["macs"]
                 out["resnet_mini 2x: loses at most 0.5 points"] = dense["accuracy"] - best["accuracy"] <= 0.005
-                out["resnet_mini 2x: batch-64 speed-up at least 0.8 x MAC ratio and 1.6x"] = (
-                    best["paired_speedup_b64"] >= max(0.8 * ratio, 1.6)
-                )
+                out["resnet_mini 2x: batch-64 speed-up at least 0.8 x MAC ratio and 1.6x"] = best[
+                    "paired_speedup_b64"
+                ] >= max(0.8 * ratio, 1.6)
         out[f"{n}: every pruned model round-trips through .tslim"] = all(
             r["roundtrip_equal"] for t in net["targets"] for r in t["rows"]
         )
@@ -226,11 +237,10 @@ def markdown(nets: list[dict], env: dict, epochs: int, results: dict[str, bool])
                 f"Most accurate torchslim criterion (picked on this test set) in bold; its batch-64 speed-up measured "
                 f"in alternation with the dense model, five rounds, median: **{best['paired_speedup_b64']:.2f}x** (the "
                 "speed-up column divides medians taken minutes apart and moves with the machine's load). Its widths: "
-                + ", ".join(f"{k} {v}" for k, v in best["widths"].items()) + ".",
+                + ", ".join(f"{k} {v}" for k, v in best["widths"].items())
+                + ".",
             ]
     return end_section(lines, results, END)
-
-
 
 
 def main() -> int:
@@ -247,9 +257,11 @@ def main() -> int:
     data = fashion_mnist()
     nets = [run_net(n, data, args.targets, args.criteria, args.epochs) for n in args.nets]
     env = {
-        "when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "torch": torch.__version__, "torch_pruning": tp.__version__,
-    }  # fmt: skip
+        "when": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "torch_pruning": tp.__version__,
+    }
     results = checks(nets)
     payload = {"env": env, "epochs": args.epochs, "nets": nets, "checks": results}
     return publish("structured_pruning", payload, None if args.no_docs else markdown(nets, env, args.epochs, results))

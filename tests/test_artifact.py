@@ -99,8 +99,12 @@ def test_inspect_reports_int8_codebooks_at_a_byte_an_entry(tmp_path):
     q = torch.clamp(torch.round(torch.randn(64, 256, generator=gen) * 12), -128, 127).to(torch.int8)
     path = save({"w": q}, tmp_path / "q.tslim")
     (row,), manifest = inspect_file(path)
-    assert manifest["coded"]["w"]["values"] == "codebook8" and row.codebook_bits == math.ceil(math.log2(manifest["coded"]["w"]["k"]))
-    assert row.header_bytes <= 3 * manifest["coded"]["w"]["k"]  # a signed byte per entry and 1-2 byte counts (float32: 5-6)
+    assert manifest["coded"]["w"]["values"] == "codebook8" and row.codebook_bits == math.ceil(
+        math.log2(manifest["coded"]["w"]["k"])
+    )
+    assert (
+        row.header_bytes <= 3 * manifest["coded"]["w"]["k"]
+    )  # a signed byte per entry and 1-2 byte counts (float32: 5-6)
     assert row.index_bytes <= 1.05 * row.index_h0_bytes + 8 and row.bytes < 0.8 * q.numel()
 
 
@@ -164,7 +168,9 @@ def _rewrite(tmp_path, model, change, key="tslim.zlib"):
     from safetensors.torch import save as st_save
 
     data = encode(model, zoo={"zoo": "lenet_300_100", "kwargs": {"in_features": 64}})
-    manifest = json.loads(unpack_manifest(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"])[0])
+    manifest = json.loads(
+        unpack_manifest(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"])[0]
+    )
     change(manifest)
     path = tmp_path / "edited.tslim"
     path.write_bytes(st_save(st_load(data), metadata=_packed(manifest, key)))
@@ -323,7 +329,10 @@ def _with_modules(raw: bytes, edit) -> bytes:
         (lambda m: m["fc1"].update(type="Conv2d"), "as 'Conv2d' but the model has Linear"),
         (lambda m: m.update(fc9={"type": "Linear"}), "'fc9' as 'Linear' but the model has nothing"),
         (lambda m: m.update(fc1="x" * 10_000), "describes module 'fc1'"),
-        (lambda m: m["fc2"].update(in_features=200), "fc2.*after resizing: weight is \\(100, 300\\), expected \\(100, 200\\)"),
+        (
+            lambda m: m["fc2"].update(in_features=200),
+            "fc2.*after resizing: weight is \\(100, 300\\), expected \\(100, 200\\)",
+        ),
     ],
 )
 def test_hostile_module_sizes_are_refused_and_leave_the_model_intact(tmp_path, edit, message):

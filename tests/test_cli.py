@@ -1,8 +1,7 @@
+from test_recipe import TINY
 from typer.testing import CliRunner
 
 from torchslim.cli import app
-
-from test_recipe import TINY
 
 runner = CliRunner()
 

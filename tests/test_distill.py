@@ -98,11 +98,11 @@ def test_distill_trains_a_smaller_student_towards_its_teacher_and_the_cache_chan
     student = _student()
     before = agreement(student, digits_mlp, digits.eval_loader())
     teacher_state = copy.deepcopy(digits_mlp.state_dict())
-    result = distill(student, digits_mlp, digits, DistillConfig(train=train))
+    result = distill(student, DistillConfig(train=train), digits, teacher=digits_mlp)
     assert result.history[-1] < result.history[0] and result.seconds > 0
     assert agreement(student, digits_mlp, digits.eval_loader()) > max(0.85, before)
     cached = _student()
-    distill(cached, digits_mlp, digits, DistillConfig(train=train, cache_teacher=True))
+    distill(cached, DistillConfig(train=train, cache_teacher=True), digits, teacher=digits_mlp)
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), cached.state_dict().values()))
     assert not digits_mlp.training and all(torch.equal(v, teacher_state[k]) for k, v in digits_mlp.state_dict().items())
 
@@ -118,14 +118,20 @@ def test_feature_pairs_train_a_projection_and_dict_outputs_work(digits, digits_m
 
     student = DictOut()
     train = TrainConfig(epochs=2, lr=3e-3)
-    result = distill(student, digits_mlp, digits, DistillConfig(train=train, features=(("net.hidden.0", "fc1"),)))
+    result = distill(
+        student, DistillConfig(train=train, features=(("net.hidden.0", "fc1"),)), digits, teacher=digits_mlp
+    )
     assert result.projections == 1 and result.history[-1] < result.history[0]
 
 
 @pytest.mark.parametrize(
     "student, config, message",
     [
-        (lambda: mlp(in_features=64, width=8, depth=1, num_classes=5), DistillConfig(), "teacher predicts 10 classes but the student 5"),
+        (
+            lambda: mlp(in_features=64, width=8, depth=1, num_classes=5),
+            DistillConfig(),
+            "teacher predicts 10 classes but the student 5",
+        ),
         (_student, DistillConfig(features=(("hidden.7", "fc1"),)), "student has no layer 'hidden.7'"),
         (_student, DistillConfig(features=(("hidden.0", "fc9"),)), "teacher has no layer 'fc9'"),
     ],
@@ -134,7 +140,7 @@ def test_distill_refuses_mismatched_pairs_before_training(digits, digits_mlp, st
     model = student()
     kept = copy.deepcopy(model.state_dict())
     with pytest.raises(ConfigError, match=message):
-        distill(model, digits_mlp, digits, config)
+        distill(model, config, digits, teacher=digits_mlp)
     assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
 
 
@@ -144,7 +150,11 @@ def test_students_derive_from_zoo_teachers_by_width_and_depth():
     small = derive_student("mlp", {"width": 1200}, width=2 / 3, depth=1)
     assert [layer.out_features for layer in small.hidden] == [800]
     shallow = derive_student("resnet_mini", {}, width=0.5, depth=2)  # drops the last block
-    assert not hasattr(shallow, "layer3") and shallow.fc.in_features == 32 and shallow(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert (
+        not hasattr(shallow, "layer3")
+        and shallow.fc.in_features == 32
+        and shallow(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    )
     mobile = derive_student("mobilenet_mini", {}, width=1.0, depth=3)
     assert len(mobile.blocks) == 3 and mobile(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     for bad, message in (
@@ -167,7 +177,11 @@ model: {name: mlp, kwargs: {in_features: 64, width: 64, depth: 2}}
 data: {name: digits, batch_size: 64, eval_batch_size: 200, calib_size: 128}
 baseline: {epochs: 6, lr: 0.003}
 steps:
-  - distill: {width: 0.5, depth: 1, epochs: 6, lr: 0.01, temperature: 4, alpha: 0.7, features: [[hidden.0, hidden.1]]}
+  - distill:
+      width: 0.5
+      depth: 1
+      train: {epochs: 6, lr: 0.01, temperature: 4, distill_weight: 0.7}
+      features: [[hidden.0, hidden.1]]
   - prune: {sparsity: 0.5, finetune: null}
 latency: {batches: [4], repeats: 3, warmup: 1}
 outputs: {dir: "OUT", artifact: "{name}.tslim"}
@@ -190,7 +204,7 @@ def test_recipe_distill_step_reports_teacher_and_students_side_by_side(tmp_path,
 @pytest.mark.parametrize(
     "step, message",
     [
-        ("  - distill: {width: 0.5, temperature: 0}\n", "temperature"),
+        ("  - distill: {width: 0.5, train: {temperature: 0}}\n", "temperature"),
         ("  - distill: {width: 0.5, student: {name: lenet5}}\n", "exactly one of student"),
         ("  - distill: {depth: 1, student: {name: lenet5}}\n", "depth derives"),
         ("  - distill: {width: 0.5, depth: 3}\n", "depth=3"),
@@ -203,8 +217,10 @@ def test_bad_distill_steps_are_recipe_errors(step, message):
     text = DISTILL_RECIPE.replace(DISTILL_RECIPE.split("steps:\n")[1].split("latency")[0], step)
     with pytest.raises(RecipeError, match=message):
         parse_recipe(text)
-    moved = DISTILL_RECIPE.replace("  - prune: {sparsity: 0.5, finetune: null}\n", "").replace("steps:\n", "steps:\n  - prune: {sparsity: 0.5}\n")
-    with pytest.raises(RecipeError, match="'distill' must be the first step"):
+    moved = DISTILL_RECIPE.replace("  - prune: {sparsity: 0.5, finetune: null}\n", "").replace(
+        "steps:\n", "steps:\n  - prune: {sparsity: 0.5}\n"
+    )
+    with pytest.raises(RecipeError, match=r"steps: \['prune', 'distill'\]: steps run in the order \['distill'"):
         parse_recipe(moved)
 
 
@@ -213,7 +229,9 @@ def test_a_student_with_other_classes_stops_the_recipe_with_a_clear_error(tmp_pa
 
     from torchslim.cli import app
 
-    text = DISTILL_RECIPE.replace("{width: 0.5, depth: 1,", "{student: {name: mlp, kwargs: {in_features: 64, num_classes: 5}},")
+    text = DISTILL_RECIPE.replace(
+        "      width: 0.5\n      depth: 1\n", "      student: {name: mlp, kwargs: {in_features: 64, num_classes: 5}}\n"
+    )
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text.replace("OUT", str(tmp_path)))
     printed = CliRunner().invoke(app, ["compress", str(recipe)], env={"COLUMNS": "250"})

@@ -93,7 +93,7 @@ def test_schedule_is_cubic_and_ends_at_target():
         ({"sparsity": {"fc1": 1.2}}, "outside"),
         ({"sparsity": 0.5, "steps": 0}, "steps"),
         ({"sparsity": 0.5, "scope": "net"}, "scope"),
-        ({"sparsity": {"fc1": 0.5}, "scope": "global"}, "one sparsity number"),
+        ({"sparsity": {"fc1": 0.5, "fc2": 0.7}, "scope": "global"}, "under one sparsity"),
     ],
 )
 def test_bad_configs(kwargs, message):

@@ -52,7 +52,9 @@ def test_a_static_linear_equals_pytorchs_fake_quant_reference():
     scale = (float(x.max()) - float(x.min())) / 255
     zp = round(-float(x.min()) / scale)
     w_scale = layer.weight.detach().abs().amax(1) / 127
-    ref_w = torch.fake_quantize_per_channel_affine(layer.weight.detach(), w_scale, torch.zeros(16, dtype=torch.int32), 0, -128, 127)
+    ref_w = torch.fake_quantize_per_channel_affine(
+        layer.weight.detach(), w_scale, torch.zeros(16, dtype=torch.int32), 0, -128, 127
+    )
     ref = nn.functional.linear(torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255), ref_w, layer.bias)
     ref = torch.fake_quantize_per_tensor_affine(ref, 5.0 / 255, round(2.0 / (5.0 / 255)), 0, 255)
     assert torch.allclose(q(x), ref, atol=1e-5)
@@ -109,8 +111,11 @@ def test_range_methods_clip_a_heavy_tail_that_minmax_keeps():
 
 def test_dynamic_and_weight_only_schemes(digits, digits_mlp):
     base = accuracy(digits_mlp, digits.eval_loader())
-    for config in (QuantizeConfig(scheme="dynamic"), QuantizeConfig(scheme="weight"),
-                   QuantizeConfig(scheme="weight", bits=4, group_size=32)):  # fmt: skip
+    for config in (
+        QuantizeConfig(scheme="dynamic"),
+        QuantizeConfig(scheme="weight"),
+        QuantizeConfig(scheme="weight", bits=4, group_size=32),
+    ):
         model = copy.deepcopy(digits_mlp)
         result = quantize_(model, config, example=digits.example_input(4))
         assert {r.scheme for r in result.layers} == {config.scheme}
@@ -126,8 +131,15 @@ def test_saved_int8_loads_bit_exact_and_is_four_times_smaller(tmp_path, digits_c
     assert torch.equal(restored(x), model(x))
     manifest = tslim.read(path)[0]
     assert manifest["folded"] == {"bn1": "conv1", "bn2": "conv2"}
-    assert manifest["quant"]["conv1"] == {"of": "Conv2d", "scheme": "static", "bits": 8, "group_size": 0, "per_channel": True,
-                                          "input": list(model.conv1.input_q), "output": None}
+    assert manifest["quant"]["conv1"] == {
+        "of": "Conv2d",
+        "scheme": "static",
+        "bits": 8,
+        "group_size": 0,
+        "per_channel": True,
+        "input": list(model.conv1.input_q),
+        "output": None,
+    }
     assert restored.conv1.input_q == model.conv1.input_q and type(restored.conv1.input_q[0]) is float
 
     per_tensor = copy.deepcopy(digits_cnn)
@@ -169,7 +181,10 @@ def test_excluded_and_unsupported_layers_stay_float_with_the_reason():
 
     model = ZOO["lenet_300_100"]().eval()
     result = quantize_(model, QuantizeConfig(exclude=("re:fc[12]",)), data=[torch.randn(8, 1, 28, 28)])
-    assert {r.name: r.skip for r in result.layers if r.skip} == {"fc1": "excluded (kept in float)", "fc2": "excluded (kept in float)"}
+    assert {r.name: r.skip for r in result.layers if r.skip} == {
+        "fc1": "excluded (kept in float)",
+        "fc2": "excluded (kept in float)",
+    }
     assert type(model.fc1) is nn.Linear and isinstance(model.fc3, QuantizedLayer)
 
 
@@ -189,9 +204,13 @@ def test_bad_calibration_data_and_layers(digits_cnn):
         quantize_(nn.Sequential(nn.Embedding(8, 4)), QuantizeConfig(scheme="dynamic"), example=torch.zeros(2, 3).long())
     with pytest.raises(ConfigError, match=r"exclude \['fc9'\] match no layer"):
         quantize_(copy.deepcopy(digits_cnn), QuantizeConfig(exclude=("fc9",)), data=[good])
-    for bad, message in ((dict(bits=4), "int4 weight-only"), (dict(calibration="kl"), "calibration='kl'"),
-                         (dict(scheme="int8"), "scheme='int8'"), (dict(percentile=30.0), "percentile=30.0"),
-                         (dict(scheme="dynamic", qat=TrainConfig()), "qat trains through static")):  # fmt: skip
+    for bad, message in (
+        (dict(bits=4), "int4 weight-only"),
+        (dict(calibration="kl"), "calibration='kl'"),
+        (dict(scheme="int8"), "scheme='int8'"),
+        (dict(percentile=30.0), "percentile=30.0"),
+        (dict(scheme="dynamic", qat=TrainConfig()), "qat trains through static"),
+    ):
         with pytest.raises(ConfigError, match=message):
             QuantizeConfig(**bad)
 
@@ -277,7 +296,9 @@ def test_onnx_export_runs_in_onnx_runtime_with_the_same_answers(digits, digits_c
     graph = onnx.load_from_string(export_onnx(model, digits.example_input(2))).graph
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
     sizes = {i.name: len(onnx.numpy_helper.to_array(i).reshape(-1)) for i in graph.initializer}
-    weight_scales = [sizes.get(n.input[1]) for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight")]
+    weight_scales = [
+        sizes.get(n.input[1]) for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight")
+    ]
     assert weight_scales and all((size > 1) == per_channel for size in weight_scales)
     x = torch.cat([b[0] for b in digits.eval_loader()])
     ort = compile_model(model, "onnxruntime", x[:64])
@@ -312,11 +333,29 @@ def test_recipe_quantize_step_reports_layers_and_the_cli_exports_onnx(tmp_path, 
     assert "## Quantization" in (tmp_path / "report.md").read_text()
 
     out = tmp_path / "m.onnx"
-    printed = CliRunner().invoke(app, ["export", str(tmp_path / "tiny_int8.tslim"), "--onnx", str(out), "--shape", "1,1,8,8"])
+    printed = CliRunner().invoke(
+        app, ["export", str(tmp_path / "tiny_int8.tslim"), "--onnx", str(out), "--shape", "1,1,8,8"]
+    )
     assert printed.exit_code == 0, printed.output
     assert out.stat().st_size > 0 and "top-1 agreement 100.0%" in printed.output
     bad = CliRunner().invoke(app, ["export", str(tmp_path / "tiny_int8.tslim"), "--onnx", str(out), "--shape", "1,x"])
     assert bad.exit_code == 2 and "--shape" in bad.output
+
+
+def test_int8_kernels_count_as_exact_only_with_vnni_or_amx(tmp_path):
+    from torchslim.artifact.runtime import exact_int8_kernels
+
+    cases = {
+        "avx2 avx512f": False,
+        "avx2 avx512_vnni": True,
+        "avx2 avx_vnni": True,
+        "avx2 amx_int8": True,
+        "neon": True,
+    }
+    for flags, exact in cases.items():
+        (tmp_path / "cpuinfo").write_text(f"processor : 0\nflags : fpu {flags}\n")
+        assert exact_int8_kernels(str(tmp_path / "cpuinfo")) is exact, flags
+    assert exact_int8_kernels(str(tmp_path / "missing")) is True
 
 
 def test_quantize_must_be_the_last_step():
@@ -326,7 +365,7 @@ def test_quantize_must_be_the_last_step():
     text = QUANT_RECIPE.replace("  - quantize: {calibration: percentile, backend: onnxruntime}\n", "").replace(
         "  - prune:", "  - quantize: {}\n  - prune:"
     )
-    with pytest.raises(RecipeError, match="'quantize' must be the last step"):
+    with pytest.raises(RecipeError, match=r"steps: \['quantize', 'prune'\]: steps run in the order"):
         parse_recipe(text)
     with pytest.raises(RecipeError, match="calibration='kl'"):
         parse_recipe(QUANT_RECIPE.replace("calibration: percentile", "calibration: kl"))
@@ -338,7 +377,9 @@ def test_recipe_mixed_precision_reports_the_sensitivity(compress_cli):
     _, report = compress_cli(QUANT_RECIPE.replace("backend: onnxruntime", "backend: eager, max_drop: 0.0"))
     mixed = report["quantization"]["mixed_precision"]
     assert set(mixed["sensitivity"]) >= {"stem", "fc"} and mixed["history"][0]["kept_float"] == []
-    kept = {r["name"] for r in report["quantization"]["quantization"]["layers"] if r["skip"] == "excluded (kept in float)"}
+    kept = {
+        r["name"] for r in report["quantization"]["quantization"]["layers"] if r["skip"] == "excluded (kept in float)"
+    }
     assert kept == set(mixed["kept_float"])
 
 
@@ -352,7 +393,9 @@ def test_mixed_precision_keeps_the_culprit_layer_in_float(digits, digits_mlp):
     result = ts.mixed_precision_(model, ts.MixedPrecisionConfig(max_drop=0.02), digits)
     assert max(result.sensitivity, key=result.sensitivity.get) == "fc2" and result.sensitivity["fc2"] > 0.3
     assert result.kept_float == ["fc2"] and result.float_accuracy - result.history[-1]["accuracy"] <= 0.02
-    assert type(model.fc2) is nn.Linear and isinstance(model.fc1, QuantizedLayer) and isinstance(model.fc3, QuantizedLayer)
+    assert (
+        type(model.fc2) is nn.Linear and isinstance(model.fc1, QuantizedLayer) and isinstance(model.fc3, QuantizedLayer)
+    )
     assert {r.name: r.skip for r in result.quantized.layers if r.skip} == {"fc2": "excluded (kept in float)"}
     assert accuracy(model, digits.eval_loader()) >= base - 0.02
     with pytest.raises(ConfigError, match="max_drop"):
@@ -465,7 +508,9 @@ def test_dynamic_int8_lstm_and_gru_match_the_float_layer_and_round_trip(tmp_path
             getattr(reference, name).copy_(getattr(q, name))
     assert (reference(x)[0] - out).abs().max() < 0.03  # only the dynamic activation rounding differs
     path = ts.save(model, tmp_path / "rnn.tslim")
-    restored = ts.load(path, model=nn.Sequential(getattr(nn, cell)(12, 16, num_layers=2, bidirectional=True, batch_first=True)))
+    restored = ts.load(
+        path, model=nn.Sequential(getattr(nn, cell)(12, 16, num_layers=2, bidirectional=True, batch_first=True))
+    )
     assert torch.equal(restored(x)[0], out)
 
 
@@ -499,7 +544,9 @@ def test_bias_correction_removes_the_mean_output_error_on_the_calibration_data(d
 def test_mixed_precision_of_a_dynamic_lstm_classifier():
     model = ZOO["lstm_classifier"]().eval()
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(2)]
+    batches = [
+        (torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(2)
+    ]
 
     config = ts.MixedPrecisionConfig(max_drop=0.5, quantize=QuantizeConfig(scheme="dynamic"))
     with pytest.raises(ConfigError, match="pass eval_batches"):

@@ -29,14 +29,10 @@ from typing import Any
 import pytest
 
 from torchslim.report import plots
-from torchslim.report.html import (
-    HEADLESS_FLAGS,
-    find_chromium,
-    screenshot,
-    to_html,
-    to_search_markdown,
-    write_search_report,
-)
+from torchslim.report.html import to_html, to_search_markdown, write_search_report
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from chromium import HEADLESS_FLAGS, find_chromium, screenshot  # noqa: E402  (benchmarks/ owns the browser)
 
 EVIL = "fc<script>undefinedFunction()</script>"
 LAYERS = ("conv1", "conv2", "fc1", "fc2", EVIL)
@@ -57,16 +53,26 @@ def _trial(rng: random.Random, number: int, drop: float | None, base: float) -> 
     plan = {name: {"sparsity": round(rng.uniform(0.3, 0.95), 2), "bits": rng.choice([3, 4, 5, 6])} for name in LAYERS}
     done = state == "COMPLETE"
     return {
-        "number": number, "state": state, "origin": origin, "plan": plan,
-        "accuracy": round(base - drop, 4) if done else None, "drop": drop if done else None,
+        "number": number,
+        "state": state,
+        "origin": origin,
+        "plan": plan,
+        "accuracy": round(base - drop, 4) if done else None,
+        "drop": drop if done else None,
         "bytes": rng.randint(20_000, 400_000) if done else None,
         "latency_ms": round(rng.uniform(1.0, 5.0), 3) if done else None,
-        "feasible": done and drop <= 0.01, "pareto": False, "seconds": round(rng.uniform(10, 30), 1),
-    }  # fmt: skip
+        "feasible": done and drop <= 0.01,
+        "pareto": False,
+        "seconds": round(rng.uniform(10, 30), 1),
+    }
 
 
 def _sensitivity(rng: random.Random) -> dict[str, Any]:
-    settings = {"sparsity": [0.5, 0.7, 0.8, 0.9, 0.95], "channels": [0.125, 0.25, 0.5, 0.75], "bits": [8, 6, 5, 4, 3, 2]}
+    settings = {
+        "sparsity": [0.5, 0.7, 0.8, 0.9, 0.95],
+        "channels": [0.125, 0.25, 0.5, 0.75],
+        "bits": [8, 6, 5, 4, 3, 2],
+    }
     curves = {tech: {name: _curve(rng, s, rng.uniform(0.05, 0.4)) for name in LAYERS} for tech, s in settings.items()}
     curves["int8"] = {name: [[8, round(rng.uniform(0, 0.004), 5)]] for name in LAYERS}
     return {"split": "search", "curves": curves}
@@ -83,24 +89,64 @@ def make_report() -> dict[str, Any]:
     for t in trials:
         t["pareto"] = (t["bytes"], t["accuracy"]) in front
     return {
-        "kind": "search", "recipe": "lenet5_search", "model": {"name": "lenet5", "kwargs": {}},
-        "data": {"name": "fashion_mnist"}, "threads": 2,
+        "kind": "search",
+        "recipe": "lenet5_search",
+        "model": {"name": "lenet5", "kwargs": {}},
+        "data": {"name": "fashion_mnist"},
+        "threads": 2,
         "budget": {"kind": "absolute", "value": 0.01, "max_drop": 0.01, "text": "1 point (absolute)"},
-        "objective": "size", "latency_setting": {"backend": "onnxruntime", "batch": 64, "threads": 2},
-        "baseline": {"accuracy_search": base, "accuracy_holdout": 0.919, "accuracy_test": 0.920, "bytes": 1_722_000,
-                     "params": 431_080, "latency_ms": {"batch1": 0.31, "batch64": 4.2}},
+        "objective": "size",
+        "latency_setting": {"backend": "onnxruntime", "batch": 64, "threads": 2},
+        "baseline": {
+            "accuracy_search": base,
+            "accuracy_holdout": 0.919,
+            "accuracy_test": 0.920,
+            "bytes": 1_722_000,
+            "params": 431_080,
+            "latency_ms": {"batch1": 0.31, "batch64": 4.2},
+        },
         "trials": trials,
-        "chosen": {"trial": CHOSEN, "met_budget": True, "message": "trial 7: 114.8x smaller, within the 1-point budget"},
-        "final": {"accuracy_search": 0.912, "accuracy_holdout": 0.911, "accuracy_test": 0.912, "drop_holdout": 0.008,
-                  "within_budget": True, "bytes": 15_000, "ratio": 114.8,
-                  "latency_ms": {"batch1": 0.2, "batch64": 1.9}, "artifact": "runs/x/x.tslim"},
+        "chosen": {
+            "trial": CHOSEN,
+            "met_budget": True,
+            "message": "trial 7: 114.8x smaller, within the 1-point budget",
+        },
+        "final": {
+            "accuracy_search": 0.912,
+            "accuracy_holdout": 0.911,
+            "accuracy_test": 0.912,
+            "drop_holdout": 0.008,
+            "within_budget": True,
+            "bytes": 15_000,
+            "ratio": 114.8,
+            "latency_ms": {"batch1": 0.2, "batch64": 1.9},
+            "artifact": "runs/x/x.tslim",
+        },
         "sensitivity": _sensitivity(rng),
-        "plan_table": [{"layer": n, "channels": 0.25 if n == "conv2" else None, "sparsity": 0.8, "bits": 5,
-                        "int8": n != "fc2", "skip": "too sensitive" if n == "fc2" else None} for n in LAYERS],
-        "search": {"sampler": "tpe", "trials_done": 10, "trials_failed": 1, "wall_s": 812.0, "workers": 1,
-                   "trials_per_hour": 177.3, "study": "lenet5_search", "storage": "runs/x/study.sqlite3", "resumed": False},
+        "plan_table": [
+            {
+                "layer": n,
+                "channels": 0.25 if n == "conv2" else None,
+                "sparsity": 0.8,
+                "bits": 5,
+                "int8": n != "fc2",
+                "skip": "too sensitive" if n == "fc2" else None,
+            }
+            for n in LAYERS
+        ],
+        "search": {
+            "sampler": "tpe",
+            "trials_done": 10,
+            "trials_failed": 1,
+            "wall_s": 812.0,
+            "workers": 1,
+            "trials_per_hour": 177.3,
+            "study": "lenet5_search",
+            "storage": "runs/x/study.sqlite3",
+            "resumed": False,
+        },
         "timings": {"sensitivity_s": 30.1, "search_s": 700.2, "final_s": 80.0, "total_s": 812.0},
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture
@@ -125,7 +171,7 @@ def test_html_has_one_svg_per_plot_and_unique_ids(report):
 
 def test_svg_is_deterministic_and_marks_baseline_and_chosen(report):
     svg = plots.pareto_svg(report, "bytes")
-    assert svg == plots.pareto_svg(report, "bytes") and svg.startswith('<svg') and "<?xml" not in svg
+    assert svg == plots.pareto_svg(report, "bytes") and svg.startswith("<svg") and "<?xml" not in svg
     # text is drawn as paths; matplotlib keeps each label as a comment beside them
     assert f"chosen: trial {CHOSEN}" in svg and "baseline (uncompressed)" in svg and "Pareto front" in svg
     assert "file size (KB, log scale)" in svg
@@ -226,6 +272,7 @@ class DevTools:
 
     def wait_load(self, loader: str) -> None:
         """Wait for the load event of the navigation whose loader id is ``loader``."""
+
         def loaded(method: str, params: dict[str, Any]) -> bool:
             return method == "Page.lifecycleEvent" and params["name"] == "load" and params["loaderId"] == loader
 
@@ -254,10 +301,21 @@ def _launch(tmp: Path) -> tuple[subprocess.Popen, int, int]:
     # The browser's ends must be its fds 3 and 4: lift them above 9, and let bash move them there.
     child_in, child_out = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (cmd_r, msg_w))
     move = f'exec "$0" "$@" 3<&{child_in} 4>&{child_out} {child_in}<&- {child_out}>&-'
-    args = [find_chromium(), *HEADLESS_FLAGS, f"--user-data-dir={tmp}/profile", "--remote-debugging-pipe",
-            "--window-size=1280,2400", "about:blank"]  # fmt: skip
-    proc = subprocess.Popen(["bash", "-c", move, *args], pass_fds=(child_in, child_out), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(tmp)})  # fmt: skip
+    args = [
+        find_chromium(),
+        *HEADLESS_FLAGS,
+        f"--user-data-dir={tmp}/profile",
+        "--remote-debugging-pipe",
+        "--window-size=1280,2400",
+        "about:blank",
+    ]
+    proc = subprocess.Popen(
+        ["bash", "-c", move, *args],
+        pass_fds=(child_in, child_out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HOME": str(tmp)},
+    )
     for fd in (cmd_r, msg_w, child_in, child_out):
         os.close(fd)
     return proc, cmd_w, msg_r

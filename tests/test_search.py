@@ -21,7 +21,15 @@ from torchslim.errors import ConfigError
 from torchslim.search.config import Budget, LatencySetting, SearchConfig
 from torchslim.search.run import search
 from torchslim.search.sensitivity import budget_plan, cached_sensitivity
-from torchslim.search.space import Layers, Recovery, SearchSpace, apply_plan, distributions, params_from_plan, plan_from_params
+from torchslim.search.space import (
+    Layers,
+    Recovery,
+    SearchSpace,
+    apply_plan,
+    distributions,
+    params_from_plan,
+    plan_from_params,
+)
 from torchslim.search.trial import split_eval
 
 optuna = pytest.importorskip("optuna")
@@ -30,8 +38,14 @@ ZOO = {"zoo": "lenet_300_100", "kwargs": {"in_features": 64}}
 
 
 def small_config(trials: int = 4, **kw) -> SearchConfig:
-    fields = dict(objective="size", trials=trials, space=SPACE, recovery=Recovery(samples=256, epochs=1),
-                  final=Recovery(samples=0, epochs=1), latency=LatencySetting("eager", batch=8, threads=1, repeats=3))  # fmt: skip
+    fields = dict(
+        objective="size",
+        trials=trials,
+        space=SPACE,
+        recovery=Recovery(samples=256, epochs=1),
+        final=Recovery(samples=0, epochs=1),
+        latency=LatencySetting("eager", batch=8, threads=1, repeats=3),
+    )
     return SearchConfig(Budget.parse("3pt"), **(fields | kw))
 
 
@@ -52,12 +66,17 @@ def test_a_plan_and_optuna_parameters_translate_both_ways(digits_mlp, digits):
     params = params_from_plan(plan, SPACE, layers)
     assert set(params) == set(distributions(SPACE, layers))
     assert params["precision:fc1"] == "share4" and params["precision:fc3"] == "int8" and params["sparsity:fc2"] == 0.0
-    assert plan_from_params(params).to_dict() == {"fc1": {"channels": 0.25, "sparsity": 0.8, "bits": 4}, "fc3": {"quantize": 8}}
+    assert plan_from_params(params).to_dict() == {
+        "fc1": {"channels": 0.25, "sparsity": 0.8, "bits": 4},
+        "fc3": {"quantize": 8},
+    }
 
 
 def test_apply_plan_removes_channels_prunes_shares_and_quantizes_a_copy(digits_mlp, digits):
     before = copy.deepcopy(digits_mlp.state_dict())
-    plan = CompressionPlan.from_dict({"fc1": {"channels": 0.25, "sparsity": 0.8}, "fc2": {"bits": 4}, "fc3": {"quantize": 8}})
+    plan = CompressionPlan.from_dict(
+        {"fc1": {"channels": 0.25, "sparsity": 0.8}, "fc2": {"bits": 4}, "fc3": {"quantize": 8}}
+    )
     out = apply_plan(digits_mlp, plan, digits, Recovery(samples=256, epochs=1), SPACE)
     assert all(torch.equal(v, digits_mlp.state_dict()[k]) for k, v in before.items())  # the original is untouched
     assert out.fc1.out_features == 232  # 300 - 25 % = 225, rounded up to a multiple of 8
@@ -69,7 +88,9 @@ def test_apply_plan_removes_channels_prunes_shares_and_quantizes_a_copy(digits_m
 def test_sensitivity_is_measured_per_layer_and_cached(digits_mlp, digits, tmp_path):
     layers = Layers.of(digits_mlp, digits.example_input(2), SPACE)
     search_batches, _ = split_eval(digits, 0)
-    curves, cached = cached_sensitivity(tmp_path / "s.json", digits_mlp, digits, search_batches, SPACE, layers, "search")
+    curves, cached = cached_sensitivity(
+        tmp_path / "s.json", digits_mlp, digits, search_batches, SPACE, layers, "search"
+    )
     assert not cached
     assert [s for s, _ in curves["sparsity"]["fc1"]] == [0.5, 0.8] and [b for b, _ in curves["bits"]["fc3"]] == [6, 4]
     assert set(curves["channels"]) == {"fc1", "fc2"} and set(curves["int8"]) == {"fc1", "fc2", "fc3"}
@@ -90,7 +111,9 @@ def test_split_halves_are_disjoint_and_cover_the_evaluation_set(digits):
 
 def test_search_delivers_a_file_measured_after_loading_and_resumes_without_rerunning(digits_mlp, digits, tmp_path):
     seen: list[int] = []
-    report = search(digits_mlp, digits, small_config(4), tmp_path, name="s", zoo=ZOO, on_trial=lambda i: seen.append(i["last"]))
+    report = search(
+        digits_mlp, digits, small_config(4), tmp_path, name="s", zoo=ZOO, on_trial=lambda i: seen.append(i["last"])
+    )
     assert sorted(seen) == [0, 1, 2, 3] and report["search"]["trials_done"] == 4
     assert report["trials"][0]["origin"].startswith("seed: uniform")
     final, chosen = report["final"], report["chosen"]
@@ -101,7 +124,9 @@ def test_search_delivers_a_file_measured_after_loading_and_resumes_without_rerun
     first = {t["number"]: (t["plan"], t["accuracy"]) for t in report["trials"]}
 
     seen.clear()
-    again = search(digits_mlp, digits, small_config(6), tmp_path, name="s", zoo=ZOO, on_trial=lambda i: seen.append(i["last"]))
+    again = search(
+        digits_mlp, digits, small_config(6), tmp_path, name="s", zoo=ZOO, on_trial=lambda i: seen.append(i["last"])
+    )
     assert len(seen) == 2 and min(seen) >= 4  # only new trials ran (a repeat of a measured plan is not run)
     assert again["search"]["resumed"] and again["search"]["trials_done"] == 6
     assert {t["number"]: (t["plan"], t["accuracy"]) for t in again["trials"] if t["number"] < 4} == first
@@ -131,7 +156,9 @@ def test_a_study_resumed_with_other_settings_or_a_busy_folder_is_refused(digits_
             search(digits_mlp, digits, small_config(2), tmp_path, name="s", zoo=ZOO)
 
 
-def test_parallel_trials_without_ray_run_one_at_a_time_and_say_how_to_enable_it(digits_mlp, digits, tmp_path, monkeypatch):
+def test_parallel_trials_without_ray_run_one_at_a_time_and_say_how_to_enable_it(
+    digits_mlp, digits, tmp_path, monkeypatch
+):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     report = search(digits_mlp, digits, small_config(2, workers=2), tmp_path, name="s", zoo=ZOO)
     assert "pip install 'torchslim[ray]'" in report["search"]["execution_note"]
@@ -230,15 +257,24 @@ def test_a_search_killed_with_sigkill_resumes_without_rerunning_finished_trials(
 def test_a_plan_proposed_again_is_not_rerun_and_an_exhausted_space_ends_the_search(digits_mlp, digits, tmp_path):
     one_plan = SearchSpace(sparsity=(0.0, 0.5), bits=(), channels=(), int8=False)  # 2**3 plans in all
     seen: list[int] = []
-    report = search(digits_mlp, digits, small_config(12, space=one_plan), tmp_path, name="s", zoo=ZOO,
-                    on_trial=lambda i: seen.append(i["last"]))  # fmt: skip
+    report = search(
+        digits_mlp,
+        digits,
+        small_config(12, space=one_plan),
+        tmp_path,
+        name="s",
+        zoo=ZOO,
+        on_trial=lambda i: seen.append(i["last"]),
+    )
     plans = [json.dumps(t["plan"], sort_keys=True) for t in report["trials"]]
     assert len(plans) == len(set(plans)) == len(seen) <= 8  # every plan measured once, then the search stopped
     assert report["search"]["trials_done"] == len(plans) and report["final"] is not None
 
 
 def test_nsga2_runs_the_same_study_shape(digits_mlp, digits, tmp_path):
-    report = search(digits_mlp, digits, small_config(3, sampler="nsga2", objective="latency"), tmp_path, name="s", zoo=ZOO)
+    report = search(
+        digits_mlp, digits, small_config(3, sampler="nsga2", objective="latency"), tmp_path, name="s", zoo=ZOO
+    )
     assert report["search"]["sampler"] == "nsga2" and report["search"]["trials_done"] == 3
     assert report["chosen"]["trial"] is not None and report["objective"] == "latency"
     assert all(t["latency_ms"] > 0 for t in report["trials"] if t["state"] == "COMPLETE")
@@ -261,11 +297,18 @@ def test_the_seed_ladder_doubles_the_budget_multiple_while_plans_fit_then_bisect
     config, max_drop = small_config(40, seeds=(1.0, 2.0)), 0.03
     study = optuna.create_study(directions=["minimize", "minimize"])
     seed_study(study, config, layers, _synthetic_curves(layers), max_drop)
-    weight = {**{str(x): 0.008 * x for x in SPACE.sparsity}, "float": 0.0, "int8": 0.002, "share6": 0.004, "share4": 0.008}
+    weight = {
+        **{str(x): 0.008 * x for x in SPACE.sparsity},
+        "float": 0.0,
+        "int8": 0.002,
+        "share6": 0.004,
+        "share4": 0.008,
+    }
 
     def measure(params: dict) -> dict:  # a recovered plan loses less than its single-layer drops say
         drop = sum(weight[str(v)] for k, v in params.items() if not k.startswith("channels")) + sum(
-            0.016 * v for k, v in params.items() if k.startswith("channels"))
+            0.016 * v for k, v in params.items() if k.startswith("channels")
+        )
         return {"drop": round(drop, 6), "bytes": 1000 - int(10_000 * drop), "accuracy": 0.9 - drop}
 
     queued, plans = [], []
@@ -277,7 +320,11 @@ def test_the_seed_ladder_doubles_the_budget_multiple_while_plans_fit_then_bisect
         plans.append(json.dumps(trial.params, sort_keys=True))
         tell(study, trial, measure(trial.params), config, max_drop)
     ladder = [m for m in queued if m is not None]
-    fits = {t.user_attrs["seed_multiple"]: t.user_attrs["drop"] <= max_drop for t in study.trials if "seed_multiple" in t.user_attrs}
+    fits = {
+        t.user_attrs["seed_multiple"]: t.user_attrs["drop"] <= max_drop
+        for t in study.trials
+        if "seed_multiple" in t.user_attrs
+    }
     assert ladder[0] == 4.0  # the seeds at 1x and 2x (one plan) fit, so the walk goes on at 4x
     miss = next(i for i, m in enumerate(ladder) if not fits[m])
     assert ladder[: miss + 1] == sorted(ladder[: miss + 1]) and all(m < ladder[miss] for m in ladder[miss + 1 :])
@@ -285,7 +332,6 @@ def test_the_seed_ladder_doubles_the_budget_multiple_while_plans_fit_then_bisect
     best = max(m for m, ok in fits.items() if ok)
     assert min(m for m, ok in fits.items() if not ok and m > best) / best <= 1.25  # the bisection converged
     assert ladder_step(study, config, layers, _synthetic_curves(layers), max_drop) is None
-
 
 
 def test_latency_searches_channels_and_int8_only_and_is_seeded_in_int8_and_in_float(digits_mlp, digits):

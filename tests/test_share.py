@@ -9,7 +9,7 @@ from torchslim.errors import ConfigError
 from torchslim.evaluate.metrics import accuracy
 from torchslim.train.fit import TrainConfig
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
-from torchslim.transforms.share import SharedWeight, ShareConfig, kmeans_codebook, share_
+from torchslim.transforms.share import ShareConfig, SharedWeight, kmeans_codebook, share_
 
 
 def test_kmeans_codebook_maps_every_nonzero_to_its_nearest_centroid():
@@ -71,7 +71,9 @@ def test_share_after_prune_keeps_zeros_and_bounds_distinct_values(digits, digits
     prune_(model, MagnitudePruneConfig(sparsity=0.8, finetune=None))
     zeros = {c.name: c.params - c.nonzero for c in layer_costs(model)}
     before = model.fc1.weight.detach().clone()
-    result = share_(model, ShareConfig(bits={"re:fc[12]": 4, "fc3": 2}, finetune=TrainConfig(epochs=1, lr=1e-3)), digits)
+    result = share_(
+        model, ShareConfig(bits={"re:fc[12]": 4, "fc3": 2}, finetune=TrainConfig(epochs=1, lr=1e-3)), digits
+    )
     costs = {c.name: c for c in layer_costs(model)}
     assert costs["fc1"].distinct <= 16 and costs["fc3"].distinct <= 4
     assert {n: c.params - c.nonzero for n, c in costs.items()} == zeros

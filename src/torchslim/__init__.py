@@ -18,9 +18,12 @@ from torchslim.core import data, models
 from torchslim.core.plan import CompressionPlan, LayerDecision
 from torchslim.errors import TorchslimError
 from torchslim.evaluate.metrics import accuracy
+from torchslim.search.config import Budget, SearchConfig
+from torchslim.search.run import search
 from torchslim.train.fit import TrainConfig, fit
 from torchslim.train.losses import FeatureLoss, SoftTargetLoss
 from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
+from torchslim.transforms.compress import CompressResult, CompressSettings, compress
 from torchslim.transforms.distill import DistillConfig, derive_student, distill
 from torchslim.transforms.mixed_precision import MixedPrecisionConfig, mixed_precision_
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
@@ -29,8 +32,38 @@ from torchslim.transforms.share import ShareConfig, share_
 
 __version__ = "0.1.0"
 __all__ = [
-    "ChannelPruneConfig", "CompressionPlan", "DistillConfig", "FeatureLoss", "LayerDecision", "MagnitudePruneConfig",
-    "MixedPrecisionConfig", "QuantizeConfig", "ShareConfig", "SoftTargetLoss", "TorchslimError", "TrainConfig",
-    "accuracy", "channel_prune_", "compile_model", "data", "derive_student", "distill", "errors", "export_onnx", "fit",
-    "load", "mixed_precision_", "models", "prune_", "quantize_", "save", "share_",
-]  # fmt: skip
+    "Budget",
+    "ChannelPruneConfig",
+    "CompressResult",
+    "CompressSettings",
+    "CompressionPlan",
+    "DistillConfig",
+    "FeatureLoss",
+    "LayerDecision",
+    "MagnitudePruneConfig",
+    "MixedPrecisionConfig",
+    "QuantizeConfig",
+    "SearchConfig",
+    "ShareConfig",
+    "SoftTargetLoss",
+    "TorchslimError",
+    "TrainConfig",
+    "accuracy",
+    "channel_prune_",
+    "compile_model",
+    "compress",
+    "data",
+    "derive_student",
+    "distill",
+    "errors",
+    "export_onnx",
+    "fit",
+    "load",
+    "mixed_precision_",
+    "models",
+    "prune_",
+    "quantize_",
+    "save",
+    "search",
+    "share_",
+]

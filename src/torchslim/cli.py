@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -22,8 +22,14 @@ console = Console()
 @contextlib.contextmanager
 def _bars() -> Iterator[Progress]:
     """One live display for every long step; a task's ``note`` field carries extra text."""
-    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[note]}"))  # fmt: skip
+    columns = (
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         yield progress
 
@@ -52,16 +58,25 @@ def _fail(exc: TorchslimError) -> None:
 
 @app.command()
 def compress(
-    recipe: Optional[str] = typer.Argument(None, help="recipe YAML path or built-in name (default: lenet_300_100)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder (overrides the recipe's)"),
+    recipe: str | None = typer.Argument(None, help="recipe YAML path or built-in name (default: lenet_300_100)"),
+    out: Path | None = typer.Option(None, "--out", help="output folder (overrides the recipe's)"),
 ) -> None:
     """Run a recipe: train (or reuse) the baseline, compress, save the .tslim, write the report."""
     from torchslim.recipe.run import run_recipe
     from torchslim.recipe.schema import load_recipe
     from torchslim.report.render import (
-        DISTILL_COLUMNS, GROUP_COLUMNS, LAYER_COLUMNS, QUANT_COLUMNS, STRUCTURE_COLUMNS, distill_rows, group_rows,
-        layer_rows, quant_rows, structure_rows, summary_rows,
-    )  # fmt: skip
+        DISTILL_COLUMNS,
+        GROUP_COLUMNS,
+        LAYER_COLUMNS,
+        QUANT_COLUMNS,
+        STRUCTURE_COLUMNS,
+        distill_rows,
+        group_rows,
+        layer_rows,
+        quant_rows,
+        structure_rows,
+        summary_rows,
+    )
 
     try:
         spec = load_recipe(recipe)
@@ -73,32 +88,38 @@ def compress(
     except TorchslimError as exc:
         _fail(exc)
         return
-    if report["baseline_cached"]:
+    if report.baseline_cached:
         console.print("baseline: loaded from the cache (no training)")
     console.print(_rich_table("before / after", ("metric", "baseline", "compressed"), summary_rows(report)))
-    if report.get("distillation"):
-        console.print(_rich_table("distillation", DISTILL_COLUMNS, distill_rows(report["distillation"])))
-    for i, step in enumerate(report.get("structure", []), 1):
+    if report.distillation:
+        console.print(_rich_table("distillation", DISTILL_COLUMNS, distill_rows(report.distillation)))
+    for i, step in enumerate(report.structure, 1):
         console.print(_rich_table(f"channels removed (step {i}), per group", GROUP_COLUMNS, group_rows(step)))
         console.print(_rich_table(f"channels removed (step {i}), per layer", STRUCTURE_COLUMNS, structure_rows(step)))
-    if report.get("quantization"):
-        q = report["quantization"]
-        console.print(_rich_table(f"quantized layers (latency on {q['backend']})", QUANT_COLUMNS, quant_rows(q["quantization"])))
-    console.print(_rich_table("per tensor in the file", LAYER_COLUMNS, layer_rows(report["layers"])))
-    out_dir = Path(report["artifact"]).parent
-    console.print(f"wrote {report['artifact']}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+    if report.quantization:
+        q = report.quantization
+        console.print(
+            _rich_table(f"quantized layers (latency on {q['backend']})", QUANT_COLUMNS, quant_rows(q["quantization"]))
+        )
+    console.print(_rich_table("per tensor in the file", LAYER_COLUMNS, layer_rows(report.layers)))
+    out_dir = Path(report.artifact).parent
+    console.print(f"wrote {report.artifact}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
 
 
 @app.command()
 def search(
-    recipe: Optional[str] = typer.Argument(None, help="recipe YAML path or built-in name (default: lenet_300_100)"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="accuracy allowed to go: '1pt' (points, absolute) or '1%' (relative)"),
-    objective: Optional[str] = typer.Option(None, "--objective", help="size (bytes on disk) or latency (measured)"),
-    trials: Optional[int] = typer.Option(None, "--trials", help="trials in the study in all (finished ones count)"),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="stop starting trials after this many seconds"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="trials at once; more than 1 runs them on Ray"),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="an existing Ray cluster (default: a local Ray)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run folder (overrides the recipe's); rerunning resumes there"),
+    recipe: str | None = typer.Argument(None, help="recipe YAML path or built-in name (default: lenet_300_100)"),
+    budget: str | None = typer.Option(
+        None, "--budget", help="accuracy allowed to go: '1pt' (points, absolute) or '1%' (relative)"
+    ),
+    objective: str | None = typer.Option(None, "--objective", help="size (bytes on disk) or latency (measured)"),
+    trials: int | None = typer.Option(None, "--trials", help="trials in the study in all (finished ones count)"),
+    timeout: float | None = typer.Option(None, "--timeout", help="stop starting trials after this many seconds"),
+    workers: int | None = typer.Option(None, "--workers", help="trials at once; more than 1 runs them on Ray"),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="an existing Ray cluster (default: a local Ray)"
+    ),
+    out: Path | None = typer.Option(None, "--out", help="run folder (overrides the recipe's); rerunning resumes there"),
 ) -> None:
     """Search per-layer plans under an accuracy budget; deliver the best .tslim and report.html."""
     from torchslim.recipe.run import run_search
@@ -108,9 +129,17 @@ def search(
         spec = load_recipe(recipe)
         if out is not None:
             spec = spec.model_copy(update={"outputs": spec.outputs.model_copy(update={"dir": str(out)})})
-        overrides = {"budget": budget, "objective": objective, "trials": trials, "timeout_s": timeout,
-                     "workers": workers, "ray_address": ray_address}  # fmt: skip
-        console.print(f"search [bold]{spec.name}[/]: {spec.model.name} on {spec.data.name}, run folder {spec.out_dir()}")
+        overrides = {
+            "budget": budget,
+            "objective": objective,
+            "trials": trials,
+            "timeout_s": timeout,
+            "workers": workers,
+            "ray_address": ray_address,
+        }
+        console.print(
+            f"search [bold]{spec.name}[/]: {spec.model.name} on {spec.data.name}, run folder {spec.out_dir()}"
+        )
         with _bars() as progress:
             report = run_search(spec, _step_bars(progress), _trial_line(progress), **overrides)
     except TorchslimError as exc:
@@ -126,9 +155,13 @@ def _trial_line(progress: Progress):
     def update(info: dict) -> None:
         nonlocal task
         best = info["best"]
-        note = "best: none yet" if best is None else (
-            f"best: trial {best['trial']}, {best['bytes']:,} B, {best['latency_ms']:.3f} ms, "
-            f"-{100 * best['drop']:.2f} pts{'' if best['met_budget'] else ' (over budget)'}"
+        note = (
+            "best: none yet"
+            if best is None
+            else (
+                f"best: trial {best['trial']}, {best['bytes']:,} B, {best['latency_ms']:.3f} ms, "
+                f"-{100 * best['drop']:.2f} pts{'' if best['met_budget'] else ' (over budget)'}"
+            )
         )
         if task is None:
             task = progress.add_task("trials", total=info["total"], note=note)
@@ -145,13 +178,22 @@ def _print_search(report: dict, out_dir: Path) -> None:
         console.print(f"[yellow]note:[/] {search_facts['execution_note']}", highlight=False)
     console.print(report["chosen"]["message"], highlight=False)
     console.print(_rich_table("before / after", ("metric", "baseline", "delivered file"), summary_rows(report)))
-    console.print(_rich_table("per-layer plan", ("layer", "channels removed", "sparsity", "codebook bits", "int8", "skipped because"),
-                              plan_rows(report)))  # fmt: skip
+    console.print(
+        _rich_table(
+            "per-layer plan",
+            ("layer", "channels removed", "sparsity", "codebook bits", "int8", "skipped because"),
+            plan_rows(report),
+        )
+    )
     final = report.get("final")
     if final:
         verdict = "within" if final["within_budget"] else "NOT within"
-        console.print(f"held-out split: {100 * final['drop_holdout']:.2f} points lost, {verdict} the budget", highlight=False)
-    console.print(f"wrote {out_dir / 'report.html'}, report.json, report.md" + (f", {final['artifact']}" if final else ""))
+        console.print(
+            f"held-out split: {100 * final['drop_holdout']:.2f} points lost, {verdict} the budget", highlight=False
+        )
+    console.print(
+        f"wrote {out_dir / 'report.html'}, report.json, report.md" + (f", {final['artifact']}" if final else "")
+    )
 
 
 @app.command()
@@ -160,18 +202,30 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder with report.js
     import json
 
     from torchslim.report.html import write_search_report
+    from torchslim.report.records import RunReport
     from torchslim.report.render import write_report
 
     path = run_dir / "report.json"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        console.print(f"[bold red]error:[/] {path} does not exist: run `torchslim search` (it resumes) or `torchslim compress` first")
-        raise typer.Exit(code=2)
+        console.print(
+            f"[bold red]error:[/] {path} does not exist: run `torchslim search` (it resumes) or `torchslim compress` first"
+        )
+        raise typer.Exit(code=2) from None
     except ValueError as exc:
-        console.print(f"[bold red]error:[/] {path} is not valid JSON ({exc}); rerun the search or compress to rewrite it")
-        raise typer.Exit(code=2)
-    written = write_search_report(data, run_dir) if data.get("kind") == "search" else write_report(data, run_dir)
+        console.print(
+            f"[bold red]error:[/] {path} is not valid JSON ({exc}); rerun the search or compress to rewrite it"
+        )
+        raise typer.Exit(code=2) from exc
+    try:
+        if isinstance(data, dict) and data.get("kind") == "search":
+            written = write_search_report(data, run_dir)
+        else:
+            written = write_report(RunReport.from_dict(data, str(path)), run_dir)
+    except TorchslimError as exc:
+        _fail(exc)
+        return
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -214,7 +268,9 @@ def export(
     except ValueError:
         dims = ()
     if not dims or min(dims) < 1:
-        console.print(f"[bold red]error:[/] --shape {shape!r}: give positive integers separated by commas, e.g. 1,1,28,28")
+        console.print(
+            f"[bold red]error:[/] --shape {shape!r}: give positive integers separated by commas, e.g. 1,1,28,28"
+        )
         raise typer.Exit(code=2)
     try:
         model = load(file)

@@ -33,3 +33,7 @@ class ShapeMismatchError(ArtifactError):
 
 class RecipeError(TorchslimError, ValueError):
     """A recipe file has unknown keys, wrong types or missing values."""
+
+
+class ReportError(TorchslimError, ValueError):
+    """A report file is of another schema version, or not a report of this kind."""

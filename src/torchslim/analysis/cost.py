@@ -73,7 +73,13 @@ def _macs(module: nn.Module, inp: tuple, kwargs: dict, out: object) -> int:
         seq = out[0]  # (B, T, D * H) or (T, B, D * H)
         steps = seq.numel() // (seq.shape[-1])
         kind = getattr(module, "float_type", type(module).__name__)
-        gates = 4 if isinstance(module, nn.LSTM) or kind == "LSTM" else 3 if isinstance(module, nn.GRU) or kind == "GRU" else 1
+        gates = (
+            4
+            if isinstance(module, nn.LSTM) or kind == "LSTM"
+            else 3
+            if isinstance(module, nn.GRU) or kind == "GRU"
+            else 1
+        )
         dirs = 2 if module.bidirectional else 1
         h, i = module.hidden_size, module.input_size
         per_step = gates * h * (i + h) + (gates * h * (dirs * h + h) * (module.num_layers - 1))

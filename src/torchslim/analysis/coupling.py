@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from torchslim.core.plan import match_layer
 from torchslim.errors import ConfigError, TorchslimError
+
 
 def gates(layer: nn.Module) -> int:
     """Gate blocks stacked in a recurrent layer's weights: LSTM i, f, g, o; GRU r, z, n."""
@@ -271,9 +273,21 @@ def _output_modules(graph: Any) -> set:
 
 
 _SUPPORTED = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
-    nn.GroupNorm, nn.PReLU, nn.Embedding, nn.LSTM, nn.GRU, nn.MultiheadAttention,
-)  # fmt: skip
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.PReLU,
+    nn.Embedding,
+    nn.LSTM,
+    nn.GRU,
+    nn.MultiheadAttention,
+)
 
 
 def _unsupported(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -286,9 +300,7 @@ def _unsupported(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return out
 
 
-def _skip_reason(
-    g: CouplingGroup, exclude: list[str], min_channels: int, unsupported: list, names: dict
-) -> str | None:
+def _skip_reason(g: CouplingGroup, exclude: list[str], min_channels: int, unsupported: list, names: dict) -> str | None:
     hit = [m.module for m in g.members if m.side == "out" and match_layer(exclude, m.module)]
     if hit:
         return f"excluded by the configuration ({hit[0]})"

@@ -18,8 +18,8 @@ change of the loss when a channel goes, sum(w * dL/dw) per channel and batch (Mo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -44,7 +44,9 @@ class Stats:
 Criterion = Callable[[CouplingGroup, Stats], "torch.Tensor | None"]
 
 
-def _rows(module: nn.Module, side: str, idxs: tuple[int, ...], weights: Callable[[nn.Module], dict]) -> torch.Tensor | None:
+def _rows(
+    module: nn.Module, side: str, idxs: tuple[int, ...], weights: Callable[[nn.Module], dict]
+) -> torch.Tensor | None:
     """One row per channel of ``module``'s weights on ``side``: (len(idxs), fan)."""
     w = weights(module)
     ix = torch.as_tensor(idxs, dtype=torch.long)
@@ -68,7 +70,10 @@ def _params(module: nn.Module) -> dict:
 
 
 def _grads(module: nn.Module) -> dict:
-    return {n: (p.detach() * p.grad) if p.grad is not None else torch.zeros_like(p) for n, p in module.named_parameters(recurse=False)}  # fmt: skip
+    return {
+        n: (p.detach() * p.grad) if p.grad is not None else torch.zeros_like(p)
+        for n, p in module.named_parameters(recurse=False)
+    }
 
 
 def _combine(group: CouplingGroup, parts: Iterable[tuple[torch.Tensor, tuple[int, ...]]]) -> torch.Tensor | None:
@@ -103,7 +108,11 @@ def magnitude(p: int) -> Criterion:
 
 def taylor(group: CouplingGroup, stats: Stats) -> torch.Tensor | None:
     """Squared first-order loss change per channel, gathered by :func:`gather_stats`."""
-    parts = [(stats.taylor[(group.root, sl.index)], sl.root_idxs) for sl in group.slices if (group.root, sl.index) in stats.taylor]  # fmt: skip
+    parts = [
+        (stats.taylor[(group.root, sl.index)], sl.root_idxs)
+        for sl in group.slices
+        if (group.root, sl.index) in stats.taylor
+    ]
     return _combine(group, parts)
 
 
@@ -141,14 +150,23 @@ def random(group: CouplingGroup, stats: Stats) -> torch.Tensor | None:
 
 
 CRITERIA: dict[str, Criterion] = {
-    "l1": magnitude(1), "l2": magnitude(2), "taylor": taylor, "bn_scale": bn_scale,
-    "activation": activation, "apoz": apoz, "random": random,
-}  # fmt: skip
+    "l1": magnitude(1),
+    "l2": magnitude(2),
+    "taylor": taylor,
+    "bn_scale": bn_scale,
+    "activation": activation,
+    "apoz": apoz,
+    "random": random,
+}
 NEEDS_DATA = {"taylor", "activation", "apoz"}
 
 
 def gather_stats(
-    model: nn.Module, coupling: Coupling, criterion: str, batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0
+    model: nn.Module,
+    coupling: Coupling,
+    criterion: str,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    seed: int = 0,
 ) -> Stats:
     """Run ``batches`` through ``model`` to collect what ``criterion`` needs (nothing for data-free ones)."""
     stats = Stats(seed=seed)
@@ -194,8 +212,10 @@ def _gather_activations(model: nn.Module, batches: list, stats: Stats) -> None:
         return record
 
     handles = [
-        m.register_forward_hook(hook(n, m)) for n, m in model.named_modules() if isinstance(m, (*_CONV, *_BN, nn.Linear, nn.RNNBase))
-    ]  # fmt: skip
+        m.register_forward_hook(hook(n, m))
+        for n, m in model.named_modules()
+        if isinstance(m, (*_CONV, *_BN, nn.Linear, nn.RNNBase))
+    ]
     was_training = model.training
     model.eval()
     try:

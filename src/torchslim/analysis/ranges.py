@@ -19,8 +19,8 @@ deprecated namespace and have no MSE method; the methods are short over a histog
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn

@@ -267,7 +267,9 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
     head_len, pos_len, idx_len = (_strict_int(x, "sections", name) for x in sections)
     kind, alpha, model = entry.get("values"), entry.get("alpha"), entry.get("positions")
     if entry.get("dtype") not in _DTYPES or model not in ("col", "rowcol"):
-        raise ArtifactError(f"tensor {name!r}: malformed manifest entry (dtype {entry.get('dtype')!r}, positions {model!r})")
+        raise ArtifactError(
+            f"tensor {name!r}: malformed manifest entry (dtype {entry.get('dtype')!r}, positions {model!r})"
+        )
     numel = math.prod(shape)
     rows = _rows(shape)
     if min(head_len, pos_len, idx_len) < 0 or head_len + pos_len + idx_len != len(blob) or not 0 <= nnz <= numel:
@@ -275,7 +277,9 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
     width = {"codebook": None, "codebook8": None, "raw": 4, "raw16": 2}.get(kind, 0) if isinstance(kind, str) else 0
     if width == 0 or type(alpha) not in (int, float) or not 0 < alpha < math.inf:
         raise ArtifactError(f"tensor {name!r}: unsupported value coding {kind!r} (alpha={alpha!r})")
-    if (width and (k != 0 or idx_len or head_len != width * nnz)) or (not width and not 0 < k <= min(nnz, MAX_CODEBOOK) and nnz):
+    if (width and (k != 0 or idx_len or head_len != width * nnz)) or (
+        not width and not 0 < k <= min(nnz, MAX_CODEBOOK) and nnz
+    ):
         raise ArtifactError(f"tensor {name!r}: {kind} values with k={k} do not fit {head_len} bytes for nnz={nnz}")
     if (nnz in (0, numel) and model == "rowcol") or (nnz == numel and pos_len):
         raise ArtifactError(f"tensor {name!r}: a position section that nnz={nnz} of {numel} rules out")
@@ -288,7 +292,9 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
     if int(mask.sum()) != nnz:
         raise ArtifactError(f"tensor {name!r}: position stream holds {int(mask.sum())} non-zeros, manifest says {nnz}")
     if (kind == "codebook8") != (entry["dtype"] == "int8") and kind != "codebook":
-        raise ArtifactError(f"tensor {name!r}: {kind!r} values cannot decode to {entry['dtype']}; an int8 tensor uses a codebook")
+        raise ArtifactError(
+            f"tensor {name!r}: {kind!r} values cannot decode to {entry['dtype']}; an int8 tensor uses a codebook"
+        )
     values = _decode_values(head, idx, kind, k, nnz, name) if nnz else np.zeros(0, dtype=np.float32)
     if entry["dtype"] == "int8" and not np.isin(values, np.arange(-128, 128)).all():
         raise ArtifactError(f"tensor {name!r}: an int8 tensor's values must be a codebook of integers in [-128, 127]")

@@ -55,18 +55,34 @@ def inspect_file(path: str | os.PathLike) -> tuple[list[TensorRow], dict]:
         fp32 = t.numel() * 4
         if entry is None:
             n = int((t != 0).sum())
-            rows.append(TensorRow(name, list(t.shape), False, t.numel(), n, None, None, None,
-                                  t.numel() * t.element_size(), fp32))  # fmt: skip
+            rows.append(
+                TensorRow(
+                    name, list(t.shape), False, t.numel(), n, None, None, None, t.numel() * t.element_size(), fp32
+                )
+            )
             continue
         head, pos, idx = entry["sections"]
         nnz, k, shared = entry["nnz"], entry["k"], entry["values"] in ("codebook", "codebook8")
         b = stream_bounds(t, float(entry["alpha"]), entry["positions"] == "rowcol")
-        rows.append(TensorRow(
-            name, list(t.shape), True, t.numel(), nnz,
-            max(1, math.ceil(math.log2(k))) if shared and k else None,
-            8 * idx / nnz if nnz and shared else None,
-            8 * pos / nnz if nnz else None,
-            head + pos + idx, fp32, pos, b["positions_h0"] / 8, b["positions_model"] / 8, idx,
-            b["indices_h0"] / 8 if shared else 0.0, head, entry["values"],
-        ))  # fmt: skip
+        rows.append(
+            TensorRow(
+                name,
+                list(t.shape),
+                True,
+                t.numel(),
+                nnz,
+                max(1, math.ceil(math.log2(k))) if shared and k else None,
+                8 * idx / nnz if nnz and shared else None,
+                8 * pos / nnz if nnz else None,
+                head + pos + idx,
+                fp32,
+                pos,
+                b["positions_h0"] / 8,
+                b["positions_model"] / 8,
+                idx,
+                b["indices_h0"] / 8 if shared else 0.0,
+                head,
+                entry["values"],
+            )
+        )
     return rows, manifest

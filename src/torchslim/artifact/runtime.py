@@ -20,7 +20,8 @@ import inspect
 import logging
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,7 +32,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("eager", "inductor", "onnxruntime")
 
 
-def compile_model(model: nn.Module, backend: str, example: torch.Tensor, threads: int = 2) -> Callable[[torch.Tensor], torch.Tensor]:
+def compile_model(
+    model: nn.Module, backend: str, example: torch.Tensor, threads: int = 2
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable that runs ``model`` on ``backend``; compiled (and checked) on ``example``.
 
     Example:
@@ -120,9 +123,14 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
     name = next(iter(inspect.signature(model.forward).parameters), "x")
     try:
         program = torch.onnx.export(
-            model, (example,), dynamo=True, external_data=False, optimize=True, verbose=False,
+            model,
+            (example,),
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+            verbose=False,
             dynamic_shapes={name: {0: torch.export.Dim("batch", min=1, max=65536)}},
-        )  # fmt: skip
+        )
     except Exception as exc:  # noqa: BLE001 -- reported with what to do
         raise ConfigError(
             f"cannot export {type(model).__name__} to ONNX ({type(exc).__name__}: {str(exc)[:300]}); use "
@@ -158,8 +166,31 @@ def drop_noop_relus(proto) -> int:
     return changed
 
 
+def exact_int8_kernels(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies uint8 activations by int8 weights without saturating.
+
+    x86 CPUs with VNNI (AVX-512 or AVX) or AMX add the products in 32 bits. Without them (AVX2
+    only), ONNX Runtime's fused integer kernels add pairs of products in 16 bits (``vpmaddubsw``),
+    which saturates for full-range int8 weights: measured here, a static int8 ResNet gave a max
+    output difference of 0.60 against the same graph run unfused. Other architectures and an
+    unreadable ``cpuinfo`` count as exact.
+    """
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return True
+    if "avx2" not in flags:
+        return True
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 class OrtRunner:
-    """An ONNX Runtime CPU session behind a tensor-in, tensor-out call."""
+    """An ONNX Runtime CPU session behind a tensor-in, tensor-out call.
+
+    A quantized graph runs on ONNX Runtime's fused integer kernels where they are exact
+    (:func:`exact_int8_kernels`); on a CPU where they saturate it runs unfused (QDQ nodes around
+    float kernels: the same numbers as PyTorch, at float speed), with a warning.
+    """
 
     def __init__(self, onnx_bytes: bytes, threads: int = 2) -> None:
         import onnxruntime as ort
@@ -167,6 +198,12 @@ class OrtRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if b"QuantizeLinear" in onnx_bytes and not exact_int8_kernels():
+            log.warning(
+                "this CPU has no VNNI or AMX: ONNX Runtime's fused int8 kernels would saturate on it, so the "
+                "quantized graph runs unfused (exact, float speed); on a CPU with AVX-512 VNNI it runs int8 kernels"
+            )
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.log_severity_level = 3
         self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name

@@ -13,7 +13,8 @@ the caller's own model holds.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,14 +31,17 @@ SIZE_ATTRS: dict[type, tuple[str, ...]] = {
     nn.Conv2d: ("in_channels", "out_channels", "groups"),
     nn.Conv3d: ("in_channels", "out_channels", "groups"),
     nn.Linear: ("in_features", "out_features"),
-    nn.BatchNorm1d: ("num_features",), nn.BatchNorm2d: ("num_features",), nn.BatchNorm3d: ("num_features",),
+    nn.BatchNorm1d: ("num_features",),
+    nn.BatchNorm2d: ("num_features",),
+    nn.BatchNorm3d: ("num_features",),
     nn.GroupNorm: ("num_channels",),
     nn.LayerNorm: ("normalized_shape",),
     nn.PReLU: ("num_parameters",),
     nn.Embedding: ("num_embeddings", "embedding_dim"),
-    nn.LSTM: ("input_size", "hidden_size"), nn.GRU: ("input_size", "hidden_size"),
+    nn.LSTM: ("input_size", "hidden_size"),
+    nn.GRU: ("input_size", "hidden_size"),
     nn.MultiheadAttention: ("embed_dim", "kdim", "vdim", "num_heads", "head_dim"),
-}  # fmt: skip
+}
 """Per module type, the attributes that say how big it is (and that structured pruning changes)."""
 
 
@@ -206,8 +210,15 @@ def _expected(m: nn.Module) -> tuple[dict[str, tuple[int, ...]], list[str]]:
         e = m.embed_dim
         if m.head_dim * m.num_heads != e:
             broken.append(f"embed_dim={e} must equal head_dim={m.head_dim} x num_heads={m.num_heads}")
-        shapes = {"in_proj_weight": (3 * e, e), "in_proj_bias": (3 * e,), "q_proj_weight": (e, e),
-                  "k_proj_weight": (e, m.kdim), "v_proj_weight": (e, m.vdim), "bias_k": (1, 1, e), "bias_v": (1, 1, e)}  # fmt: skip
+        shapes = {
+            "in_proj_weight": (3 * e, e),
+            "in_proj_bias": (3 * e,),
+            "q_proj_weight": (e, e),
+            "k_proj_weight": (e, m.kdim),
+            "v_proj_weight": (e, m.vdim),
+            "bias_k": (1, 1, e),
+            "bias_v": (1, 1, e),
+        }
     return shapes, broken
 
 
@@ -228,6 +239,10 @@ def _check_consistent(m: nn.Module, name: str, path: Any) -> None:
     """A resized module's attributes must agree with each other and with its tensors."""
     shapes, broken = _expected(m)
     own = dict(m.named_parameters(recurse=False)) | dict(m.named_buffers(recurse=False))
-    wrong = [f"{k} is {tuple(own[k].shape)}, expected {v}" for k, v in shapes.items() if k in own and own[k] is not None and tuple(own[k].shape) != v]  # fmt: skip
+    wrong = [
+        f"{k} is {tuple(own[k].shape)}, expected {v}"
+        for k, v in shapes.items()
+        if k in own and own[k] is not None and tuple(own[k].shape) != v
+    ]
     if broken or wrong:
         raise ShapeMismatchError(f"{path}: module {name!r} after resizing: {'; '.join(broken + wrong)[:300]}")

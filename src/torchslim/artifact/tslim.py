@@ -14,8 +14,9 @@ import json
 import math
 import os
 import zlib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -43,11 +44,22 @@ MAX_ZOO_ARG = 65536
 """Zoo builder arguments (sizes, class counts) a file may name; bounds what loading allocates."""
 _REQUIRED = ("format", "version", "coded", "model", "plan", "metrics", "fingerprint")
 _ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint64: "U64",
+    torch.uint32: "U32",
+    torch.uint16: "U16",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def encode(
@@ -133,6 +145,18 @@ def save(
     return write_atomic(Path(path), data)
 
 
+@torch.no_grad()
+def check_reproduces(model: nn.Module, restored: nn.Module, inputs: Iterable[Any], path: str | os.PathLike) -> None:
+    """The model loaded from ``path`` must give exactly ``model``'s outputs on every input batch;
+    otherwise an :class:`ArtifactError` (a file that does not reproduce its model is a bug)."""
+    for i, x in enumerate(inputs):
+        if not torch.equal(model.eval()(x), restored.eval()(x)):
+            raise ArtifactError(
+                f"{path} does not reproduce the compressed model's outputs exactly (input batch {i}); "
+                "please report it with the file"
+            )
+
+
 def fingerprint(stored: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over each stored tensor's name, dtype and bytes, in sorted name order."""
     digest = hashlib.sha256()
@@ -206,7 +230,9 @@ def _manifest(path: Path, header: Any) -> dict:
         )
     if manifest["version"] >= 2 and not isinstance(manifest.get("modules"), dict):
         raise ArtifactError(f"{path}: a version {manifest['version']} manifest needs a 'modules' object")
-    if manifest["version"] >= 3 and not (isinstance(manifest.get("quant"), dict) and isinstance(manifest.get("folded"), dict)):
+    if manifest["version"] >= 3 and not (
+        isinstance(manifest.get("quant"), dict) and isinstance(manifest.get("folded"), dict)
+    ):
         raise ArtifactError(f"{path}: a version {manifest['version']} manifest needs 'quant' and 'folded' objects")
     return manifest
 
@@ -312,7 +338,9 @@ def _requantize(module: nn.Module, quant: Any, path: Any) -> None:
     fresh = {}
     for name, spec in quant.items():
         layer = owned.get(name)
-        of, scheme, bits, group = (spec.get(k) for k in ("of", "scheme", "bits", "group_size")) if isinstance(spec, dict) else (None,) * 4
+        of, scheme, bits, group = (
+            (spec.get(k) for k in ("of", "scheme", "bits", "group_size")) if isinstance(spec, dict) else (None,) * 4
+        )
         if of not in kinds or scheme not in SCHEMES or bits not in (4, 8) or type(group) is not int:
             raise ArtifactError(f"{path}: quantized layer {name!r} has an unknown description {str(spec)[:120]}")
         if type(layer) is not kinds[of]:
@@ -329,7 +357,9 @@ def _requantize(module: nn.Module, quant: Any, path: Any) -> None:
             continue
         per_channel = spec.get("per_channel", True)  # absent before version 4
         if type(per_channel) is not bool or (bits == 4 and not per_channel):
-            raise ArtifactError(f"{path}: quantized layer {name!r}: per_channel must be true or false (true for 4 bits), got {per_channel!r}")
+            raise ArtifactError(
+                f"{path}: quantized layer {name!r}: per_channel must be true or false (true for 4 bits), got {per_channel!r}"
+            )
         fresh[name] = QuantizedLayer.empty_like(layer, scheme, bits, group, per_channel)
         if scheme == "static":
             fresh[name].input_q = _grid(spec.get("input"), name, path)
@@ -342,9 +372,10 @@ def _grid(value: Any, name: str, path: Any) -> tuple[float, int]:
     """A uint8 grid ``[scale, zero_point]`` from the manifest, checked."""
     ok = isinstance(value, list) and len(value) == 2 and type(value[0]) is float and type(value[1]) is int
     if not ok or not (0 < value[0] < 1e30 and 0 <= value[1] <= 255):
-        raise ArtifactError(f"{path}: quantized layer {name!r}: a grid must be [scale > 0, zero point 0..255], got {str(value)[:60]}")
+        raise ArtifactError(
+            f"{path}: quantized layer {name!r}: a grid must be [scale > 0, zero point 0..255], got {str(value)[:60]}"
+        )
     return float(value[0]), int(value[1])
-
 
 
 def _shapes(manifest: dict, stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

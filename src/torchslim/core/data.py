@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -143,7 +143,7 @@ def _read_idx(path: Path) -> np.ndarray:
         with gzip.open(path, "rb") as fh:
             raw = fh.read()
     except (OSError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable gzip IDX file ({exc}); reinstall dataset-fashion-mnist")
+        raise DataError(f"{path}: not a readable gzip IDX file ({exc}); reinstall dataset-fashion-mnist") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]

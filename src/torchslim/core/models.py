@@ -7,7 +7,8 @@ never names code to import.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,8 +36,9 @@ class MLP(nn.Module):
     """A ReLU MLP of ``depth`` hidden layers of ``width`` units, with optional dropout (as the
     teacher of Hinton et al.'s MNIST distillation experiment: 2 x 1200, dropout)."""
 
-    def __init__(self, in_features: int = 784, width: int = 1200, depth: int = 2, num_classes: int = 10,
-                 dropout_percent: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, in_features: int = 784, width: int = 1200, depth: int = 2, num_classes: int = 10, dropout_percent: int = 0
+    ) -> None:
         super().__init__()
         if not 0 <= dropout_percent < 100:
             raise ConfigError(f"dropout_percent={dropout_percent}: use a whole number from 0 to 99")
@@ -146,7 +148,12 @@ class MobileNetMini(nn.Module):
             raise ConfigError(f"blocks={blocks!r}: mobilenet_mini has 1 to 4 blocks (the first ones are kept)")
         self.stem = nn.Conv2d(in_channels, width, 3, 2, 1, bias=False)
         self.stem_bn = nn.BatchNorm2d(width)
-        widths = [(width, 2 * width, 1), (2 * width, 4 * width, 2), (4 * width, 4 * width, 1), (4 * width, 8 * width, 2)][:blocks]
+        widths = [
+            (width, 2 * width, 1),
+            (2 * width, 4 * width, 2),
+            (4 * width, 4 * width, 1),
+            (4 * width, 8 * width, 2),
+        ][:blocks]
         self.blocks = nn.Sequential(*(SeparableBlock(i, o, s) for i, o, s in widths))
         self.fc = nn.Linear(widths[-1][1], num_classes)
 
@@ -204,7 +211,9 @@ def lenet_300_100(in_features: int = 784, num_classes: int = 10) -> nn.Module:
     return LeNet300100(in_features, num_classes)
 
 
-def mlp(in_features: int = 784, width: int = 1200, depth: int = 2, num_classes: int = 10, dropout_percent: int = 0) -> nn.Module:
+def mlp(
+    in_features: int = 784, width: int = 1200, depth: int = 2, num_classes: int = 10, dropout_percent: int = 0
+) -> nn.Module:
     """Build a ReLU MLP (``depth`` x ``width``; dropout after each hidden layer, in percent)."""
     return MLP(in_features, width, depth, num_classes, dropout_percent)
 
@@ -240,9 +249,15 @@ def gru_classifier(input_size: int = 28, hidden_size: int = 128, num_classes: in
 
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
-    "lenet_300_100": lenet_300_100, "lenet5": lenet5, "resnet_mini": resnet_mini, "mobilenet_mini": mobilenet_mini,
-    "concat_net": concat_net, "lstm_classifier": lstm_classifier, "gru_classifier": gru_classifier, "mlp": mlp,
-}  # fmt: skip
+    "lenet_300_100": lenet_300_100,
+    "lenet5": lenet5,
+    "resnet_mini": resnet_mini,
+    "mobilenet_mini": mobilenet_mini,
+    "concat_net": concat_net,
+    "lstm_classifier": lstm_classifier,
+    "gru_classifier": gru_classifier,
+    "mlp": mlp,
+}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

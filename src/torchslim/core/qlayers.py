@@ -48,8 +48,11 @@ SCHEMES = ("static", "dynamic", "weight")
 FLOAT_TYPES: dict[str, type] = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d}
 """The float layers that can be quantized, by the class name the manifest records."""
 _CONV_ARGS = ("stride", "padding", "dilation", "groups")
-_SIZE = {"Linear": ("in_features", "out_features"), "Conv1d": ("in_channels", "out_channels", "groups"),
-         "Conv2d": ("in_channels", "out_channels", "groups")}  # fmt: skip
+_SIZE = {
+    "Linear": ("in_features", "out_features"),
+    "Conv1d": ("in_channels", "out_channels", "groups"),
+    "Conv2d": ("in_channels", "out_channels", "groups"),
+}
 _EPS = torch.finfo(torch.float32).eps
 _qd = torch.ops.quantized_decomposed
 
@@ -122,7 +125,7 @@ def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(min(255, max(0, round(-lo / scale))))
 
 
-def _match_zero_points(module: "QuantizedLayer", _keys: Any) -> None:
+def _match_zero_points(module: QuantizedLayer, _keys: Any) -> None:
     """After a load (which may have resized the layer), one zero point per scale again, and the
     per-tensor scale as the number compiled graphs bake in."""
     module.weight_zero_point = torch.zeros(module.weight_scale.shape[0], dtype=torch.int64)
@@ -133,11 +136,21 @@ def _match_zero_points(module: "QuantizedLayer", _keys: Any) -> None:
 class QuantizedLayer(nn.Module):
     """A Linear or Conv layer with integer weights (see the module docstring)."""
 
-    def __init__(self, float_type: str, sizes: dict[str, Any], scheme: str, bits: int = 8, group_size: int = 0,
-                 bias: bool = True, per_channel: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        float_type: str,
+        sizes: dict[str, Any],
+        scheme: str,
+        bits: int = 8,
+        group_size: int = 0,
+        bias: bool = True,
+        per_channel: bool = True,
+    ) -> None:
         super().__init__()
         if float_type not in FLOAT_TYPES or scheme not in SCHEMES or (bits == 4 and not per_channel):
-            raise ValueError(f"cannot quantize {float_type} with scheme {scheme!r}, bits {bits}, per_channel {per_channel}")
+            raise ValueError(
+                f"cannot quantize {float_type} with scheme {scheme!r}, bits {bits}, per_channel {per_channel}"
+            )
         self.float_type, self.scheme, self.bits, self.group_size = float_type, scheme, bits, group_size
         self.per_channel = per_channel
         self.tensor_scale = 1.0  # per_channel=False: weight_scale[0] as a Python number
@@ -153,7 +166,9 @@ class QuantizedLayer(nn.Module):
             self.register_buffer("weight_scale", torch.ones(out if per_channel else 1))
         self.register_buffer("bias", torch.zeros(out) if bias else None)
         # the weights' zero points (symmetric: all 0); a constant that compiled graphs freeze
-        self.register_buffer("weight_zero_point", torch.zeros(len(self.weight_scale), dtype=torch.int64), persistent=False)
+        self.register_buffer(
+            "weight_zero_point", torch.zeros(len(self.weight_scale), dtype=torch.int64), persistent=False
+        )
         self.register_load_state_dict_post_hook(_match_zero_points)
         # static only: the (scale, zero point) of the input's and the output's uint8 grids, kept as
         # Python numbers (compiled graphs bake them in; the file keeps them in its manifest)
@@ -173,18 +188,27 @@ class QuantizedLayer(nn.Module):
         return {k: getattr(layer, k) for k in dict.fromkeys(keys)}
 
     @classmethod
-    def empty_like(cls, layer: nn.Module, scheme: str, bits: int = 8, group_size: int = 0,
-                   per_channel: bool = True) -> "QuantizedLayer":  # fmt: skip
+    def empty_like(
+        cls, layer: nn.Module, scheme: str, bits: int = 8, group_size: int = 0, per_channel: bool = True
+    ) -> QuantizedLayer:
         """A zero-filled quantized layer of ``layer``'s shapes, to be filled by ``load_state_dict``."""
         kind = _float_type(layer)
         if kind is None:
             raise ValueError(f"{type(layer).__name__} cannot be quantized")
-        return cls(kind, cls.sizes_of(layer), scheme, bits, group_size, bias=layer.bias is not None, per_channel=per_channel)
+        return cls(
+            kind, cls.sizes_of(layer), scheme, bits, group_size, bias=layer.bias is not None, per_channel=per_channel
+        )
 
     @classmethod
-    def from_float(cls, layer: nn.Module, scheme: str, bits: int = 8, group_size: int = 0,
-                   ranges: tuple[tuple[float, float], tuple[float, float]] | None = None,
-                   per_channel: bool = True) -> "QuantizedLayer":  # fmt: skip
+    def from_float(
+        cls,
+        layer: nn.Module,
+        scheme: str,
+        bits: int = 8,
+        group_size: int = 0,
+        ranges: tuple[tuple[float, float], tuple[float, float]] | None = None,
+        per_channel: bool = True,
+    ) -> QuantizedLayer:
         """Quantize ``layer``'s weight; ``static`` needs the calibrated ``(input, output)`` ranges
         (output ``None``: the output stays float because the next layer's input grid takes it)."""
         q = cls.empty_like(layer, scheme, bits, group_size, per_channel)
@@ -214,7 +238,9 @@ class QuantizedLayer(nn.Module):
             return (q * self.weight_scale.float().unsqueeze(-1)).flatten(1)[:, :width]  # (out, in)
         if not self.per_channel:
             return _qd.dequantize_per_tensor(self.weight, self.tensor_scale, 0, -128, 127, torch.int8)
-        return _qd.dequantize_per_channel(self.weight, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8)
+        return _qd.dequantize_per_channel(
+            self.weight, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme == "static":
@@ -233,17 +259,28 @@ class QuantizedLayer(nn.Module):
             y = conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.output_q is not None:  # the output on its own grid: int8 kernels write uint8, ONNX Runtime fuses Q
             scale, zp = self.output_q
-            y = _qd.dequantize_per_tensor(_qd.quantize_per_tensor(y, scale, zp, 0, 255, torch.uint8), scale, zp, 0, 255, torch.uint8)
+            y = _qd.dequantize_per_tensor(
+                _qd.quantize_per_tensor(y, scale, zp, 0, 255, torch.uint8), scale, zp, 0, 255, torch.uint8
+            )
         return y
 
     def extra_repr(self) -> str:
-        kind = f"int{self.bits}" + (f" groups of {self.group_size}" if self.group_size else "") + ("" if self.per_channel else " per tensor")
+        kind = (
+            f"int{self.bits}"
+            + (f" groups of {self.group_size}" if self.group_size else "")
+            + ("" if self.per_channel else " per tensor")
+        )
         return f"{self.float_type} {tuple(self.weight_shape())}, {self.scheme} {kind}"
 
     def describe(self) -> dict[str, Any]:
         """The manifest entry that lets a loader rebuild this layer from the float one."""
-        entry = {"of": self.float_type, "scheme": self.scheme, "bits": self.bits, "group_size": self.group_size,
-                 "per_channel": self.per_channel}  # fmt: skip
+        entry = {
+            "of": self.float_type,
+            "scheme": self.scheme,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "per_channel": self.per_channel,
+        }
         if self.scheme == "static":
             entry |= {"input": list(self.input_q), "output": list(self.output_q) if self.output_q else None}
         return entry
@@ -259,4 +296,8 @@ def folded_batchnorm(kind: str, conv: str) -> nn.Identity:
 
 def folded_names(model: nn.Module) -> dict[str, str]:
     """Each BatchNorm folded away in ``model`` -> the convolution it was folded into."""
-    return {n: m.folded_batchnorm[1] for n, m in model.named_modules() if isinstance(getattr(m, "folded_batchnorm", None), tuple)}
+    return {
+        n: m.folded_batchnorm[1]
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "folded_batchnorm", None), tuple)
+    }

@@ -28,10 +28,14 @@ _EPS = torch.finfo(torch.float32).eps
 _qd = torch.ops.quantized_decomposed
 
 
-def _dynamic_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _dynamic_linear(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``x @ dequant(w).T + bias`` with ``x`` quantized to uint8 over its own range first."""
     x_scale, x_zp = _qd.choose_qparams.tensor(x, 0, 255, _EPS, torch.uint8)
-    x = _qd.dequantize_per_tensor.tensor(_qd.quantize_per_tensor.tensor(x, x_scale, x_zp, 0, 255, torch.uint8), x_scale, x_zp, 0, 255, torch.uint8)
+    x = _qd.dequantize_per_tensor.tensor(
+        _qd.quantize_per_tensor.tensor(x, x_scale, x_zp, 0, 255, torch.uint8), x_scale, x_zp, 0, 255, torch.uint8
+    )
     return F.linear(x, _qd.dequantize_per_channel(w, scale, zero, 0, -128, 127, torch.int8), bias)
 
 
@@ -74,14 +78,14 @@ class QuantizedRNN(nn.Module):
         return {k: getattr(rnn, k) for k in keys}
 
     @classmethod
-    def empty_like(cls, rnn: nn.Module) -> "QuantizedRNN":
+    def empty_like(cls, rnn: nn.Module) -> QuantizedRNN:
         kind = next((n for n, t in RNN_TYPES.items() if type(rnn) is t), None)
         if kind is None or getattr(rnn, "proj_size", 0):
             raise ValueError(f"{type(rnn).__name__} cannot be quantized as a recurrent layer")
         return cls(kind, cls.sizes_of(rnn))
 
     @classmethod
-    def from_float(cls, rnn: nn.Module) -> "QuantizedRNN":
+    def from_float(cls, rnn: nn.Module) -> QuantizedRNN:
         q = cls.empty_like(rnn)
         for name in q.weight_shapes():
             w = getattr(rnn, name).detach().float()
@@ -98,8 +102,13 @@ class QuantizedRNN(nn.Module):
 
     def _project(self, x: torch.Tensor, name: str, bias: str) -> torch.Tensor:
         w = getattr(self, name)
-        return _dynamic_linear(x, w, getattr(self, f"{name}_scale"), getattr(self, f"{name}_zero_point"),
-                               getattr(self, bias) if self.bias else None)  # fmt: skip
+        return _dynamic_linear(
+            x,
+            w,
+            getattr(self, f"{name}_scale"),
+            getattr(self, f"{name}_zero_point"),
+            getattr(self, bias) if self.bias else None,
+        )
 
     def _direction(self, x: torch.Tensor, k: int, sfx: str, h: torch.Tensor, c: torch.Tensor | None):
         """One layer, one direction over ``x`` (B, T, F); returns the outputs (B, T, H) and final state."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -29,7 +29,11 @@ class Latency:
 
 @torch.no_grad()
 def measure_latency(
-    model: nn.Module | Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, threads: int = 2, warmup: int = 10, repeats: int = 50
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    example: torch.Tensor,
+    threads: int = 2,
+    warmup: int = 10,
+    repeats: int = 50,
 ) -> Latency:
     """Time ``model(example)`` after ``warmup`` calls; report the median of ``repeats`` calls.
 

@@ -1,26 +1,36 @@
 """The recipe schema. Every model forbids unknown keys, so a misspelled key is an error naming it.
 
 A recipe names a model, a dataset, how the dense baseline is trained, the compression
-steps in order, and where outputs go. All problems in a file are reported at once.
+steps in order, and where outputs go. All problems in a file are reported at once. The
+sections of data, training and every step are derived from the config dataclasses
+(:mod:`torchslim.recipe.sections`): a YAML key and the Python argument of the same name have
+the same type and default. Each step compiles to a plan and the settings of
+:func:`~torchslim.transforms.compress.compress`, which applies it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from torchslim.core.data import DataSpec
 from torchslim.core.models import ZOO
+from torchslim.core.plan import CompressionPlan
 from torchslim.errors import ConfigError, RecipeError
+from torchslim.recipe.sections import Strict, section
 from torchslim.search.config import Budget, LatencySetting, SearchConfig
 from torchslim.search.space import Recovery, SearchSpace
 from torchslim.train.fit import TrainConfig
 from torchslim.transforms.channels import ChannelPruneConfig
+from torchslim.transforms.compress import ORDER, CompressSettings
 from torchslim.transforms.distill import DistillConfig, student_kwargs
+from torchslim.transforms.mixed_precision import MixedPrecisionConfig
 from torchslim.transforms.prune import MagnitudePruneConfig
 from torchslim.transforms.quantize import QuantizeConfig
 from torchslim.transforms.share import ShareConfig
@@ -29,129 +39,82 @@ BUILTIN = Path(__file__).parent / "builtin"
 DEFAULT_RECIPE = "lenet_300_100"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     name: str = Field(description="a zoo model name, e.g. lenet_300_100 or resnet_mini")
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _in_zoo(self) -> "ModelSpec":
+    def _in_zoo(self) -> ModelSpec:
         if self.name not in ZOO:
             raise ValueError(f"unknown model {self.name!r}; the zoo has {sorted(ZOO)}")
         return self
 
 
-class DataSection(_Strict):
-    name: Literal["fashion_mnist", "digits"] = "fashion_mnist"
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(1000, ge=1)
-    calib_size: int = Field(2048, ge=1)
-    seed: int = 0
+TEACHER = (bool, Field(False, description="also distill from the uncompressed baseline's soft targets"))
+TrainSection = section(TrainConfig, name="TrainSection")
+FinetuneSection = section(TrainConfig, name="FinetuneSection", extras={"teacher": TEACHER})
+DataSection = section(DataSpec, name="DataSection", recipe_wide=())  # the split has its own seed
+PruneSection = section(MagnitudePruneConfig, nested={"finetune": FinetuneSection}, name="PruneSection")
+ShareSection = section(ShareConfig, nested={"finetune": FinetuneSection}, name="ShareSection")
+ChannelsSection = section(ChannelPruneConfig, nested={"finetune": FinetuneSection}, name="ChannelsSection")
+QuantizeSection = section(
+    QuantizeConfig,
+    nested={"qat": FinetuneSection},
+    extras={
+        "max_drop": (
+            float | None,
+            Field(
+                None,
+                ge=0,
+                lt=1,
+                description="mixed precision: keep the most sensitive layers in float until "
+                "the accuracy drop is at most this",
+            ),
+        ),
+        "backend": (
+            Literal["eager", "inductor", "onnxruntime"],
+            Field("inductor", description="where the report measures the quantized model's latency"),
+        ),
+    },
+    name="QuantizeSection",
+)
+_Distill = section(
+    DistillConfig,
+    nested={"train": TrainSection},
+    extras={
+        "student": (ModelSpec | None, None),
+        "width": (
+            float | None,
+            Field(None, gt=0, le=1, description="derive the student: the teacher's width times this"),
+        ),
+        "depth": (
+            int | None,
+            Field(
+                None,
+                ge=1,
+                description="derive the student: this many hidden layers (mlp) or blocks (resnet_mini, mobilenet_mini)",
+            ),
+        ),
+        "compare_alone": (
+            bool,
+            Field(True, description="also train the student without the teacher (same epochs and seed) for the report"),
+        ),
+    },
+    name="_Distill",
+)
 
 
-class TrainSection(_Strict):
-    epochs: int = Field(ge=0)
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    teacher: bool = Field(False, description="also distill from the uncompressed baseline's soft targets")
-    distill_weight: float = Field(0.5, ge=0, le=1)
-    temperature: float = Field(2.0, gt=0)
-
-
-class PruneSection(_Strict):
-    sparsity: Union[float, dict[str, Optional[float]]]
-    scope: str = Field("layer", pattern="^(layer|global)$")
-    steps: int = Field(1, ge=1)
-    finetune: TrainSection | None = None
-
-
-class ShareSection(_Strict):
-    bits: Union[int, dict[str, Optional[int]]]
-    finetune: TrainSection | None = None
-    kmeans_iters: int = Field(100, ge=1)
-    half_biases: bool = False
-
-
-class ChannelsSection(_Strict):
-    """Structured pruning (``ChannelPruneConfig``): exactly one of macs, params or ratio."""
-
-    macs: Optional[float] = None
-    params: Optional[float] = None
-    ratio: Union[float, dict[str, Optional[float]], None] = None
-    criterion: str = "l2"
-    scope: str = "layer"
-    steps: int = 1
-    round_to: int = 8
-    min_channels: int = 8
-    exclude: list[str] = Field(default_factory=list)
-    calib_batches: int = 4
-    finetune: TrainSection | None = None
-
-    def config(self, finetune: Any = None, seed: int = 0) -> ChannelPruneConfig:
-        fields = self.model_dump(exclude={"finetune", "exclude"})
-        return ChannelPruneConfig(**fields, exclude=tuple(self.exclude), finetune=finetune, seed=seed)
-
-
-class QuantizeSection(_Strict):
-    """Quantization (``QuantizeConfig``); ``backend`` is where the report measures its latency."""
-
-    scheme: str = "static"
-    bits: int = 8
-    calibration: str = "auto"
-    percentile: float = 99.99
-    calib_batches: int = 8
-    group_size: int = 64
-    per_channel: bool = True
-    fold_bn: bool = True
-    bias_correction: bool = True
-    exclude: list[str] = Field(default_factory=list)
-    qat: TrainSection | None = None
-    max_drop: Optional[float] = Field(None, ge=0, lt=1, description="mixed precision: keep the most sensitive layers in float until the drop is at most this")
-    backend: Literal["eager", "inductor", "onnxruntime"] = "inductor"
-
-    @model_validator(mode="after")
-    def _one_recovery(self) -> "QuantizeSection":
-        if self.max_drop is not None and self.qat is not None:
-            raise ValueError("max_drop (mixed precision) and qat do not combine; choose one")
-        return self
-
-    def config(self, qat: Any = None) -> QuantizeConfig:
-        fields = self.model_dump(exclude={"qat", "exclude", "backend", "max_drop"})
-        return QuantizeConfig(**fields, exclude=tuple(self.exclude), qat=qat)
-
-
-class DistillSection(_Strict):
+class DistillSection(_Distill):
     """Knowledge distillation into a smaller student, the recipe's model as teacher: a zoo
     ``student``, or one derived from the teacher by a ``width`` multiplier (and ``depth``)."""
 
-    student: Optional[ModelSpec] = None
-    width: Optional[float] = Field(None, gt=0, le=1, description="derive the student: the teacher's width times this")
-    depth: Optional[int] = Field(None, ge=1, description="derive the student: this many hidden layers (mlp) or blocks (resnet_mini, mobilenet_mini)")
-    temperature: float = Field(4.0, gt=0, description="softmax temperature T of the soft targets")
-    alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft targets; the labels get 1 - alpha")
-    features: list[tuple[str, str]] = Field(default_factory=list, description="[student layer, teacher layer] pairs")
-    feature_weight: float = Field(1.0, ge=0)
-    feature_kind: Literal["hint", "attention"] = "hint"
-    epochs: int = Field(10, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    cache_teacher: bool = False
-    compare_alone: bool = Field(True, description="also train the student without the teacher (same epochs and seed) for the report")
-
     @model_validator(mode="after")
-    def _one_student(self) -> "DistillSection":
+    def _one_student(self) -> DistillSection:
         if (self.student is None) == (self.width is None):
             raise ValueError("give exactly one of student (a zoo model) or width (derive the student from the teacher)")
         if self.depth is not None and self.width is None:
             raise ValueError("depth derives the student with width; a named student has its own depth")
         return self
-
-    def config(self, seed: int = 0) -> DistillConfig:
-        train = TrainConfig(self.epochs, self.lr, self.weight_decay, seed, self.alpha, self.temperature)
-        return DistillConfig(train, tuple(self.features), self.feature_weight, self.feature_kind, self.cache_teacher)
 
     def student_spec(self, teacher: ModelSpec) -> tuple[str, dict[str, Any]]:
         """The student's zoo name and arguments."""
@@ -164,7 +127,7 @@ class DistillSection(_Strict):
 STEP_KINDS = ("distill", "channels", "prune", "share", "quantize")
 
 
-class Step(_Strict):
+class Step(Strict):
     """Exactly one of the keys: ``distill``, ``channels``, ``prune``, ``share`` or ``quantize``."""
 
     distill: DistillSection | None = None
@@ -174,67 +137,85 @@ class Step(_Strict):
     quantize: QuantizeSection | None = None
 
     @model_validator(mode="after")
-    def _one_key(self) -> "Step":
+    def _one_key(self) -> Step:
         given = [k for k in STEP_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a step has exactly one of {list(STEP_KINDS)}, got {given or 'none'}")
-        try:  # the transforms' own checks, before any training starts
-            if self.distill is not None:
-                self.distill.config()
-            elif self.channels is not None:
-                self.channels.config()
-            elif self.quantize is not None:
-                self.quantize.config(TrainConfig(1, 1e-3) if self.quantize.qat else None)
-            elif self.prune is not None:
-                MagnitudePruneConfig(self.prune.sparsity, self.prune.scope, self.prune.steps, None)  # type: ignore[arg-type]
-            else:
-                assert self.share is not None
-                ShareConfig(self.share.bits, None, self.share.kmeans_iters)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+        q = self.quantize
+        if q is not None and q.max_drop is not None and q.qat is not None:
+            raise ValueError("quantize: max_drop (mixed precision) and qat do not combine; choose one")
         return self
 
     @property
     def kind(self) -> str:
         return next(k for k in STEP_KINDS if getattr(self, k) is not None)
 
+    def compile(self, seed: int) -> tuple[CompressionPlan, CompressSettings, bool]:
+        """The plan, the settings of :func:`~torchslim.transforms.compress.compress`, and whether
+        its training uses the baseline as teacher (a ``distill`` step does not compile)."""
+        section = getattr(self, self.kind)
+        cfg = section.config(seed)
+        if self.kind == "channels":
+            return CompressionPlan(), CompressSettings(channels=cfg), _teaches(section.finetune)
+        if self.kind == "prune":
+            return _rules("sparsity", cfg.sparsity), CompressSettings(prune=cfg), _teaches(section.finetune)
+        if self.kind == "share":
+            return _rules("bits", cfg.bits), CompressSettings(share=cfg), _teaches(section.finetune)
+        assert self.kind == "quantize", "a distill step replaces the model; it does not compile to a plan"
+        if section.max_drop is not None:
+            return (
+                CompressionPlan(),
+                CompressSettings(mixed_precision=MixedPrecisionConfig(section.max_drop, cfg)),
+                False,
+            )
+        return _rules("quantize", cfg.bits), CompressSettings(quantize=cfg), _teaches(section.qat)
 
-class RecoverySection(_Strict):
-    """Recovery training with the uncompressed model as teacher (``search.space.Recovery``)."""
 
-    samples: int = Field(16384, ge=0, description="training images used (a seeded subset); 0: all")
-    epochs: int = Field(1, ge=0)
-    lr: float = Field(2e-3, gt=0)
-    share_epochs: int = Field(1, ge=0, description="epochs that train the shared layers' centroids")
-    distill_weight: float = Field(0.7, ge=0, le=1)
-    temperature: float = Field(4.0, gt=0)
+def _teaches(finetune: Any) -> bool:
+    return finetune is not None and finetune.teacher
 
 
-class SearchSection(_Strict):
+def _rules(field: str, spec: Any) -> CompressionPlan:
+    """A step's per-layer value as plan rules: one number for every layer, or the step's map (a
+    ``None`` there skips the layer)."""
+    if not isinstance(spec, Mapping):
+        return CompressionPlan.from_dict({"re:.*": {field: spec}})
+    rules = {k: {field: v} if v is not None else {"skip": f"the recipe's rule {k!r} skips it"} for k, v in spec.items()}
+    return CompressionPlan.from_dict(rules)
+
+
+RecoverySection = section(Recovery, name="RecoverySection")
+
+
+class SearchSection(Strict):
     """Adaptive compression (``torchslim search``): the budget, the objective, the per-layer
     choices, how trials recover and are timed, and how many run."""
 
-    budget: Optional[str] = Field(None, description="'1pt' (absolute points) or '1%' (relative); --budget overrides")
+    budget: str | None = Field(None, description="'1pt' (absolute points) or '1%' (relative); --budget overrides")
     objective: Literal["size", "latency"] = "size"
     sampler: Literal["tpe", "nsga2"] = "tpe"
     trials: int = Field(40, ge=1)
-    timeout_s: Optional[float] = Field(None, gt=0)
-    sparsity: Optional[list[float]] = Field(None, description="sparsity choices; default: the objective's (none for latency)")
-    bits: Optional[list[int]] = Field(None, description="codebook sizes; default: the objective's (none for latency)")
-    channels: Optional[list[float]] = Field(None, description="channel fractions; default [0, 0.25, 0.5]")
+    timeout_s: float | None = Field(None, gt=0)
+    sparsity: list[float] | None = Field(
+        None, description="sparsity choices; default: the objective's (none for latency)"
+    )
+    bits: list[int] | None = Field(None, description="codebook sizes; default: the objective's (none for latency)")
+    channels: list[float] | None = Field(None, description="channel fractions; default [0, 0.25, 0.5]")
     int8: bool = True
     round_to: int = Field(8, ge=1)
     min_channels: int = Field(8, ge=1)
     recovery: RecoverySection = RecoverySection()
-    final: RecoverySection = RecoverySection(samples=0, epochs=3, lr=1e-3)
+    final: RecoverySection = RecoverySection(samples=0, epochs=3, lr=1e-3, share_epochs=1)
     latency_backend: Literal["eager", "inductor", "onnxruntime"] = "onnxruntime"
     latency_batch: int = Field(64, ge=1)
-    seeds: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0], description="budget multiples of the sensitivity-seeded plans")
+    seeds: list[float] = Field(
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0], description="budget multiples of the sensitivity-seeded plans"
+    )
     workers: int = Field(1, ge=1, description="trials at once (more than 1 runs them on Ray)")
-    ray_address: Optional[str] = None
+    ray_address: str | None = None
 
     @model_validator(mode="after")
-    def _valid(self) -> "SearchSection":
+    def _valid(self) -> SearchSection:
         try:
             self.space(self.objective)
             if self.budget is not None:
@@ -254,56 +235,64 @@ class SearchSection(_Strict):
         given = {k: v for k, v in overrides.items() if v is not None}
         budget = given.pop("budget", self.budget)
         if budget is None:
-            raise ConfigError("no accuracy budget: pass --budget 1pt (points, absolute) or --budget 1% (relative), or set search.budget")
-        fields = {k: getattr(self, k) for k in ("objective", "sampler", "trials", "timeout_s", "workers", "ray_address")}
+            raise ConfigError(
+                "no accuracy budget: pass --budget 1pt (points, absolute) or --budget 1% (relative), or set search.budget"
+            )
+        fields = {
+            k: getattr(self, k) for k in ("objective", "sampler", "trials", "timeout_s", "workers", "ray_address")
+        }
         fields |= given
         return SearchConfig(
-            Budget.parse(budget), space=self.space(fields["objective"]), recovery=Recovery(**self.recovery.model_dump()),
-            final=Recovery(**self.final.model_dump()), seeds=tuple(self.seeds), seed=seed,
-            latency=LatencySetting(self.latency_backend, self.latency_batch, threads), **fields,
-        )  # fmt: skip
+            Budget.parse(budget),
+            space=self.space(fields["objective"]),
+            recovery=self.recovery.config(seed),
+            final=self.final.config(seed),
+            seeds=tuple(self.seeds),
+            seed=seed,
+            latency=LatencySetting(self.latency_backend, self.latency_batch, threads),
+            **fields,
+        )
 
 
-class LatencySection(_Strict):
+class LatencySection(Strict):
     batches: list[int] = Field(default_factory=lambda: [1, 64])
     repeats: int = Field(50, ge=1)
     warmup: int = Field(10, ge=0)
 
 
-class Outputs(_Strict):
+class Outputs(Strict):
     dir: str = "runs/{name}"
     artifact: str = "{name}.tslim"
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     name: str
     model: ModelSpec
     data: DataSection = DataSection()
     baseline: TrainSection = TrainSection(epochs=15, lr=3e-3)
     steps: list[Step] = Field(default_factory=list, description="compression steps of `torchslim compress`")
-    search: Optional[SearchSection] = Field(None, description="settings of `torchslim search`")
+    search: SearchSection | None = Field(None, description="settings of `torchslim search`")
     outputs: Outputs = Outputs()
     latency: LatencySection = LatencySection()
     threads: int = Field(2, ge=1)
     seed: int = 0
 
     @model_validator(mode="after")
-    def _baseline_has_no_teacher(self) -> "Recipe":
-        if self.baseline.teacher:
-            raise ValueError("baseline.teacher: the dense baseline is the teacher; it cannot have one")
+    def _steps_in_order(self) -> Recipe:
         kinds = [s.kind for s in self.steps]
-        if "channels" in kinds and any(k not in ("channels", "distill") for k in kinds[: max(i for i, k in enumerate(kinds) if k == "channels")]):
-            raise ValueError("steps: 'channels' steps must come before 'prune' and 'share' (they resize the layers those mask)")
-        if "distill" in kinds and (kinds.index("distill") != 0 or kinds.count("distill") > 1):
-            raise ValueError("steps: 'distill' must be the first step, and only one (it replaces the model by its student)")
+        order = ["distill", *(k for k in ORDER if k in STEP_KINDS)]
+        if kinds != sorted(kinds, key=order.index) or len(set(kinds)) != len(kinds):
+            raise ValueError(
+                f"steps: {kinds}: steps run in the order {order} (distill replaces the model by its student; channels "
+                "resize the layers that pruning masks; sharing clusters the pruned weights; quantization replaces the "
+                "float layers), each at most once (prune and channels take steps: N for several rounds)"
+            )
         for step in self.steps:
             if step.distill is not None and step.distill.width is not None:
                 try:
                     step.distill.student_spec(self.model)
                 except ConfigError as exc:
                     raise ValueError(f"steps: distill: {exc}") from None
-        if "quantize" in kinds and kinds.index("quantize") != len(kinds) - 1:
-            raise ValueError("steps: 'quantize' must be the last step, and only one (it replaces the float layers)")
         return self
 
     def out_dir(self) -> Path:
@@ -311,6 +300,34 @@ class Recipe(_Strict):
 
     def artifact_path(self) -> Path:
         return self.out_dir() / self.outputs.artifact.replace("{name}", self.name)
+
+
+CONFIG_TYPES: dict[str, type] = {
+    c.__name__: c
+    for c in (
+        TrainConfig, DataSpec, ChannelPruneConfig, MagnitudePruneConfig, ShareConfig, QuantizeConfig,
+        MixedPrecisionConfig, DistillConfig, CompressSettings, Recovery, SearchSpace, LatencySetting, Budget,
+        SearchConfig,
+    )
+}  # fmt: skip
+"""The config types a tagged dict may name (:func:`torchslim.core.serial.from_dict`); nothing else
+is ever constructed from a file."""
+
+RECIPE_VERSION = 1
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as a JSON-ready mapping with its schema version (what a report records)."""
+    return {"recipe_version": RECIPE_VERSION, **recipe.model_dump(mode="json")}
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate :func:`recipe_to_dict` output (or any recipe mapping) back into a :class:`Recipe`."""
+    data = dict(data)
+    version = data.pop("recipe_version", RECIPE_VERSION)
+    if not isinstance(version, int) or not 1 <= version <= RECIPE_VERSION:
+        raise RecipeError(f"{source}: recipe version {version!r}; this torchslim reads 1 to {RECIPE_VERSION}")
+    return _validate(data, source)
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
@@ -321,6 +338,10 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with keys name, model, steps, ...")
+    return _validate(raw, source)
+
+
+def _validate(raw: dict[str, Any], source: str) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -328,6 +349,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
             what = "unknown key (misspelled?)" if err["type"] == "extra_forbidden" else err["msg"]
+            what = what.removeprefix("Value error, ")
             lines.append(f"  {where}: {what}")
         raise RecipeError(f"{source}: {len(lines)} problem(s):\n" + "\n".join(lines)) from None
 

@@ -2,26 +2,23 @@
 
 The page works opened from disk with no network: the style sheet is inline, the figures are inline
 SVG from :mod:`torchslim.report.plots`, and there is no JavaScript. Every piece of text taken from
-the report is escaped. The Markdown has the same tables without the figures. :func:`screenshot`
-renders a page with headless Chromium (``apt-get install chromium``) into a PNG for the docs.
+the report is escaped. The Markdown has the same tables without the figures. The PNG of a page shown in
+the docs is made by ``benchmarks/chromium.py``, outside the library.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import tempfile
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from torchslim.core.files import write_atomic
-from torchslim.errors import TorchslimError
+from torchslim.errors import ReportError
 from torchslim.report import plots
 from torchslim.report.render import _num, _pct, markdown_table
+from torchslim.search.run import SEARCH_REPORT_SCHEMA
 
 TECHNIQUES = {
     "channels": "Channels removed (structured pruning)",
@@ -30,15 +27,26 @@ TECHNIQUES = {
     "int8": "int8 quantization",
 }
 OBJECTIVES = {"size": "the smallest file", "latency": "the lowest latency"}
-SPLITS = (("search split", "accuracy_search"), ("held-out split", "accuracy_holdout"), ("full test set", "accuracy_test"))
+SPLITS = (
+    ("search split", "accuracy_search"),
+    ("held-out split", "accuracy_holdout"),
+    ("full test set", "accuracy_test"),
+)
 SUMMARY_COLUMNS = ("metric", "baseline (uncompressed)", "delivered file")
 PLAN_COLUMNS = ("layer", "channels removed", "sparsity", "codebook bits", "int8", "skipped because")
-TRIAL_COLUMNS = ("trial", "origin", "state", "accuracy", "drop (points)", "bytes", "latency (ms)", "feasible",
-                 "on front", "seconds")  # fmt: skip
+TRIAL_COLUMNS = (
+    "trial",
+    "origin",
+    "state",
+    "accuracy",
+    "drop (points)",
+    "bytes",
+    "latency (ms)",
+    "feasible",
+    "on front",
+    "seconds",
+)
 SENSITIVITY_COLUMNS = ("technique", "layer", "setting: drop (points)")
-CHROMIUM = "/usr/bin/chromium"
-HEADLESS_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
-                  "--hide-scrollbars", "--mute-audio", "--disable-dev-shm-usage")  # fmt: skip
 
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1b1b1b;margin:0;background:#fafafa}
@@ -71,18 +79,22 @@ def _fact(x: Any) -> str:
 def budget_text(budget: dict[str, Any]) -> str:
     """The accuracy budget in words, absolute points or relative percent, with the points it allows."""
     if budget["kind"] == "relative":
-        return (f"at most {100 * budget['value']:.2f} % of the baseline accuracy lost (relative), "
-                f"i.e. {_pts(budget['max_drop'])} points")  # fmt: skip
+        return (
+            f"at most {100 * budget['value']:.2f} % of the baseline accuracy lost (relative), "
+            f"i.e. {_pts(budget['max_drop'])} points"
+        )
     return f"at most {_pts(budget['max_drop'])} points of accuracy lost (absolute)"
 
 
 def summary_text(report: dict[str, Any]) -> str:
     """One paragraph: what was searched, the budget, the objective and whether the chosen plan met it."""
     chosen, final = report.get("chosen") or {}, report.get("final")
-    text = (f"Adaptive compression search of model {report['model']['name']} on {report['data']['name']} "
-            f"(recipe {report['recipe']}, {report['threads']} threads). Budget: {budget_text(report['budget'])}, "
-            f"on the search split against the uncompressed baseline. Objective: "
-            f"{OBJECTIVES.get(report['objective'], report['objective'])} within the budget. ")  # fmt: skip
+    text = (
+        f"Adaptive compression search of model {report['model']['name']} on {report['data']['name']} "
+        f"(recipe {report['recipe']}, {report['threads']} threads). Budget: {budget_text(report['budget'])}, "
+        f"on the search split against the uncompressed baseline. Objective: "
+        f"{OBJECTIVES.get(report['objective'], report['objective'])} within the budget. "
+    )
     if chosen.get("trial") is None:
         text += "No trial met the budget, so no plan was chosen."
     else:
@@ -110,15 +122,23 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
     for key, ms in (b.get("latency_ms") or {}).items():
         other = (f.get("latency_ms") or {}).get(key)
-        rows.append((f"latency per batch of {key.removeprefix('batch')} (ms)", _num(ms, "{:.3f}"), _num(other, "{:.3f}")))
+        rows.append(
+            (f"latency per batch of {key.removeprefix('batch')} (ms)", _num(ms, "{:.3f}"), _num(other, "{:.3f}"))
+        )
     return rows
 
 
 def plan_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     """The chosen per-layer plan, in :data:`PLAN_COLUMNS` order."""
     return [
-        (r["layer"], _pct(r.get("channels")), _pct(r.get("sparsity")), _fact(r.get("bits")), _fact(r.get("int8")),
-         r.get("skip") or "")  # fmt: skip
+        (
+            r["layer"],
+            _pct(r.get("channels")),
+            _pct(r.get("sparsity")),
+            _fact(r.get("bits")),
+            _fact(r.get("int8")),
+            r.get("skip") or "",
+        )
         for r in report.get("plan_table") or []
     ]
 
@@ -129,9 +149,20 @@ def trial_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = []
     for t in sorted(report["trials"], key=lambda t: t["number"]):
         label = f"{t['number']} (chosen)" if t["number"] == chosen else str(t["number"])
-        rows.append((label, t.get("origin", "-"), t["state"], _pct(t.get("accuracy")), _pts(t.get("drop")),
-                     _num(t.get("bytes"), "{:,}"), _num(t.get("latency_ms"), "{:.3f}"),
-                     _fact(t.get("feasible")), _fact(t.get("pareto")), _fact(t.get("seconds"))))  # fmt: skip
+        rows.append(
+            (
+                label,
+                t.get("origin", "-"),
+                t["state"],
+                _pct(t.get("accuracy")),
+                _pts(t.get("drop")),
+                _num(t.get("bytes"), "{:,}"),
+                _num(t.get("latency_ms"), "{:.3f}"),
+                _fact(t.get("feasible")),
+                _fact(t.get("pareto")),
+                _fact(t.get("seconds")),
+            )
+        )
     return rows
 
 
@@ -151,8 +182,12 @@ def search_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     keys = ("sampler", "trials_done", "trials_failed", "workers", "trials_per_hour", "study", "storage", "resumed")
     rows = [(key.replace("_", " "), _fact(s.get(key))) for key in keys]
     rows.insert(4, ("wall time (s)", _fact(s.get("wall_s"))))
-    rows.append(("latency measured with", f"{lat.get('backend', '-')}, batch {lat.get('batch', '-')}, "
-                 f"{lat.get('threads', '-')} threads"))  # fmt: skip
+    rows.append(
+        (
+            "latency measured with",
+            f"{lat.get('backend', '-')}, batch {lat.get('batch', '-')}, {lat.get('threads', '-')} threads",
+        )
+    )
     rows.append(("artifact", _fact((report.get("final") or {}).get("artifact"))))
     rows += [(f"time: {k.removesuffix('_s')} (s)", _num(v, "{:.1f}")) for k, v in (report.get("timings") or {}).items()]
     return rows
@@ -193,9 +228,11 @@ def _figure(svg: str, caption: str) -> str:
     return f"<figure>\n{svg}\n<figcaption>{escape(caption)}</figcaption>\n</figure>"
 
 
-_PARETO_CAPTION = ("Accuracy on the search split against {}. Light dots: completed trials (crosses: over the "
-                   "budget); dark steps: the Pareto front of the feasible trials; dashed red: the budget; "
-                   "diamond: the uncompressed baseline; star: the chosen trial.")  # fmt: skip
+_PARETO_CAPTION = (
+    "Accuracy on the search split against {}. Light dots: completed trials (crosses: over the "
+    "budget); dark steps: the Pareto front of the feasible trials; dashed red: the budget; "
+    "diamond: the uncompressed baseline; star: the chosen trial."
+)
 
 
 def _pareto_section(report: dict[str, Any]) -> str:
@@ -212,8 +249,12 @@ def _sensitivity_section(report: dict[str, Any]) -> str:
     present = [t for t in TECHNIQUES if curves.get(t)]
     if not present:
         return _section("Sensitivity", _p("This report has no sensitivity analysis."))
-    body = [_p(f"Accuracy drop on the {sens.get('split', 'search')} split when one layer alone is compressed at "
-               "one setting, all others left as they are; the dashed red line is the budget.")]  # fmt: skip
+    body = [
+        _p(
+            f"Accuracy drop on the {sens.get('split', 'search')} split when one layer alone is compressed at "
+            "one setting, all others left as they are; the dashed red line is the budget."
+        )
+    ]
     body += [_figure(plots.sensitivity_svg(report, t), TECHNIQUES[t]) for t in present]
     missing = [t for t in TECHNIQUES if t not in present]
     if missing:
@@ -248,10 +289,15 @@ def to_html(report: dict[str, Any]) -> str:
         _section("Trials", _table(TRIAL_COLUMNS, trial_rows(report), None if chosen is None else f"{chosen} (chosen)")),
         _section("Search", _table(("fact", "value"), search_rows(report))),
     ]
-    head = "\n".join((
-        '<meta charset="utf-8">', '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        '<link rel="icon" href="data:,">', f"<title>{escape(_title(report))}</title>", f"<style>\n{CSS}\n</style>",
-    ))  # fmt: skip
+    head = "\n".join(
+        (
+            '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            '<link rel="icon" href="data:,">',
+            f"<title>{escape(_title(report))}</title>",
+            f"<style>\n{CSS}\n</style>",
+        )
+    )
     page = "\n".join(("<!DOCTYPE html>", '<html lang="en">', "<head>", head, "</head>", "<body>", "<main>", *body))
     return page + "\n</main>\n</body>\n</html>\n"
 
@@ -292,36 +338,14 @@ def write_search_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Pa
     Example:
         >>> write_search_report(report, "runs/lenet5_search")  # doctest: +SKIP
     """
+    version = report.get("schema_version", 1)
+    if version not in (1, SEARCH_REPORT_SCHEMA):
+        raise ReportError(
+            f"search report schema version {version!r}, but this torchslim reads 1 to {SEARCH_REPORT_SCHEMA}: "
+            "upgrade torchslim, or rerun `torchslim search` (it resumes) to rewrite the report"
+        )
     out = Path(out_dir)
     texts = (json.dumps(report, indent=2, sort_keys=True) + "\n", to_search_markdown(report), to_html(report))
     names = ("report.json", "report.md", "report.html")
     j, m, h = (write_atomic(out / name, text) for name, text in zip(names, texts))
     return j, m, h
-
-
-def find_chromium() -> str | None:
-    """The Chromium binary: ``chromium`` on the PATH, else ``/usr/bin/chromium``, else None."""
-    found = shutil.which("chromium")
-    return found or (CHROMIUM if os.access(CHROMIUM, os.X_OK) else None)
-
-
-def screenshot(html_path: str | Path, png_path: str | Path, size: tuple[int, int] = (1280, 2400)) -> Path:
-    """Render ``html_path`` in headless Chromium and write a ``size`` PNG of it to ``png_path``.
-
-    Chromium runs with a throwaway profile and HOME, so it writes nothing outside a temp dir.
-
-    Example:
-        >>> screenshot("runs/lenet5_search/report.html", "docs/search_report.png")  # doctest: +SKIP
-    """
-    exe = find_chromium()
-    if exe is None:
-        raise TorchslimError("screenshot: chromium is not installed; run `apt-get install chromium`")
-    with tempfile.TemporaryDirectory(prefix="torchslim-chromium-") as tmp:
-        shot = Path(tmp) / "shot.png"
-        cmd = [exe, *HEADLESS_FLAGS, f"--user-data-dir={tmp}/profile", f"--window-size={size[0]},{size[1]}",
-               f"--screenshot={shot}", Path(html_path).resolve().as_uri()]  # fmt: skip
-        done = subprocess.run(cmd, env={**os.environ, "HOME": tmp}, capture_output=True, timeout=60, check=False)
-        if done.returncode != 0 or not shot.is_file():
-            tail = done.stderr.decode(errors="replace")[-800:]
-            raise TorchslimError(f"screenshot: chromium exited with {done.returncode} without writing {shot}: {tail}")
-        return write_atomic(png_path, shot.read_bytes())

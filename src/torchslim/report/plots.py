@@ -97,8 +97,15 @@ def _trial_points(report: dict[str, Any], x_key: str) -> dict[bool, list[tuple[f
 def _mark(ax: Any, xy: tuple[float, float], label: str, style: dict[str, Any], left: bool = False) -> None:
     """One highlighted point with a text label beside it (to its ``left`` for a point at the right edge)."""
     ax.scatter(*xy, s=90, zorder=5, label=label, edgecolors="black", linewidths=0.8, **style)
-    ax.annotate(label, xy, xytext=(-9 if left else 9, 6), textcoords="offset points", fontsize=8, zorder=6,
-                ha="right" if left else "left")  # fmt: skip
+    ax.annotate(
+        label,
+        xy,
+        xytext=(-9 if left else 9, 6),
+        textcoords="offset points",
+        fontsize=8,
+        zorder=6,
+        ha="right" if left else "left",
+    )
 
 
 def _plot_trials(ax: Any, points: dict[bool, list[tuple[float, float, int]]]) -> None:
@@ -111,8 +118,17 @@ def _plot_trials(ax: Any, points: dict[bool, list[tuple[float, float, int]]]) ->
     front = pareto_front([(x, y) for x, y, _ in points[True]])
     if front:
         xs, ys = zip(*front)
-        ax.plot(xs, ys, drawstyle="steps-post", color=_FRONT, marker="o", markersize=4, linewidth=1.4,
-                label="Pareto front (feasible)", zorder=3)  # fmt: skip
+        ax.plot(
+            xs,
+            ys,
+            drawstyle="steps-post",
+            color=_FRONT,
+            marker="o",
+            markersize=4,
+            linewidth=1.4,
+            label="Pareto front (feasible)",
+            zorder=3,
+        )
 
 
 def pareto_svg(report: dict[str, Any], x_key: str) -> str:
@@ -129,7 +145,9 @@ def pareto_svg(report: dict[str, Any], x_key: str) -> str:
     base = report["baseline"]
     budget = report["budget"]
     label = f"budget ({budget.get('text', 'max drop')})"
-    ax.axhline(100 * (base["accuracy_search"] - budget["max_drop"]), color=_BUDGET, linestyle="--", linewidth=1, label=label)
+    ax.axhline(
+        100 * (base["accuracy_search"] - budget["max_drop"]), color=_BUDGET, linestyle="--", linewidth=1, label=label
+    )
     base_x = _x_of(report, x_key, base.get(x_key))
     if base_x is not None:
         base_xy = (base_x, 100 * base["accuracy_search"])
@@ -149,8 +167,10 @@ def pareto_svg(report: dict[str, Any], x_key: str) -> str:
 def _curves(report: dict[str, Any], technique: str) -> dict[str, list[list[float]]]:
     curves = ((report.get("sensitivity") or {}).get("curves") or {}).get(technique)
     if not curves:
-        raise ConfigError(f"sensitivity_svg: the report has no sensitivity curves for {technique!r}; "
-                          "plot only the techniques the search measured")  # fmt: skip
+        raise ConfigError(
+            f"sensitivity_svg: the report has no sensitivity curves for {technique!r}; "
+            "plot only the techniques the search measured"
+        )
     return curves
 
 
@@ -174,7 +194,9 @@ def sensitivity_svg(report: dict[str, Any], technique: str) -> str:
     else:
         for i, (layer, pts) in enumerate(curves.items()):  # ten colours, then the next line style
             style = ("-", "-.", ":")[i // 10 % 3]
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", markersize=3, linestyle=style, label=layer)
+            ax.plot(
+                [p[0] for p in pts], [100 * p[1] for p in pts], marker="o", markersize=3, linestyle=style, label=layer
+            )
         ax.axhline(budget, color=_BUDGET, linestyle="--", linewidth=1, label="budget")
         ax.set_xlabel(SETTING_LABELS[technique])
         ax.set_ylabel("accuracy drop (points)")

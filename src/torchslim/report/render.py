@@ -1,4 +1,6 @@
-"""Render a run's report data as JSON and Markdown, written atomically."""
+"""Render a compression run's report (:class:`~torchslim.report.records.RunReport`) as JSON and
+Markdown, written atomically. The per-technique tables take the detail dicts the verbs' results
+write (``to_dict``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from torchslim.core.files import write_atomic
+from torchslim.report.records import RunReport
 
 
 def _pct(x: float | None) -> str:
@@ -17,24 +20,21 @@ def _num(x: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
-def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+def summary_rows(report: RunReport) -> list[tuple[str, str, str]]:
     """The before/after table as ``(metric, baseline, compressed)`` strings."""
-    b, c = report["baseline"], report["compressed"]
+    b, c = report.baseline, report.compressed
     rows = [
-        ("test accuracy", _pct(b["accuracy"]), _pct(c["accuracy"])),
-        ("top-1 agreement with baseline", "100.00 %", _pct(c["agreement"])),
-        ("bytes on disk", f"{b['bytes']:,} (fp32 safetensors)", f"{c['bytes']:,} (.tslim)"),
-        ("compression ratio", "1.0x", f"{c['ratio']:.1f}x"),
-        ("non-zero weights", f"{b['nonzero']:,}", f"{c['nonzero']:,}"),
+        ("test accuracy", _pct(b.accuracy), _pct(c.accuracy)),
+        ("top-1 agreement with baseline", "100.00 %", _pct(c.agreement)),
+        ("bytes on disk", f"{b.bytes:,} (fp32 safetensors)", f"{c.bytes:,} (.tslim)"),
+        ("compression ratio", "1.0x", f"{c.ratio:.1f}x" if c.ratio else "-"),
+        ("non-zero weights", f"{b.nonzero:,}", f"{c.nonzero:,}"),
+        ("multiply-accumulates per sample", f"{b.macs:,}", f"{c.macs:,}"),
     ]
-    if "macs" in b:
-        rows.append(("multiply-accumulates per sample", f"{b['macs']:,}", f"{c['macs']:,}"))
-    for key, lat in b["latency"].items():
-        clat = c["latency"][key]
-        rows.append(
-            (f"latency batch {lat['batch']} ({lat['threads']} threads; baseline eager, compressed {clat.get('backend', 'eager')})",
-             f"{lat['median_ms']:.3f} ms", f"{clat['median_ms']:.3f} ms")
-        )  # fmt: skip
+    for key, lat in b.latency.items():
+        clat = c.latency[key]
+        what = f"latency batch {lat['batch']} ({lat['threads']} threads; baseline eager, compressed {clat.get('backend', 'eager')})"
+        rows.append((what, f"{lat['median_ms']:.3f} ms", f"{clat['median_ms']:.3f} ms"))
     return rows
 
 
@@ -45,8 +45,19 @@ def _value_bits(row: dict[str, Any]) -> str:
     return {"raw": "fp32", "raw16": "fp16"}.get(row.get("values", "dense"), "-")
 
 
-LAYER_COLUMNS = ("tensor", "shape", "weights", "kept", "codebook bits / values", "bits/index", "bits/position",
-                 "bytes", "rate", "positions real / H0 / model B", "indices real / H0 B")  # fmt: skip
+LAYER_COLUMNS = (
+    "tensor",
+    "shape",
+    "weights",
+    "kept",
+    "codebook bits / values",
+    "bits/index",
+    "bits/position",
+    "bytes",
+    "rate",
+    "positions real / H0 / model B",
+    "indices real / H0 B",
+)
 
 
 def layer_rows(layers: list[dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -54,14 +65,23 @@ def layer_rows(layers: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     out = []
     for r in layers:
         coded = r["coded"]
-        out.append((
-            r["name"], "x".join(map(str, r["shape"])), f"{r['weights']:,}",
-            _pct(r["kept"] / r["weights"] if r["weights"] else None),
-            _value_bits(r), _num(r["index_bits"]), _num(r["position_bits"]),
-            f"{r['bytes']:,}", f"{r['rate']:.1f}x",
-            f"{r['position_bytes']:,} / {r['position_h0_bytes']:,.0f} / {r['position_model_bytes']:,.0f}" if coded else "-",
-            f"{r['index_bytes']:,} / {r['index_h0_bytes']:,.0f}" if coded and r["index_bits"] is not None else "-",
-        ))  # fmt: skip
+        out.append(
+            (
+                r["name"],
+                "x".join(map(str, r["shape"])),
+                f"{r['weights']:,}",
+                _pct(r["kept"] / r["weights"] if r["weights"] else None),
+                _value_bits(r),
+                _num(r["index_bits"]),
+                _num(r["position_bits"]),
+                f"{r['bytes']:,}",
+                f"{r['rate']:.1f}x",
+                f"{r['position_bytes']:,} / {r['position_h0_bytes']:,.0f} / {r['position_model_bytes']:,.0f}"
+                if coded
+                else "-",
+                f"{r['index_bytes']:,} / {r['index_h0_bytes']:,.0f}" if coded and r["index_bits"] is not None else "-",
+            )
+        )
     return out
 
 
@@ -80,7 +100,13 @@ def group_rows(step: dict[str, Any]) -> list[tuple[str, ...]]:
 def structure_rows(step: dict[str, Any]) -> list[tuple[str, ...]]:
     """One structured-pruning step's layers, in :data:`STRUCTURE_COLUMNS` order."""
     return [
-        (r["layer"], r["kind"], "{} / {}".format(*r["in"]), "{} / {}".format(*r["out"]), "{:,} / {:,}".format(*r["macs"]))
+        (
+            r["layer"],
+            r["kind"],
+            "{} / {}".format(*r["in"]),
+            "{} / {}".format(*r["out"]),
+            "{:,} / {:,}".format(*r["macs"]),
+        )
         for r in step["layers"]
     ]
 
@@ -101,7 +127,16 @@ def structure_parts(structure: list[dict[str, Any]]) -> list[str]:
     return parts
 
 
-QUANT_COLUMNS = ("layer", "type", "scheme", "bits", "input range", "output range", "weight error", "note / skipped because")
+QUANT_COLUMNS = (
+    "layer",
+    "type",
+    "scheme",
+    "bits",
+    "input range",
+    "output range",
+    "weight error",
+    "note / skipped because",
+)
 
 
 def quant_rows(quantization: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -110,8 +145,18 @@ def quant_rows(quantization: dict[str, Any]) -> list[tuple[str, ...]]:
     for r in quantization["layers"]:
         rng_in, rng_out = ("[{:.4g}, {:.4g}]".format(*r[k]) if r[k] else "-" for k in ("input_range", "output_range"))
         err = f"{r['weight_error']:.2%}" if r["weight_error"] is not None else "-"
-        rows.append((r["name"], r["type"], r["scheme"] or "float", str(r["bits"] or 32), rng_in, rng_out, err,
-                     r["skip"] or r["note"] or ""))  # fmt: skip
+        rows.append(
+            (
+                r["name"],
+                r["type"],
+                r["scheme"] or "float",
+                str(r["bits"] or 32),
+                rng_in,
+                rng_out,
+                err,
+                r["skip"] or r["note"] or "",
+            )
+        )
     return rows
 
 
@@ -139,7 +184,10 @@ def quant_parts(step: dict[str, Any] | None) -> list[str]:
     ]
     mixed = step.get("mixed_precision")
     if mixed:
-        rows = [(n, f"{d * 100:.2f}", "float" if n in mixed["kept_float"] else "int8") for n, d in mixed["sensitivity"].items()]
+        rows = [
+            (n, f"{d * 100:.2f}", "float" if n in mixed["kept_float"] else "int8")
+            for n, d in mixed["sensitivity"].items()
+        ]
         parts += [
             "### Mixed precision",
             f"Accuracy of the float model on the calibration split {mixed['float_accuracy']:.2%}; layers returned "
@@ -156,8 +204,11 @@ DISTILL_COLUMNS = ("model", "parameters", "test accuracy", "training s")
 def distill_rows(entry: dict[str, Any]) -> list[tuple[str, ...]]:
     """Teacher, student alone and student distilled, in :data:`DISTILL_COLUMNS` order."""
     student = f"{entry['student']['name']} {entry['student']['kwargs'] or ''}".strip()
-    rows = [("teacher (the baseline)", entry["teacher"]), (f"student {student}, alone", entry.get("student_alone")),
-            (f"student {student}, distilled", entry["student_distilled"])]  # fmt: skip
+    rows = [
+        ("teacher (the baseline)", entry["teacher"]),
+        (f"student {student}, alone", entry.get("student_alone")),
+        (f"student {student}, distilled", entry["student_distilled"]),
+    ]
     return [(label, f"{r['params']:,}", _pct(r["accuracy"]), _num(r["train_s"], "{:.1f}")) for label, r in rows if r]
 
 
@@ -184,36 +235,42 @@ def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def to_markdown(report: dict[str, Any]) -> str:
+def to_markdown(report: RunReport) -> str:
     """The report as Markdown: summary, before/after table, per-layer table, plan, timings."""
-    c = report["compressed"]
+    c = report.compressed
     parts = [
-        f"# torchslim report: {report['recipe']}",
-        f"Model `{report['model']['name']}` on `{report['data']['name']}`, {report['threads']} threads. "
-        f"Artifact `{report['artifact']}`: {c['bytes']:,} bytes, {c['ratio']:.1f}x smaller than fp32 "
+        f"# torchslim report: {report.recipe}",
+        f"Model `{report.model['name']}` on `{report.data['name']}`, {report.threads} threads. "
+        f"Artifact `{report.artifact}`: {c.bytes:,} bytes, {c.ratio or 0:.1f}x smaller than fp32 "
         f"safetensors. Accuracies are measured on the model loaded back from that file.",
         "## Before / after",
         markdown_table(("metric", "baseline", "compressed"), summary_rows(report)),
         "Latency runs the decoded weights with PyTorch's dense eager kernels: removed channels make "
         "them faster; unstructured zeros and shared values make the file small, not the matmuls faster.",
-        *distill_parts(report.get("distillation")),
-        *structure_parts(report.get("structure", [])),
-        *quant_parts(report.get("quantization")),
+        *distill_parts(report.distillation),
+        *structure_parts(report.structure),
+        *quant_parts(report.quantization),
         "## Per tensor in the file",
         "Bytes are payload bytes; H0 is the order-0 Shannon bound of the stream, model the ideal "
         "code length under the coder's adaptive position model (docs/format.md).",
-        markdown_table(LAYER_COLUMNS, layer_rows(report["layers"])),
+        markdown_table(LAYER_COLUMNS, layer_rows(report.layers)),
         "## Plan",
-        "```json\n" + json.dumps(report["plan"], indent=2, sort_keys=True) + "\n```",
+        "```json\n" + json.dumps(report.plan, indent=2, sort_keys=True) + "\n```",
+        "## Steps",
+        markdown_table(("step", "kind", "seconds", "layers decided"), _step_rows(report)),
         "## Timings",
-        markdown_table(("phase", "seconds"), [(k, f"{v:.1f}") for k, v in report["timings"].items()]),
+        markdown_table(("phase", "seconds"), [(k, f"{v:.1f}") for k, v in report.timings.items()]),
     ]
     return "\n\n".join(parts) + "\n"
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir``."""
+def _step_rows(report: RunReport) -> list[tuple[str, ...]]:
+    return [(str(s.index), s.kind, f"{s.seconds:.1f}", str(len(s.plan))) for s in report.steps]
+
+
+def write_report(report: RunReport, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` (with its ``schema_version``) and ``report.md`` into ``out_dir``."""
     out = Path(out_dir)
-    j = write_atomic(out / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    j = write_atomic(out / "report.json", json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
     m = write_atomic(out / "report.md", to_markdown(report))
     return j, m

@@ -37,7 +37,7 @@ class Budget:
             raise ConfigError(f"budget {self.value!r}: the allowed accuracy loss is a fraction in [0, 1), e.g. 0.01")
 
     @classmethod
-    def parse(cls, text: str) -> "Budget":
+    def parse(cls, text: str) -> Budget:
         """``"1pt"`` (1 point of accuracy, absolute) or ``"1%"`` (1 % of the baseline's accuracy)."""
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(pt|pts|point|points|%)\s*", str(text))
         if not m or not math.isfinite(float(m.group(1))):
@@ -53,7 +53,11 @@ class Budget:
 
     def text(self) -> str:
         amount = f"{100 * self.value:g}"
-        return f"{amount} % of the baseline's accuracy (relative)" if self.relative else f"{amount} point(s) of accuracy (absolute)"
+        return (
+            f"{amount} % of the baseline's accuracy (relative)"
+            if self.relative
+            else f"{amount} point(s) of accuracy (absolute)"
+        )
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ import logging
 import os
 import tempfile
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -96,8 +97,13 @@ class RayPool:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             else:
                 tmp = os.path.join(tempfile.gettempdir(), "torchslim-ray")
-                ray.init(num_cpus=workers * spec.threads, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False, _temp_dir=tmp)  # fmt: skip
+                ray.init(
+                    num_cpus=workers * spec.threads,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                    _temp_dir=tmp,
+                )
         actor = ray.remote(num_cpus=spec.threads)(TrialWorker)
         self.free = deque(actor.remote(spec, i, address is None) for i in range(workers))
         self.pinned = ray.get([a.cores.remote() for a in self.free])
@@ -125,9 +131,12 @@ class RayPool:
 
 
 def make_executor(
-    evaluate: Callable[[Mapping[str, Any]], dict], spec: Callable[[], WorkerSpec] | None, workers: int,
-    address: str | None, use_ray: bool = False,
-) -> tuple[Inline | RayPool, str | None]:  # fmt: skip
+    evaluate: Callable[[Mapping[str, Any]], dict],
+    spec: Callable[[], WorkerSpec] | None,
+    workers: int,
+    address: str | None,
+    use_ray: bool = False,
+) -> tuple[Inline | RayPool, str | None]:
     """The executor for ``workers``, and a message when Ray was asked for but cannot run."""
     if workers == 1 and address is None and not use_ray:
         return Inline(evaluate), None

@@ -11,39 +11,56 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save as save_tensors
 from torch import nn
 
 from torchslim.analysis.cost import count_params
-from torchslim.artifact.tslim import load, save
+from torchslim.artifact.tslim import check_reproduces, load, save
 from torchslim.core.data import Data
 from torchslim.core.files import write_atomic
 from torchslim.core.plan import CompressionPlan
-from torchslim.errors import TorchslimError
 from torchslim.evaluate.metrics import accuracy, file_bytes
 from torchslim.search.config import SearchConfig
 from torchslim.search.parallel import WorkerSpec, make_executor
 from torchslim.search.sensitivity import cached_sensitivity, fingerprint
 from torchslim.search.space import Layers, apply_plan
 from torchslim.search.study import (
-    choose, finished, ladder_step, open_study, recover_interrupted, run_lock, run_trials, seed_study, trial_rows,
-)  # fmt: skip
+    choose,
+    finished,
+    ladder_step,
+    open_study,
+    recover_interrupted,
+    run_lock,
+    run_trials,
+    seed_study,
+    trial_rows,
+)
 from torchslim.search.trial import Evaluator, latency_ms
 
 log = logging.getLogger(__name__)
+SEARCH_REPORT_SCHEMA = 2
+"""Version of a search's report.json; 1 is the layout written before it carried a version."""
 Bar = Callable[[str], Callable[[int, int], None] | None]
 
 
 def search(
-    model: nn.Module, data: Data, config: SearchConfig, run_dir: str | Path, *, name: str = "search",
-    zoo: Mapping[str, Any] | None = None, progress: Bar | None = None, on_trial: Callable[[dict], None] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    model: nn.Module,
+    data: Data,
+    config: SearchConfig,
+    run_dir: str | Path,
+    *,
+    name: str = "search",
+    zoo: Mapping[str, Any] | None = None,
+    progress: Bar | None = None,
+    on_trial: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
     """Search per-layer plans for ``model`` under ``config.budget``; deliver the best as a file.
 
     Writes into ``run_dir``: ``study.sqlite3`` (the trials; rerunning resumes), ``sensitivity.json``,
@@ -64,8 +81,16 @@ def search(
         evaluator = Evaluator(model, data, config, zoo)
         max_drop = config.budget.max_drop(evaluator.base_accuracy)
         layers = Layers.of(model, data.example_input(2), config.space)
-        curves, cached = cached_sensitivity(run_dir / "sensitivity.json", model, data, evaluator.search_batches,
-                                            config.space, layers, "search", bar("sensitivity"))  # fmt: skip
+        curves, cached = cached_sensitivity(
+            run_dir / "sensitivity.json",
+            model,
+            data,
+            evaluator.search_batches,
+            config.space,
+            layers,
+            "search",
+            bar("sensitivity"),
+        )
         timings["sensitivity_s"] = time.perf_counter() - start
 
         study = open_study(run_dir, name, config, key)
@@ -90,7 +115,9 @@ def search(
         chosen = choose(trials, config, max_drop)
         t0 = time.perf_counter()
         report = _report_base(evaluator, model, config, max_drop, name, zoo)
-        report["final"] = None if chosen is None else deliver(evaluator, config, chosen, run_dir / f"{name}.tslim", max_drop)
+        report["final"] = (
+            None if chosen is None else deliver(evaluator, config, chosen, run_dir / f"{name}.tslim", max_drop)
+        )
         timings["final_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - start
         ran = len(trials) - already
@@ -98,43 +125,76 @@ def search(
             "trials": trial_rows(trials, max_drop, config.objective),
             "chosen": _chosen(chosen, max_drop, config),
             "sensitivity": {"split": "search", "cached": cached, "curves": curves},
-            "layers": {"weights": list(layers.weights), "groups": list(layers.groups), "skipped_groups": layers.skipped},
+            "layers": {
+                "weights": list(layers.weights),
+                "groups": list(layers.groups),
+                "skipped_groups": layers.skipped,
+            },
             "plan_table": _plan_table(chosen, layers),
             "search": {
-                "sampler": config.sampler, "trials_done": len(trials), "trials_this_run": ran,
-                "trials_failed": sum(t.state.name == "FAIL" for t in trials), "wall_s": timings["search_s"],
-                "workers": config.workers, "executor": executor.description, "execution_note": message,
+                "sampler": config.sampler,
+                "trials_done": len(trials),
+                "trials_this_run": ran,
+                "trials_failed": sum(t.state.name == "FAIL" for t in trials),
+                "wall_s": timings["search_s"],
+                "workers": config.workers,
+                "executor": executor.description,
+                "execution_note": message,
                 "trials_per_hour": ran / timings["search_s"] * 3600 if timings["search_s"] > 0 and ran else None,
-                "study": name, "storage": str(run_dir / "study.sqlite3"), "resumed": resumed,
+                "study": name,
+                "storage": str(run_dir / "study.sqlite3"),
+                "resumed": resumed,
                 "interrupted_trials": interrupted,
             },
             "timings": timings,
-        }  # fmt: skip
+        }
         return report
 
 
-def _worker_spec(zoo: Mapping[str, Any] | None, weights: Path, data: Data, config: SearchConfig) -> Callable[[], WorkerSpec] | None:
+def _worker_spec(
+    zoo: Mapping[str, Any] | None, weights: Path, data: Data, config: SearchConfig
+) -> Callable[[], WorkerSpec] | None:
     if zoo is None:
         return None
-    return lambda: WorkerSpec(zoo["zoo"], dict(zoo.get("kwargs", {})), str(weights), asdict(data.spec), config, config.latency.threads)
+    return lambda: WorkerSpec(
+        zoo["zoo"], dict(zoo.get("kwargs", {})), str(weights), asdict(data.spec), config, config.latency.threads
+    )
 
 
-def _report_base(ev: Evaluator, model: nn.Module, config: SearchConfig, max_drop: float, name: str, zoo: Any) -> dict[str, Any]:
+def _report_base(
+    ev: Evaluator, model: nn.Module, config: SearchConfig, max_drop: float, name: str, zoo: Any
+) -> dict[str, Any]:
     example = ev.data.eval.tensors[0]
     return {
-        "kind": "search", "recipe": name, "model": {"name": zoo["zoo"], "kwargs": dict(zoo.get("kwargs", {}))} if zoo else {"name": type(model).__name__, "kwargs": {}},
-        "data": {"name": ev.data.spec.name}, "threads": config.latency.threads,
-        "budget": {"kind": "relative" if config.budget.relative else "absolute", "value": config.budget.value,
-                   "max_drop": max_drop, "text": config.budget.text()},
+        "kind": "search",
+        "schema_version": SEARCH_REPORT_SCHEMA,
+        "recipe": name,
+        "model": {"name": zoo["zoo"], "kwargs": dict(zoo.get("kwargs", {}))}
+        if zoo
+        else {"name": type(model).__name__, "kwargs": {}},
+        "data": {"name": ev.data.spec.name},
+        "threads": config.latency.threads,
+        "budget": {
+            "kind": "relative" if config.budget.relative else "absolute",
+            "value": config.budget.value,
+            "max_drop": max_drop,
+            "text": config.budget.text(),
+        },
         "objective": config.objective,
-        "latency_setting": {"backend": config.latency.backend, "batch": config.latency.batch, "threads": config.latency.threads},
+        "latency_setting": {
+            "backend": config.latency.backend,
+            "batch": config.latency.batch,
+            "threads": config.latency.threads,
+        },
         "baseline": {
-            "accuracy_search": ev.base_accuracy, "accuracy_holdout": ev.base_holdout,
-            "accuracy_test": accuracy(model, ev.data.eval_loader()), "bytes": ev.base_bytes,
+            "accuracy_search": ev.base_accuracy,
+            "accuracy_holdout": ev.base_holdout,
+            "accuracy_test": accuracy(model, ev.data.eval_loader()),
+            "bytes": ev.base_bytes,
             "params": count_params(model),
             "latency_ms": {f"batch{b}": latency_ms(model, example, _at(config, b)) for b in _batches(config)},
         },
-    }  # fmt: skip
+    }
 
 
 def _batches(config: SearchConfig) -> list[int]:
@@ -153,21 +213,22 @@ def deliver(ev: Evaluator, config: SearchConfig, chosen: dict, path: Path, max_d
     acc = accuracy(model, ev.search_batches)
     save(model, path, plan=plan.to_dict(), metrics={"accuracy_search": acc}, zoo=ev.zoo)
     restored = load(path) if ev.zoo else load(path, model=copy.deepcopy(ev.model))
-    for x, _ in ev.search_batches[:2]:
-        with torch.no_grad():
-            if not torch.equal(model(x), restored(x)):
-                raise TorchslimError(f"{path} does not reproduce the compressed model's outputs exactly")
+    check_reproduces(model, restored, (x for x, _ in ev.search_batches[:2]), path)
     holdout = accuracy(restored, ev.holdout_batches)
     example = ev.data.eval.tensors[0]
     nbytes = file_bytes(path)
     return {
-        "plan": plan.to_dict(), "artifact": str(path), "bytes": nbytes,
+        "plan": plan.to_dict(),
+        "artifact": str(path),
+        "bytes": nbytes,
         "ratio": ev.base_bytes / nbytes,
-        "accuracy_search": accuracy(restored, ev.search_batches), "accuracy_holdout": holdout,
+        "accuracy_search": accuracy(restored, ev.search_batches),
+        "accuracy_holdout": holdout,
         "accuracy_test": accuracy(restored, ev.data.eval_loader()),
-        "drop_holdout": ev.base_holdout - holdout, "within_budget": ev.base_holdout - holdout <= max_drop,
+        "drop_holdout": ev.base_holdout - holdout,
+        "within_budget": ev.base_holdout - holdout <= max_drop,
         "latency_ms": {f"batch{b}": latency_ms(restored, example, _at(config, b)) for b in _batches(config)},
-    }  # fmt: skip
+    }
 
 
 def _chosen(chosen: dict | None, max_drop: float, config: SearchConfig) -> dict[str, Any]:
@@ -178,8 +239,10 @@ def _chosen(chosen: dict | None, max_drop: float, config: SearchConfig) -> dict[
     if chosen["met_budget"]:
         message = f"trial {chosen['trial']}: {what}, {lost}, within the budget of {100 * max_drop:.2f} points"
     else:
-        message = (f"no trial met the budget of {100 * max_drop:.2f} points; delivering the closest, trial "
-                   f"{chosen['trial']}: {what}, {lost}")  # fmt: skip
+        message = (
+            f"no trial met the budget of {100 * max_drop:.2f} points; delivering the closest, trial "
+            f"{chosen['trial']}: {what}, {lost}"
+        )
     return {"trial": chosen["trial"], "met_budget": chosen["met_budget"], "message": message}
 
 
@@ -190,9 +253,16 @@ def _plan_table(chosen: dict | None, layers: Layers) -> list[dict[str, Any]]:
         d = plan.resolve(name)
         touched = d is not None and any(v for v in (d.channels, d.sparsity, d.bits, d.quantize))
         why = layers.skipped.get(name)
-        rows.append({
-            "layer": name, "channels": d.channels if d else None, "sparsity": d.sparsity if d else None,
-            "bits": d.bits if d else None, "int8": bool(d and d.quantize),
-            "skip": None if touched else ("left as it is by the chosen plan" + (f"; its channels cannot shrink: {why}" if why else "")),
-        })  # fmt: skip
+        rows.append(
+            {
+                "layer": name,
+                "channels": d.channels if d else None,
+                "sparsity": d.sparsity if d else None,
+                "bits": d.bits if d else None,
+                "int8": bool(d and d.quantize),
+                "skip": None
+                if touched
+                else ("left as it is by the chosen plan" + (f"; its channels cannot shrink: {why}" if why else "")),
+            }
+        )
     return rows

@@ -14,8 +14,9 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -44,9 +45,13 @@ def fingerprint(model: nn.Module, space: SearchSpace, split: str) -> str:
 
 
 def layer_sensitivity(
-    model: nn.Module, data: Data, batches: list, space: SearchSpace, layers: Layers,
+    model: nn.Module,
+    data: Data,
+    batches: list,
+    space: SearchSpace,
+    layers: Layers,
     progress: Callable[[int, int], None] | None = None,
-) -> Curves:  # fmt: skip
+) -> Curves:
     """Accuracy drop on ``batches`` per technique, layer and setting (drops are fractions)."""
     model = model.eval()
     base = accuracy(model, batches)
@@ -80,9 +85,15 @@ def _compress_one(work: nn.Module, technique: str, name: str, setting: float, da
 
 
 def cached_sensitivity(
-    path: Path, model: nn.Module, data: Data, batches: list, space: SearchSpace, layers: Layers, split: str,
+    path: Path,
+    model: nn.Module,
+    data: Data,
+    batches: list,
+    space: SearchSpace,
+    layers: Layers,
+    split: str,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[Curves, bool]:  # fmt: skip
+) -> tuple[Curves, bool]:
     """The table from ``path`` when its fingerprint matches, else measured and written there."""
     key = fingerprint(model, space, split)
     if path.is_file():

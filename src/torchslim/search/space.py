@@ -10,10 +10,10 @@ int8. Optuna sees the same choices as categorical parameters named ``channels:<r
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,11 +24,12 @@ from torchslim.analysis.coupling import analyse
 from torchslim.core.data import Data
 from torchslim.core.plan import CompressionPlan, LayerDecision
 from torchslim.errors import ConfigError
-from torchslim.train.fit import TrainConfig, fit
-from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
-from torchslim.transforms.prune import MagnitudePruneConfig, frozen_zeros, prune_
-from torchslim.transforms.quantize import QuantizeConfig, quantize_
-from torchslim.transforms.share import ShareConfig, share_
+from torchslim.train.fit import TrainConfig
+from torchslim.transforms.channels import ChannelPruneConfig
+from torchslim.transforms.compress import CompressSettings, compress
+from torchslim.transforms.prune import MagnitudePruneConfig
+from torchslim.transforms.quantize import QuantizeConfig
+from torchslim.transforms.share import ShareConfig
 
 FLOAT, INT8 = "float", "int8"
 
@@ -64,7 +65,7 @@ class SearchSpace:
             raise ConfigError(f"channels={self.channels}: include 0.0 so a group can keep all its channels")
 
     @classmethod
-    def default_for(cls, objective: str) -> "SearchSpace":
+    def default_for(cls, objective: str) -> SearchSpace:
         """Every technique for ``size``; for ``latency`` channel fractions and int8 only: sparsity
         and codebooks cost accuracy without making dense kernels any faster."""
         return cls(sparsity=(0.0,), bits=()) if objective == "latency" else cls()
@@ -83,7 +84,7 @@ class Layers:
     skipped: dict[str, str] = field(default_factory=dict)  # group root -> why it cannot shrink
 
     @classmethod
-    def of(cls, model: nn.Module, example: torch.Tensor, space: SearchSpace) -> "Layers":
+    def of(cls, model: nn.Module, example: torch.Tensor, space: SearchSpace) -> Layers:
         names = tuple(n for n, _ in weight_layers(model))
         if not names:
             raise ConfigError(f"{type(model).__name__} has no Linear or Conv layer to compress")
@@ -167,6 +168,19 @@ class Recovery:
     def train(self, epochs: int, lr: float, seed: int) -> TrainConfig:
         return TrainConfig(epochs, lr, 0.0, seed, self.distill_weight, self.temperature)
 
+    def settings(self, space: SearchSpace, seed: int) -> CompressSettings:
+        """How ``compress`` applies a candidate: channels sliced to the space's widths, pruning
+        without its own fine-tuning, this recovery after both, centroids trained at a tenth of
+        its learning rate, static int8."""
+        share = self.train(self.share_epochs, self.lr / 10, seed) if self.share_epochs else None
+        return CompressSettings(
+            channels=ChannelPruneConfig(ratio={}, round_to=space.round_to, min_channels=space.min_channels, seed=seed),
+            prune=MagnitudePruneConfig(finetune=None),
+            recover=self.train(self.epochs, self.lr, seed) if self.epochs else None,
+            share=ShareConfig(finetune=share),
+            quantize=QuantizeConfig(),
+        )
+
 
 def subset(data: Data, samples: int, seed: int) -> Data:
     """``data`` whose training split is a seeded subset of ``samples`` images (0: all)."""
@@ -180,27 +194,9 @@ def subset(data: Data, samples: int, seed: int) -> Data:
 def apply_plan(
     model: nn.Module, plan: CompressionPlan, data: Data, recovery: Recovery, space: SearchSpace, seed: int = 0
 ) -> nn.Module:
-    """A compressed copy of ``model``: channels removed, weights pruned, recovered with ``model``
-    as teacher, shared, then quantized -- each step only where ``plan`` asks for it."""
-    teacher = model.eval()
-    work = copy.deepcopy(model)
-    train = subset(data, recovery.samples, seed)
-    channels = {k: v for k, v in plan.field_map("channels").items() if v}
-    if channels:
-        cfg = ChannelPruneConfig(ratio=channels, round_to=space.round_to, min_channels=space.min_channels, seed=seed)
-        channel_prune_(work, cfg, data)
-    sparsity = {k: v for k, v in plan.field_map("sparsity").items() if v}
-    if sparsity:
-        prune_(work, MagnitudePruneConfig(sparsity, finetune=None), data)
-    if (channels or sparsity) and recovery.epochs:
-        with frozen_zeros(m for _, m in weight_layers(work)):
-            fit(work, train, recovery.train(recovery.epochs, recovery.lr, seed), teacher=teacher)
-    bits = {k: v for k, v in plan.field_map("bits").items() if v}
-    if bits:
-        finetune = recovery.train(recovery.share_epochs, recovery.lr / 10, seed) if recovery.share_epochs else None
-        share_(work, ShareConfig(bits, finetune), train, teacher=teacher)
-    int8 = [k for k, v in plan.field_map("quantize").items() if v]
-    if int8:
-        others = tuple(n for n, _ in weight_layers(work) if n not in int8)
-        quantize_(work, QuantizeConfig(exclude=others), data)
-    return work.eval()
+    """A compressed copy of ``model``: :func:`~torchslim.transforms.compress.compress` with the
+    search's settings -- no fine-tuning per technique, one recovery with ``model`` as teacher
+    after channels and pruning, trained centroids, static int8."""
+    return compress(
+        model.eval(), plan, subset(data, recovery.samples, seed), settings=recovery.settings(space, seed), teacher=model
+    ).model

@@ -15,8 +15,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from torchslim.errors import ConfigError
 from torchslim.search.config import SearchConfig
@@ -36,7 +37,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"another search is running in {run_dir}; wait for it or use another output folder") from None
+            raise ConfigError(
+                f"another search is running in {run_dir}; wait for it or use another output folder"
+            ) from None
         yield
 
 
@@ -52,8 +55,9 @@ def open_study(run_dir: Path, name: str, config: SearchConfig, fingerprint: str)
     else:
         sampler = optuna.samplers.NSGAIISampler(seed=config.seed)
     # the budget is a constraint each trial sets (see tell), not a sampler argument
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
-                                directions=["minimize", "minimize"])  # fmt: skip
+    study = optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, load_if_exists=True, directions=["minimize", "minimize"]
+    )
     identity = json.loads(json.dumps(config.identity() | {"model": fingerprint}))
     stored = study.user_attrs.get("identity")
     if stored is None:
@@ -86,14 +90,20 @@ def seed_study(study: Any, config: SearchConfig, layers: Layers, curves: Curves,
     if study.user_attrs.get("seeded"):
         return 0
     space, seeds = config.space, []
-    precision = INT8 if config.objective == "latency" and space.int8 else (f"share{sorted(space.bits)[len(space.bits) // 2]}" if space.bits else INT8 if space.int8 else None)
+    precision = (
+        INT8
+        if config.objective == "latency" and space.int8
+        else (f"share{sorted(space.bits)[len(space.bits) // 2]}" if space.bits else INT8 if space.int8 else None)
+    )
     if precision:
         uniform = {k: (precision if k.startswith("precision:") else 0.0) for k in distributions(space, layers)}
         seeds.append(("seed: uniform " + precision, uniform, {}))
     for variant in variants(config):
         for multiple in config.seeds:
             params = sensitivity_params(config, layers, curves, multiple * max_drop, variant)
-            seeds.append((_seed_origin(multiple, variant), params, {"seed_multiple": multiple, "seed_variant": variant}))
+            seeds.append(
+                (_seed_origin(multiple, variant), params, {"seed_multiple": multiple, "seed_variant": variant})
+            )
     unique = []
     for origin, params, extra in seeds:
         if all(params != p for _, p, _ in unique):
@@ -114,7 +124,9 @@ def _seed_origin(multiple: float, variant: str) -> str:
     return f"seed: sensitivity x{multiple:g} budget" + (f", {variant}" if variant else "")
 
 
-def sensitivity_params(config: SearchConfig, layers: Layers, curves: Curves, allowance: float, variant: str = "") -> dict[str, Any]:
+def sensitivity_params(
+    config: SearchConfig, layers: Layers, curves: Curves, allowance: float, variant: str = ""
+) -> dict[str, Any]:
     plan = budget_plan(curves, config.space, layers, allowance, config.objective, int8=variant != "float")
     return params_from_plan(plan, config.space, layers)
 
@@ -165,8 +177,14 @@ def ladder_step(study: Any, config: SearchConfig, layers: Layers, curves: Curves
             params = sensitivity_params(config, layers, curves, multiple * max_drop, variant)
             twin = twins.get(_key(params))
             if twin is None:
-                study.enqueue_trial(params, user_attrs={"origin": _seed_origin(multiple, variant), "seed_multiple": multiple,
-                                                        "seed_variant": variant})  # fmt: skip
+                study.enqueue_trial(
+                    params,
+                    user_attrs={
+                        "origin": _seed_origin(multiple, variant),
+                        "seed_multiple": multiple,
+                        "seed_variant": variant,
+                    },
+                )
                 return multiple
             walk[multiple] = twin.user_attrs.get("drop", float("inf")) <= max_drop
             known = study.user_attrs.get("ladder_known", {})
@@ -190,7 +208,12 @@ def objective_key(config: SearchConfig) -> str:
 
 
 def run_trials(
-    study: Any, executor: Any, config: SearchConfig, layers: Layers, max_drop: float, on_trial: OnTrial | None,
+    study: Any,
+    executor: Any,
+    config: SearchConfig,
+    layers: Layers,
+    max_drop: float,
+    on_trial: OnTrial | None,
     follow_up: Callable[[], Any] | None = None,
 ) -> float:
     """Ask, run and tell trials until the study holds ``config.trials`` finished ones (or the
@@ -222,7 +245,9 @@ def run_trials(
                 tell(study, trial, {**twin.user_attrs, "repeat_of": twin.number}, config, max_drop)
                 repeats += 1
                 if repeats % 3 == 0:
-                    study.enqueue_trial(neighbour(study, config, max_drop, dists, rng), user_attrs={"origin": "neighbour of the best"})
+                    study.enqueue_trial(
+                        neighbour(study, config, max_drop, dists, rng), user_attrs={"origin": "neighbour of the best"}
+                    )
                 continue
             repeats = 0
             trial.set_user_attr("origin", trial.user_attrs.get("origin", "sampler"))
@@ -304,12 +329,21 @@ def trial_rows(trials: list[Any], max_drop: float, objective: str) -> list[dict[
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
         a = t.user_attrs
-        rows.append({
-            "number": t.number, "state": t.state.name, "origin": a.get("origin", "sampler"), "plan": a.get("plan"),
-            "accuracy": a.get("accuracy"), "drop": a.get("drop"), "bytes": a.get("bytes"),
-            "latency_ms": a.get("latency_ms"), "seconds": a.get("seconds"), "error": a.get("error"),
-            "feasible": a.get("drop") is not None and a["drop"] <= max_drop,
-        })  # fmt: skip
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "origin": a.get("origin", "sampler"),
+                "plan": a.get("plan"),
+                "accuracy": a.get("accuracy"),
+                "drop": a.get("drop"),
+                "bytes": a.get("bytes"),
+                "latency_ms": a.get("latency_ms"),
+                "seconds": a.get("seconds"),
+                "error": a.get("error"),
+                "feasible": a.get("drop") is not None and a["drop"] <= max_drop,
+            }
+        )
     for key in ("bytes", "latency_ms"):
         done = [r for r in rows if r["feasible"]]
         for r in done:
@@ -322,4 +356,3 @@ def trial_rows(trials: list[Any], max_drop: float, objective: str) -> list[dict[
 def _dominates(a: dict, b: dict, key: str) -> bool:
     better_or_equal = a["accuracy"] >= b["accuracy"] and a[key] <= b[key]
     return better_or_equal and (a["accuracy"] > b["accuracy"] or a[key] < b[key])
-

@@ -50,7 +50,12 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def check_temperature(temperature: Any) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
         raise ConfigError(f"temperature={temperature!r}: a softmax temperature must be a finite number > 0 (e.g. 4)")
     return float(temperature)
 
@@ -120,7 +125,9 @@ class FeatureLoss(nn.Module):
         self.kind, self.projection = kind, None
         if kind == "attention":
             if len(s) != 4 or len(t) != 4:
-                raise ConfigError(f"attention transfer compares conv feature maps (N, C, H, W); got {s} and {t}: use kind='hint'")
+                raise ConfigError(
+                    f"attention transfer compares conv feature maps (N, C, H, W); got {s} and {t}: use kind='hint'"
+                )
             return
         if len(s) != len(t):
             raise ConfigError(f"hint features of different ranks ({s} vs {t}): pair layers of the same kind")
@@ -141,7 +148,9 @@ class FeatureLoss(nn.Module):
         if student.dim() == 4 and student.shape[-2:] != teacher.shape[-2:]:
             student = F.adaptive_avg_pool2d(student, teacher.shape[-2:])
         if student.shape != teacher.shape:
-            raise ConfigError(f"hint features differ in shape after projection: {tuple(student.shape)} vs {tuple(teacher.shape)}")
+            raise ConfigError(
+                f"hint features differ in shape after projection: {tuple(student.shape)} vs {tuple(teacher.shape)}"
+            )
         return F.mse_loss(student, teacher)
 
     def extra_repr(self) -> str:

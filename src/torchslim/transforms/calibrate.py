@@ -13,7 +13,8 @@ may clip.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,38 +22,59 @@ from torch import nn
 from torchslim.analysis.ranges import METHODS, choose_range, observe
 from torchslim.core.data import Data
 from torchslim.core.qlayers import QuantizedLayer
-from torchslim.errors import ConfigError, DataError
+from torchslim.errors import DataError
 
 Ranges = dict[str, tuple[tuple[float, float], tuple[float, float] | None]]
 """Layer -> (input range, output range or None when the next layers' input grid takes the output)."""
 
 
-def calibration_batches(config: Any, data: Data | Iterable | None, example: torch.Tensor | None) -> list:
-    """Up to ``config.calib_batches`` input batches, checked for emptiness, non-finite values and shape."""
-    if data is None:
-        if config.scheme == "static":
-            raise ConfigError("static quantization calibrates input ranges: pass data=<calibration batches>")
-        return []
+def calibration_batches(
+    data: Data | Iterable, count: int, example: torch.Tensor | None = None, *, batch_size: int | None = None
+) -> list:
+    """Up to ``count`` calibration batches: the calibration split of a :class:`Data`, or the
+    items of any iterable of input batches or ``(input, target)`` pairs, cut into batches of
+    ``batch_size`` rows when given. Each is checked for emptiness, non-finite values and its
+    shape against ``example`` (or the first batch). Items come back as they came (pairs stay
+    pairs); :func:`inputs_of` takes the input of one."""
     source = data.calib_loader() if isinstance(data, Data) else data
-    batches: list[torch.Tensor] = []
-    for i, item in enumerate(source):
-        x = item[0] if isinstance(item, (tuple, list)) else item
+    batches: list = []
+    for i, item in enumerate(_cut(source, batch_size)):
+        x = inputs_of(item)
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise DataError(f"calibration batch {i} is {type(x).__name__}, not a float tensor (or an (input, target) pair)")
+            raise DataError(
+                f"calibration batch {i} is {type(x).__name__}, not a float tensor (or an (input, target) pair)"
+            )
         if not torch.isfinite(x).all():
             raise DataError(f"calibration batch {i} holds NaN or Inf; clean the calibration data before quantizing")
-        ref = example if example is not None else (batches[0] if batches else x)
+        ref = example if example is not None else (inputs_of(batches[0]) if batches else x)
         if x.shape[1:] != ref.shape[1:]:
             raise DataError(
                 f"calibration batch {i} has shape {tuple(x.shape)} but the model's input is {tuple(ref.shape)}: "
                 "calibrate on batches shaped like the example input (only the batch size may differ)"
             )
-        batches.append(x)
-        if len(batches) == config.calib_batches:
+        batches.append(item)
+        if len(batches) == count:
             break
     if not batches:
         raise DataError("the calibration loader yielded no batches; give it at least one batch of inputs")
     return batches
+
+
+def inputs_of(item: Any) -> Any:
+    """The model input of a calibration item: the first element of an ``(input, target)`` pair."""
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _cut(source: Iterable, size: int | None) -> Iterator:
+    """The items of ``source``, each cut into pieces of at most ``size`` rows (``None``: as they are)."""
+    for item in source:
+        if size is None:
+            yield item
+            continue
+        parts = item if isinstance(item, (tuple, list)) else (item,)
+        for start in range(0, len(parts[0]), size):
+            piece = tuple(p[start : start + size] for p in parts)
+            yield piece if isinstance(item, (tuple, list)) else piece[0]
 
 
 def calibrated_ranges(
@@ -76,7 +98,10 @@ def calibrated_ranges(
         def error(methods: dict[str, str]) -> float:
             ranges = _pick(stats, methods, config.percentile, consumers, outputs)
             for name, layer in targets.items():
-                trial.set_submodule(name, QuantizedLayer.from_float(layer, "static", ranges=ranges[name], per_channel=config.per_channel))
+                trial.set_submodule(
+                    name,
+                    QuantizedLayer.from_float(layer, "static", ranges=ranges[name], per_channel=config.per_channel),
+                )
             return sum(float(((trial(x) - ref) ** 2).mean()) for x, ref in zip(batches, reference)) / len(batches)
 
         whole = {m: error(dict.fromkeys(targets, m)) for m in METHODS}
@@ -87,8 +112,12 @@ def calibrated_ranges(
                 if m != methods[name] and (err := error(methods | {name: m})) < current:
                     methods, current = methods | {name: m}, err
     return _pick(stats, methods, config.percentile, consumers, outputs), {
-        "method": "auto", "start": best, "layers": methods, "output_mse": whole, "final_output_mse": current,
-    }  # fmt: skip
+        "method": "auto",
+        "start": best,
+        "layers": methods,
+        "output_mse": whole,
+        "final_output_mse": current,
+    }
 
 
 def _pick(stats: dict, methods: dict[str, str], percentile: float, consumers: dict, outputs: set[str]) -> Ranges:
@@ -99,10 +128,12 @@ def _pick(stats: dict, methods: dict[str, str], percentile: float, consumers: di
     layer would not fuse into ONNX Runtime's integer Gemm, which needs a quantized output.)
     """
     out: dict[str, list] = {
-        n: [choose_range(stats[n, "input"], m, percentile),
-            choose_range(stats[n, "output"], "minmax" if n in outputs else m, percentile)]
+        n: [
+            choose_range(stats[n, "input"], m, percentile),
+            choose_range(stats[n, "output"], "minmax" if n in outputs else m, percentile),
+        ]
         for n, m in methods.items()
-    }  # fmt: skip
+    }
     for producer, (users, relu, direct) in consumers.items():
         # one grid for the producer's output and its consumers' input: no double rounding. After a
         # ReLU the grid starts at 0 (zero point 0 clamps negatives exactly as the ReLU does); with
@@ -116,9 +147,14 @@ def _pick(stats: dict, methods: dict[str, str], percentile: float, consumers: di
     return {n: (r[0], r[1]) for n, r in out.items()}
 
 
-
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, nn.functional.relu)
-_POOL_FUNCTIONS = (torch.max_pool1d, torch.max_pool2d, nn.functional.max_pool1d, nn.functional.max_pool2d, torch.flatten)
+_POOL_FUNCTIONS = (
+    torch.max_pool1d,
+    torch.max_pool2d,
+    nn.functional.max_pool1d,
+    nn.functional.max_pool2d,
+    torch.flatten,
+)
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity)
 _POOL_METHODS = ("flatten", "view", "reshape")
 
@@ -181,7 +217,9 @@ def relu_fed(model: nn.Module, targets: dict[str, nn.Module], graph: torch.fx.Gr
     if graph is None:
         return set()
     modules = dict(model.named_modules())
-    walks = _walks(graph, targets, lambda user: user.op == "call_module" and isinstance(modules.get(user.target), nn.Identity))
+    walks = _walks(
+        graph, targets, lambda user: user.op == "call_module" and isinstance(modules.get(user.target), nn.Identity)
+    )
     return {producer for producer, node in walks if len(node.users) == 1 and _is_relu(next(iter(node.users)), modules)}
 
 

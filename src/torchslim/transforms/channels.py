@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,9 +23,11 @@ from torchslim.analysis.cost import count_params, layer_macs
 from torchslim.analysis.coupling import Coupling, CouplingGroup, analyse
 from torchslim.analysis.importance import CRITERIA, NEEDS_DATA, gather_stats
 from torchslim.core.data import Data
-from torchslim.core.plan import CompressionPlan, LayerDecision, match_layer
+from torchslim.core.plan import CompressionPlan, LayerDecision, check_keys, match_layer
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
+from torchslim.transforms.calibrate import calibration_batches
+from torchslim.transforms.guard import check_runs, rollback
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +77,14 @@ class ChannelPruneConfig:
             v = getattr(self, key)
             if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ConfigError(f"{key}={v!r}: the fraction to keep must be in (0, 1], e.g. 0.5 for 2x fewer")
-        ratios = self.ratio.values() if isinstance(self.ratio, Mapping) else [self.ratio] if self.ratio is not None else []
+        ratios = (
+            self.ratio.values() if isinstance(self.ratio, Mapping) else [self.ratio] if self.ratio is not None else []
+        )
         for r in (r for r in ratios if r is not None):
             if not (isinstance(r, (int, float)) and 0 <= r < 1):
-                raise ConfigError(f"ratio={r!r}: the fraction of channels removed must be in [0, 1); 1 would empty the layer")
+                raise ConfigError(
+                    f"ratio={r!r}: the fraction of channels removed must be in [0, 1); 1 would empty the layer"
+                )
         if self.criterion not in CRITERIA:
             raise ConfigError(f"criterion={self.criterion!r}: choose one of {sorted(CRITERIA)}")
         if self.scope not in ("layer", "global"):
@@ -87,7 +94,7 @@ class ChannelPruneConfig:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: use a whole number >= 1")
 
     @classmethod
-    def from_plan(cls, plan: CompressionPlan, **kwargs: object) -> "ChannelPruneConfig":
+    def from_plan(cls, plan: CompressionPlan, **kwargs: object) -> ChannelPruneConfig:
         """The per-layer channel ratios of ``plan``; other fields from ``kwargs``."""
         ratio = plan.field_map("channels")
         if not any(v is not None for v in ratio.values()):
@@ -134,10 +141,14 @@ class ChannelPruneResult:
 
     def to_dict(self) -> dict:
         return {
-            "macs_before": self.macs_before, "macs_after": self.macs_after,
-            "params_before": self.params_before, "params_after": self.params_after,
-            "groups": [g.to_dict() for g in self.groups], "layers": self.layers, "history": self.history,
-        }  # fmt: skip
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "groups": [g.to_dict() for g in self.groups],
+            "layers": self.layers,
+            "history": self.history,
+        }
 
 
 def channel_prune_(
@@ -175,12 +186,8 @@ def channel_prune_(
     records: dict[str, GroupRecord] = {}
     history = []
     for step in range(1, config.steps + 1):
-        backup = copy.deepcopy(model)
-        try:
-            _prune_step(model, config, batches, example, step, (macs0, params0, original), records)
-        except BaseException:
-            model.__dict__.update(backup.__dict__)  # a failed step leaves the model as it was
-            raise
+        with rollback(model):  # a failed step leaves the model as it was
+            _prune_step(model, config, batches, example, step, Target(0.0, macs0, params0, original), records)
         macs = sum(layer_macs(model, example).values())
         entry = {"step": step, "macs": macs, "params": count_params(model)}
         if config.finetune is not None and config.finetune.epochs > 0:
@@ -194,15 +201,20 @@ def channel_prune_(
 
 
 def _prune_step(
-    model: nn.Module, config: ChannelPruneConfig, batches: list, example: torch.Tensor, step: int, base: tuple,
+    model: nn.Module,
+    config: ChannelPruneConfig,
+    batches: list,
+    example: torch.Tensor,
+    step: int,
+    base: Target,
     records: dict[str, GroupRecord],
 ) -> None:
     """One round: analyse, score, decide the widths, slice; records what happened per group."""
-    macs0, params0, original = base
+    original = base.original
     coupling = analyse(model, example, config.exclude, config.min_channels)
     for g in coupling.groups:
         original.setdefault(g.root, g.channels)
-    keep, scores = _decide(model, coupling, config, batches, example, (step / config.steps, macs0, params0, original), step)
+    keep, scores = _decide(model, coupling, config, batches, example, base._replace(frac=step / config.steps), step)
     modules = dict(model.named_modules())
     for g in coupling.groups:
         members = [str(m) for m in g.members]
@@ -212,18 +224,19 @@ def _prune_step(
             g.handle.prune(sorted(int(i) for i in drop))
         rec.after = int(coupling.graph.get_out_channels(modules[g.root]))
         if rec.after != keep.get(g.root, g.channels):
-            raise ConfigError(f"group {g.root}: asked to keep {keep.get(g.root, g.channels)} channels, {rec.after} remain")
+            raise ConfigError(
+                f"group {g.root}: asked to keep {keep.get(g.root, g.channels)} channels, {rec.after} remain"
+            )
         rec.skip = g.skip if g.skip and rec.after == rec.before else None  # pruned in an earlier step: not a skip
-    _check_runs(model, example)
+    hint = "its forward probably hard-codes a width (a reshape or view with fixed sizes): exclude that layer"
+    check_runs(model, example, "pruned", hint)
 
 
 def _check_names(model: nn.Module, config: ChannelPruneConfig) -> None:
     """A ratio or exclude key that names no layer is a typo; say which names exist."""
     names = [n for n, _ in model.named_modules() if n]
-    keys = list(config.ratio) if isinstance(config.ratio, Mapping) else []
-    unused = [k for k in keys + list(config.exclude) if not any(match_layer([k], n) for n in names)]
-    if unused:
-        raise ConfigError(f"{unused} match no layer of {type(model).__name__}; its layers are {names[:40]}")
+    keys = [k for k, v in config.ratio.items() if v is not None] if isinstance(config.ratio, Mapping) else []
+    check_keys(names, keys + list(config.exclude), "ratio and exclude keys")
 
 
 def _calibration(config: ChannelPruneConfig, data: Data | None, example: torch.Tensor | None) -> list:
@@ -234,28 +247,32 @@ def _calibration(config: ChannelPruneConfig, data: Data | None, example: torch.T
         if example is None:
             raise ConfigError("pass data=... or example=<one input batch> so the model can be traced")
         return []
-    out = []
-    size = data.spec.batch_size
-    for x, y in data.calib_loader():
-        for i in range(0, len(x), size):
-            out.append((x[i : i + size], y[i : i + size]))
-            if len(out) == config.calib_batches:
-                return out
-    return out
+    return calibration_batches(data, config.calib_batches, example, batch_size=data.spec.batch_size)
 
 
-Target = tuple  # (fraction of the way to the final target, macs0, params0, original widths)
+class Target(NamedTuple):
+    """Where one round aims: the model's cost before pruning and every group's first width."""
+
+    frac: float  # fraction of the way to the final target after this round
+    macs0: int
+    params0: int
+    original: dict[str, int]  # group root -> channels before the first round
 
 
 def _decide(
-    model: nn.Module, coupling: Coupling, config: ChannelPruneConfig, batches: list, example: torch.Tensor,
-    target: Target, step: int,
+    model: nn.Module,
+    coupling: Coupling,
+    config: ChannelPruneConfig,
+    batches: list,
+    example: torch.Tensor,
+    target: Target,
+    step: int,
 ) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
     """Channels each group keeps after this step, and the scores that pick which."""
     frac, macs0, params0, original = target
     if isinstance(config.ratio, Mapping):
         roots = [g.root for g in coupling.groups]
-        unused = [k for k in config.ratio if not any(match_layer([k], r) for r in roots)]
+        unused = [k for k, v in config.ratio.items() if v is not None and not any(match_layer([k], r) for r in roots)]
         if unused:
             raise ConfigError(f"ratio keys {unused} name no coupling group; ratios are set per group root: {roots}")
     stats = gather_stats(model, coupling, config.criterion, batches, config.seed)
@@ -278,7 +295,9 @@ def _decide(
         reasons = "; ".join(f"{g.root}: {g.skip}" for g in coupling.groups)
         raise ConfigError(f"no coupling group of {type(model).__name__} can be pruned ({reasons})")
     if config.ratio is not None:
-        return {g.root: _round(original[g.root] * (1 - _ratio(config, g.root)) ** frac, g, config) for g in groups}, scores
+        return {
+            g.root: _round(original[g.root] * (1 - _ratio(config, g.root)) ** frac, g, config) for g in groups
+        }, scores
     which, full = ("macs", macs0) if config.macs is not None else ("params", params0)
     goal = full * getattr(config, which) ** frac
     keep_at = _keep_fn(groups, scores, config, original)
@@ -296,7 +315,9 @@ def _decide(
     for _ in range(18):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if cost(mid) <= goal else (mid, hi)
-    keep = _fill(keep_at(hi), groups, scores, config, lambda k: _cost_after(model, k, scores, config, example, which) <= goal)
+    keep = _fill(
+        keep_at(hi), groups, scores, config, lambda k: _cost_after(model, k, scores, config, example, which) <= goal
+    )
     return keep, scores
 
 
@@ -362,33 +383,25 @@ def _cost_after(model: nn.Module, keep: dict, scores: dict, config: ChannelPrune
     return sum(layer_macs(clone, example).values()) if which == "macs" else count_params(clone)
 
 
-def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-        model.train(was_training)
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"the pruned {type(model).__name__} no longer runs ({exc}); its forward probably hard-codes a "
-            "width (a reshape or view with fixed sizes): exclude that layer with exclude=[...]"
-        ) from exc
-
-
 _SIZES = {
-    nn.Conv1d: ("in_channels", "out_channels"), nn.Conv2d: ("in_channels", "out_channels"),
-    nn.Conv3d: ("in_channels", "out_channels"), nn.Linear: ("in_features", "out_features"),
-    nn.LSTM: ("input_size", "hidden_size"), nn.GRU: ("input_size", "hidden_size"),
-    nn.BatchNorm1d: ("num_features", "num_features"), nn.BatchNorm2d: ("num_features", "num_features"),
-}  # fmt: skip
+    nn.Conv1d: ("in_channels", "out_channels"),
+    nn.Conv2d: ("in_channels", "out_channels"),
+    nn.Conv3d: ("in_channels", "out_channels"),
+    nn.Linear: ("in_features", "out_features"),
+    nn.LSTM: ("input_size", "hidden_size"),
+    nn.GRU: ("input_size", "hidden_size"),
+    nn.BatchNorm1d: ("num_features", "num_features"),
+    nn.BatchNorm2d: ("num_features", "num_features"),
+}
 
 
 def _layer_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple]:
     macs = layer_macs(model, example)
     return {
         n: (type(m).__name__, getattr(m, _SIZES[type(m)][0]), getattr(m, _SIZES[type(m)][1]), macs.get(n, 0))
-        for n, m in model.named_modules() if type(m) in _SIZES
-    }  # fmt: skip
+        for n, m in model.named_modules()
+        if type(m) in _SIZES
+    }
 
 
 def _layer_table(before: dict[str, tuple], after: dict[str, tuple]) -> list[dict]:

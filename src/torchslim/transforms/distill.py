@@ -19,20 +19,28 @@ import contextlib
 import difflib
 import inspect
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from torchslim.core.data import Data
 from torchslim.core.models import ZOO, build_model
+from torchslim.core.plan import CompressionPlan
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
 from torchslim.train.losses import FEATURE_KINDS, FeatureLoss, SoftTargetLoss, logits_of
 
-WIDTH_ARGS = {"resnet_mini": "width", "mobilenet_mini": "width", "concat_net": "width", "mlp": "width",
-              "lstm_classifier": "hidden_size", "gru_classifier": "hidden_size"}  # fmt: skip
+WIDTH_ARGS = {
+    "resnet_mini": "width",
+    "mobilenet_mini": "width",
+    "concat_net": "width",
+    "mlp": "width",
+    "lstm_classifier": "hidden_size",
+    "gru_classifier": "hidden_size",
+}
 """The zoo builders' width argument, scaled by :func:`derive_student`'s multiplier."""
 DEPTH_ARGS = {"mlp": "depth", "resnet_mini": "blocks", "mobilenet_mini": "blocks"}
 """The zoo builders' depth argument (hidden layers / blocks; a student keeps the first ones),
@@ -68,10 +76,16 @@ class DistillConfig:
         object.__setattr__(self, "features", pairs)
         if self.feature_kind not in FEATURE_KINDS:
             raise ConfigError(f"feature_kind={self.feature_kind!r}: choose one of {list(FEATURE_KINDS)}")
-        if isinstance(self.feature_weight, bool) or not isinstance(self.feature_weight, (int, float)) or self.feature_weight < 0:
+        if (
+            isinstance(self.feature_weight, bool)
+            or not isinstance(self.feature_weight, (int, float))
+            or self.feature_weight < 0
+        ):
             raise ConfigError(f"feature_weight={self.feature_weight!r}: use a number >= 0")
         if self.cache_teacher and self.features:
-            raise ConfigError("cache_teacher caches logits only; with feature pairs the teacher runs every batch anyway: drop one")
+            raise ConfigError(
+                "cache_teacher caches logits only; with feature pairs the teacher runs every batch anyway: drop one"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self) | {"features": [list(p) for p in self.features]}
@@ -86,8 +100,18 @@ class DistillResult:
     config: DistillConfig
     projections: int = 0  # learned feature projections (trained, then dropped)
 
+    @property
+    def plan(self) -> CompressionPlan:
+        """Distillation trains a whole student rather than deciding per layer: an empty plan."""
+        return CompressionPlan()
+
     def to_dict(self) -> dict:
-        return {"history": self.history, "seconds": self.seconds, "config": self.config.to_dict(), "projections": self.projections}
+        return {
+            "history": self.history,
+            "seconds": self.seconds,
+            "config": self.config.to_dict(),
+            "projections": self.projections,
+        }
 
 
 @contextlib.contextmanager
@@ -108,8 +132,10 @@ def capture(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tens
     found: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in modules.items():
+
         def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
             found[name] = logits_of(out)
+
         handles.append(module.register_forward_hook(hook))
     try:
         yield found
@@ -181,31 +207,39 @@ class Distiller(nn.Module):
 
 def distill(
     student: nn.Module,
-    teacher: nn.Module,
-    data: Data,
     config: DistillConfig = DistillConfig(),
+    data: Data | None = None,
     *,
+    teacher: nn.Module | None = None,
     progress: Progress | None = None,
 ) -> DistillResult:
     """Train ``student`` in place against ``teacher`` (unchanged; run in eval mode, no gradients).
 
-    Raises :class:`~torchslim.errors.ConfigError` before training when the two predict
-    different numbers of classes, a feature pair names a layer that does not exist, or the
-    temperature is not positive.
+    Raises :class:`~torchslim.errors.ConfigError` before training when no teacher or data is
+    given, the two predict different numbers of classes, a feature pair names a layer that does
+    not exist, or the temperature is not positive.
 
     Example:
         >>> student = ts.derive_student("resnet_mini", {}, width=0.5)  # doctest: +SKIP
-        >>> ts.distill(student, teacher, data, ts.DistillConfig(features=(("layer3", "layer3"),)))  # doctest: +SKIP
+        >>> cfg = ts.DistillConfig(features=(("layer3", "layer3"),))
+        >>> ts.distill(student, cfg, data, teacher=teacher)  # doctest: +SKIP
     """
+    if teacher is None or data is None:
+        raise ConfigError("distill trains the student on the teacher's outputs: pass data=... and teacher=<model>")
     start = time.perf_counter()
     objective = Distiller(student, teacher, config, data.example_input(2))
     if config.cache_teacher:
         objective.cache_teacher(data)
-    history = fit(student, data, config.train, progress, teacher, objective=objective, extra_params=list(objective.parameters()))
-    return DistillResult(history, time.perf_counter() - start, config, len([f for f in objective.features if f.projection is not None]))
+    history = fit(
+        student, data, config.train, progress, teacher, objective=objective, extra_params=list(objective.parameters())
+    )
+    projections = len([f for f in objective.features if f.projection is not None])
+    return DistillResult(history, time.perf_counter() - start, config, projections)
 
 
-def derive_student(name: str, kwargs: dict[str, Any] | None = None, *, width: float = 0.5, depth: int | None = None) -> nn.Module:
+def derive_student(
+    name: str, kwargs: dict[str, Any] | None = None, *, width: float = 0.5, depth: int | None = None
+) -> nn.Module:
     """A fresh zoo model narrower than the teacher ``name(**kwargs)``: its width argument times
     ``width`` (rounded, at least 1), and for builders with a depth argument ``depth`` hidden
     layers or blocks (the first ones).
@@ -217,12 +251,16 @@ def derive_student(name: str, kwargs: dict[str, Any] | None = None, *, width: fl
     return build_model(name, **student_kwargs(name, kwargs, width=width, depth=depth))
 
 
-def student_kwargs(name: str, kwargs: dict[str, Any] | None = None, *, width: float = 0.5, depth: int | None = None) -> dict[str, Any]:
+def student_kwargs(
+    name: str, kwargs: dict[str, Any] | None = None, *, width: float = 0.5, depth: int | None = None
+) -> dict[str, Any]:
     """The zoo arguments of :func:`derive_student`'s student (what a file records to rebuild it)."""
     if name not in ZOO:
         raise ConfigError(f"unknown model {name!r}; the zoo has {sorted(ZOO)}")
     if name not in WIDTH_ARGS:
-        raise ConfigError(f"{name} has no width argument to scale; derivable teachers: {sorted(WIDTH_ARGS)} (or pass your own student)")
+        raise ConfigError(
+            f"{name} has no width argument to scale; derivable teachers: {sorted(WIDTH_ARGS)} (or pass your own student)"
+        )
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 1:
         raise ConfigError(f"width={width!r}: a width multiplier in (0, 1], e.g. 0.5")
     out = dict(kwargs or {})
@@ -232,7 +270,11 @@ def student_kwargs(name: str, kwargs: dict[str, Any] | None = None, *, width: fl
     if depth is not None:
         if name not in DEPTH_ARGS:
             raise ConfigError(f"{name} has a fixed depth; depth is available for {sorted(DEPTH_ARGS)}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= out.get(DEPTH_ARGS[name], _default(name, DEPTH_ARGS[name])):
+        if (
+            isinstance(depth, bool)
+            or not isinstance(depth, int)
+            or not 1 <= depth <= out.get(DEPTH_ARGS[name], _default(name, DEPTH_ARGS[name]))
+        ):
             raise ConfigError(f"depth={depth!r}: a whole number from 1 to the teacher's depth")
         out[DEPTH_ARGS[name]] = depth
     return out

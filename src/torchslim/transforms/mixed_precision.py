@@ -12,16 +12,25 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable
 
+import torch
 from torch import nn
 
 from torchslim.core.data import Data
+from torchslim.core.plan import CompressionPlan
 from torchslim.errors import ConfigError
 from torchslim.evaluate.metrics import accuracy
-from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches
-from torchslim.transforms.quantize import QuantizeConfig, QuantizeResult, _select, fold_batchnorm_, quantize_, quantize_layer
+from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches, inputs_of
+from torchslim.transforms.quantize import (
+    QuantizeConfig,
+    QuantizeResult,
+    _select,
+    fold_batchnorm_,
+    quantize_,
+    quantize_layer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +49,9 @@ class MixedPrecisionConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) or not 0 <= self.max_drop < 1:
-            raise ConfigError(f"max_drop={self.max_drop!r}: a fraction of accuracy in [0, 1), e.g. 0.003 for 0.3 points")
+            raise ConfigError(
+                f"max_drop={self.max_drop!r}: a fraction of accuracy in [0, 1), e.g. 0.003 for 0.3 points"
+            )
 
 
 @dataclass
@@ -58,9 +69,23 @@ class MixedPrecisionResult:
         out["quantized"] = self.quantized.to_dict() if self.quantized else None
         return out
 
+    @property
+    def plan(self) -> CompressionPlan:
+        """The quantized layers' weight bits; each layer kept in float says what it would cost."""
+        plan = self.quantized.plan if self.quantized is not None else CompressionPlan()
+        for name in self.kept_float:
+            why = f"kept in float: quantized alone it costs {100 * self.sensitivity[name]:.2f} points"
+            plan = plan.merged(name, skip=why)
+        return plan
+
 
 def mixed_precision_(
-    model: nn.Module, config: MixedPrecisionConfig, data: Data | Iterable, *, eval_batches: Iterable | None = None
+    model: nn.Module,
+    config: MixedPrecisionConfig,
+    data: Data | Iterable | None = None,
+    *,
+    eval_batches: Iterable | None = None,
+    example: torch.Tensor | None = None,
 ) -> MixedPrecisionResult:
     """Quantize ``model`` in place, keeping in float the fewest layers that hold the budget.
 
@@ -71,6 +96,7 @@ def mixed_precision_(
             with labels, also measures the accuracy unless ``eval_batches`` is given) or any
             iterable of input batches (then ``eval_batches`` is required).
         eval_batches: ``(input, label)`` batches to measure accuracy on.
+        example: an input batch the calibration batches must match (see :func:`quantize_`).
 
     Example:
         >>> result = ts.mixed_precision_(model, ts.MixedPrecisionConfig(max_drop=0.003), data)  # doctest: +SKIP
@@ -80,13 +106,18 @@ def mixed_precision_(
     if config.quantize.qat is not None:
         raise ConfigError("mixed precision chooses layers by post-training quantization: set quantize.qat=None")
     if eval_batches is None and not isinstance(data, Data):
-        raise ConfigError("pass eval_batches=<(input, label) batches> to measure accuracy on, or data=<a torchslim Data>")
+        raise ConfigError(
+            "pass eval_batches=<(input, label) batches> to measure accuracy on, or data=<a torchslim Data>"
+        )
     batches = list(eval_batches) if eval_batches is not None else list(data.calib_loader())
     work = copy.deepcopy(model).eval()
     fold_batchnorm_(work)  # a folded float model computes what the original does
     base = accuracy(work, batches)
     _, targets = _select(work, config.quantize)
-    ranges, _ = calibrated_ranges(work, targets, calibration_batches(config.quantize, data, None), config.quantize)
+    if data is None:
+        raise ConfigError("mixed precision calibrates its int8 layers: pass data=<calibration batches>")
+    calib = [inputs_of(b) for b in calibration_batches(data, config.quantize.calib_batches, example)]
+    ranges, _ = calibrated_ranges(work, targets, calib, config.quantize)
     q = config.quantize
     quantized = {n: quantize_layer(layer, q, ranges.get(n)) for n, layer in targets.items()}
     sensitivity = {}
@@ -97,14 +128,18 @@ def mixed_precision_(
         log.info("sensitivity of %s: %.4f", name, sensitivity[name])
     kept = _greedy(work, targets, quantized, sensitivity, (base, config.max_drop), batches)
     result = MixedPrecisionResult(base, sensitivity, [h["kept_float"][-1] for h in kept[1:]], kept)
-    result.quantized = quantize_(model, replace(q, exclude=q.exclude + tuple(result.kept_float)), data)
+    result.quantized = quantize_(model, replace(q, exclude=q.exclude + tuple(result.kept_float)), data, example=example)
     return result
 
 
 def _greedy(
-    work: nn.Module, targets: dict[str, nn.Module], quantized: dict[str, nn.Module], sensitivity: dict[str, float],
-    budget: tuple[float, float], batches: list,
-) -> list[dict]:  # fmt: skip
+    work: nn.Module,
+    targets: dict[str, nn.Module],
+    quantized: dict[str, nn.Module],
+    sensitivity: dict[str, float],
+    budget: tuple[float, float],
+    batches: list,
+) -> list[dict]:
     """Quantize every layer, then return the most sensitive to float until the budget holds."""
     base, max_drop = budget
     for name in targets:
@@ -118,4 +153,3 @@ def _greedy(
         kept.append(name)
         history.append({"kept_float": list(kept), "accuracy": accuracy(work, batches)})
     return history
-

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal, Mapping
+from typing import Literal
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ class MagnitudePruneConfig:
             ``re:`` pattern to a fraction (layers no key names are left dense, with the
             reason recorded).
         scope: ``"layer"`` prunes each layer to its own target; ``"global"`` ranks all
-            weights of the targeted layers together under one threshold (one number only).
+            weights of the targeted layers together under one threshold (one sparsity).
         steps: prune in this many rounds with sparsity rising on a cubic schedule
             (Zhu & Gupta 2017), fine-tuning after each round (Han et al. 2015).
         finetune: training after each round; ``None`` or no data means one-shot, no training.
@@ -44,7 +45,7 @@ class MagnitudePruneConfig:
         >>> cfg = MagnitudePruneConfig(sparsity={"fc1": 0.92, "re:fc[23]": 0.9}, steps=3)
     """
 
-    sparsity: float | Mapping[str, float] = 0.9
+    sparsity: float | Mapping[str, float | None] = 0.9
     scope: Literal["layer", "global"] = "layer"
     steps: int = 1
     finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=2, lr=1e-3))
@@ -54,8 +55,11 @@ class MagnitudePruneConfig:
             for key, value in self.sparsity.items():
                 if value is not None:  # None: leave that layer alone
                     check_sparsity(value, f"sparsity[{key!r}]")
-            if self.scope == "global":
-                raise ConfigError("scope='global' takes one sparsity number, not a per-layer map")
+            if self.scope == "global" and len({v for v in self.sparsity.values() if v is not None}) > 1:
+                raise ConfigError(
+                    "scope='global' ranks the named layers together under one sparsity: give one number "
+                    "(or a map whose values are all equal)"
+                )
         else:
             check_sparsity(self.sparsity, "sparsity")
         if self.scope not in ("layer", "global"):
@@ -64,7 +68,7 @@ class MagnitudePruneConfig:
             raise ConfigError(f"steps={self.steps!r}: use a whole number >= 1")
 
     @classmethod
-    def from_plan(cls, plan: CompressionPlan, **kwargs: object) -> "MagnitudePruneConfig":
+    def from_plan(cls, plan: CompressionPlan, **kwargs: object) -> MagnitudePruneConfig:
         """The per-layer sparsities of ``plan``; other fields from ``kwargs``."""
         sparsity = plan.field_map("sparsity")
         if not any(v is not None for v in sparsity.values()):
@@ -95,8 +99,9 @@ def prune_(
     model: nn.Module,
     config: MagnitudePruneConfig,
     data: Data | None = None,
-    progress: Progress | None = None,
+    *,
     teacher: nn.Module | None = None,
+    progress: Progress | None = None,
 ) -> PruneResult:
     """Prune ``model``'s Linear/Conv weights by magnitude, in place, fine-tuning between rounds.
 

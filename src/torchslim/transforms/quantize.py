@@ -15,26 +15,40 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
 from torchslim.analysis.ranges import METHODS, run_with_hooks
 from torchslim.core.data import Data
-from torchslim.core.plan import match_layer
+from torchslim.core.plan import CompressionPlan, check_keys, match_layer
 from torchslim.core.qlayers import (
-    FLOAT_TYPES, SCHEMES, QuantizedLayer, activation_qparams, folded_batchnorm, weight_scales,
+    FLOAT_TYPES,
+    SCHEMES,
+    QuantizedLayer,
+    activation_qparams,
+    folded_batchnorm,
+    weight_scales,
 )
 from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
-from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches
+from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches, inputs_of
+from torchslim.transforms.guard import check_runs, rollback
 
 log = logging.getLogger(__name__)
-_WEIGHTED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.Embedding,
-             nn.MultiheadAttention, nn.Bilinear)  # fmt: skip
+_WEIGHTED = (
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.RNNBase,
+    nn.Embedding,
+    nn.MultiheadAttention,
+    nn.Bilinear,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,8 @@ class QuantizeConfig:
         bias_correction: after quantizing (static, post-training), shift each layer's bias by
             the mean error its output shows on the calibration batches against the float model
             (empirical bias correction, Nagel et al. 2019), layer by layer in model order.
+        layers: the layers to quantize, as names or ``re:`` patterns (a plan's ``quantize``
+            entries); ``None`` quantizes every layer the scheme covers.
         exclude: layer names or ``re:`` patterns kept in float (mixed precision).
         qat: quantization-aware training before conversion (``None``: post-training only).
     """
@@ -73,6 +89,7 @@ class QuantizeConfig:
     per_channel: bool = True
     fold_bn: bool = True
     bias_correction: bool = True
+    layers: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     qat: TrainConfig | None = None
 
@@ -90,14 +107,32 @@ class QuantizeConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{key}={v!r}: use a whole number >= 1")
         if not isinstance(self.per_channel, bool) or (self.bits == 4 and not self.per_channel):
-            raise ConfigError(f"per_channel={self.per_channel!r}: use True or False (int4 weights are always scaled per group)")
+            raise ConfigError(
+                f"per_channel={self.per_channel!r}: use True or False (int4 weights are always scaled per group)"
+            )
         if self.qat is not None and self.scheme != "static":
             raise ConfigError("qat trains through static int8 quantization: use scheme='static'")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def with_plan(self, plan: CompressionPlan) -> QuantizeConfig:
+        """This config restricted to the layers ``plan`` quantizes, at the weight bits it gives
+        (the plan's skips join ``exclude``)."""
+        wanted = plan.field_map("quantize")
+        chosen = {k: v for k, v in wanted.items() if v is not None}
+        if not chosen:
+            raise ConfigError("the plan quantizes no layer")
+        bits = set(chosen.values())
+        if len(bits) > 1:
+            raise ConfigError(f"the plan mixes weight bits {sorted(bits)}; one quantize pass runs one bit width")
+        skipped = tuple(k for k, v in wanted.items() if v is None)
+        return replace(self, bits=bits.pop(), layers=tuple(chosen), exclude=self.exclude + skipped)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["exclude"] = list(self.exclude)
+        out["layers"] = None if self.layers is None else list(self.layers)
         return out
 
 
@@ -132,8 +167,21 @@ class QuantizeResult:
     calibration: dict = field(default_factory=dict)  # the method used (and, for "auto", each one's output error)
 
     def to_dict(self) -> dict:
-        return {"config": self.config.to_dict(), "folded": self.folded, "history": self.history,
-                "calibration": self.calibration, "layers": [asdict(r) for r in self.layers]}  # fmt: skip
+        return {
+            "config": self.config.to_dict(),
+            "folded": self.folded,
+            "history": self.history,
+            "calibration": self.calibration,
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+    @property
+    def plan(self) -> CompressionPlan:
+        """The weight bits of every quantized layer, and why each other weight layer stays float."""
+        plan = CompressionPlan()
+        for r in self.layers:
+            plan = plan.merged(r.name, skip=r.skip) if r.skip else plan.merged(r.name, quantize=r.bits)
+        return plan
 
 
 def quantize_(
@@ -163,11 +211,22 @@ def quantize_(
     """
     if config.qat is not None and not isinstance(data, Data):
         raise ConfigError("qat trains the model: pass data=<a torchslim Data> with a training split")
-    _check_names(model, config)
-    batches = calibration_batches(config, data, example)
+    names = [n for n, _ in model.named_modules() if n]
+    check_keys(names, config.exclude, "exclude")
+    check_keys(names, config.layers or (), "layers")
+    if data is None and config.scheme == "static":
+        raise ConfigError("static quantization calibrates input ranges: pass data=<calibration batches>")
+    batches = (
+        [inputs_of(b) for b in calibration_batches(data, config.calib_batches, example)] if data is not None else []
+    )
     example = example if example is not None else (batches[0][:2] if batches else None)
     if example is None:
         raise ConfigError("pass data=... (calibration batches) or example=<one input batch>")
+    with rollback(model):  # a failure leaves the float model as it was
+        return _quantize(model, config, data, batches, example, progress, teacher)
+
+
+def _quantize(model, config, data, batches, example, progress, teacher) -> QuantizeResult:
     model.eval()
     folded = fold_batchnorm_(model) if config.fold_bn else []
     records, targets = _select(model, config)
@@ -185,29 +244,37 @@ def quantize_(
     correct = config.bias_correction and config.scheme == "static" and config.qat is None
     reference = copy.deepcopy(model) if correct else None
     for name, layer in targets.items():
-        rec = records[name]
         q = quantize_layer(layer, config, ranges.get(name))
         model.set_submodule(name, q)
-        rec.scheme, rec.bits = q.scheme, q.bits
-        if isinstance(q, QuantizedRNN):
-            weights = q.dequantized_weights()
-            rec.weight_error = _relative_error(torch.cat([getattr(layer, n).flatten() for n in weights]), torch.cat([w.flatten() for w in weights.values()]))
-            continue
-        rec.weight_error = _relative_error(layer.weight, q.dequantized_weight())
-        if name in ranges:
-            rec.input_range, rec.output_range = ([round(v, 6) for v in r] if r else None for r in ranges[name])
-            rec.input_scale, rec.input_zero_point = q.input_q
-            if q.output_q is None:
-                rec.note = "output quantized after the ReLU by the next layers' input grid"
-            else:
-                rec.output_scale, rec.output_zero_point = q.output_q
-        if not layer.weight.detach().any():
-            rec.note = "all-zero weight: stored as zeros (scale 1)"
+        _record(records[name], layer, q, ranges.get(name))
     if reference is not None:
         for name, shift in correct_biases_(model, reference, list(targets), batches).items():
             records[name].bias_shift = round(shift, 6)
-    _check_runs(model, example)
+    hint = "a layer's weight may be used outside its forward (exclude it, e.g. exclude=('fc',))"
+    check_runs(model, example, "quantized", hint)
     return QuantizeResult(list(records.values()), folded, config, history, calibration)
+
+
+def _record(rec: LayerRecord, layer: nn.Module, q: nn.Module, ranges: tuple | None) -> None:
+    """Fill one layer's report row from its float and quantized versions."""
+    rec.scheme, rec.bits = q.scheme, q.bits
+    if isinstance(q, QuantizedRNN):
+        weights = q.dequantized_weights()
+        rec.weight_error = _relative_error(
+            torch.cat([getattr(layer, n).flatten() for n in weights]),
+            torch.cat([w.flatten() for w in weights.values()]),
+        )
+        return
+    rec.weight_error = _relative_error(layer.weight, q.dequantized_weight())
+    if ranges is not None:
+        rec.input_range, rec.output_range = ([round(v, 6) for v in r] if r else None for r in ranges)
+        rec.input_scale, rec.input_zero_point = q.input_q
+        if q.output_q is None:
+            rec.note = "output quantized after the ReLU by the next layers' input grid"
+        else:
+            rec.output_scale, rec.output_zero_point = q.output_q
+    if not layer.weight.detach().any():
+        rec.note = "all-zero weight: stored as zeros (scale 1)"
 
 
 def quantize_layer(layer: nn.Module, config: QuantizeConfig, ranges: tuple | None = None) -> nn.Module:
@@ -288,14 +355,6 @@ def fold_batchnorm_(model: nn.Module) -> list[str]:
     return folded
 
 
-
-def _check_names(model: nn.Module, config: QuantizeConfig) -> None:
-    names = [n for n, _ in model.named_modules() if n]
-    unused = [k for k in config.exclude if not any(match_layer([k], n) for n in names)]
-    if unused:
-        raise ConfigError(f"exclude {unused} match no layer of {type(model).__name__}; its layers are {names[:40]}")
-
-
 def _select(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, LayerRecord], dict[str, nn.Module]]:
     """A record for every weight layer, and the layers to quantize (the others carry a skip)."""
     records, targets = {}, {}
@@ -315,6 +374,8 @@ def _select(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, LayerRe
 def _why_not(name: str, m: nn.Module, config: QuantizeConfig) -> str | None:
     if match_layer(config.exclude, name):
         return "excluded (kept in float)"
+    if config.layers is not None and not match_layer(config.layers, name):
+        return "not among the layers to quantize (kept in float)"
     if getattr(m, "padding_mode", "zeros") != "zeros":
         return f"padding_mode={m.padding_mode!r} has no int8 kernel; kept in float"
     if isinstance(m, nn.RNNBase):
@@ -341,22 +402,13 @@ def _relative_error(w: torch.Tensor, dq: torch.Tensor) -> float:
     return round(float((w - dq.reshape(w.shape)).norm()) / norm, 6) if norm > 0 else 0.0
 
 
-def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
-    try:
-        with torch.no_grad():
-            model(example)
-    except Exception as exc:  # noqa: BLE001 -- reported with what to do
-        raise ConfigError(
-            f"the quantized model fails on the example input ({type(exc).__name__}: {exc}); a layer's weight may "
-            "be used outside its forward (exclude it, e.g. exclude=('fc',))"
-        ) from exc
-
-
 class _FakeQuant(nn.Module):
     """A float layer trained through its int8 grids: per-channel (or per-tensor) weights
     (straight-through estimator), the input and the output on their calibrated uint8 grids."""
 
-    def __init__(self, layer: nn.Module, ranges: tuple[tuple[float, float], tuple[float, float]], per_channel: bool) -> None:
+    def __init__(
+        self, layer: nn.Module, ranges: tuple[tuple[float, float], tuple[float, float]], per_channel: bool
+    ) -> None:
         super().__init__()
         self.layer, self.per_channel = layer, per_channel
         self.input_q, self.output_q = (activation_qparams(*r) if r is not None else None for r in ranges)
@@ -366,7 +418,9 @@ class _FakeQuant(nn.Module):
         w = self.layer.weight
         scales = weight_scales(w, per_channel=self.per_channel).detach()
         if self.per_channel:
-            w = torch.fake_quantize_per_channel_affine(w, scales, torch.zeros(len(scales), dtype=torch.int32), 0, -128, 127)
+            w = torch.fake_quantize_per_channel_affine(
+                w, scales, torch.zeros(len(scales), dtype=torch.int32), 0, -128, 127
+            )
         else:
             w = torch.fake_quantize_per_tensor_affine(w, float(scales[0]), 0, -128, 127)
         if isinstance(self.layer, nn.Linear):
@@ -377,9 +431,14 @@ class _FakeQuant(nn.Module):
 
 
 def _train_fake_quant(
-    model: nn.Module, targets: dict[str, nn.Module], ranges: dict, config: QuantizeConfig, data: Data,
-    progress: Progress | None, teacher: nn.Module | None,
-) -> list[dict]:  # fmt: skip
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    ranges: dict,
+    config: QuantizeConfig,
+    data: Data,
+    progress: Progress | None,
+    teacher: nn.Module | None,
+) -> list[dict]:
     """QAT: train with every target layer behind fake quantization, then unwrap them."""
     train = config.qat
     assert train is not None
@@ -392,4 +451,3 @@ def _train_fake_quant(
             model.set_submodule(name, layer)
         model.eval()
     return [{"qat_epochs": train.epochs, "loss": loss}]
-

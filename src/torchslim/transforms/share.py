@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ from torchslim.analysis.cost import weight_layers
 from torchslim.core.data import Data
 from torchslim.core.plan import CompressionPlan, LayerDecision, layer_targets
 from torchslim.errors import ConfigError
-from torchslim.transforms.prune import frozen_zeros
 from torchslim.train.fit import Progress, TrainConfig, fit
+from torchslim.transforms.prune import frozen_zeros
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +50,20 @@ class ShareConfig:
         >>> cfg = ShareConfig(bits={"re:conv.*": 8, "re:fc.*": 5})
     """
 
-    bits: int | Mapping[str, int] = 5
+    bits: int | Mapping[str, int | None] = 5
     finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=2, lr=1e-4))
     kmeans_iters: int = 100
     half_biases: bool = False
 
     def __post_init__(self) -> None:
         values = self.bits.items() if isinstance(self.bits, Mapping) else [("bits", self.bits)]
-        for key, value in values:
+        for _key, value in values:
             LayerDecision(bits=value)  # validates the range with a clear message (None: skip)
         if self.kmeans_iters < 1:
             raise ConfigError(f"kmeans_iters={self.kmeans_iters}: use at least 1")
 
     @classmethod
-    def from_plan(cls, plan: CompressionPlan, **kwargs: object) -> "ShareConfig":
+    def from_plan(cls, plan: CompressionPlan, **kwargs: object) -> ShareConfig:
         """The per-layer bits of ``plan``; other fields from ``kwargs``."""
         bits = plan.field_map("bits")
         if not any(v is not None for v in bits.values()):
@@ -134,8 +134,9 @@ def share_(
     model: nn.Module,
     config: ShareConfig,
     data: Data | None = None,
-    progress: Progress | None = None,
+    *,
     teacher: nn.Module | None = None,
+    progress: Progress | None = None,
 ) -> ShareResult:
     """Replace each targeted layer's weights by a k-means codebook, then train the centroids.
 

@@ -1,0 +1,103 @@
+"""A compression run's report as typed records with a versioned JSON form.
+
+``RunReport`` is what ``torchslim compress`` measured: the baseline and the compressed file
+side by side, each step with the plan it realised, and the per-technique detail tables.
+``report.json`` is ``RunReport.to_dict()`` with ``schema_version``; ``RunReport.from_dict``
+reads it back, reads the untyped reports written before the schema had a version (version 1:
+the same keys, no steps), and refuses a newer or malformed one with a :class:`ReportError`
+that says what to do. The Markdown renderer and the CLI read the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torchslim.errors import ReportError
+
+REPORT_SCHEMA = 2
+"""Version of ``report.json``; 1 is the untyped layout written before it carried a version."""
+
+
+@dataclass
+class Measurement:
+    """One model measured: accuracy on the evaluation split, real bytes, size and speed."""
+
+    accuracy: float
+    bytes: int
+    params: int
+    macs: int
+    nonzero: int
+    latency: dict[str, dict[str, Any]]  # "batch<N>" -> the latency measurement's fields
+    agreement: float | None = None  # top-1 agreement with the baseline (compressed model only)
+    ratio: float | None = None  # baseline bytes / these bytes
+
+
+@dataclass
+class StepRecord:
+    """One recipe step: what it was, how long it took, and the plan it realised."""
+
+    index: int
+    kind: str
+    seconds: float
+    plan: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunReport:
+    """Everything ``torchslim compress`` measured and wrote."""
+
+    recipe: str
+    model: dict[str, Any]
+    data: dict[str, Any]
+    threads: int
+    baseline_cached: bool
+    baseline: Measurement
+    compressed: Measurement
+    plan: dict[str, Any]
+    layers: list[dict[str, Any]]  # per tensor in the file (artifact.inspect rows)
+    artifact: str
+    steps: list[StepRecord] = field(default_factory=list)
+    structure: list[dict[str, Any]] = field(default_factory=list)  # each channels step: groups, layers
+    quantization: dict[str, Any] | None = None  # the quantize step: layers, calibration, backend
+    distillation: dict[str, Any] | None = None  # teacher, student alone, student distilled
+    timings: dict[str, float] = field(default_factory=dict)
+    kind: str = "compress"
+    schema_version: int = REPORT_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``report.json``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "report.json") -> RunReport:
+        """Read a report of this version or of version 1; anything else is a :class:`ReportError`."""
+        if not isinstance(data, dict):
+            raise ReportError(f"{source}: a report is a JSON object; rerun `torchslim compress` to rewrite it")
+        version = data.get("schema_version", 1)
+        if version not in (1, REPORT_SCHEMA):
+            raise ReportError(
+                f"{source}: report schema version {version!r}, but this torchslim reads 1 to {REPORT_SCHEMA}; "
+                "upgrade torchslim, or rerun `torchslim compress` to rewrite the report"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        missing = sorted(f.name for f in dataclasses.fields(cls) if _required(f) and f.name not in data)
+        if unknown or missing:
+            raise ReportError(
+                f"{source}: not a compress report (unknown keys {unknown}, missing {missing}); "
+                "rerun `torchslim compress` to rewrite it"
+            )
+        values = dict(data, schema_version=REPORT_SCHEMA)
+        try:
+            values["baseline"] = Measurement(**data["baseline"])
+            values["compressed"] = Measurement(**data["compressed"])
+            values["steps"] = [StepRecord(**s) for s in data.get("steps", [])]
+        except TypeError as exc:
+            raise ReportError(f"{source}: a measurement or step has other fields than expected ({exc})") from None
+        return cls(**values)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -1,0 +1,207 @@
+"""One applier: ``compress`` applies any plan, in the one order that works.
+
+A :class:`~torchslim.core.plan.CompressionPlan` says, per layer, what happens (channels
+removed, sparsity, codebook bits, quantized weight bits); :class:`CompressSettings` says how
+each technique runs (fine-tuning, criterion, calibration). ``compress`` reads the plan one
+technique at a time, in :data:`ORDER`: whole channels first (they resize the layers the
+others touch), then magnitude pruning, a joint recovery of the two, weight sharing (its
+k-means sees the pruned weights), and quantization last (it replaces the float layers). Every
+verb's result carries the plan it realised, so a result's plan, applied by ``compress`` to a
+fresh copy of the same model with the same settings, does the same thing again. Recipes and
+the search run through here; the order lives nowhere else.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.analysis.cost import weight_layers
+from torchslim.core.data import Data
+from torchslim.core.plan import CompressionPlan
+from torchslim.errors import ConfigError
+from torchslim.train.fit import Progress, TrainConfig, fit
+from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
+from torchslim.transforms.mixed_precision import MixedPrecisionConfig, mixed_precision_
+from torchslim.transforms.prune import MagnitudePruneConfig, frozen_zeros, prune_
+from torchslim.transforms.quantize import QuantizeConfig, quantize_
+from torchslim.transforms.share import ShareConfig, share_
+
+log = logging.getLogger(__name__)
+
+ORDER = ("channels", "prune", "recover", "share", "quantize")
+"""The techniques in the order ``compress`` applies them (a recipe's steps follow it too)."""
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    """How each technique runs where a plan asks for it.
+
+    The plan decides where and how much: its ``channels``, ``sparsity``, ``bits`` and
+    ``quantize`` fields replace the per-layer targets of these configs. Two techniques can also
+    decide for themselves when the plan names no layer for them: ``channels`` with a MAC,
+    parameter or ratio target of its own, and ``mixed_precision`` with its accuracy budget.
+
+    Attributes:
+        channels: structured pruning (criterion, widths, fine-tuning); with a target of its own
+            it runs even when the plan removes no channels.
+        prune: magnitude pruning (rounds, scope, fine-tuning). With per-layer sparsities that
+            differ, the plan's values are each layer's own target (scope ``"layer"``).
+        recover: one training run after channels and pruning, zeros held, with the teacher;
+            ``None``: none.
+        share: weight sharing (centroid training, k-means iterations, float16 biases).
+        quantize: how the plan's quantized layers are quantized (scheme, calibration).
+        mixed_precision: choose the int8 layers under an accuracy budget, when the plan
+            quantizes no layer; exclusive with ``quantize``.
+
+    Example:
+        >>> settings = CompressSettings(prune=MagnitudePruneConfig(steps=3), share=ShareConfig(finetune=None))
+    """
+
+    channels: ChannelPruneConfig | None = None
+    prune: MagnitudePruneConfig | None = None
+    recover: TrainConfig | None = None
+    share: ShareConfig | None = None
+    quantize: QuantizeConfig | None = None
+    mixed_precision: MixedPrecisionConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None and self.mixed_precision is not None:
+            raise ConfigError("give quantize or mixed_precision, not both (mixed_precision holds its own quantize)")
+
+
+@dataclass
+class CompressResult:
+    """The compressed copy, the plan it realised, and each technique's own result."""
+
+    model: nn.Module
+    plan: CompressionPlan
+    results: dict[str, Any] = field(default_factory=dict)  # technique -> the verb's result
+
+
+StepProgress = Callable[[str], "Progress | None"]
+"""Given a technique's name, the ``progress(done, total)`` callback of its training (or None)."""
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What every technique of one ``compress`` call takes besides the model and its config."""
+
+    data: Data | None
+    teacher: nn.Module | None
+    example: torch.Tensor | None
+    bar: StepProgress
+
+
+def compress(
+    model: nn.Module,
+    plan: CompressionPlan,
+    data: Data | None = None,
+    *,
+    settings: CompressSettings = CompressSettings(),
+    teacher: nn.Module | None = None,
+    example: torch.Tensor | None = None,
+    progress: StepProgress | None = None,
+) -> CompressResult:
+    """Apply ``plan`` to a copy of ``model`` in the canonical order; ``model`` is left as it is.
+
+    Args:
+        model: the model to compress (not changed).
+        plan: per-layer decisions (a verb's ``result.plan``, a search's, or written by hand).
+        data: training, calibration and evaluation data for the techniques that need it.
+        settings: how each technique runs.
+        teacher: soft targets for every training step (e.g. ``model`` itself); ``None``: labels.
+        example: one input batch for tracing and calibration checks.
+        progress: given a technique's name, its training progress callback.
+
+    Example:
+        >>> plan = CompressionPlan.from_dict({"re:fc.*": {"sparsity": 0.9, "bits": 5}})
+        >>> small = compress(model, plan, data, settings=CompressSettings(prune=MagnitudePruneConfig(steps=3)))  # doctest: +SKIP
+        >>> small.plan.resolve("fc1").bits  # doctest: +SKIP
+        5
+    """
+    work = copy.deepcopy(model)
+    bar = progress or (lambda _name: None)
+    done = CompressResult(work, CompressionPlan())
+    ctx = _Inputs(data, teacher, example, bar)
+    ran_channels = _channels(work, plan, settings.channels, ctx, done)
+    ran_prune = _prune(work, plan, settings.prune, ctx, done)
+    if (ran_channels or ran_prune) and settings.recover is not None and data is not None:
+        with frozen_zeros(m for _, m in weight_layers(work)):
+            done.results["recover"] = fit(work, data, settings.recover, bar("recover"), teacher)
+    _share(work, plan, settings.share, ctx, done)
+    _quantize(work, plan, settings, ctx, done)
+    work.eval()
+    return done
+
+
+def _wanted(plan: CompressionPlan, name: str) -> dict[str, Any] | None:
+    """The plan's per-layer map for one field, or None when it asks nothing of that technique."""
+    values = plan.field_map(name)
+    return values if any(values.values()) else None
+
+
+def _record(done: CompressResult, technique: str, result: Any) -> None:
+    done.results[technique] = result
+    done.plan = done.plan.updated(result.plan)
+    log.info("compress: %s done", technique)
+
+
+def _channels(
+    work: nn.Module, plan: CompressionPlan, cfg: ChannelPruneConfig | None, ctx: _Inputs, done: CompressResult
+) -> bool:
+    ratios = _wanted(plan, "channels")
+    if ratios is not None:
+        cfg = replace(cfg or ChannelPruneConfig(ratio={}), macs=None, params=None, ratio=ratios)
+    elif cfg is None or not _decides(cfg):
+        return False
+    result = channel_prune_(work, cfg, ctx.data, example=ctx.example, progress=ctx.bar("channels"), teacher=ctx.teacher)
+    _record(done, "channels", result)
+    return True
+
+
+def _decides(cfg: ChannelPruneConfig) -> bool:
+    """Whether a channel config carries a target of its own (an empty ratio map is a template)."""
+    return cfg.macs is not None or cfg.params is not None or bool(cfg.ratio)
+
+
+def _prune(
+    work: nn.Module, plan: CompressionPlan, cfg: MagnitudePruneConfig | None, ctx: _Inputs, done: CompressResult
+) -> bool:
+    sparsity = _wanted(plan, "sparsity")
+    if sparsity is None:
+        return False
+    cfg = cfg or MagnitudePruneConfig()
+    scope = cfg.scope if len({v for v in sparsity.values() if v is not None}) == 1 else "layer"
+    cfg = replace(cfg, sparsity=sparsity, scope=scope)
+    result = prune_(work, cfg, ctx.data, teacher=ctx.teacher, progress=ctx.bar("prune"))
+    _record(done, "prune", result)
+    return True
+
+
+def _share(work: nn.Module, plan: CompressionPlan, cfg: ShareConfig | None, ctx: _Inputs, done: CompressResult) -> None:
+    bits = _wanted(plan, "bits")
+    if bits is None:
+        return
+    cfg = replace(cfg or ShareConfig(), bits=bits)
+    result = share_(work, cfg, ctx.data, teacher=ctx.teacher, progress=ctx.bar("share"))
+    _record(done, "share", result)
+
+
+def _quantize(
+    work: nn.Module, plan: CompressionPlan, settings: CompressSettings, ctx: _Inputs, done: CompressResult
+) -> None:
+    if _wanted(plan, "quantize") is not None:
+        base = settings.quantize or (settings.mixed_precision or MixedPrecisionConfig()).quantize
+        cfg = base.with_plan(plan)
+        result = quantize_(work, cfg, ctx.data, example=ctx.example, progress=ctx.bar("quantize"), teacher=ctx.teacher)
+        _record(done, "quantize", result)
+    elif settings.mixed_precision is not None:
+        mixed = mixed_precision_(work, settings.mixed_precision, ctx.data, example=ctx.example)
+        _record(done, "mixed_precision", mixed)
