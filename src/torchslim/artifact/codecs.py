@@ -266,7 +266,7 @@ def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
         raise ArtifactError(f"tensor {name!r}: 'sections' must be a list of three byte lengths")
     head_len, pos_len, idx_len = (_strict_int(x, "sections", name) for x in sections)
     kind, alpha, model = entry.get("values"), entry.get("alpha"), entry.get("positions")
-    if entry.get("dtype") not in _DTYPES or model not in ("col", "rowcol"):
+    if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES or model not in ("col", "rowcol"):
         raise ArtifactError(
             f"tensor {name!r}: malformed manifest entry (dtype {entry.get('dtype')!r}, positions {model!r})"
         )

@@ -27,8 +27,8 @@ from torch import nn
 from torchslim.artifact.codecs import decode_tensor, encode_tensor, entry_shape
 from torchslim.artifact.structure import describe, resize_
 from torchslim.core.files import write_atomic
-from torchslim.core.qlayers import FLOAT_TYPES, SCHEMES, QuantizedLayer, folded_batchnorm, folded_names
-from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN, quantized_layers
+from torchslim.core.qlayers import folded_batchnorm, folded_names
+from torchslim.core.qrnn import QuantEntry, quantized_layers
 from torchslim.errors import ArtifactError, ConfigError, ShapeMismatchError
 
 FORMAT, VERSION = "tslim", 5
@@ -334,48 +334,10 @@ def _refold(module: nn.Module, folded: Any, path: Any) -> None:
 def _requantize(module: nn.Module, quant: Any, path: Any) -> None:
     """Replace each layer the file stores quantized by an empty quantized layer of its shapes."""
     owned = dict(module.named_modules())
-    kinds = FLOAT_TYPES | RNN_TYPES
-    fresh = {}
-    for name, spec in quant.items():
-        layer = owned.get(name)
-        of, scheme, bits, group = (
-            (spec.get(k) for k in ("of", "scheme", "bits", "group_size")) if isinstance(spec, dict) else (None,) * 4
-        )
-        if of not in kinds or scheme not in SCHEMES or bits not in (4, 8) or type(group) is not int:
-            raise ArtifactError(f"{path}: quantized layer {name!r} has an unknown description {str(spec)[:120]}")
-        if type(layer) is not kinds[of]:
-            raise ShapeMismatchError(
-                f"{path}: the file quantized a {of} at {name!r} but the model has "
-                f"{type(layer).__name__ if layer is not None else 'nothing'} there; pass the builder of the model that was saved"
-            )
-        if (bits == 4) != (group > 0) or not 0 <= group <= MAX_ZOO_ARG or (bits == 4 and of != "Linear"):
-            raise ArtifactError(f"{path}: quantized layer {name!r}: bits={bits} with group_size={group} is not valid")
-        if of in RNN_TYPES:
-            if scheme != "dynamic" or bits != 8 or getattr(layer, "proj_size", 0):
-                raise ArtifactError(f"{path}: quantized layer {name!r}: an {of} is stored dynamic int8 only")
-            fresh[name] = QuantizedRNN.empty_like(layer)
-            continue
-        per_channel = spec.get("per_channel", True)  # absent before version 4
-        if type(per_channel) is not bool or (bits == 4 and not per_channel):
-            raise ArtifactError(
-                f"{path}: quantized layer {name!r}: per_channel must be true or false (true for 4 bits), got {per_channel!r}"
-            )
-        fresh[name] = QuantizedLayer.empty_like(layer, scheme, bits, group, per_channel)
-        if scheme == "static":
-            fresh[name].input_q = _grid(spec.get("input"), name, path)
-            fresh[name].output_q = None if spec.get("output") is None else _grid(spec.get("output"), name, path)
+    entries = {name: QuantEntry.parse(spec, name, path) for name, spec in quant.items()}
+    fresh = {name: entry.empty_like(owned.get(name), name, path) for name, entry in entries.items()}
     for name, q in fresh.items():
         module.set_submodule(name, q)
-
-
-def _grid(value: Any, name: str, path: Any) -> tuple[float, int]:
-    """A uint8 grid ``[scale, zero_point]`` from the manifest, checked."""
-    ok = isinstance(value, list) and len(value) == 2 and type(value[0]) is float and type(value[1]) is int
-    if not ok or not (0 < value[0] < 1e30 and 0 <= value[1] <= 255):
-        raise ArtifactError(
-            f"{path}: quantized layer {name!r}: a grid must be [scale > 0, zero point 0..255], got {str(value)[:60]}"
-        )
-    return float(value[0]), int(value[1])
 
 
 def _shapes(manifest: dict, stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

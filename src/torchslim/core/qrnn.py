@@ -14,13 +14,15 @@ Hand-written because PyTorch's dynamic quantized LSTM lives in the deprecated
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.core.qlayers import QuantizedLayer, quantize_weight, weight_scales
+from torchslim.core.qlayers import FLOAT_TYPES, SCHEMES, QuantizedLayer, quantize_weight, weight_scales
+from torchslim.errors import ArtifactError, ShapeMismatchError
 
 RNN_TYPES: dict[str, type] = {"LSTM": nn.LSTM, "GRU": nn.GRU}
 _GATES = {"LSTM": 4, "GRU": 3}
@@ -168,3 +170,79 @@ def _match_zero_points(module: QuantizedRNN, _keys: Any) -> None:
 def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The manifest's ``quant`` map: every quantized layer's name -> how it was quantized."""
     return {n: m.describe() for n, m in model.named_modules() if isinstance(m, (QuantizedLayer, QuantizedRNN))}
+
+
+MAX_GROUP = 65536
+"""Largest int4 group size a file may declare."""
+
+
+@dataclass(frozen=True)
+class QuantEntry:
+    """One entry of the manifest's ``quant`` map, read back and checked (docs/format.md): the
+    reader of what :meth:`QuantizedLayer.describe` / :meth:`QuantizedRNN.describe` write.
+
+    Example:
+        >>> QuantEntry.parse({"of": "Linear", "scheme": "dynamic", "bits": 8, "group_size": 0}, "fc").scheme
+        'dynamic'
+    """
+
+    of: str
+    scheme: str
+    bits: int
+    group_size: int
+    per_channel: bool = True  # absent before format version 4
+    input: tuple[float, int] | None = None  # static scheme: the uint8 grids
+    output: tuple[float, int] | None = None
+
+    @classmethod
+    def parse(cls, spec: Any, name: str, where: Any = "file") -> QuantEntry:
+        """Every check that needs no model; a fault is an :class:`ArtifactError` naming the layer."""
+        of, scheme, bits, group = (
+            (spec.get(k) for k in ("of", "scheme", "bits", "group_size")) if isinstance(spec, dict) else (None,) * 4
+        )
+        described = isinstance(of, str) and isinstance(scheme, str) and type(bits) is int and type(group) is int
+        if not described or of not in {**FLOAT_TYPES, **RNN_TYPES} or scheme not in SCHEMES or bits not in (4, 8):
+            raise ArtifactError(f"{where}: quantized layer {name!r} has an unknown description {str(spec)[:120]}")
+        if (bits == 4) != (group > 0) or not 0 <= group <= MAX_GROUP or (bits == 4 and of != "Linear"):
+            raise ArtifactError(f"{where}: quantized layer {name!r}: bits={bits} with group_size={group} is not valid")
+        if of in RNN_TYPES:
+            if scheme != "dynamic" or bits != 8:
+                raise ArtifactError(f"{where}: quantized layer {name!r}: an {of} is stored dynamic int8 only")
+            return cls(of, scheme, bits, group)
+        per_channel = spec.get("per_channel", True)
+        if type(per_channel) is not bool or (bits == 4 and not per_channel):
+            raise ArtifactError(
+                f"{where}: quantized layer {name!r}: per_channel must be true or false (true for 4 bits), "
+                f"got {per_channel!r}"
+            )
+        if scheme != "static":
+            return cls(of, scheme, bits, group, per_channel)
+        output = None if spec.get("output") is None else _grid(spec.get("output"), name, where)
+        return cls(of, scheme, bits, group, per_channel, _grid(spec.get("input"), name, where), output)
+
+    def empty_like(self, layer: nn.Module, name: str, where: Any = "file") -> nn.Module:
+        """An empty quantized layer of ``layer``'s shapes, to be filled by ``load_state_dict``."""
+        if type(layer) is not {**FLOAT_TYPES, **RNN_TYPES}[self.of]:
+            raise ShapeMismatchError(
+                f"{where}: the file quantized a {self.of} at {name!r} but the model has "
+                f"{type(layer).__name__ if layer is not None else 'nothing'} there; pass the builder of the model "
+                "that was saved"
+            )
+        if self.of in RNN_TYPES:
+            if getattr(layer, "proj_size", 0):
+                raise ArtifactError(f"{where}: quantized layer {name!r}: an {self.of} with proj_size is not stored")
+            return QuantizedRNN.empty_like(layer)
+        q = QuantizedLayer.empty_like(layer, self.scheme, self.bits, self.group_size, self.per_channel)
+        if self.scheme == "static":
+            q.input_q, q.output_q = self.input, self.output
+        return q
+
+
+def _grid(value: Any, name: str, where: Any) -> tuple[float, int]:
+    """A uint8 grid ``[scale, zero_point]`` from the manifest, checked."""
+    ok = isinstance(value, list) and len(value) == 2 and type(value[0]) is float and type(value[1]) is int
+    if not ok or not (0 < value[0] < 1e30 and 0 <= value[1] <= 255):
+        raise ArtifactError(
+            f"{where}: quantized layer {name!r}: a grid must be [scale > 0, zero point 0..255], got {str(value)[:60]}"
+        )
+    return float(value[0]), int(value[1])

@@ -70,12 +70,10 @@ def search(
         >>> report = search(model, data, SearchConfig(Budget.parse("1pt")), "runs/s")  # doctest: +SKIP
     """
     run_dir, bar = Path(run_dir), progress or (lambda _d: None)
-    timings: dict[str, float] = {}
     with run_lock(run_dir):
         start = time.perf_counter()
         torch.set_num_threads(config.latency.threads)
         model = model.eval()
-        key = fingerprint(model, config.space, f"search split, seed {config.seed}")
         weights = run_dir / "baseline.safetensors"
         write_atomic(weights, save_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
         evaluator = Evaluator(model, data, config, zoo)
@@ -91,36 +89,20 @@ def search(
             "search",
             bar("sensitivity"),
         )
-        timings["sensitivity_s"] = time.perf_counter() - start
-
+        timings = {"sensitivity_s": time.perf_counter() - start}
+        key = fingerprint(model, config.space, f"search split, seed {config.seed}")
         study = open_study(run_dir, name, config, key)
-        interrupted = recover_interrupted(study)
-        resumed = len(study.trials) > 0
-        seed_study(study, config, layers, curves, max_drop)
-        spec = _worker_spec(zoo, weights, data, config)
-        t0 = time.perf_counter()
-        executor, message = make_executor(evaluator, spec, config.workers, config.ray_address, config.use_ray)
-        timings["executor_s"] = time.perf_counter() - t0
-        if message:
-            log.warning(message)
-        try:
-            t0 = time.perf_counter()
-            already = len(finished(study))
-            ladder = partial(ladder_step, study, config, layers, curves, max_drop)
-            run_trials(study, executor, config, layers, max_drop, on_trial, ladder)
-            timings["search_s"] = time.perf_counter() - t0
-        finally:
-            executor.close()
+        facts = _run_study(
+            study, evaluator, _worker_spec(zoo, weights, data, config), (layers, curves, max_drop), on_trial, timings
+        )
         trials = finished(study)
         chosen = choose(trials, config, max_drop)
         t0 = time.perf_counter()
         report = _report_base(evaluator, model, config, max_drop, name, zoo)
-        report["final"] = (
-            None if chosen is None else deliver(evaluator, config, chosen, run_dir / f"{name}.tslim", max_drop)
-        )
+        path = run_dir / f"{name}.tslim"
+        report["final"] = None if chosen is None else deliver(evaluator, config, chosen, path, max_drop)
         timings["final_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - start
-        ran = len(trials) - already
         report |= {
             "trials": trial_rows(trials, max_drop, config.objective),
             "chosen": _chosen(chosen, max_drop, config),
@@ -131,24 +113,58 @@ def search(
                 "skipped_groups": layers.skipped,
             },
             "plan_table": _plan_table(chosen, layers),
-            "search": {
-                "sampler": config.sampler,
-                "trials_done": len(trials),
-                "trials_this_run": ran,
-                "trials_failed": sum(t.state.name == "FAIL" for t in trials),
-                "wall_s": timings["search_s"],
-                "workers": config.workers,
-                "executor": executor.description,
-                "execution_note": message,
-                "trials_per_hour": ran / timings["search_s"] * 3600 if timings["search_s"] > 0 and ran else None,
-                "study": name,
-                "storage": str(run_dir / "study.sqlite3"),
-                "resumed": resumed,
-                "interrupted_trials": interrupted,
-            },
+            "search": _search_facts(config, trials, facts, timings, run_dir / "study.sqlite3") | {"study": name},
             "timings": timings,
         }
         return report
+
+
+def _run_study(study, evaluator: Evaluator, spec, space: tuple, on_trial, timings: dict[str, float]) -> dict[str, Any]:
+    """Resume or start the study: seed it, run its trials on an executor; the facts of the run."""
+    layers, curves, max_drop = space
+    config = evaluator.config
+    interrupted = recover_interrupted(study)
+    resumed = len(study.trials) > 0
+    seed_study(study, config, layers, curves, max_drop)
+    t0 = time.perf_counter()
+    executor, message = make_executor(evaluator, spec, config.workers, config.ray_address, config.use_ray)
+    timings["executor_s"] = time.perf_counter() - t0
+    if message:
+        log.warning(message)
+    try:
+        t0 = time.perf_counter()
+        already = len(finished(study))
+        ladder = partial(ladder_step, study, config, layers, curves, max_drop)
+        run_trials(study, executor, config, layers, max_drop, on_trial, ladder)
+        timings["search_s"] = time.perf_counter() - t0
+    finally:
+        executor.close()
+    return {
+        "already": already,
+        "executor": executor.description,
+        "message": message,
+        "resumed": resumed,
+        "interrupted": interrupted,
+    }
+
+
+def _search_facts(config: SearchConfig, trials: list, facts: dict, timings: dict, storage: Path) -> dict[str, Any]:
+    """How the study ran: trials done, failed and per hour, the executor, resumption."""
+    ran, wall = len(trials) - facts["already"], timings["search_s"]
+    return {
+        "sampler": config.sampler,
+        "trials_done": len(trials),
+        "trials_this_run": ran,
+        "trials_failed": sum(t.state.name == "FAIL" for t in trials),
+        "wall_s": wall,
+        "workers": config.workers,
+        "executor": facts["executor"],
+        "execution_note": facts["message"],
+        "trials_per_hour": ran / wall * 3600 if wall > 0 and ran else None,
+        "storage": str(storage),
+        "resumed": facts["resumed"],
+        "interrupted_trials": facts["interrupted"],
+    }
 
 
 def _worker_spec(
