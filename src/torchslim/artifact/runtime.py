@@ -16,6 +16,7 @@ and ONNX Runtime do the work.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -184,6 +185,18 @@ def exact_int8_kernels(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+@functools.cache
+def _fused_int8_here() -> bool:
+    """:func:`exact_int8_kernels` for this machine, read once; says once why it runs unfused."""
+    exact = exact_int8_kernels()
+    if not exact:
+        log.warning(
+            "this CPU has no VNNI or AMX: ONNX Runtime's fused int8 kernels would saturate on it, so quantized "
+            "graphs run unfused (exact, float speed); on a CPU with AVX-512 VNNI they run int8 kernels"
+        )
+    return exact
+
+
 class OrtRunner:
     """An ONNX Runtime CPU session behind a tensor-in, tensor-out call.
 
@@ -198,11 +211,7 @@ class OrtRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if b"QuantizeLinear" in onnx_bytes and not exact_int8_kernels():
-            log.warning(
-                "this CPU has no VNNI or AMX: ONNX Runtime's fused int8 kernels would saturate on it, so the "
-                "quantized graph runs unfused (exact, float speed); on a CPU with AVX-512 VNNI it runs int8 kernels"
-            )
+        if b"QuantizeLinear" in onnx_bytes and not _fused_int8_here():
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.log_severity_level = 3
         self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])

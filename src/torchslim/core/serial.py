@@ -12,6 +12,7 @@ pickle-free libraries that do this (pydantic) would need every config to be a mo
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -83,13 +84,10 @@ def _as_hinted(value: Any, hint: Any) -> Any:
     """Lists back to tuples where ``hint`` (or an option of it) is a tuple type."""
     if not isinstance(value, list):
         return value
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for option in options:
         if typing.get_origin(option) is tuple:
             args = typing.get_args(option)
             inner = args[0] if args else Any
             return tuple(_as_hinted(v, inner) for v in value)
     return value
-
-
-_UnionType = type(int | None)

@@ -42,8 +42,7 @@ def _apply(step: Step, model: torch.nn.Module, data, seed: int, progress: Progre
         model, plan, data, settings=settings, teacher=baseline if teaches else None, progress=lambda _name: progress
     )
     if "channels" in done.results:
-        criterion = settings.channels.criterion if settings.channels else "l2"
-        structure.append({"criterion": criterion, **done.results["channels"].to_dict()})
+        structure.append({"criterion": settings.channels.criterion, **done.results["channels"].to_dict()})
     if "quantize" in done.results:
         structure.append({"quantization": done.results["quantize"].to_dict(), "backend": step.quantize.backend})
     if "mixed_precision" in done.results:
@@ -118,7 +117,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> RunRe
     data = load_data(recipe.data.config(recipe.seed))
     base_cfg = recipe.baseline.config(recipe.seed)
     baseline, cached = trained_baseline(recipe.model.name, data, base_cfg, recipe.model.kwargs, bar("baseline"))
-    run = _Run(copy.deepcopy(baseline), {"zoo": recipe.model.name, "kwargs": recipe.model.kwargs})
+    run = _Run(baseline, {"zoo": recipe.model.name, "kwargs": recipe.model.kwargs})  # every step returns a new model
     run.timings["baseline_s"] = time.perf_counter() - start
     for i, step in enumerate(recipe.steps, 1):
         t0 = time.perf_counter()
@@ -145,15 +144,16 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> RunRe
     restored = load(artifact)
     check_reproduces(run.model, restored, (x for x, _ in data.eval_loader()), artifact)
     run.timings["save_verify_s"] = time.perf_counter() - t0
-    report = _report(recipe, run, (baseline, restored), data, cached)
-    run.timings["total_s"] = time.perf_counter() - start
+    report = _report(recipe, run, baseline, restored, data, cached)
+    report.timings["total_s"] = time.perf_counter() - start
     write_report(report, recipe.out_dir())
     return report
 
 
-def _report(recipe: Recipe, run: _Run, models: tuple, data, cached: bool) -> RunReport:
+def _report(
+    recipe: Recipe, run: _Run, baseline: torch.nn.Module, restored: torch.nn.Module, data, cached: bool
+) -> RunReport:
     """Measure the baseline and the model loaded from the file; assemble the report."""
-    baseline, restored = models
     quantized = recipe.steps[-1].quantize
     backend = quantized.backend if quantized is not None else "eager"
     artifact = recipe.artifact_path()

@@ -92,8 +92,9 @@ def search(
         timings = {"sensitivity_s": time.perf_counter() - start}
         key = fingerprint(model, config.space, f"search split, seed {config.seed}")
         study = open_study(run_dir, name, config, key)
+        spec = _worker_spec(zoo, weights, data, config)
         facts = _run_study(
-            study, evaluator, _worker_spec(zoo, weights, data, config), (layers, curves, max_drop), on_trial, timings
+            study, evaluator, spec, layers=layers, curves=curves, max_drop=max_drop, on_trial=on_trial, timings=timings
         )
         trials = finished(study)
         chosen = choose(trials, config, max_drop)
@@ -119,9 +120,18 @@ def search(
         return report
 
 
-def _run_study(study, evaluator: Evaluator, spec, space: tuple, on_trial, timings: dict[str, float]) -> dict[str, Any]:
+def _run_study(
+    study,
+    evaluator: Evaluator,
+    spec,
+    *,
+    layers: Layers,
+    curves: Any,
+    max_drop: float,
+    on_trial: Callable[[dict], None] | None,
+    timings: dict[str, float],
+) -> dict[str, Any]:
     """Resume or start the study: seed it, run its trials on an executor; the facts of the run."""
-    layers, curves, max_drop = space
     config = evaluator.config
     interrupted = recover_interrupted(study)
     resumed = len(study.trials) > 0

@@ -28,15 +28,14 @@ from torchslim.core.qlayers import (
     FLOAT_TYPES,
     SCHEMES,
     QuantizedLayer,
-    activation_qparams,
     folded_batchnorm,
-    weight_scales,
 )
 from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN
 from torchslim.errors import ConfigError
-from torchslim.train.fit import Progress, TrainConfig, fit
+from torchslim.train.fit import Progress, TrainConfig
 from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches, inputs_of
 from torchslim.transforms.guard import check_runs, rollback
+from torchslim.transforms.qat import train_fake_quant
 
 log = logging.getLogger(__name__)
 _WEIGHTED = (
@@ -226,7 +225,15 @@ def quantize_(
         return _quantize(model, config, data, batches, example, progress, teacher)
 
 
-def _quantize(model, config, data, batches, example, progress, teacher) -> QuantizeResult:
+def _quantize(
+    model: nn.Module,
+    config: QuantizeConfig,
+    data: Data | Iterable | None,
+    batches: list[torch.Tensor],
+    example: torch.Tensor,
+    progress: Progress | None,
+    teacher: nn.Module | None,
+) -> QuantizeResult:
     model.eval()
     folded = fold_batchnorm_(model) if config.fold_bn else []
     records, targets = _select(model, config)
@@ -239,7 +246,9 @@ def _quantize(model, config, data, batches, example, progress, teacher) -> Quant
     history: list[dict] = []
     if config.qat is not None:
         assert isinstance(data, Data)  # checked above
-        history = _train_fake_quant(model, targets, ranges, config, data, progress, teacher)
+        history = train_fake_quant(
+            model, targets, ranges, config.qat, data, per_channel=config.per_channel, progress=progress, teacher=teacher
+        )
         targets = {n: model.get_submodule(n) for n in targets}
     correct = config.bias_correction and config.scheme == "static" and config.qat is None
     reference = copy.deepcopy(model) if correct else None
@@ -400,54 +409,3 @@ def _relative_error(w: torch.Tensor, dq: torch.Tensor) -> float:
     w = w.detach().float()
     norm = float(w.norm())
     return round(float((w - dq.reshape(w.shape)).norm()) / norm, 6) if norm > 0 else 0.0
-
-
-class _FakeQuant(nn.Module):
-    """A float layer trained through its int8 grids: per-channel (or per-tensor) weights
-    (straight-through estimator), the input and the output on their calibrated uint8 grids."""
-
-    def __init__(
-        self, layer: nn.Module, ranges: tuple[tuple[float, float], tuple[float, float]], per_channel: bool
-    ) -> None:
-        super().__init__()
-        self.layer, self.per_channel = layer, per_channel
-        self.input_q, self.output_q = (activation_qparams(*r) if r is not None else None for r in ranges)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.fake_quantize_per_tensor_affine(x, *self.input_q, 0, 255)
-        w = self.layer.weight
-        scales = weight_scales(w, per_channel=self.per_channel).detach()
-        if self.per_channel:
-            w = torch.fake_quantize_per_channel_affine(
-                w, scales, torch.zeros(len(scales), dtype=torch.int32), 0, -128, 127
-            )
-        else:
-            w = torch.fake_quantize_per_tensor_affine(w, float(scales[0]), 0, -128, 127)
-        if isinstance(self.layer, nn.Linear):
-            y = nn.functional.linear(x, w, self.layer.bias)
-        else:
-            y = self.layer._conv_forward(x, w, self.layer.bias)
-        return torch.fake_quantize_per_tensor_affine(y, *self.output_q, 0, 255) if self.output_q else y
-
-
-def _train_fake_quant(
-    model: nn.Module,
-    targets: dict[str, nn.Module],
-    ranges: dict,
-    config: QuantizeConfig,
-    data: Data,
-    progress: Progress | None,
-    teacher: nn.Module | None,
-) -> list[dict]:
-    """QAT: train with every target layer behind fake quantization, then unwrap them."""
-    train = config.qat
-    assert train is not None
-    for name, layer in targets.items():
-        model.set_submodule(name, _FakeQuant(layer, ranges[name], config.per_channel))
-    try:
-        loss = fit(model, data, train, progress, teacher=teacher)
-    finally:
-        for name, layer in targets.items():
-            model.set_submodule(name, layer)
-        model.eval()
-    return [{"qat_epochs": train.epochs, "loss": loss}]
