@@ -67,8 +67,9 @@ def search_part(name: str, objective: str, trials: int) -> dict:
     from torchslim.report.html import write_search_report
 
     write_search_report(report, RUNS / f"{name}_{objective}")
-    keep = ("baseline", "budget", "chosen", "final", "search", "timings", "plan_table")
-    return {k: report[k] for k in keep} | {"wall_s": time.perf_counter() - t0, "trials": report["trials"]}
+    keep = ("baseline", "budget", "chosen", "final", "search", "timings", "plan_table", "trials")
+    data = report.to_dict()
+    return {k: data[k] for k in keep} | {"wall_s": time.perf_counter() - t0}
 
 
 def uniform_plans(ev: Evaluator, layers: Layers, objective: str) -> list[tuple[str, float, list[float]]]:
@@ -141,14 +142,14 @@ def ray_part(trials: int) -> dict:
             shutil.copy(sens, run / "sensitivity.json")
         cfg = config("size", trials, threads=1, workers=workers, seeds=(), use_ray=True)  # 1 Ray actor vs 2
         report = search(model, data, cfg, run, name=f"lenet5_ray{workers}", zoo=zoo)
-        s = report["search"]
+        s = report.search
         out[f"workers{workers}"] = {
-            "trials": s["trials_this_run"],
-            "search_s": s["wall_s"],
-            "trials_per_hour": s["trials_per_hour"],
-            "executor": s["executor"],
-            "executor_s": report["timings"].get("executor_s"),
-            "trial_s": [t["seconds"] for t in report["trials"]],
+            "trials": s.trials_this_run,
+            "search_s": s.wall_s,
+            "trials_per_hour": s.trials_per_hour,
+            "executor": s.executor,
+            "executor_s": report.timings.get("executor_s"),
+            "trial_s": [t.seconds for t in report.trials],
         }
     out["speedup"] = out["workers2"]["trials_per_hour"] / out["workers1"]["trials_per_hour"]
     return out

@@ -108,9 +108,11 @@ def test_an_edited_manifest_loads_or_fails_with_an_artifact_error(compressed, tm
 
 
 def read_bytes(raw: bytes, tmp_path_factory):
+    """The manifest's JSON as read, and the stored tensors."""
     path = tmp_path_factory.mktemp("orig") / "o.tslim"
     path.write_bytes(raw)
-    return read(path)
+    manifest, stored = read(path)
+    return manifest.raw, stored
 
 
 ENTRY_KEYS = ("shape", "nnz", "k", "sections", "values", "alpha", "positions", "dtype")

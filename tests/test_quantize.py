@@ -12,7 +12,7 @@ from torchslim.analysis.ranges import BINS, InputStats, _mse, choose_range
 from torchslim.artifact.runtime import compile_model, export_onnx
 from torchslim.core.models import ZOO
 from torchslim.core.qlayers import QuantizedLayer, pack_int4, unpack_int4
-from torchslim.core.qrnn import QuantizedRNN
+from torchslim.core.qrnn import QuantEntry, QuantizedRNN
 from torchslim.errors import ArtifactError, ConfigError, DataError, ShapeMismatchError
 from torchslim.evaluate.metrics import accuracy
 from torchslim.train.fit import TrainConfig, fit
@@ -130,8 +130,8 @@ def test_saved_int8_loads_bit_exact_and_is_four_times_smaller(tmp_path, digits_c
     x = digits.example_input(16)
     assert torch.equal(restored(x), model(x))
     manifest = tslim.read(path)[0]
-    assert manifest["folded"] == {"bn1": "conv1", "bn2": "conv2"}
-    assert manifest["quant"]["conv1"] == {
+    assert manifest.folded == {"bn1": "conv1", "bn2": "conv2"}
+    assert manifest.raw["quant"]["conv1"] == {
         "of": "Conv2d",
         "scheme": "static",
         "bits": 8,
@@ -140,6 +140,7 @@ def test_saved_int8_loads_bit_exact_and_is_four_times_smaller(tmp_path, digits_c
         "input": list(model.conv1.input_q),
         "output": None,
     }
+    assert manifest.quant["conv1"] == QuantEntry("Conv2d", "static", 8, 0, True, model.conv1.input_q, None)
     assert restored.conv1.input_q == model.conv1.input_q and type(restored.conv1.input_q[0]) is float
 
     per_tensor = copy.deepcopy(digits_cnn)
@@ -269,7 +270,7 @@ def test_hostile_quantization_manifests_are_artifact_errors(tmp_path, digits_cnn
     model = copy.deepcopy(digits_cnn)
     quantize_(model, QuantizeConfig(calibration="minmax"), data=digits)
     path = ts.save(model, tmp_path / "int8.tslim")
-    manifest = tslim.read(path)[0]
+    manifest = tslim.read(path)[0].raw
     edit(manifest)
     save_file(load_file(path), tmp_path / "bad.tslim", metadata=tslim.pack_manifest(manifest))
     with pytest.raises(ArtifactError, match=message):

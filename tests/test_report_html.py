@@ -28,8 +28,10 @@ from typing import Any
 
 import pytest
 
+from torchslim.errors import ReportError
 from torchslim.report import plots
 from torchslim.report.html import to_html, to_search_markdown, write_search_report
+from torchslim.search.result import Choice, SearchResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from chromium import HEADLESS_FLAGS, find_chromium, screenshot  # noqa: E402  (benchmarks/ owns the browser)
@@ -79,7 +81,8 @@ def _sensitivity(rng: random.Random) -> dict[str, Any]:
 
 
 def make_report() -> dict[str, Any]:
-    """A search report of the documented schema: twelve trials, some over budget, one failed."""
+    """A search report of schema version 1 (no version, no layer facts): twelve trials, some over
+    budget, one failed."""
     rng = random.Random(0)
     base = 0.921
     drops = [0.004, 0.008, 0.015, 0.002, 0.021, None, 0.006, 0.009, 0.012, None, 0.003, 0.030]
@@ -150,8 +153,31 @@ def make_report() -> dict[str, Any]:
 
 
 @pytest.fixture
-def report() -> dict[str, Any]:
-    return make_report()
+def report() -> SearchResult:
+    return SearchResult.from_dict(make_report())
+
+
+def test_a_version_1_report_reads_with_defaults_and_round_trips(report):
+    assert report.schema_version == 2 and report.layers.weights == [] and report.trials[5].state == "FAIL"
+    assert report.final.ratio == 114.8 and report.plan_table[1].channels == 0.25
+    assert SearchResult.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"schema_version": 3}, "schema version 3, but this torchslim reads 1 to 2; upgrade torchslim"),
+        ({"kind": "compress"}, "not a search report"),
+        ({"budget": {"kind": "absolute"}}, r"report.json.budget: not a BudgetFacts \(unknown keys \[\], missing"),
+        ({"trials": [{"number": 0}]}, r"report.json.trials\[0\]: not a TrialRow .* missing \['state'\]"),
+        ({"final": [1]}, r"report.json.final: expected an object \(Delivered\), found list"),
+        ({"surprise": 1}, r"unknown keys \['surprise'\]"),
+    ],
+)
+def test_a_report_of_another_version_or_shape_is_refused_with_what_to_do(change, message):
+    with pytest.raises(ReportError, match=message) as err:
+        SearchResult.from_dict(make_report() | change)
+    assert "rerun `torchslim search`" in str(err.value) or "upgrade torchslim" in str(err.value)
 
 
 def test_pareto_front_keeps_only_non_dominated_points():
@@ -164,7 +190,7 @@ def test_html_has_one_svg_per_plot_and_unique_ids(report):
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2 + 4
     ids = re.findall(r'\bid="([^"]+)"', page)
     assert len(ids) > 100 and len(ids) == len(set(ids))
-    report["sensitivity"]["curves"]["int8"] = None
+    report.sensitivity.curves["int8"] = None
     page = to_html(report)
     assert page.count("<svg") == 2 + 3 and "Not measured (technique not searched): int8." in page
 
@@ -196,9 +222,9 @@ def test_all_text_is_escaped_and_nothing_is_external(report):
 
 
 def test_relative_budget_and_nothing_feasible(report):
-    report["budget"] = {"kind": "relative", "value": 0.02, "max_drop": 0.01842, "text": "2 % (relative)"}
-    report["chosen"] = {"trial": None, "met_budget": False, "message": "no trial within the budget"}
-    report["final"], report["plan_table"], report["sensitivity"] = None, [], None
+    report.budget.kind, report.budget.value, report.budget.max_drop = "relative", 0.02, 0.01842
+    report.chosen = Choice(None, False, "no trial within the budget")
+    report.final, report.plan_table, report.sensitivity = None, [], None
     page = to_html(report)
     assert "at most 2.00 % of the baseline accuracy lost (relative), i.e. 1.84 points" in page
     assert "No trial met the budget, so no plan was chosen." in page and 'class="chosen"' not in page
@@ -212,7 +238,7 @@ def test_write_search_report_writes_three_files_and_a_failure_keeps_them(report,
     assert json.loads(paths[0].read_text())["chosen"]["trial"] == CHOSEN
     before = [p.read_bytes() for p in paths]
     broken = copy.deepcopy(report)
-    broken["search"]["resumed"] = object()
+    broken.search.resumed = object()
     with pytest.raises(TypeError, match="not JSON serializable"):
         write_search_report(broken, tmp_path / "run")
     assert [p.read_bytes() for p in paths] == before
@@ -394,3 +420,21 @@ def test_screenshot_writes_a_png_of_the_page(report, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == (1280, 2400)
     assert len(data) > 50_000  # a blank page of that size compresses to a few KB
+
+
+def test_the_report_command_rewrites_a_search_report_and_refuses_a_newer_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from torchslim.cli import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps(make_report()))
+    result = CliRunner().invoke(app, ["report", str(run)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "report.json").read_text())["schema_version"] == 2 and (run / "report.html").is_file()
+    before = (run / "report.html").read_bytes()
+    (run / "report.json").write_text(json.dumps(make_report() | {"schema_version": 3}))
+    result = CliRunner().invoke(app, ["report", str(run)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "schema version 3" in result.output and "upgrade torchslim" in result.output
+    assert (run / "report.html").read_bytes() == before

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from torchslim.artifact.inspect import inspect_file
 from torchslim.core.plan import CompressionPlan
 from torchslim.core.qlayers import QuantizedLayer
 from torchslim.errors import ConfigError
 from torchslim.search.config import Budget, LatencySetting, SearchConfig
+from torchslim.search.result import SearchResult
 from torchslim.search.run import search
 from torchslim.search.sensitivity import budget_plan, cached_sensitivity
 from torchslim.search.space import (
@@ -77,12 +79,14 @@ def test_apply_plan_removes_channels_prunes_shares_and_quantizes_a_copy(digits_m
     plan = CompressionPlan.from_dict(
         {"fc1": {"channels": 0.25, "sparsity": 0.8}, "fc2": {"bits": 4}, "fc3": {"quantize": 8}}
     )
-    out = apply_plan(digits_mlp, plan, digits, Recovery(samples=256, epochs=1), SPACE)
+    done = apply_plan(digits_mlp, plan, digits, Recovery(samples=256, epochs=1), SPACE)
+    out = done.model
     assert all(torch.equal(v, digits_mlp.state_dict()[k]) for k, v in before.items())  # the original is untouched
     assert out.fc1.out_features == 232  # 300 - 25 % = 225, rounded up to a multiple of 8
     assert abs(float((out.fc1.weight == 0).float().mean()) - 0.8) < 0.01
     assert out.fc2.weight.unique().numel() <= 2**4 + 1
     assert isinstance(out.fc3, QuantizedLayer)
+    assert done.plan.resolve("fc1").channels == pytest.approx(1 - 232 / 300, abs=1e-6)  # the plan as realised
 
 
 def test_sensitivity_is_measured_per_layer_and_cached(digits_mlp, digits, tmp_path):
@@ -114,22 +118,25 @@ def test_search_delivers_a_file_measured_after_loading_and_resumes_without_rerun
     report = search(
         digits_mlp, digits, small_config(4), tmp_path, name="s", zoo=ZOO, on_trial=lambda i: seen.append(i["last"])
     )
-    assert sorted(seen) == [0, 1, 2, 3] and report["search"]["trials_done"] == 4
-    assert report["trials"][0]["origin"].startswith("seed: uniform")
-    final, chosen = report["final"], report["chosen"]
-    by_number = {t["number"]: t for t in report["trials"]}
-    assert chosen["met_budget"] and final["plan"] == by_number[chosen["trial"]]["plan"]
-    assert final["bytes"] == (tmp_path / "s.tslim").stat().st_size < report["baseline"]["bytes"]
-    assert final["within_budget"] == (final["drop_holdout"] <= report["budget"]["max_drop"])
-    first = {t["number"]: (t["plan"], t["accuracy"]) for t in report["trials"]}
+    assert sorted(seen) == [0, 1, 2, 3] and report.search.trials_done == 4
+    assert report.trials[0].origin.startswith("seed: uniform")
+    final, chosen = report.final, report.chosen
+    by_number = {t.number: t for t in report.trials}
+    searched, realised = by_number[chosen.trial].plan, final.plan
+    assert chosen.met_budget and inspect_file(tmp_path / "s.tslim")[1].plan == realised  # the file's plan
+    drop_channels = lambda plan: {k: {f: v for f, v in d.items() if f != "channels"} for k, d in plan.items()}  # noqa: E731
+    assert drop_channels(searched) == drop_channels(realised)  # only channel fractions may be rounded
+    assert final.bytes == (tmp_path / "s.tslim").stat().st_size < report.baseline.bytes
+    assert final.within_budget == (final.drop_holdout <= report.budget.max_drop)
+    first = {t.number: (t.plan, t.accuracy) for t in report.trials}
 
     seen.clear()
     again = search(
         digits_mlp, digits, small_config(6), tmp_path, name="s", zoo=ZOO, on_trial=lambda i: seen.append(i["last"])
     )
     assert len(seen) == 2 and min(seen) >= 4  # only new trials ran (a repeat of a measured plan is not run)
-    assert again["search"]["resumed"] and again["search"]["trials_done"] == 6
-    assert {t["number"]: (t["plan"], t["accuracy"]) for t in again["trials"] if t["number"] < 4} == first
+    assert again.search.resumed and again.search.trials_done == 6
+    assert {t.number: (t.plan, t.accuracy) for t in again.trials if t.number < 4} == first
 
 
 def test_a_trial_left_running_by_a_dead_process_runs_again(digits_mlp, digits, tmp_path):
@@ -138,10 +145,10 @@ def test_a_trial_left_running_by_a_dead_process_runs_again(digits_mlp, digits, t
     layers = Layers.of(digits_mlp, digits.example_input(2), SPACE)
     lost = study.ask(fixed_distributions=distributions(SPACE, layers))  # asked, never told: the process died
     report = search(digits_mlp, digits, small_config(3), tmp_path, name="s", zoo=ZOO)
-    assert report["search"]["interrupted_trials"] == [lost.number]
-    rerun = [t for t in report["trials"] if t["number"] > lost.number]
-    assert len(rerun) == 1 and rerun[0]["plan"] == plan_from_params(lost.params).to_dict()
-    assert report["search"]["trials_done"] == 3
+    assert report.search.interrupted_trials == [lost.number]
+    rerun = [t for t in report.trials if t.number > lost.number]
+    assert len(rerun) == 1 and rerun[0].plan == plan_from_params(lost.params).to_dict()
+    assert report.search.trials_done == 3
 
 
 def test_a_study_resumed_with_other_settings_or_a_busy_folder_is_refused(digits_mlp, digits, tmp_path):
@@ -161,8 +168,8 @@ def test_parallel_trials_without_ray_run_one_at_a_time_and_say_how_to_enable_it(
 ):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     report = search(digits_mlp, digits, small_config(2, workers=2), tmp_path, name="s", zoo=ZOO)
-    assert "pip install 'torchslim[ray]'" in report["search"]["execution_note"]
-    assert report["search"]["trials_done"] == 2
+    assert "pip install 'torchslim[ray]'" in report.search.execution_note
+    assert report.search.trials_done == 2
 
 
 def test_two_ray_workers_are_pinned_to_their_own_cores(digits_mlp, digits, tmp_path, monkeypatch):
@@ -173,8 +180,8 @@ def test_two_ray_workers_are_pinned_to_their_own_cores(digits_mlp, digits, tmp_p
         pytest.skip("needs two cores")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     report = search(digits_mlp, digits, small_config(4, workers=2), tmp_path / "run", name="s", zoo=ZOO)
-    assert report["search"]["trials_done"] == 4 and report["final"] is not None
-    executor = report["search"]["executor"]
+    assert report.search.trials_done == 4 and report.final is not None
+    executor = report.search.executor
     assert "2 Ray workers" in executor and "cores [[0], [1]]" in executor
 
 
@@ -246,12 +253,12 @@ def test_a_search_killed_with_sigkill_resumes_without_rerunning_finished_trials(
         before = dict(con.execute("select number, datetime_complete from trials where state = 'COMPLETE'").fetchall())
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads((run / "report.json").read_text())
+    report = SearchResult.from_dict(json.loads((run / "report.json").read_text()))
     with sqlite3.connect(run / "study.sqlite3") as con:
         after = dict(con.execute("select number, datetime_complete from trials where state = 'COMPLETE'").fetchall())
     assert all(after[n] == t for n, t in before.items())  # finished trials kept, not rerun
-    assert report["search"]["trials_done"] == 5 and report["search"]["trials_this_run"] == 5 - killed_at
-    assert report["final"] is not None and (run / "digits_search.tslim").is_file()
+    assert report.search.trials_done == 5 and report.search.trials_this_run == 5 - killed_at
+    assert report.final is not None and (run / "digits_search.tslim").is_file()
 
 
 def test_a_plan_proposed_again_is_not_rerun_and_an_exhausted_space_ends_the_search(digits_mlp, digits, tmp_path):
@@ -266,18 +273,18 @@ def test_a_plan_proposed_again_is_not_rerun_and_an_exhausted_space_ends_the_sear
         zoo=ZOO,
         on_trial=lambda i: seen.append(i["last"]),
     )
-    plans = [json.dumps(t["plan"], sort_keys=True) for t in report["trials"]]
+    plans = [json.dumps(t.plan, sort_keys=True) for t in report.trials]
     assert len(plans) == len(set(plans)) == len(seen) <= 8  # every plan measured once, then the search stopped
-    assert report["search"]["trials_done"] == len(plans) and report["final"] is not None
+    assert report.search.trials_done == len(plans) and report.final is not None
 
 
 def test_nsga2_runs_the_same_study_shape(digits_mlp, digits, tmp_path):
     report = search(
         digits_mlp, digits, small_config(3, sampler="nsga2", objective="latency"), tmp_path, name="s", zoo=ZOO
     )
-    assert report["search"]["sampler"] == "nsga2" and report["search"]["trials_done"] == 3
-    assert report["chosen"]["trial"] is not None and report["objective"] == "latency"
-    assert all(t["latency_ms"] > 0 for t in report["trials"] if t["state"] == "COMPLETE")
+    assert report.search.sampler == "nsga2" and report.search.trials_done == 3
+    assert report.chosen.trial is not None and report.objective == "latency"
+    assert all(t.latency_ms > 0 for t in report.trials if t.state == "COMPLETE")
 
 
 def _synthetic_curves(layers: Layers) -> dict:

@@ -19,6 +19,7 @@ from torchslim.core.plan import CompressionPlan, LayerDecision
 from torchslim.errors import TorchslimError
 from torchslim.evaluate.metrics import accuracy
 from torchslim.search.config import Budget, SearchConfig
+from torchslim.search.result import SearchResult
 from torchslim.search.run import search
 from torchslim.train.fit import TrainConfig, fit
 from torchslim.train.losses import FeatureLoss, SoftTargetLoss
@@ -44,6 +45,7 @@ __all__ = [
     "MixedPrecisionConfig",
     "QuantizeConfig",
     "SearchConfig",
+    "SearchResult",
     "ShareConfig",
     "SoftTargetLoss",
     "TorchslimError",

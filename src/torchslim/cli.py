@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -14,6 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from torchslim.errors import TorchslimError
+
+if TYPE_CHECKING:
+    from torchslim.search.result import SearchResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress and accelerate trained PyTorch models.")
 console = Console()
@@ -170,13 +174,12 @@ def _trial_line(progress: Progress):
     return update
 
 
-def _print_search(report: dict, out_dir: Path) -> None:
+def _print_search(report: SearchResult, out_dir: Path) -> None:
     from torchslim.report.html import plan_rows, summary_rows
 
-    search_facts = report["search"]
-    if search_facts.get("execution_note"):
-        console.print(f"[yellow]note:[/] {search_facts['execution_note']}", highlight=False)
-    console.print(report["chosen"]["message"], highlight=False)
+    if report.search and report.search.execution_note:
+        console.print(f"[yellow]note:[/] {report.search.execution_note}", highlight=False)
+    console.print(report.chosen.message, highlight=False)
     console.print(_rich_table("before / after", ("metric", "baseline", "delivered file"), summary_rows(report)))
     console.print(
         _rich_table(
@@ -185,15 +188,13 @@ def _print_search(report: dict, out_dir: Path) -> None:
             plan_rows(report),
         )
     )
-    final = report.get("final")
+    final = report.final
     if final:
-        verdict = "within" if final["within_budget"] else "NOT within"
+        verdict = "within" if final.within_budget else "NOT within"
         console.print(
-            f"held-out split: {100 * final['drop_holdout']:.2f} points lost, {verdict} the budget", highlight=False
+            f"held-out split: {100 * final.drop_holdout:.2f} points lost, {verdict} the budget", highlight=False
         )
-    console.print(
-        f"wrote {out_dir / 'report.html'}, report.json, report.md" + (f", {final['artifact']}" if final else "")
-    )
+    console.print(f"wrote {out_dir / 'report.html'}, report.json, report.md" + (f", {final.artifact}" if final else ""))
 
 
 @app.command()
@@ -204,6 +205,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder with report.js
     from torchslim.report.html import write_search_report
     from torchslim.report.records import RunReport
     from torchslim.report.render import write_report
+    from torchslim.search.result import SearchResult
 
     path = run_dir / "report.json"
     try:
@@ -220,7 +222,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder with report.js
         raise typer.Exit(code=2) from exc
     try:
         if isinstance(data, dict) and data.get("kind") == "search":
-            written = write_search_report(data, run_dir)
+            written = write_search_report(SearchResult.from_dict(data, str(path)), run_dir)
         else:
             written = write_report(RunReport.from_dict(data, str(path)), run_dir)
     except TorchslimError as exc:
@@ -246,7 +248,7 @@ def inspect(file: Path = typer.Argument(..., help="a .tslim file")) -> None:
     payload = sum(r.bytes for r in rows)
     console.print(
         f"file {total:,} bytes = payload {payload:,} + container header {total - payload:,}; "
-        f"fp32 weights {fp32:,} bytes ({fp32 / total:.1f}x); model {manifest.get('model')}"
+        f"fp32 weights {fp32:,} bytes ({fp32 / total:.1f}x); model {manifest.model}"
     )
 
 

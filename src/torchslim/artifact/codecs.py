@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import constriction
 import numpy as np
@@ -246,7 +247,67 @@ def _strict_int(value: object, what: str, name: str) -> int:
     return value
 
 
-def entry_shape(entry: object, name: str) -> list[int]:
+_WIDTH = {"codebook": None, "codebook8": None, "raw": 4, "raw16": 2}
+"""Bytes a value takes in the value section: ``None`` for a codebook (entries, then counts)."""
+
+
+@dataclass(frozen=True)
+class CodedEntry:
+    """A coded tensor's manifest entry (docs/format.md, section 3), read back and checked: the
+    reader of what :func:`encode_tensor` writes. ``parse`` makes every check that needs no blob.
+
+    Example:
+        >>> coded = encode_tensor(torch.zeros(4, 4))
+        >>> CodedEntry.parse(coded.entry, "w").nnz
+        0
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    nnz: int
+    values: str  # "raw", "raw16", "codebook" or "codebook8"
+    k: int
+    alpha: float
+    positions: str  # "col" or "rowcol"
+    sections: tuple[int, int, int]  # byte lengths: values, positions, indices
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @classmethod
+    def parse(cls, entry: object, name: str) -> CodedEntry:
+        """The entry checked field by field; a fault is an :class:`ArtifactError` naming the tensor."""
+        shape = _entry_shape(entry, name)  # also checks that the entry is a mapping
+        entry = cast(dict, entry)
+        nnz, k = _strict_int(entry.get("nnz"), "nnz", name), _strict_int(entry.get("k"), "k", name)
+        sections = entry.get("sections")
+        if not isinstance(sections, list) or len(sections) != 3:
+            raise ArtifactError(f"tensor {name!r}: 'sections' must be a list of three byte lengths")
+        head_len, pos_len, idx_len = (_strict_int(x, "sections", name) for x in sections)
+        kind, alpha, model, dtype = entry.get("values"), entry.get("alpha"), entry.get("positions"), entry.get("dtype")
+        if not isinstance(dtype, str) or dtype not in _DTYPES or model not in ("col", "rowcol"):
+            raise ArtifactError(f"tensor {name!r}: malformed manifest entry (dtype {dtype!r}, positions {model!r})")
+        numel = math.prod(shape)
+        if min(head_len, pos_len, idx_len) < 0 or not 0 <= nnz <= numel:
+            raise ArtifactError(f"tensor {name!r}: sections {sections} with nnz={nnz} do not fit {numel} elements")
+        width = _WIDTH.get(kind, 0) if isinstance(kind, str) else 0
+        if width == 0 or type(alpha) not in (int, float) or not 0 < alpha < math.inf:
+            raise ArtifactError(f"tensor {name!r}: unsupported value coding {kind!r} (alpha={alpha!r})")
+        if (width and (k != 0 or idx_len or head_len != width * nnz)) or (
+            not width and not 0 < k <= min(nnz, MAX_CODEBOOK) and nnz
+        ):
+            raise ArtifactError(f"tensor {name!r}: {kind} values with k={k} do not fit {head_len} bytes for nnz={nnz}")
+        if (nnz in (0, numel) and model == "rowcol") or (nnz == numel and pos_len):
+            raise ArtifactError(f"tensor {name!r}: a position section that nnz={nnz} of {numel} rules out")
+        if (kind == "codebook8") != (dtype == "int8") and kind != "codebook":
+            raise ArtifactError(
+                f"tensor {name!r}: {kind!r} values cannot decode to {dtype}; an int8 tensor uses a codebook"
+            )
+        return cls(dtype, tuple(shape), nnz, kind, k, float(alpha), model, (head_len, pos_len, idx_len))
+
+
+def _entry_shape(entry: object, name: str) -> list[int]:
     """The decoded shape a coded entry declares, checked to be a list of sizes within bounds."""
     shape = entry.get("shape") if isinstance(entry, dict) else None
     if not isinstance(shape, list):
@@ -257,50 +318,29 @@ def entry_shape(entry: object, name: str) -> list[int]:
     return dims
 
 
-def decode_tensor(blob: bytes, entry: dict, name: str) -> torch.Tensor:
-    """Rebuild the tensor ``name`` from its blob and manifest entry, checking every field first."""
-    shape = entry_shape(entry, name)
-    nnz, k = _strict_int(entry.get("nnz"), "nnz", name), _strict_int(entry.get("k"), "k", name)
-    sections = entry.get("sections")
-    if not isinstance(sections, list) or len(sections) != 3:
-        raise ArtifactError(f"tensor {name!r}: 'sections' must be a list of three byte lengths")
-    head_len, pos_len, idx_len = (_strict_int(x, "sections", name) for x in sections)
-    kind, alpha, model = entry.get("values"), entry.get("alpha"), entry.get("positions")
-    if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES or model not in ("col", "rowcol"):
-        raise ArtifactError(
-            f"tensor {name!r}: malformed manifest entry (dtype {entry.get('dtype')!r}, positions {model!r})"
-        )
-    numel = math.prod(shape)
-    rows = _rows(shape)
-    if min(head_len, pos_len, idx_len) < 0 or head_len + pos_len + idx_len != len(blob) or not 0 <= nnz <= numel:
-        raise ArtifactError(f"tensor {name!r}: sections {sections} do not fit a {len(blob)}-byte blob")
-    width = {"codebook": None, "codebook8": None, "raw": 4, "raw16": 2}.get(kind, 0) if isinstance(kind, str) else 0
-    if width == 0 or type(alpha) not in (int, float) or not 0 < alpha < math.inf:
-        raise ArtifactError(f"tensor {name!r}: unsupported value coding {kind!r} (alpha={alpha!r})")
-    if (width and (k != 0 or idx_len or head_len != width * nnz)) or (
-        not width and not 0 < k <= min(nnz, MAX_CODEBOOK) and nnz
-    ):
-        raise ArtifactError(f"tensor {name!r}: {kind} values with k={k} do not fit {head_len} bytes for nnz={nnz}")
-    if (nnz in (0, numel) and model == "rowcol") or (nnz == numel and pos_len):
-        raise ArtifactError(f"tensor {name!r}: a position section that nnz={nnz} of {numel} rules out")
+def decode_tensor(blob: bytes, entry: CodedEntry | dict, name: str) -> torch.Tensor:
+    """Rebuild the tensor ``name`` from its blob and manifest entry (parsed, or parsed here first)."""
+    e = entry if isinstance(entry, CodedEntry) else CodedEntry.parse(entry, name)
+    head_len, pos_len, idx_len = e.sections
+    if head_len + pos_len + idx_len != len(blob):
+        raise ArtifactError(f"tensor {name!r}: sections {list(e.sections)} do not fit a {len(blob)}-byte blob")
     head, pos, idx = blob[:head_len], blob[head_len : head_len + pos_len], blob[head_len + pos_len :]
-    cols = numel // rows
-    if nnz == numel:
+    rows = _rows(e.shape)
+    cols = e.numel // rows
+    if e.nnz == e.numel:
         mask = np.ones((rows, cols), dtype=bool)
     else:
-        mask = decode_positions(pos, rows, cols, nnz, float(alpha), model == "rowcol")
-    if int(mask.sum()) != nnz:
-        raise ArtifactError(f"tensor {name!r}: position stream holds {int(mask.sum())} non-zeros, manifest says {nnz}")
-    if (kind == "codebook8") != (entry["dtype"] == "int8") and kind != "codebook":
+        mask = decode_positions(pos, rows, cols, e.nnz, e.alpha, e.positions == "rowcol")
+    if int(mask.sum()) != e.nnz:
         raise ArtifactError(
-            f"tensor {name!r}: {kind!r} values cannot decode to {entry['dtype']}; an int8 tensor uses a codebook"
+            f"tensor {name!r}: position stream holds {int(mask.sum())} non-zeros, manifest says {e.nnz}"
         )
-    values = _decode_values(head, idx, kind, k, nnz, name) if nnz else np.zeros(0, dtype=np.float32)
-    if entry["dtype"] == "int8" and not np.isin(values, np.arange(-128, 128)).all():
+    values = _decode_values(head, idx, e.values, e.k, e.nnz, name) if e.nnz else np.zeros(0, dtype=np.float32)
+    if e.dtype == "int8" and not np.isin(values, np.arange(-128, 128)).all():
         raise ArtifactError(f"tensor {name!r}: an int8 tensor's values must be a codebook of integers in [-128, 127]")
     out = np.zeros((rows, cols), dtype=np.float32)
     out[mask] = values
-    return torch.from_numpy(out).reshape(shape).to(_DTYPES[entry["dtype"]])
+    return torch.from_numpy(out).reshape(e.shape).to(_DTYPES[e.dtype])
 
 
 def _decode_values(head: bytes, idx: bytes, kind: str, k: int, nnz: int, name: str) -> np.ndarray:

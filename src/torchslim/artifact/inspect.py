@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from torchslim.artifact.codecs import stream_bounds
-from torchslim.artifact.tslim import decode_state, read
+from torchslim.artifact.tslim import Manifest, decode_state, read
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,13 @@ class TensorRow:
         return {**asdict(self), "rate": self.rate}
 
 
-def inspect_file(path: str | os.PathLike) -> tuple[list[TensorRow], dict]:
+def inspect_file(path: str | os.PathLike) -> tuple[list[TensorRow], Manifest]:
     """Decode ``path`` and account for every tensor; returns ``(rows, manifest)``."""
     manifest, stored = read(path)
     state = decode_state(manifest, stored)
     rows = []
     for name in sorted(state):
-        t, entry = state[name], manifest["coded"].get(name)
+        t, entry = state[name], manifest.coded.get(name)
         fp32 = t.numel() * 4
         if entry is None:
             n = int((t != 0).sum())
@@ -61,9 +61,9 @@ def inspect_file(path: str | os.PathLike) -> tuple[list[TensorRow], dict]:
                 )
             )
             continue
-        head, pos, idx = entry["sections"]
-        nnz, k, shared = entry["nnz"], entry["k"], entry["values"] in ("codebook", "codebook8")
-        b = stream_bounds(t, float(entry["alpha"]), entry["positions"] == "rowcol")
+        head, pos, idx = entry.sections
+        nnz, k, shared = entry.nnz, entry.k, entry.values in ("codebook", "codebook8")
+        b = stream_bounds(t, entry.alpha, entry.positions == "rowcol")
         rows.append(
             TensorRow(
                 name,
@@ -82,7 +82,7 @@ def inspect_file(path: str | os.PathLike) -> tuple[list[TensorRow], dict]:
                 idx,
                 b["indices_h0"] / 8 if shared else 0.0,
                 head,
-                entry["values"],
+                entry.values,
             )
         )
     return rows, manifest

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,15 +80,59 @@ def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def resize_(model: nn.Module, modules: Any, shapes: Mapping[str, tuple[int, ...]], path: Any) -> None:
+@dataclass(frozen=True)
+class ModuleEntry:
+    """One entry of the manifest's ``modules`` map, read back and checked: the reader of what
+    :func:`describe` writes. Sizes are integers, ``None`` or short tuples of integers.
+
+    Example:
+        >>> ModuleEntry.parse({"type": "Linear", "in_features": 4, "out_features": 2}, "fc").sizes["out_features"]
+        2
+    """
+
+    type: str
+    sizes: dict[str, Any]
+
+    @classmethod
+    def parse(cls, entry: Any, name: str, path: Any = "file") -> ModuleEntry:
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            said = entry.get("type") if isinstance(entry, dict) else entry
+            raise ShapeMismatchError(
+                f"{path}: the file describes module {name[:80]!r} as {str(said)[:60]!r}, not as a module type "
+                "with its sizes; pass the builder of the model that was saved"
+            )
+        sizes = {attr: _size(value, name, attr, path) for attr, value in entry.items() if attr != "type"}
+        return cls(entry["type"], sizes)
+
+
+def _size(value: Any, name: str, attr: str, path: Any) -> int | tuple[int, ...] | None:
+    """A size as the manifest gives it: an integer, null, or a list of up to 8 integers (a shape)."""
+    if isinstance(value, list) and len(value) <= 8 and all(type(v) is int for v in value):
+        return tuple(value)
+    if value is None or type(value) is int:
+        return value
+    raise ShapeMismatchError(
+        f"{path}: module {name[:80]!r} has {attr[:40]}={str(value)[:40]} in the file, which is not a size (an integer, "
+        "null or a list of up to 8 integers); pass the builder of the model that was saved"
+    )
+
+
+def parse_modules(modules: Any, path: Any = "file") -> dict[str, ModuleEntry]:
+    """The manifest's ``modules`` map, every entry parsed."""
+    if not isinstance(modules, dict):
+        raise ShapeMismatchError(f"{path}: the manifest's 'modules' must be an object")
+    return {name: ModuleEntry.parse(entry, name, path) for name, entry in modules.items()}
+
+
+def resize_(
+    model: nn.Module, modules: Mapping[str, ModuleEntry] | None, shapes: Mapping[str, tuple[int, ...]], path: Any
+) -> None:
     """Shrink ``model``'s modules to the sizes ``modules`` records and its tensors to ``shapes``.
 
     Either every module is resized consistently or, on any error, the model is left as it was.
     """
     if modules is None:
         return
-    if not isinstance(modules, dict):
-        raise ShapeMismatchError(f"{path}: the manifest's 'modules' must be an object")
     backup = copy.deepcopy(model.__dict__) if _differs(model, modules, shapes) else None
     try:
         _resize(model, modules, shapes, path)
@@ -97,20 +142,21 @@ def resize_(model: nn.Module, modules: Any, shapes: Mapping[str, tuple[int, ...]
         raise
 
 
-def _differs(model: nn.Module, modules: dict, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+def _differs(model: nn.Module, modules: Mapping[str, ModuleEntry], shapes: Mapping[str, tuple[int, ...]]) -> bool:
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return modules != describe(model) or any(own.get(k) != tuple(v) for k, v in shapes.items())
+    return modules != parse_modules(describe(model)) or any(own.get(k) != tuple(v) for k, v in shapes.items())
 
 
-def _resize(model: nn.Module, modules: dict, shapes: Mapping[str, tuple[int, ...]], path: Any) -> None:
+def _resize(
+    model: nn.Module, modules: Mapping[str, ModuleEntry], shapes: Mapping[str, tuple[int, ...]], path: Any
+) -> None:
     owned = dict(model.named_modules())
     for name, entry in modules.items():
         m = owned.get(name)
-        if m is None or not isinstance(entry, dict) or entry.get("type") != type_name(m):
+        if m is None or entry.type != type_name(m):
             found = type_name(m) if m is not None else "nothing"
-            said = entry.get("type") if isinstance(entry, dict) else entry
             raise ShapeMismatchError(
-                f"{path}: the file describes module {name!r} as {str(said)[:60]!r} "
+                f"{path}: the file describes module {name[:80]!r} as {entry.type[:60]!r} "
                 f"but the model has {found} there; pass the builder of the model that was saved"
             )
         if _set_sizes(m, name, entry, path):
@@ -121,15 +167,12 @@ def _resize(model: nn.Module, modules: dict, shapes: Mapping[str, tuple[int, ...
             _reallocate(m, name, shapes, path)
 
 
-def _set_sizes(m: nn.Module, name: str, entry: dict, path: Any) -> bool:
+def _set_sizes(m: nn.Module, name: str, entry: ModuleEntry, path: Any) -> bool:
     changed = False
     for attr in size_attrs(m):
-        if attr not in entry:
+        if attr not in entry.sizes:
             raise ShapeMismatchError(f"{path}: module {name!r} lacks the size {attr!r} in the manifest")
-        have, want = getattr(m, attr), entry[attr]
-        if isinstance(want, list) and len(want) > 8:
-            raise ShapeMismatchError(f"{path}: module {name!r}: {attr} is a list of {len(want)} numbers")
-        want = tuple(want) if isinstance(want, list) else want
+        have, want = getattr(m, attr), entry.sizes[attr]
         if not _fits(want, have):
             raise ShapeMismatchError(
                 f"{path}: module {name!r} has {attr}={str(want)[:40]} in the file but {have!r} in the model; a file "
@@ -200,25 +243,39 @@ def _expected(m: nn.Module) -> tuple[dict[str, tuple[int, ...]], list[str]]:
             broken.append(f"padding_idx={m.padding_idx} is outside num_embeddings={m.num_embeddings}")
         shapes = {"weight": (m.num_embeddings, m.embedding_dim)}
     elif isinstance(m, (nn.LSTM, nn.GRU)):
-        rows, dirs = (4 if isinstance(m, nn.LSTM) else 3) * m.hidden_size, 2 if m.bidirectional else 1
-        for layer in range(m.num_layers):
-            for sfx in ("", "_reverse")[:dirs]:
-                width = m.input_size if layer == 0 else m.hidden_size * dirs
-                shapes |= {f"weight_ih_l{layer}{sfx}": (rows, width), f"weight_hh_l{layer}{sfx}": (rows, m.hidden_size)}
-                shapes |= {f"bias_ih_l{layer}{sfx}": (rows,), f"bias_hh_l{layer}{sfx}": (rows,)}
+        shapes = _expected_rnn(m)
     elif isinstance(m, nn.MultiheadAttention):
-        e = m.embed_dim
-        if m.head_dim * m.num_heads != e:
-            broken.append(f"embed_dim={e} must equal head_dim={m.head_dim} x num_heads={m.num_heads}")
-        shapes = {
-            "in_proj_weight": (3 * e, e),
-            "in_proj_bias": (3 * e,),
-            "q_proj_weight": (e, e),
-            "k_proj_weight": (e, m.kdim),
-            "v_proj_weight": (e, m.vdim),
-            "bias_k": (1, 1, e),
-            "bias_v": (1, 1, e),
-        }
+        return _expected_attention(m)
+    return shapes, broken
+
+
+def _expected_rnn(m: nn.LSTM | nn.GRU) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    rows, dirs = (4 if isinstance(m, nn.LSTM) else 3) * m.hidden_size, 2 if m.bidirectional else 1
+    for layer in range(m.num_layers):
+        for sfx in ("", "_reverse")[:dirs]:
+            width = m.input_size if layer == 0 else m.hidden_size * dirs
+            shapes |= {f"weight_ih_l{layer}{sfx}": (rows, width), f"weight_hh_l{layer}{sfx}": (rows, m.hidden_size)}
+            shapes |= {f"bias_ih_l{layer}{sfx}": (rows,), f"bias_hh_l{layer}{sfx}": (rows,)}
+    return shapes
+
+
+def _expected_attention(m: nn.MultiheadAttention) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    e = m.embed_dim
+    broken = (
+        []
+        if m.head_dim * m.num_heads == e
+        else [f"embed_dim={e} must equal head_dim={m.head_dim} x num_heads={m.num_heads}"]
+    )
+    shapes = {
+        "in_proj_weight": (3 * e, e),
+        "in_proj_bias": (3 * e,),
+        "q_proj_weight": (e, e),
+        "k_proj_weight": (e, m.kdim),
+        "v_proj_weight": (e, m.vdim),
+        "bias_k": (1, 1, e),
+        "bias_v": (1, 1, e),
+    }
     return shapes, broken
 
 

@@ -11,10 +11,10 @@ import base64
 import binascii
 import hashlib
 import json
-import math
 import os
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from torchslim.artifact.codecs import decode_tensor, encode_tensor, entry_shape
-from torchslim.artifact.structure import describe, resize_
+from torchslim.artifact.codecs import CodedEntry, decode_tensor, encode_tensor
+from torchslim.artifact.structure import ModuleEntry, describe, parse_modules, resize_
 from torchslim.core.files import write_atomic
-from torchslim.core.qlayers import folded_batchnorm, folded_names
+from torchslim.core.qlayers import folded_batchnorm, folded_names, parse_folds
 from torchslim.core.qrnn import QuantEntry, quantized_layers
 from torchslim.errors import ArtifactError, ConfigError, ShapeMismatchError
 
@@ -169,11 +169,70 @@ def fingerprint(stored: Mapping[str, torch.Tensor]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Parse a `.tslim` file and check its container, manifest keys and fingerprint.
+@dataclass
+class Manifest:
+    """A `.tslim` file's manifest (docs/format.md, section 2), parsed once: every entry is typed
+    and checked by the reader that sits beside its writer -- coded tensors in ``codecs``, module
+    sizes in ``structure``, quantized layers in ``core.qrnn``, folds in ``core.qlayers``. What
+    needs the model (do those modules exist, do the sizes only shrink) is checked on load.
+    """
 
-    Returns ``(manifest, stored tensors)``. Decodes nothing: each coded entry is checked when
-    :func:`decode_state` decodes it.
+    format: str
+    version: int
+    coded: dict[str, CodedEntry]
+    model: dict[str, Any] | None  # the zoo builder, checked against the zoo on load
+    plan: dict[str, Any]
+    metrics: dict[str, Any]
+    fingerprint: str
+    modules: dict[str, ModuleEntry] | None  # None: a version 1 file (no structural pruning)
+    quant: dict[str, QuantEntry] = field(default_factory=dict)
+    folded: dict[str, str] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the JSON as read
+
+    @classmethod
+    def parse(cls, manifest: Any, compressed: bool, path: Any = "file") -> Manifest:
+        """The manifest's JSON checked key by key; a fault is an :class:`ArtifactError`."""
+        missing = [k for k in _REQUIRED if not isinstance(manifest, dict) or k not in manifest]
+        if missing:
+            raise ArtifactError(f"{path}: the manifest lacks {missing}")
+        version = manifest["version"]
+        if manifest["format"] != FORMAT or type(version) is not int or version not in READS:
+            raise ArtifactError(
+                f"{path}: format {manifest['format']!r} version {version!r}; this torchslim reads "
+                f"{FORMAT!r} versions {list(READS)}: upgrade torchslim"
+            )
+        if compressed != (version >= 4):
+            raise ArtifactError(
+                f"{path}: a version {version} manifest must be stored under {MANIFEST_KEY if version >= 4 else PLAIN_KEY!r}"
+            )
+        if version >= 2 and not isinstance(manifest.get("modules"), dict):
+            raise ArtifactError(f"{path}: a version {version} manifest needs a 'modules' object")
+        if version >= 3 and not (isinstance(manifest.get("quant"), dict) and isinstance(manifest.get("folded"), dict)):
+            raise ArtifactError(f"{path}: a version {version} manifest needs 'quant' and 'folded' objects")
+        coded, quant = manifest["coded"], manifest.get("quant", {})
+        objects = {"coded": coded, "plan": manifest["plan"], "metrics": manifest["metrics"], "quant": quant}
+        wrong = [k for k, v in objects.items() if not isinstance(v, dict)]
+        if wrong or not isinstance(manifest["fingerprint"], str) or not isinstance(manifest["model"], dict | None):
+            raise ArtifactError(f"{path}: the manifest's {wrong or ['fingerprint', 'model']} have the wrong JSON types")
+        return cls(
+            format=FORMAT,
+            version=version,
+            coded={name: CodedEntry.parse(entry, name) for name, entry in coded.items()},
+            model=manifest["model"],
+            plan=manifest["plan"],
+            metrics=manifest["metrics"],
+            fingerprint=manifest["fingerprint"],
+            modules=None if manifest.get("modules") is None else parse_modules(manifest["modules"], path),
+            quant={name: QuantEntry.parse(spec, name, path) for name, spec in quant.items()},
+            folded=parse_folds(manifest.get("folded", {}), path),
+            raw=manifest,
+        )
+
+
+def read(path: str | os.PathLike) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """Parse a `.tslim` file and check its container, its manifest and the fingerprint.
+
+    Returns ``(manifest, stored tensors)``. Decodes nothing: :func:`decode_state` decodes.
     """
     path = Path(path)
     try:
@@ -194,10 +253,9 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     except (SafetensorError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise ArtifactError(f"{path}: not a valid safetensors container: {exc!r}") from None
     manifest = _manifest(path, header)
-    coded = manifest["coded"]
-    if not isinstance(coded, dict) or not set(coded) <= set(stored):
+    if not set(manifest.coded) <= set(stored):
         raise ArtifactError(f"{path}: the manifest lists coded tensors that the container lacks")
-    if fingerprint(stored) != manifest["fingerprint"]:
+    if fingerprint(stored) != manifest.fingerprint:
         raise ArtifactError(f"{path}: content fingerprint mismatch; the file is corrupted (bit flip or edit)")
     return manifest, stored
 
@@ -206,7 +264,7 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed in a manifest")
 
 
-def _manifest(path: Path, header: Any) -> dict:
+def _manifest(path: Path, header: Any) -> Manifest:
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not {MANIFEST_KEY, PLAIN_KEY} & set(meta):
         raise ArtifactError(f"{path}: a safetensors file without a tslim manifest; save it with torchslim.save")
@@ -215,30 +273,11 @@ def _manifest(path: Path, header: Any) -> dict:
         manifest = json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise ArtifactError(f"{path}: the tslim manifest is not valid JSON ({exc!r})") from None
-    missing = [k for k in _REQUIRED if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise ArtifactError(f"{path}: the manifest lacks {missing}")
-    if manifest["format"] != FORMAT or type(manifest["version"]) is not int or manifest["version"] not in READS:
-        raise ArtifactError(
-            f"{path}: format {manifest['format']!r} version {manifest['version']!r}; this torchslim reads "
-            f"{FORMAT!r} versions {list(READS)}: upgrade torchslim"
-        )
-    if compressed != (manifest["version"] >= 4):
-        raise ArtifactError(
-            f"{path}: a version {manifest['version']} manifest must be stored under "
-            f"{MANIFEST_KEY if manifest['version'] >= 4 else PLAIN_KEY!r}"
-        )
-    if manifest["version"] >= 2 and not isinstance(manifest.get("modules"), dict):
-        raise ArtifactError(f"{path}: a version {manifest['version']} manifest needs a 'modules' object")
-    if manifest["version"] >= 3 and not (
-        isinstance(manifest.get("quant"), dict) and isinstance(manifest.get("folded"), dict)
-    ):
-        raise ArtifactError(f"{path}: a version {manifest['version']} manifest needs 'quant' and 'folded' objects")
-    return manifest
+    return Manifest.parse(manifest, compressed, path)
 
 
 def decode_state(
-    manifest: dict, stored: Mapping[str, torch.Tensor], max_elements: int | None = 2**26
+    manifest: Manifest, stored: Mapping[str, torch.Tensor], max_elements: int | None = 2**26
 ) -> dict[str, torch.Tensor]:
     """Decode every tensor of a verified file into a state_dict.
 
@@ -246,8 +285,8 @@ def decode_state(
     file cannot make the reader allocate without bound; ``load`` lifts it once the shapes have
     been checked against the caller's model.
     """
-    coded = manifest["coded"]
-    total = sum(math.prod(entry_shape(coded[n], n)) for n in coded)
+    coded = manifest.coded
+    total = sum(entry.numel for entry in coded.values())
     if max_elements is not None and total > max_elements:
         raise ArtifactError(
             f"the file's coded tensors hold {total:,} elements, more than the {max_elements:,} this reader "
@@ -278,7 +317,7 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     manifest, stored = read(path)
     module = _target(manifest, model, path)
     shapes = _shapes(manifest, stored)
-    swaps = bool(manifest.get("folded") or manifest.get("quant"))
+    swaps = bool(manifest.folded or manifest.quant)
     children = [(m, dict(m._modules)) for m in module.modules()] if swaps and isinstance(model, nn.Module) else []
     try:
         _into(module, manifest, stored, shapes, path)
@@ -290,11 +329,11 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     return module.eval()
 
 
-def _into(module: nn.Module, manifest: dict, stored: Mapping[str, torch.Tensor], shapes: dict, path: Any) -> None:
+def _into(module: nn.Module, manifest: Manifest, stored: Mapping[str, torch.Tensor], shapes: dict, path: Any) -> None:
     """Fold, quantize and resize ``module`` as the file says, check every shape, then fill it."""
-    _refold(module, manifest.get("folded", {}), path)
-    _requantize(module, manifest.get("quant", {}), path)
-    resize_(module, manifest.get("modules"), shapes, path)  # structurally pruned files shrink the model
+    _refold(module, manifest.folded, path)
+    _requantize(module, manifest.quant, path)
+    resize_(module, manifest.modules, shapes, path)  # structurally pruned files shrink the model
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     extra, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
     if extra or missing:
@@ -312,13 +351,11 @@ def _into(module: nn.Module, manifest: dict, stored: Mapping[str, torch.Tensor],
     module.load_state_dict(state)
 
 
-def _refold(module: nn.Module, folded: Any, path: Any) -> None:
+def _refold(module: nn.Module, folded: Mapping[str, str], path: Any) -> None:
     """Replace each BatchNorm the file says was folded by an Identity; its convolution gets a bias."""
     owned = dict(module.named_modules())
-    if not isinstance(folded, dict):
-        raise ArtifactError(f"{path}: the manifest's 'folded' must map BatchNorm names to convolution names")
     for bn_name, conv_name in folded.items():
-        bn, conv = owned.get(bn_name), owned.get(conv_name) if isinstance(conv_name, str) else None
+        bn, conv = owned.get(bn_name), owned.get(conv_name)
         if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or type(conv) not in (nn.Conv1d, nn.Conv2d):
             raise ShapeMismatchError(
                 f"{path}: the file folded a BatchNorm at {bn_name[:80]!r} into {str(conv_name)[:80]!r} but the model "
@@ -331,27 +368,26 @@ def _refold(module: nn.Module, folded: Any, path: Any) -> None:
         module.set_submodule(bn_name, folded_batchnorm(type(owned[bn_name]).__name__, conv_name))
 
 
-def _requantize(module: nn.Module, quant: Any, path: Any) -> None:
+def _requantize(module: nn.Module, quant: Mapping[str, QuantEntry], path: Any) -> None:
     """Replace each layer the file stores quantized by an empty quantized layer of its shapes."""
     owned = dict(module.named_modules())
-    entries = {name: QuantEntry.parse(spec, name, path) for name, spec in quant.items()}
-    fresh = {name: entry.empty_like(owned.get(name), name, path) for name, entry in entries.items()}
+    fresh = {name: entry.empty_like(owned.get(name), name, path) for name, entry in quant.items()}
     for name, q in fresh.items():
         module.set_submodule(name, q)
 
 
-def _shapes(manifest: dict, stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+def _shapes(manifest: Manifest, stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """The decoded shape of every stored tensor, read from the container and the manifest."""
-    coded = manifest["coded"]
-    return {n: tuple(entry_shape(coded[n], n)) if n in coded else tuple(t.shape) for n, t in stored.items()}
+    coded = manifest.coded
+    return {n: coded[n].shape if n in coded else tuple(t.shape) for n, t in stored.items()}
 
 
-def _target(manifest: dict, model: nn.Module | Callable[[], nn.Module] | None, path: Any) -> nn.Module:
+def _target(manifest: Manifest, model: nn.Module | Callable[[], nn.Module] | None, path: Any) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
     if model is not None:
         return model()
-    zoo = manifest.get("model")
+    zoo = manifest.model
     if not zoo:
         raise ArtifactError(f"{path}: the file holds a user model; pass model=<a fresh instance or builder>")
     from torchslim.core.models import ZOO, build_model

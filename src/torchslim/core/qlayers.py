@@ -44,6 +44,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim.errors import ArtifactError
+
 SCHEMES = ("static", "dynamic", "weight")
 FLOAT_TYPES: dict[str, type] = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d}
 """The float layers that can be quantized, by the class name the manifest records."""
@@ -301,3 +303,11 @@ def folded_names(model: nn.Module) -> dict[str, str]:
         for n, m in model.named_modules()
         if isinstance(getattr(m, "folded_batchnorm", None), tuple)
     }
+
+
+def parse_folds(folded: Any, where: Any = "file") -> dict[str, str]:
+    """The manifest's ``folded`` map read back: the reader of what :func:`folded_names` writes.
+    Whether the model has those modules is checked on load, against the model."""
+    if not isinstance(folded, dict) or not all(isinstance(c, str) for c in folded.values()):
+        raise ArtifactError(f"{where}: the manifest's 'folded' must map BatchNorm names to convolution names")
+    return dict(folded)

@@ -7,6 +7,9 @@ passes -- class name to class, a literal dict in the calling module -- so a file
 code to import. Lists come back as tuples where the field's type says tuple, so a config read
 back equals the one written. Written by hand: it is a few lines over ``dataclasses``, and
 pickle-free libraries that do this (pydantic) would need every config to be a model.
+
+``record_from_dict`` reads a report record (``report.json``) back into its dataclasses by the
+field types; reports carry one ``schema_version`` for the whole file instead of a tag per record.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from torchslim.core.plan import PLAN_VERSION, CompressionPlan
-from torchslim.errors import ConfigError
+from torchslim.errors import ConfigError, ReportError
 
 CONFIG_VERSION = 1
 """Version of the tagged config layout; a reader refuses a newer one."""
@@ -91,3 +94,46 @@ def _as_hinted(value: Any, hint: Any) -> Any:
             inner = args[0] if args else Any
             return tuple(_as_hinted(v, inner) for v in value)
     return value
+
+
+def record_from_dict(cls: type, data: Any, where: str, fix: str) -> Any:
+    """A report record (a dataclass of plain values, nested records, lists and optionals of them)
+    from its JSON form, by the field types. Unknown or missing keys, or an object where a record
+    belongs, are a :class:`ReportError` naming the path and ending with ``fix``.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Point:
+        ...     x: int
+        >>> record_from_dict(Point, {"x": 1}, "p.json", "rewrite it")
+        Point(x=1)
+    """
+    if not isinstance(data, Mapping):
+        raise ReportError(f"{where}: expected an object ({cls.__name__}), found {type(data).__name__}; {fix}")
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(data) - {f.name for f in fields})
+    missing = sorted(f.name for f in fields if _required(f) and f.name not in data)
+    if unknown or missing:
+        raise ReportError(f"{where}: not a {cls.__name__} (unknown keys {unknown}, missing {missing}); {fix}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _record_value(v, hints[k], f"{where}.{k}", fix) for k, v in data.items()})
+
+
+def _record_value(value: Any, hint: Any, where: str, fix: str) -> Any:
+    if value is None:
+        return None
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if dataclasses.is_dataclass(option):
+            return record_from_dict(option, value, where, fix)
+        args = typing.get_args(option)
+        if typing.get_origin(option) is list and args and dataclasses.is_dataclass(args[0]):
+            if not isinstance(value, list):
+                raise ReportError(f"{where}: expected a list, found {type(value).__name__}; {fix}")
+            return [record_from_dict(args[0], v, f"{where}[{i}]", fix) for i, v in enumerate(value)]
+    return value
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -24,6 +24,7 @@ from torchslim.evaluate.metrics import accuracy, agreement, file_bytes, fp32_saf
 from torchslim.recipe.schema import DistillSection, Recipe, Step
 from torchslim.report.records import Measurement, RunReport, StepRecord
 from torchslim.report.render import write_report
+from torchslim.search.result import SearchResult
 from torchslim.train.baseline import trained_baseline
 from torchslim.train.fit import Progress, fit
 from torchslim.transforms.compress import compress
@@ -205,9 +206,9 @@ def run_search(
     progress: ProgressFactory | None = None,
     on_trial: Callable[[dict], None] | None = None,
     **overrides: Any,
-) -> dict[str, Any]:
+) -> SearchResult:
     """Search plans for the recipe's model (its ``search`` section, ``overrides`` winning); write
-    the delivered `.tslim` and report.json / report.md / report.html; return the report data.
+    the delivered `.tslim` and report.json / report.md / report.html; return what it measured.
 
     Example:
         >>> report = run_search(load_recipe("lenet5"), budget="1pt", objective="size")  # doctest: +SKIP
@@ -229,7 +230,7 @@ def run_search(
     report = search(
         baseline, data, config, recipe.out_dir(), name=recipe.name, zoo=zoo, progress=bar, on_trial=on_trial
     )
-    report["baseline_cached"] = cached
-    report["timings"]["baseline_s"] = baseline_s
+    report.baseline_cached = cached
+    report.timings["baseline_s"] = baseline_s
     write_search_report(report, recipe.out_dir())
     return report

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from torchslim.core.files import write_atomic
-from torchslim.errors import ReportError
 from torchslim.report import plots
 from torchslim.report.render import _num, _pct, markdown_table
-from torchslim.search.run import SEARCH_REPORT_SCHEMA
+from torchslim.search.result import BudgetFacts, SearchResult
 
 TECHNIQUES = {
     "channels": "Channels removed (structured pruning)",
@@ -76,99 +75,93 @@ def _fact(x: Any) -> str:
     return f"{x:,.1f}" if isinstance(x, float) else str(x)
 
 
-def budget_text(budget: dict[str, Any]) -> str:
+def budget_text(budget: BudgetFacts) -> str:
     """The accuracy budget in words, absolute points or relative percent, with the points it allows."""
-    if budget["kind"] == "relative":
+    if budget.kind == "relative":
         return (
-            f"at most {100 * budget['value']:.2f} % of the baseline accuracy lost (relative), "
-            f"i.e. {_pts(budget['max_drop'])} points"
+            f"at most {100 * budget.value:.2f} % of the baseline accuracy lost (relative), "
+            f"i.e. {_pts(budget.max_drop)} points"
         )
-    return f"at most {_pts(budget['max_drop'])} points of accuracy lost (absolute)"
+    return f"at most {_pts(budget.max_drop)} points of accuracy lost (absolute)"
 
 
-def summary_text(report: dict[str, Any]) -> str:
+def summary_text(report: SearchResult) -> str:
     """One paragraph: what was searched, the budget, the objective and whether the chosen plan met it."""
-    chosen, final = report.get("chosen") or {}, report.get("final")
+    chosen, final = report.chosen, report.final
     text = (
-        f"Adaptive compression search of model {report['model']['name']} on {report['data']['name']} "
-        f"(recipe {report['recipe']}, {report['threads']} threads). Budget: {budget_text(report['budget'])}, "
+        f"Adaptive compression search of model {report.model['name']} on {report.data['name']} "
+        f"(recipe {report.recipe}, {report.threads} threads). Budget: {budget_text(report.budget)}, "
         f"on the search split against the uncompressed baseline. Objective: "
-        f"{OBJECTIVES.get(report['objective'], report['objective'])} within the budget. "
+        f"{OBJECTIVES.get(report.objective, report.objective)} within the budget. "
     )
-    if chosen.get("trial") is None:
+    if chosen.trial is None:
         text += "No trial met the budget, so no plan was chosen."
     else:
-        met = "met" if chosen.get("met_budget") else "did not meet"
-        text += f"The chosen plan (trial {chosen['trial']}) {met} the budget."
-    if chosen.get("message"):
-        text += f" {chosen['message'].rstrip('.')}."
+        met = "met" if chosen.met_budget else "did not meet"
+        text += f"The chosen plan (trial {chosen.trial}) {met} the budget."
+    if chosen.message:
+        text += f" {chosen.message.rstrip('.')}."
     if final:
-        within = "within" if final.get("within_budget") else "outside"
-        drop = _pts(final.get("drop_holdout"))
-        text += f" On the held-out split the delivered file loses {drop} points: {within} the budget."
+        within = "within" if final.within_budget else "outside"
+        text += (
+            f" On the held-out split the delivered file loses {_pts(final.drop_holdout)} points: {within} the budget."
+        )
     else:
         text += " No compressed file was delivered."
     return text
 
 
-def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+def summary_rows(report: SearchResult) -> list[tuple[str, str, str]]:
     """The before/after table as ``(metric, baseline, delivered)`` strings."""
-    b, f = report["baseline"], report.get("final") or {}
-    rows = [(f"accuracy, {name}", _pct(b.get(key)), _pct(f.get(key))) for name, key in SPLITS]
+    b, f = report.baseline, report.final
+    rows = [(f"accuracy, {name}", _pct(getattr(b, key)), _pct(f and getattr(f, key))) for name, key in SPLITS]
     rows += [
-        ("accuracy drop, held-out split (points)", "-", _pts(f.get("drop_holdout"))),
-        ("bytes on disk", f"{b['bytes']:,} (fp32)", "-" if f.get("bytes") is None else f"{f['bytes']:,} (.tslim)"),
-        ("compression ratio", "1.0x", "-" if f.get("ratio") is None else f"{f['ratio']:.1f}x"),
+        ("accuracy drop, held-out split (points)", "-", _pts(f and f.drop_holdout)),
+        ("bytes on disk", f"{b.bytes:,} (fp32)", "-" if f is None else f"{f.bytes:,} (.tslim)"),
+        ("compression ratio", "1.0x", "-" if f is None else f"{f.ratio:.1f}x"),
     ]
-    for key, ms in (b.get("latency_ms") or {}).items():
-        other = (f.get("latency_ms") or {}).get(key)
+    for key, ms in b.latency_ms.items():
+        other = f.latency_ms.get(key) if f else None
         rows.append(
             (f"latency per batch of {key.removeprefix('batch')} (ms)", _num(ms, "{:.3f}"), _num(other, "{:.3f}"))
         )
     return rows
 
 
-def plan_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+def plan_rows(report: SearchResult) -> list[tuple[str, ...]]:
     """The chosen per-layer plan, in :data:`PLAN_COLUMNS` order."""
     return [
-        (
-            r["layer"],
-            _pct(r.get("channels")),
-            _pct(r.get("sparsity")),
-            _fact(r.get("bits")),
-            _fact(r.get("int8")),
-            r.get("skip") or "",
-        )
-        for r in report.get("plan_table") or []
+        (r.layer, _pct(r.channels), _pct(r.sparsity), _fact(r.bits), _fact(r.int8), r.skip or "")
+        for r in report.plan_table
     ]
 
 
-def trial_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+def trial_rows(report: SearchResult) -> list[tuple[str, ...]]:
     """Every trial by number, in :data:`TRIAL_COLUMNS` order; the chosen one is labelled."""
-    chosen = (report.get("chosen") or {}).get("trial")
+    chosen = report.chosen.trial
     rows = []
-    for t in sorted(report["trials"], key=lambda t: t["number"]):
-        label = f"{t['number']} (chosen)" if t["number"] == chosen else str(t["number"])
+    for t in sorted(report.trials, key=lambda t: t.number):
+        label = f"{t.number} (chosen)" if t.number == chosen else str(t.number)
         rows.append(
             (
                 label,
-                t.get("origin", "-"),
-                t["state"],
-                _pct(t.get("accuracy")),
-                _pts(t.get("drop")),
-                _num(t.get("bytes"), "{:,}"),
-                _num(t.get("latency_ms"), "{:.3f}"),
-                _fact(t.get("feasible")),
-                _fact(t.get("pareto")),
-                _fact(t.get("seconds")),
+                t.origin,
+                t.state,
+                _pct(t.accuracy),
+                _pts(t.drop),
+                _num(t.bytes, "{:,}"),
+                _num(t.latency_ms, "{:.3f}"),
+                _fact(t.feasible),
+                _fact(t.pareto),
+                _fact(t.seconds),
             )
         )
     return rows
 
 
-def sensitivity_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+def sensitivity_rows(report: SearchResult) -> list[tuple[str, str, str]]:
     """Every sensitivity curve as ``(technique, layer, "setting: drop, ...")``."""
-    curves = (report.get("sensitivity") or {}).get("curves") or {}
+    curves = report.sensitivity.curves if report.sensitivity else {}
     return [
         (tech, layer, ", ".join(f"{s:g}: {_pts(d)}" for s, d in pts))
         for tech in TECHNIQUES
@@ -176,25 +169,20 @@ def sensitivity_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
-def search_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+def search_rows(report: SearchResult) -> list[tuple[str, str]]:
     """Facts about the search run: sampler, trials, workers, wall time, storage, phase timings."""
-    s, lat = report.get("search") or {}, report.get("latency_setting") or {}
+    s, lat = report.search, report.latency_setting
     keys = ("sampler", "trials_done", "trials_failed", "workers", "trials_per_hour", "study", "storage", "resumed")
-    rows = [(key.replace("_", " "), _fact(s.get(key))) for key in keys]
-    rows.insert(4, ("wall time (s)", _fact(s.get("wall_s"))))
-    rows.append(
-        (
-            "latency measured with",
-            f"{lat.get('backend', '-')}, batch {lat.get('batch', '-')}, {lat.get('threads', '-')} threads",
-        )
-    )
-    rows.append(("artifact", _fact((report.get("final") or {}).get("artifact"))))
-    rows += [(f"time: {k.removesuffix('_s')} (s)", _num(v, "{:.1f}")) for k, v in (report.get("timings") or {}).items()]
+    rows = [(key.replace("_", " "), _fact(s and getattr(s, key))) for key in keys]
+    rows.insert(4, ("wall time (s)", _fact(s and s.wall_s)))
+    rows.append(("latency measured with", f"{lat.backend}, batch {lat.batch}, {lat.threads} threads"))
+    rows.append(("artifact", _fact(report.final and report.final.artifact)))
+    rows += [(f"time: {k.removesuffix('_s')} (s)", _num(v, "{:.1f}")) for k, v in report.timings.items()]
     return rows
 
 
-def _title(report: dict[str, Any]) -> str:
-    return f"torchslim search report: {report['recipe']}"
+def _title(report: SearchResult) -> str:
+    return f"torchslim search report: {report.recipe}"
 
 
 _NUMBER = re.compile(r"-|[-+]?[\d.,]+(?: %|x)?(?: \(.*\))?")
@@ -235,7 +223,7 @@ _PARETO_CAPTION = (
 )
 
 
-def _pareto_section(report: dict[str, Any]) -> str:
+def _pareto_section(report: SearchResult) -> str:
     return _section(
         "Accuracy against size and latency",
         _figure(plots.pareto_svg(report, "bytes"), _PARETO_CAPTION.format("file size")),
@@ -243,15 +231,15 @@ def _pareto_section(report: dict[str, Any]) -> str:
     )
 
 
-def _sensitivity_section(report: dict[str, Any]) -> str:
-    sens = report.get("sensitivity") or {}
-    curves = sens.get("curves") or {}
+def _sensitivity_section(report: SearchResult) -> str:
+    sens = report.sensitivity
+    curves = sens.curves if sens else {}
     present = [t for t in TECHNIQUES if curves.get(t)]
     if not present:
         return _section("Sensitivity", _p("This report has no sensitivity analysis."))
     body = [
         _p(
-            f"Accuracy drop on the {sens.get('split', 'search')} split when one layer alone is compressed at "
+            f"Accuracy drop on the {sens.split} split when one layer alone is compressed at "
             "one setting, all others left as they are; the dashed red line is the budget."
         )
     ]
@@ -264,24 +252,24 @@ def _sensitivity_section(report: dict[str, Any]) -> str:
     return _section("Sensitivity", *body)
 
 
-def _before_after(report: dict[str, Any]) -> list[str]:
+def _before_after(report: SearchResult) -> list[str]:
     out = [_table(SUMMARY_COLUMNS, summary_rows(report))]
-    if not report.get("final"):
+    if report.final is None:
         out.append(_p("No compressed file was delivered: no trial met the budget.", "verdict-bad"))
     return out
 
 
-def to_html(report: dict[str, Any]) -> str:
+def to_html(report: SearchResult) -> str:
     """The search report as one self-contained HTML5 document (inline CSS and SVG, no scripts).
 
     Example:
         >>> Path("report.html").write_text(to_html(report))  # doctest: +SKIP
     """
-    chosen = (report.get("chosen") or {}).get("trial")
+    chosen = report.chosen.trial
     plan = plan_rows(report)
     body = [
         f"<h1>{escape(_title(report))}</h1>",
-        _p(summary_text(report), "verdict-ok" if (report.get("final") or {}).get("within_budget") else "verdict-bad"),
+        _p(summary_text(report), "verdict-ok" if report.final and report.final.within_budget else "verdict-bad"),
         _section("Before / after", *_before_after(report)),
         _pareto_section(report),
         _section("Per-layer plan", _table(PLAN_COLUMNS, plan, cls="plan") if plan else _p("No plan was chosen.")),
@@ -308,7 +296,7 @@ def _md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return markdown_table(header, clean)
 
 
-def to_search_markdown(report: dict[str, Any]) -> str:
+def to_search_markdown(report: SearchResult) -> str:
     """The search report as Markdown: the same tables as :func:`to_html`, without the figures."""
     plan, sens = plan_rows(report), sensitivity_rows(report)
     parts = [
@@ -329,23 +317,19 @@ def to_search_markdown(report: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write_search_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path, Path]:
+def write_search_report(report: SearchResult, out_dir: str | Path) -> tuple[Path, Path, Path]:
     """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir``.
 
     All three are rendered before any is written, so a report that fails to render (a value JSON
-    cannot hold, a missing key) leaves the files of an earlier report as they were.
+    cannot hold) leaves the files of an earlier report as they were. A report read from a file
+    goes through :meth:`SearchResult.from_dict` first, which refuses another schema version.
 
     Example:
-        >>> write_search_report(report, "runs/lenet5_search")  # doctest: +SKIP
+        >>> write_search_report(result, "runs/lenet5_search")  # doctest: +SKIP
     """
-    version = report.get("schema_version", 1)
-    if version not in (1, SEARCH_REPORT_SCHEMA):
-        raise ReportError(
-            f"search report schema version {version!r}, but this torchslim reads 1 to {SEARCH_REPORT_SCHEMA}: "
-            "upgrade torchslim, or rerun `torchslim search` (it resumes) to rewrite the report"
-        )
     out = Path(out_dir)
-    texts = (json.dumps(report, indent=2, sort_keys=True) + "\n", to_search_markdown(report), to_html(report))
+    data = json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
+    texts = (data, to_search_markdown(report), to_html(report))
     names = ("report.json", "report.md", "report.html")
     j, m, h = (write_atomic(out / name, text) for name, text in zip(names, texts))
     return j, m, h

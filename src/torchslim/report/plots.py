@@ -13,9 +13,11 @@ import io
 import os
 import re
 import tempfile
+from dataclasses import asdict
 from typing import Any
 
 from torchslim.errors import ConfigError
+from torchslim.search.result import SearchResult
 
 X_LABELS = {
     "bytes": "file size (KB, log scale)",
@@ -70,27 +72,26 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def _x_of(report: dict[str, Any], x_key: str, value: Any) -> float | None:
+def _x_of(report: SearchResult, x_key: str, value: Any) -> float | None:
     """A trial's or the baseline's x in plot units: KB, or ms at the searched latency batch."""
     if isinstance(value, dict):  # baseline / final latency: {"batch1": .., "batch64": ..}
-        value = value.get(f"batch{(report.get('latency_setting') or {}).get('batch')}")
+        value = value.get(f"batch{report.latency_setting.batch}")
     if value is None:
         return None
     return value / 1000 if x_key == "bytes" else float(value)
 
 
-def _x_label(report: dict[str, Any], x_key: str) -> str:
-    setting = {"batch": "?", "backend": "?", "threads": "?", **(report.get("latency_setting") or {})}
-    return X_LABELS[x_key].format(**setting)
+def _x_label(report: SearchResult, x_key: str) -> str:
+    return X_LABELS[x_key].format(**asdict(report.latency_setting))
 
 
-def _trial_points(report: dict[str, Any], x_key: str) -> dict[bool, list[tuple[float, float, int]]]:
+def _trial_points(report: SearchResult, x_key: str) -> dict[bool, list[tuple[float, float, int]]]:
     """Completed trials with both metrics as ``(x, accuracy %, number)``, split by feasibility."""
     out: dict[bool, list[tuple[float, float, int]]] = {True: [], False: []}
-    for t in report["trials"]:
-        x = _x_of(report, x_key, t.get(x_key))
-        if t["state"] == "COMPLETE" and t.get("accuracy") is not None and x is not None:
-            out[bool(t.get("feasible"))].append((x, 100 * t["accuracy"], t["number"]))
+    for t in report.trials:
+        x = _x_of(report, x_key, getattr(t, x_key))
+        if t.state == "COMPLETE" and t.accuracy is not None and x is not None:
+            out[t.feasible].append((x, 100 * t.accuracy, t.number))
     return out
 
 
@@ -131,7 +132,7 @@ def _plot_trials(ax: Any, points: dict[bool, list[tuple[float, float, int]]]) ->
         )
 
 
-def pareto_svg(report: dict[str, Any], x_key: str) -> str:
+def pareto_svg(report: SearchResult, x_key: str) -> str:
     """Accuracy against file size (``x_key="bytes"``) or latency (``"latency_ms"``) as inline SVG.
 
     Example:
@@ -142,17 +143,14 @@ def pareto_svg(report: dict[str, Any], x_key: str) -> str:
     fig, ax = _figure(8.0, 4.5)
     points = _trial_points(report, x_key)
     _plot_trials(ax, points)
-    base = report["baseline"]
-    budget = report["budget"]
-    label = f"budget ({budget.get('text', 'max drop')})"
-    ax.axhline(
-        100 * (base["accuracy_search"] - budget["max_drop"]), color=_BUDGET, linestyle="--", linewidth=1, label=label
-    )
-    base_x = _x_of(report, x_key, base.get(x_key))
+    base, budget = report.baseline, report.budget
+    label = f"budget ({budget.text})"
+    ax.axhline(100 * (base.accuracy_search - budget.max_drop), color=_BUDGET, linestyle="--", linewidth=1, label=label)
+    base_x = _x_of(report, x_key, getattr(base, x_key))
     if base_x is not None:
-        base_xy = (base_x, 100 * base["accuracy_search"])
+        base_xy = (base_x, 100 * base.accuracy_search)
         _mark(ax, base_xy, "baseline (uncompressed)", {"marker": "D", "color": "black"}, left=True)
-    chosen = (report.get("chosen") or {}).get("trial")
+    chosen = report.chosen.trial
     for x, y, number in points[True] + points[False]:
         if number == chosen:
             _mark(ax, (x, y), f"chosen: trial {number}", {"marker": "*", "color": "#ffbf00"})
@@ -164,8 +162,8 @@ def pareto_svg(report: dict[str, Any], x_key: str) -> str:
     return _svg(fig, f"pareto-{x_key.replace('_', '-')}")
 
 
-def _curves(report: dict[str, Any], technique: str) -> dict[str, list[list[float]]]:
-    curves = ((report.get("sensitivity") or {}).get("curves") or {}).get(technique)
+def _curves(report: SearchResult, technique: str) -> dict[str, list[list[float]]]:
+    curves = report.sensitivity.curves.get(technique) if report.sensitivity else None
     if not curves:
         raise ConfigError(
             f"sensitivity_svg: the report has no sensitivity curves for {technique!r}; "
@@ -174,7 +172,7 @@ def _curves(report: dict[str, Any], technique: str) -> dict[str, list[list[float
     return curves
 
 
-def sensitivity_svg(report: dict[str, Any], technique: str) -> str:
+def sensitivity_svg(report: SearchResult, technique: str) -> str:
     """Accuracy drop (points) per layer against the setting of ``technique``, as inline SVG.
 
     One line per layer; for ``int8`` (one setting per layer) a horizontal bar per layer.
@@ -183,7 +181,7 @@ def sensitivity_svg(report: dict[str, Any], technique: str) -> str:
         >>> svg = sensitivity_svg(report, "sparsity")  # doctest: +SKIP
     """
     curves = _curves(report, technique)
-    budget = 100 * report["budget"]["max_drop"]
+    budget = 100 * report.budget.max_drop
     fig, ax = _figure(8.0, max(2.5, 0.3 * len(curves) + 1.2) if technique == "int8" else 4.0)
     if technique == "int8":
         layers = list(curves)

@@ -10,14 +10,15 @@ that says what to do. The Markdown renderer and the CLI read the fields.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from torchslim.core.serial import record_from_dict
 from torchslim.errors import ReportError
 
 REPORT_SCHEMA = 2
 """Version of ``report.json``; 1 is the untyped layout written before it carried a version."""
+_RERUN = "rerun `torchslim compress` to rewrite the report"
 
 
 @dataclass
@@ -74,30 +75,11 @@ class RunReport:
     def from_dict(cls, data: Any, source: str = "report.json") -> RunReport:
         """Read a report of this version or of version 1; anything else is a :class:`ReportError`."""
         if not isinstance(data, dict):
-            raise ReportError(f"{source}: a report is a JSON object; rerun `torchslim compress` to rewrite it")
+            raise ReportError(f"{source}: a report is a JSON object; {_RERUN}")
         version = data.get("schema_version", 1)
         if version not in (1, REPORT_SCHEMA):
             raise ReportError(
                 f"{source}: report schema version {version!r}, but this torchslim reads 1 to {REPORT_SCHEMA}; "
-                "upgrade torchslim, or rerun `torchslim compress` to rewrite the report"
+                f"upgrade torchslim, or {_RERUN}"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        missing = sorted(f.name for f in dataclasses.fields(cls) if _required(f) and f.name not in data)
-        if unknown or missing:
-            raise ReportError(
-                f"{source}: not a compress report (unknown keys {unknown}, missing {missing}); "
-                "rerun `torchslim compress` to rewrite it"
-            )
-        values = dict(data, schema_version=REPORT_SCHEMA)
-        try:
-            values["baseline"] = Measurement(**data["baseline"])
-            values["compressed"] = Measurement(**data["compressed"])
-            values["steps"] = [StepRecord(**s) for s in data.get("steps", [])]
-        except TypeError as exc:
-            raise ReportError(f"{source}: a measurement or step has other fields than expected ({exc})") from None
-        return cls(**values)
-
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        return record_from_dict(cls, dict(data, schema_version=REPORT_SCHEMA), source, _RERUN)

@@ -29,6 +29,18 @@ from torchslim.core.plan import CompressionPlan
 from torchslim.evaluate.metrics import accuracy, file_bytes
 from torchslim.search.config import SearchConfig
 from torchslim.search.parallel import WorkerSpec, make_executor
+from torchslim.search.result import (
+    Baseline,
+    BudgetFacts,
+    Choice,
+    Delivered,
+    LatencySetting,
+    LayerFacts,
+    PlanRow,
+    SearchFacts,
+    SearchResult,
+    Sensitivity,
+)
 from torchslim.search.sensitivity import cached_sensitivity, fingerprint
 from torchslim.search.space import Layers, apply_plan
 from torchslim.search.study import (
@@ -45,8 +57,6 @@ from torchslim.search.study import (
 from torchslim.search.trial import Evaluator, latency_ms
 
 log = logging.getLogger(__name__)
-SEARCH_REPORT_SCHEMA = 2
-"""Version of a search's report.json; 1 is the layout written before it carried a version."""
 Bar = Callable[[str], Callable[[int, int], None] | None]
 
 
@@ -60,14 +70,15 @@ def search(
     zoo: Mapping[str, Any] | None = None,
     progress: Bar | None = None,
     on_trial: Callable[[dict], None] | None = None,
-) -> dict[str, Any]:
+) -> SearchResult:
     """Search per-layer plans for ``model`` under ``config.budget``; deliver the best as a file.
 
     Writes into ``run_dir``: ``study.sqlite3`` (the trials; rerunning resumes), ``sensitivity.json``,
-    ``baseline.safetensors``, ``<name>.tslim`` (the delivered model). Returns the report data.
+    ``baseline.safetensors``, ``<name>.tslim`` (the delivered model). Returns what it measured.
 
     Example:
-        >>> report = search(model, data, SearchConfig(Budget.parse("1pt")), "runs/s")  # doctest: +SKIP
+        >>> result = search(model, data, SearchConfig(Budget.parse("1pt")), "runs/s")  # doctest: +SKIP
+        >>> result.final.ratio, result.final.within_budget  # doctest: +SKIP
     """
     run_dir, bar = Path(run_dir), progress or (lambda _d: None)
     with run_lock(run_dir):
@@ -99,25 +110,42 @@ def search(
         trials = finished(study)
         chosen = choose(trials, config, max_drop)
         t0 = time.perf_counter()
-        report = _report_base(evaluator, model, config, max_drop, name, zoo)
+        baseline = _baseline(evaluator, model, config)
         path = run_dir / f"{name}.tslim"
-        report["final"] = None if chosen is None else deliver(evaluator, config, chosen, path, max_drop)
+        final = None if chosen is None else deliver(evaluator, config, chosen, path, max_drop)
         timings["final_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - start
-        report |= {
-            "trials": trial_rows(trials, max_drop, config.objective),
-            "chosen": _chosen(chosen, max_drop, config),
-            "sensitivity": {"split": "search", "cached": cached, "curves": curves},
-            "layers": {
-                "weights": list(layers.weights),
-                "groups": list(layers.groups),
-                "skipped_groups": layers.skipped,
-            },
-            "plan_table": _plan_table(chosen, layers),
-            "search": _search_facts(config, trials, facts, timings, run_dir / "study.sqlite3") | {"study": name},
-            "timings": timings,
-        }
-        return report
+        return SearchResult(
+            **_header(model, data, config, name, zoo, max_drop),
+            baseline=baseline,
+            chosen=_chosen(chosen, max_drop, config),
+            final=final,
+            trials=trial_rows(trials, max_drop, config.objective),
+            sensitivity=Sensitivity(curves, "search", cached),
+            layers=LayerFacts(list(layers.weights), list(layers.groups), dict(layers.skipped)),
+            plan_table=_plan_table(chosen, layers),
+            search=_search_facts(config, trials, facts, timings, run_dir / "study.sqlite3", name),
+            timings=timings,
+        )
+
+
+def _header(
+    model: nn.Module, data: Data, config: SearchConfig, name: str, zoo: Mapping[str, Any] | None, max_drop: float
+) -> dict[str, Any]:
+    """What was searched, under which budget and objective: the first fields of the result."""
+    return {
+        "recipe": name,
+        "model": {"name": zoo["zoo"], "kwargs": dict(zoo.get("kwargs", {}))}
+        if zoo
+        else {"name": type(model).__name__, "kwargs": {}},
+        "data": {"name": data.spec.name},
+        "threads": config.latency.threads,
+        "budget": BudgetFacts(
+            "relative" if config.budget.relative else "absolute", config.budget.value, max_drop, config.budget.text()
+        ),
+        "objective": config.objective,
+        "latency_setting": LatencySetting(config.latency.backend, config.latency.batch, config.latency.threads),
+    }
 
 
 def _run_study(
@@ -158,23 +186,26 @@ def _run_study(
     }
 
 
-def _search_facts(config: SearchConfig, trials: list, facts: dict, timings: dict, storage: Path) -> dict[str, Any]:
+def _search_facts(
+    config: SearchConfig, trials: list, facts: dict, timings: dict, storage: Path, study: str
+) -> SearchFacts:
     """How the study ran: trials done, failed and per hour, the executor, resumption."""
     ran, wall = len(trials) - facts["already"], timings["search_s"]
-    return {
-        "sampler": config.sampler,
-        "trials_done": len(trials),
-        "trials_this_run": ran,
-        "trials_failed": sum(t.state.name == "FAIL" for t in trials),
-        "wall_s": wall,
-        "workers": config.workers,
-        "executor": facts["executor"],
-        "execution_note": facts["message"],
-        "trials_per_hour": ran / wall * 3600 if wall > 0 and ran else None,
-        "storage": str(storage),
-        "resumed": facts["resumed"],
-        "interrupted_trials": facts["interrupted"],
-    }
+    return SearchFacts(
+        sampler=config.sampler,
+        trials_done=len(trials),
+        workers=config.workers,
+        wall_s=wall,
+        trials_per_hour=ran / wall * 3600 if wall > 0 and ran else None,
+        trials_this_run=ran,
+        trials_failed=sum(t.state.name == "FAIL" for t in trials),
+        executor=facts["executor"],
+        execution_note=facts["message"],
+        storage=str(storage),
+        resumed=facts["resumed"],
+        interrupted_trials=list(facts["interrupted"]),
+        study=study,
+    )
 
 
 def _worker_spec(
@@ -187,40 +218,16 @@ def _worker_spec(
     )
 
 
-def _report_base(
-    ev: Evaluator, model: nn.Module, config: SearchConfig, max_drop: float, name: str, zoo: Any
-) -> dict[str, Any]:
+def _baseline(ev: Evaluator, model: nn.Module, config: SearchConfig) -> Baseline:
     example = ev.data.eval.tensors[0]
-    return {
-        "kind": "search",
-        "schema_version": SEARCH_REPORT_SCHEMA,
-        "recipe": name,
-        "model": {"name": zoo["zoo"], "kwargs": dict(zoo.get("kwargs", {}))}
-        if zoo
-        else {"name": type(model).__name__, "kwargs": {}},
-        "data": {"name": ev.data.spec.name},
-        "threads": config.latency.threads,
-        "budget": {
-            "kind": "relative" if config.budget.relative else "absolute",
-            "value": config.budget.value,
-            "max_drop": max_drop,
-            "text": config.budget.text(),
-        },
-        "objective": config.objective,
-        "latency_setting": {
-            "backend": config.latency.backend,
-            "batch": config.latency.batch,
-            "threads": config.latency.threads,
-        },
-        "baseline": {
-            "accuracy_search": ev.base_accuracy,
-            "accuracy_holdout": ev.base_holdout,
-            "accuracy_test": accuracy(model, ev.data.eval_loader()),
-            "bytes": ev.base_bytes,
-            "params": count_params(model),
-            "latency_ms": {f"batch{b}": latency_ms(model, example, _at(config, b)) for b in _batches(config)},
-        },
-    }
+    return Baseline(
+        accuracy_search=ev.base_accuracy,
+        accuracy_holdout=ev.base_holdout,
+        accuracy_test=accuracy(model, ev.data.eval_loader()),
+        bytes=ev.base_bytes,
+        params=count_params(model),
+        latency_ms={f"batch{b}": latency_ms(model, example, _at(config, b)) for b in _batches(config)},
+    )
 
 
 def _batches(config: SearchConfig) -> list[int]:
@@ -231,11 +238,14 @@ def _at(config: SearchConfig, batch: int):
     return replace(config.latency, batch=batch)
 
 
-def deliver(ev: Evaluator, config: SearchConfig, chosen: dict, path: Path, max_drop: float) -> dict[str, Any]:
-    """Apply the chosen plan with the final (distillation) recovery, save, load, measure the file."""
-    plan = CompressionPlan.from_dict(chosen["plan"])
+def deliver(ev: Evaluator, config: SearchConfig, chosen: dict, path: Path, max_drop: float) -> Delivered:
+    """Apply the chosen plan with the final (distillation) recovery, save, load, measure the file.
+    The file and the result carry the plan as realised (channel counts rounded, layers kept)."""
     torch.manual_seed(config.seed)
-    model = apply_plan(ev.model, plan, ev.data, config.final, config.space, config.seed)
+    done = apply_plan(
+        ev.model, CompressionPlan.from_dict(chosen["plan"]), ev.data, config.final, config.space, config.seed
+    )
+    model, plan = done.model, done.plan
     acc = accuracy(model, ev.search_batches)
     save(model, path, plan=plan.to_dict(), metrics={"accuracy_search": acc}, zoo=ev.zoo)
     restored = load(path) if ev.zoo else load(path, model=copy.deepcopy(ev.model))
@@ -243,23 +253,23 @@ def deliver(ev: Evaluator, config: SearchConfig, chosen: dict, path: Path, max_d
     holdout = accuracy(restored, ev.holdout_batches)
     example = ev.data.eval.tensors[0]
     nbytes = file_bytes(path)
-    return {
-        "plan": plan.to_dict(),
-        "artifact": str(path),
-        "bytes": nbytes,
-        "ratio": ev.base_bytes / nbytes,
-        "accuracy_search": accuracy(restored, ev.search_batches),
-        "accuracy_holdout": holdout,
-        "accuracy_test": accuracy(restored, ev.data.eval_loader()),
-        "drop_holdout": ev.base_holdout - holdout,
-        "within_budget": ev.base_holdout - holdout <= max_drop,
-        "latency_ms": {f"batch{b}": latency_ms(restored, example, _at(config, b)) for b in _batches(config)},
-    }
+    return Delivered(
+        plan=plan.to_dict(),
+        artifact=str(path),
+        bytes=nbytes,
+        ratio=ev.base_bytes / nbytes,
+        accuracy_search=accuracy(restored, ev.search_batches),
+        accuracy_holdout=holdout,
+        accuracy_test=accuracy(restored, ev.data.eval_loader()),
+        drop_holdout=ev.base_holdout - holdout,
+        within_budget=ev.base_holdout - holdout <= max_drop,
+        latency_ms={f"batch{b}": latency_ms(restored, example, _at(config, b)) for b in _batches(config)},
+    )
 
 
-def _chosen(chosen: dict | None, max_drop: float, config: SearchConfig) -> dict[str, Any]:
+def _chosen(chosen: dict | None, max_drop: float, config: SearchConfig) -> Choice:
     if chosen is None:
-        return {"trial": None, "met_budget": False, "message": "no trial finished; nothing to deliver"}
+        return Choice(None, False, "no trial finished; nothing to deliver")
     what = f"{chosen['bytes']:,} bytes" if config.objective == "size" else f"{chosen['latency_ms']:.3f} ms"
     lost = f"loses {100 * chosen['drop']:.2f} points on the search split"
     if chosen["met_budget"]:
@@ -269,10 +279,10 @@ def _chosen(chosen: dict | None, max_drop: float, config: SearchConfig) -> dict[
             f"no trial met the budget of {100 * max_drop:.2f} points; delivering the closest, trial "
             f"{chosen['trial']}: {what}, {lost}"
         )
-    return {"trial": chosen["trial"], "met_budget": chosen["met_budget"], "message": message}
+    return Choice(chosen["trial"], chosen["met_budget"], message)
 
 
-def _plan_table(chosen: dict | None, layers: Layers) -> list[dict[str, Any]]:
+def _plan_table(chosen: dict | None, layers: Layers) -> list[PlanRow]:
     plan = CompressionPlan.from_dict(chosen["plan"]) if chosen else CompressionPlan()
     rows = []
     for name in layers.weights:
@@ -280,15 +290,15 @@ def _plan_table(chosen: dict | None, layers: Layers) -> list[dict[str, Any]]:
         touched = d is not None and any(v for v in (d.channels, d.sparsity, d.bits, d.quantize))
         why = layers.skipped.get(name)
         rows.append(
-            {
-                "layer": name,
-                "channels": d.channels if d else None,
-                "sparsity": d.sparsity if d else None,
-                "bits": d.bits if d else None,
-                "int8": bool(d and d.quantize),
-                "skip": None
+            PlanRow(
+                layer=name,
+                channels=d.channels if d else None,
+                sparsity=d.sparsity if d else None,
+                bits=d.bits if d else None,
+                int8=bool(d and d.quantize),
+                skip=None
                 if touched
                 else ("left as it is by the chosen plan" + (f"; its channels cannot shrink: {why}" if why else "")),
-            }
+            )
         )
     return rows

@@ -26,7 +26,7 @@ from torchslim.core.plan import CompressionPlan, LayerDecision
 from torchslim.errors import ConfigError
 from torchslim.train.fit import TrainConfig
 from torchslim.transforms.channels import ChannelPruneConfig
-from torchslim.transforms.compress import CompressSettings, compress
+from torchslim.transforms.compress import CompressResult, CompressSettings, compress
 from torchslim.transforms.prune import MagnitudePruneConfig
 from torchslim.transforms.quantize import QuantizeConfig
 from torchslim.transforms.share import ShareConfig
@@ -193,10 +193,10 @@ def subset(data: Data, samples: int, seed: int) -> Data:
 
 def apply_plan(
     model: nn.Module, plan: CompressionPlan, data: Data, recovery: Recovery, space: SearchSpace, seed: int = 0
-) -> nn.Module:
-    """A compressed copy of ``model``: :func:`~torchslim.transforms.compress.compress` with the
-    search's settings -- no fine-tuning per technique, one recovery with ``model`` as teacher
-    after channels and pruning, trained centroids, static int8."""
+) -> CompressResult:
+    """A compressed copy of ``model`` and the plan it realised: :func:`~torchslim.transforms.compress.compress`
+    with the search's settings -- no fine-tuning per technique, one recovery with ``model`` as
+    teacher after channels and pruning, trained centroids, static int8."""
     return compress(
         model.eval(), plan, subset(data, recovery.samples, seed), settings=recovery.settings(space, seed), teacher=model
-    ).model
+    )

@@ -21,6 +21,7 @@ from typing import Any
 
 from torchslim.errors import ConfigError
 from torchslim.search.config import SearchConfig
+from torchslim.search.result import TrialRow
 from torchslim.search.sensitivity import Curves, budget_plan
 from torchslim.search.space import INT8, Layers, distributions, params_from_plan
 
@@ -146,26 +147,9 @@ def ladder_step(study: Any, config: SearchConfig, layers: Layers, curves: Curves
     taken at its measured result. Nothing is queued while a ladder plan waits or runs, nor for a
     family whose smallest seed misses. Returns the multiple queued.
     """
-    from optuna.trial import TrialState
-
-    if not config.seeds:
+    fits = _ladder_walks(study, config, max_drop) if config.seeds else None
+    if fits is None:
         return None
-    interrupted = set(study.user_attrs.get("interrupted", []))
-    fits: dict[str, dict[float, bool]] = {v: {} for v in variants(config)}
-    for key, ok in study.user_attrs.get("ladder_known", {}).items():  # multiples whose plan was measured already
-        variant, _, multiple = key.rpartition(":")
-        fits.setdefault(variant, {})[float(multiple)] = ok
-    for t in study.get_trials(deepcopy=False):
-        multiple = t.user_attrs.get("seed_multiple")
-        if multiple is None or "repeat_of" in t.user_attrs or t.number in interrupted:
-            continue
-        if t.state in (TrialState.WAITING, TrialState.RUNNING):
-            return None
-        walk = fits.setdefault(t.user_attrs.get("seed_variant", ""), {})
-        if t.state == TrialState.COMPLETE:
-            walk[float(multiple)] = t.user_attrs["drop"] <= max_drop
-        elif t.state == TrialState.FAIL:
-            walk[float(multiple)] = False
     twins = measured(study)
     for variant, walk in fits.items():
         while True:
@@ -190,6 +174,30 @@ def ladder_step(study: Any, config: SearchConfig, layers: Layers, curves: Curves
             known = study.user_attrs.get("ladder_known", {})
             study.set_user_attr("ladder_known", known | {f"{variant}:{multiple}": walk[multiple]})
     return None
+
+
+def _ladder_walks(study: Any, config: SearchConfig, max_drop: float) -> dict[str, dict[float, bool]] | None:
+    """Per seed family, each budget multiple measured so far -> whether its plan fit the budget;
+    ``None`` while a ladder plan waits or runs."""
+    from optuna.trial import TrialState
+
+    interrupted = set(study.user_attrs.get("interrupted", []))
+    fits: dict[str, dict[float, bool]] = {v: {} for v in variants(config)}
+    for key, ok in study.user_attrs.get("ladder_known", {}).items():  # multiples whose plan was measured already
+        variant, _, multiple = key.rpartition(":")
+        fits.setdefault(variant, {})[float(multiple)] = ok
+    for t in study.get_trials(deepcopy=False):
+        multiple = t.user_attrs.get("seed_multiple")
+        if multiple is None or "repeat_of" in t.user_attrs or t.number in interrupted:
+            continue
+        if t.state in (TrialState.WAITING, TrialState.RUNNING):
+            return None
+        walk = fits.setdefault(t.user_attrs.get("seed_variant", ""), {})
+        if t.state == TrialState.COMPLETE:
+            walk[float(multiple)] = t.user_attrs["drop"] <= max_drop
+        elif t.state == TrialState.FAIL:
+            walk[float(multiple)] = False
+    return fits
 
 
 def finished(study: Any) -> list[Any]:
@@ -323,36 +331,36 @@ def choose(trials: list[Any], config: SearchConfig, max_drop: float) -> dict[str
     return {"trial": best.number, "met_budget": bool(feasible), **best.user_attrs}
 
 
-def trial_rows(trials: list[Any], max_drop: float, objective: str) -> list[dict[str, Any]]:
+def trial_rows(trials: list[Any], max_drop: float, objective: str) -> list[TrialRow]:
     """Every trial as a report row, with whether it is on the accuracy / bytes and accuracy /
     latency Pareto fronts of the feasible trials (``pareto``: the front of ``objective``)."""
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
         a = t.user_attrs
         rows.append(
-            {
-                "number": t.number,
-                "state": t.state.name,
-                "origin": a.get("origin", "sampler"),
-                "plan": a.get("plan"),
-                "accuracy": a.get("accuracy"),
-                "drop": a.get("drop"),
-                "bytes": a.get("bytes"),
-                "latency_ms": a.get("latency_ms"),
-                "seconds": a.get("seconds"),
-                "error": a.get("error"),
-                "feasible": a.get("drop") is not None and a["drop"] <= max_drop,
-            }
+            TrialRow(
+                number=t.number,
+                state=t.state.name,
+                origin=a.get("origin", "sampler"),
+                plan=a.get("plan"),
+                accuracy=a.get("accuracy"),
+                drop=a.get("drop"),
+                bytes=a.get("bytes"),
+                latency_ms=a.get("latency_ms"),
+                seconds=a.get("seconds"),
+                error=a.get("error"),
+                feasible=a.get("drop") is not None and a["drop"] <= max_drop,
+            )
         )
-    for key in ("bytes", "latency_ms"):
-        done = [r for r in rows if r["feasible"]]
-        for r in done:
-            r[f"pareto_{key}"] = not any(_dominates(o, r, key) for o in done)
-    for r in rows:
-        r["pareto"] = r.get("pareto_bytes" if objective == "size" else "pareto_latency_ms", False)
+    feasible = [r for r in rows if r.feasible]
+    for r in feasible:
+        r.pareto_bytes = not any(_dominates(o, r, "bytes") for o in feasible)
+        r.pareto_latency_ms = not any(_dominates(o, r, "latency_ms") for o in feasible)
+        r.pareto = r.pareto_bytes if objective == "size" else r.pareto_latency_ms
     return rows
 
 
-def _dominates(a: dict, b: dict, key: str) -> bool:
-    better_or_equal = a["accuracy"] >= b["accuracy"] and a[key] <= b[key]
-    return better_or_equal and (a["accuracy"] > b["accuracy"] or a[key] < b[key])
+def _dominates(a: TrialRow, b: TrialRow, key: str) -> bool:
+    x, y = getattr(a, key), getattr(b, key)
+    better_or_equal = a.accuracy >= b.accuracy and x <= y
+    return better_or_equal and (a.accuracy > b.accuracy or x < y)

@@ -96,10 +96,11 @@ class Evaluator:
     def measure(self, plan: CompressionPlan) -> dict[str, Any]:
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        model = apply_plan(self.model, plan, self.data, cfg.recovery, cfg.space, cfg.seed)
+        done = apply_plan(self.model, plan, self.data, cfg.recovery, cfg.space, cfg.seed)
+        model = done.model
         acc = accuracy(model, self.search_batches)
-        with tempfile.TemporaryDirectory(prefix="torchslim-trial-") as tmp:
-            path = save(model, Path(tmp) / "candidate.tslim", plan=plan.to_dict(), zoo=self.zoo)
+        with tempfile.TemporaryDirectory(prefix="torchslim-trial-") as tmp:  # the file a delivery would write
+            path = save(model, Path(tmp) / "candidate.tslim", plan=done.plan.to_dict(), zoo=self.zoo)
             nbytes = file_bytes(path)
         return {
             "plan": plan.to_dict(),

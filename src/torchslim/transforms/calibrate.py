@@ -7,7 +7,8 @@ the calibration batches are (mean squared error) from the float model's: it star
 best single method for all layers, then sweeps the layers once, keeping for each the method
 that lowers the error -- no labels, no test set. A layer whose input is already on a 256-level
 grid (8-bit pixels) thus keeps ``minmax``, which reproduces it exactly, while deeper layers
-may clip.
+may clip. ``correct_biases_`` shifts each quantized layer's bias by the mean per-channel error
+it measures on the same batches.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.analysis.ranges import METHODS, choose_range, observe
+from torchslim.analysis.ranges import METHODS, choose_range, observe, run_with_hooks
 from torchslim.core.data import Data
 from torchslim.core.qlayers import QuantizedLayer
 from torchslim.errors import DataError
@@ -255,3 +256,42 @@ def grid_consumers(
         if users and all(u.op == "call_module" and u.target in targets and u.args[:1] == (node,) for u in users):
             out[producer] = ([u.target for u in users], relu, direct)
     return out
+
+
+def correct_biases_(model: nn.Module, reference: nn.Module, names: list[str], batches: list) -> dict[str, float]:
+    """Empirical bias correction: in model order, add to each quantized layer's bias the mean
+    per-channel difference between the float model's output of that layer and the quantized
+    model's (output grid off while measuring), over the calibration batches. Returns the
+    largest shift per corrected layer."""
+    target = _channel_means(reference, names, batches)
+    shifts = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, QuantizedLayer) or layer.bias is None:
+            continue
+        kept, layer.output_q = layer.output_q, None
+        try:
+            delta = target[name] - _channel_means(model, [name], batches)[name]
+        finally:
+            layer.output_q = kept
+        layer.bias += delta
+        shifts[name] = float(delta.abs().max())
+    return shifts
+
+
+def _channel_means(model: nn.Module, names: list[str], batches: list) -> dict[str, torch.Tensor]:
+    """Per output channel, the mean output of each named layer over the batches."""
+    layers = {n: model.get_submodule(n) for n in names}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def record(key: tuple[str, str], out: torch.Tensor) -> None:
+        name, end = key
+        if end == "output":
+            conv = getattr(layers[name], "float_type", type(layers[name]).__name__) != "Linear"
+            y = out.detach().movedim(1 if conv else -1, 0).flatten(1)  # (channels, samples)
+            sums[name] = sums.get(name, 0) + y.sum(1)
+            counts[name] = counts.get(name, 0) + y.shape[1]
+
+    run_with_hooks(model, layers, batches, record)
+    return {n: sums[n] / counts[n] for n in sums}

@@ -3,30 +3,28 @@
 One config, one verb. ``channel_prune_`` analyses the coupling groups
 (:mod:`torchslim.analysis.coupling`), scores their channels with a criterion
 (:mod:`torchslim.analysis.importance`), decides how many channels each group keeps (per-group
-ratios, or a MAC / parameter target met by search), slices the model with Torch-Pruning's
+ratios, or a MAC / parameter target met by search: :mod:`torchslim.transforms.channel_counts`), slices the model with Torch-Pruning's
 graph, and fine-tunes it (with a teacher if given) after every step.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from torchslim.analysis.cost import count_params, layer_macs
-from torchslim.analysis.coupling import Coupling, CouplingGroup, analyse
-from torchslim.analysis.importance import CRITERIA, NEEDS_DATA, gather_stats
+from torchslim.analysis.coupling import analyse
+from torchslim.analysis.importance import CRITERIA, NEEDS_DATA
 from torchslim.core.data import Data
-from torchslim.core.plan import CompressionPlan, LayerDecision, check_keys, match_layer
+from torchslim.core.plan import CompressionPlan, LayerDecision, check_keys
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
 from torchslim.transforms.calibrate import calibration_batches
+from torchslim.transforms.channel_counts import Target, decide
 from torchslim.transforms.guard import check_runs, rollback
 
 log = logging.getLogger(__name__)
@@ -214,7 +212,7 @@ def _prune_step(
     coupling = analyse(model, example, config.exclude, config.min_channels)
     for g in coupling.groups:
         original.setdefault(g.root, g.channels)
-    keep, scores = _decide(model, coupling, config, batches, example, base._replace(frac=step / config.steps), step)
+    keep, scores = decide(model, coupling, config, batches, example, base._replace(frac=step / config.steps), step)
     modules = dict(model.named_modules())
     for g in coupling.groups:
         members = [str(m) for m in g.members]
@@ -248,139 +246,6 @@ def _calibration(config: ChannelPruneConfig, data: Data | None, example: torch.T
             raise ConfigError("pass data=... or example=<one input batch> so the model can be traced")
         return []
     return calibration_batches(data, config.calib_batches, example, batch_size=data.spec.batch_size)
-
-
-class Target(NamedTuple):
-    """Where one round aims: the model's cost before pruning and every group's first width."""
-
-    frac: float  # fraction of the way to the final target after this round
-    macs0: int
-    params0: int
-    original: dict[str, int]  # group root -> channels before the first round
-
-
-def _decide(
-    model: nn.Module,
-    coupling: Coupling,
-    config: ChannelPruneConfig,
-    batches: list,
-    example: torch.Tensor,
-    target: Target,
-    step: int,
-) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-    """Channels each group keeps after this step, and the scores that pick which."""
-    frac, macs0, params0, original = target
-    if isinstance(config.ratio, Mapping):
-        roots = [g.root for g in coupling.groups]
-        unused = [k for k, v in config.ratio.items() if v is not None and not any(match_layer([k], r) for r in roots)]
-        if unused:
-            raise ConfigError(f"ratio keys {unused} name no coupling group; ratios are set per group root: {roots}")
-    stats = gather_stats(model, coupling, config.criterion, batches, config.seed)
-    scores = {}
-    for g in coupling.prunable():
-        if config.ratio is not None and isinstance(config.ratio, Mapping):
-            key = match_layer(config.ratio, g.root)
-            if key is None or config.ratio[key] is None:
-                g.skip = "no ratio rule names this group" if key is None else f"the ratio rule {key!r} skips it"
-                continue
-        s = CRITERIA[config.criterion](g, stats)
-        if s is None:
-            g.skip = f"criterion {config.criterion!r} finds nothing to score in this group"
-            continue
-        scores[g.root] = s
-    groups = [g for g in coupling.groups if g.root in scores]
-    if not groups and step > 1:
-        return {}, scores  # every group reached its floor in an earlier round
-    if not groups:
-        reasons = "; ".join(f"{g.root}: {g.skip}" for g in coupling.groups)
-        raise ConfigError(f"no coupling group of {type(model).__name__} can be pruned ({reasons})")
-    if config.ratio is not None:
-        return {
-            g.root: _round(original[g.root] * (1 - _ratio(config, g.root)) ** frac, g, config) for g in groups
-        }, scores
-    which, full = ("macs", macs0) if config.macs is not None else ("params", params0)
-    goal = full * getattr(config, which) ** frac
-    keep_at = _keep_fn(groups, scores, config, original)
-
-    def cost(x: float) -> int:
-        return _cost_after(model, keep_at(x), scores, config, example, which)
-
-    if cost(1.0) > goal:
-        raise ConfigError(
-            f"{which}={getattr(config, which)}: even with every group at its floor ({config.min_channels} channels, "
-            f"multiples of {config.round_to}) the model keeps {cost(1.0) / full:.3f} of its {which}; "
-            "lower min_channels / round_to or ask for less"
-        )
-    lo, hi = 0.0, 1.0
-    for _ in range(18):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if cost(mid) <= goal else (mid, hi)
-    keep = _fill(
-        keep_at(hi), groups, scores, config, lambda k: _cost_after(model, k, scores, config, example, which) <= goal
-    )
-    return keep, scores
-
-
-def _fill(keep: dict[str, int], groups: list[CouplingGroup], scores: dict, config: ChannelPruneConfig, fits) -> dict:
-    """Give channels back, best-scoring first, while the target still holds.
-
-    Rounding to hardware multiples makes the cost a staircase, so the search above can land
-    well under the target; this closes the gap one rounding step at a time.
-    """
-    keep = dict(keep)
-    while True:
-        options = []
-        for g in groups:
-            step = math.lcm(config.round_to, g.multiple)
-            n = min(g.channels, (keep[g.root] // step + 1) * step)  # the next multiple, or the full width
-            if n > keep[g.root]:
-                s = scores[g.root] / scores[g.root].mean().clamp(min=1e-12)
-                regained = torch.sort(s, descending=True).values[keep[g.root] : n]
-                options.append((float(regained.mean()), g.root, n))
-        for _, root, n in sorted(options, reverse=True):
-            if fits({**keep, root: n}):
-                keep[root] = n
-                break
-        else:
-            return keep
-
-
-def _ratio(config: ChannelPruneConfig, root: str) -> float:
-    if isinstance(config.ratio, Mapping):
-        return float(config.ratio[match_layer(config.ratio, root)])  # type: ignore[index, arg-type]
-    return float(config.ratio)  # type: ignore[arg-type]
-
-
-def _round(n: float, g: CouplingGroup, config: ChannelPruneConfig) -> int:
-    """Round a channel count up to the hardware multiple, respect the floor and the current width."""
-    step = math.lcm(config.round_to, g.multiple)
-    n = math.ceil(round(n, 6) / step) * step
-    floor = min(g.channels, math.ceil(config.min_channels / step) * step)
-    return int(min(g.channels, max(n, floor)))
-
-
-def _keep_fn(groups: list[CouplingGroup], scores: dict, config: ChannelPruneConfig, original: dict):
-    """``x`` in [0, 1] -> kept channels per group; more is removed as ``x`` grows."""
-    if config.scope == "layer":
-        return lambda x: {g.root: _round(original[g.root] * (1 - x), g, config) for g in groups}
-    normed = {g.root: scores[g.root] / scores[g.root].mean().clamp(min=1e-12) for g in groups}
-    pooled = torch.sort(torch.cat(list(normed.values()))).values
-
-    def keep(x: float) -> dict[str, int]:
-        tau = pooled[min(int(x * len(pooled)), len(pooled) - 1)] if x < 1 else math.inf
-        return {g.root: _round(int((normed[g.root] >= tau).sum()), g, config) for g in groups}
-
-    return keep
-
-
-def _cost_after(model: nn.Module, keep: dict, scores: dict, config: ChannelPruneConfig, example, which: str) -> int:
-    """MACs or parameters of a copy of ``model`` pruned to ``keep`` (the model is not touched)."""
-    clone = copy.deepcopy(model)
-    for g in analyse(clone, example, config.exclude, config.min_channels, probe=False).groups:
-        if g.root in keep and keep[g.root] < g.channels:
-            drop = torch.argsort(scores[g.root])[: g.channels - keep[g.root]]
-            g.handle.prune(sorted(int(i) for i in drop))
-    return sum(layer_macs(clone, example).values()) if which == "macs" else count_params(clone)
 
 
 _SIZES = {

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from torchslim.analysis.ranges import METHODS, run_with_hooks
+from torchslim.analysis.ranges import METHODS
 from torchslim.core.data import Data
 from torchslim.core.plan import CompressionPlan, check_keys, match_layer
 from torchslim.core.qlayers import (
@@ -33,7 +33,7 @@ from torchslim.core.qlayers import (
 from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig
-from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches, inputs_of
+from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches, correct_biases_, inputs_of
 from torchslim.transforms.guard import check_runs, rollback
 from torchslim.transforms.qat import train_fake_quant
 
@@ -293,45 +293,6 @@ def quantize_layer(layer: nn.Module, config: QuantizeConfig, ranges: tuple | Non
         return QuantizedRNN.from_float(layer)
     group = config.group_size if config.bits == 4 else 0
     return QuantizedLayer.from_float(layer, config.scheme, config.bits, group, ranges, config.per_channel)
-
-
-def correct_biases_(model: nn.Module, reference: nn.Module, names: list[str], batches: list) -> dict[str, float]:
-    """Empirical bias correction: in model order, add to each quantized layer's bias the mean
-    per-channel difference between the float model's output of that layer and the quantized
-    model's (output grid off while measuring), over the calibration batches. Returns the
-    largest shift per corrected layer."""
-    target = _channel_means(reference, names, batches)
-    shifts = {}
-    for name in names:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, QuantizedLayer) or layer.bias is None:
-            continue
-        kept, layer.output_q = layer.output_q, None
-        try:
-            delta = target[name] - _channel_means(model, [name], batches)[name]
-        finally:
-            layer.output_q = kept
-        layer.bias += delta
-        shifts[name] = float(delta.abs().max())
-    return shifts
-
-
-def _channel_means(model: nn.Module, names: list[str], batches: list) -> dict[str, torch.Tensor]:
-    """Per output channel, the mean output of each named layer over the batches."""
-    layers = {n: model.get_submodule(n) for n in names}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def record(key: tuple[str, str], out: torch.Tensor) -> None:
-        name, end = key
-        if end == "output":
-            conv = getattr(layers[name], "float_type", type(layers[name]).__name__) != "Linear"
-            y = out.detach().movedim(1 if conv else -1, 0).flatten(1)  # (channels, samples)
-            sums[name] = sums.get(name, 0) + y.sum(1)
-            counts[name] = counts.get(name, 0) + y.shape[1]
-
-    run_with_hooks(model, layers, batches, record)
-    return {n: sums[n] / counts[n] for n in sums}
 
 
 def fold_batchnorm_(model: nn.Module) -> list[str]:
