@@ -17,6 +17,7 @@ Run: .venv/bin/python benchmarks/search.py [--models lenet5 resnet_mini] [--obje
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -119,6 +120,7 @@ def uniform_part(name: str, objective: str) -> dict:
     key = "bytes" if objective == "size" else "latency_ms"
     chosen = min(rows, key=lambda r: (r[key], r["drop"])) if rows else None
     final = deliver(ev, cfg, chosen, RUNS / f"{name}_{objective}_uniform.tslim", max_drop) if chosen else None
+    final = dataclasses.asdict(final) if final else None  # the saved results are plain JSON
     return {
         "evaluated": len(used),
         "feasible": rows,

@@ -120,6 +120,7 @@ def test_raw_values_dense_tensors_and_other_dtypes_round_trip():
         ({"positions": "rowcol", "nnz": 0}, "nnz|sections"),
         ({"k": 300}, "do not fit"),
         ({"nnz": 5}, "non-zeros|nnz"),
+        ({"alpha": 10**400}, "unsupported value coding"),
     ],
 )
 def test_inconsistent_entries_are_rejected(change, message):

@@ -131,6 +131,8 @@ def test_a_report_of_the_previous_version_renders_and_a_newer_one_is_refused(tmp
     assert printed.exit_code == 2 and "schema version 9" in printed.output and "upgrade torchslim" in printed.output
     with pytest.raises(ReportError, match=r"missing \['baseline'"):
         RunReport.from_dict({k: v for k, v in data.items() if k != "baseline"})
+    with pytest.raises(ReportError, match=r"report.json.compressed: null where a Measurement belongs"):
+        RunReport.from_dict(data | {"compressed": None})
 
 
 def test_failed_run_keeps_earlier_outputs(tmp_path):

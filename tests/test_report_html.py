@@ -172,6 +172,8 @@ def test_a_version_1_report_reads_with_defaults_and_round_trips(report):
         ({"trials": [{"number": 0}]}, r"report.json.trials\[0\]: not a TrialRow .* missing \['state'\]"),
         ({"final": [1]}, r"report.json.final: expected an object \(Delivered\), found list"),
         ({"surprise": 1}, r"unknown keys \['surprise'\]"),
+        ({"chosen": None}, r"report.json.chosen: null where a Choice belongs"),
+        ({"trials": None}, r"report.json.trials: null where a list"),
     ],
 )
 def test_a_report_of_another_version_or_shape_is_refused_with_what_to_do(change, message):

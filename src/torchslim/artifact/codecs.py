@@ -292,7 +292,7 @@ class CodedEntry:
         if min(head_len, pos_len, idx_len) < 0 or not 0 <= nnz <= numel:
             raise ArtifactError(f"tensor {name!r}: sections {sections} with nnz={nnz} do not fit {numel} elements")
         width = _WIDTH.get(kind, 0) if isinstance(kind, str) else 0
-        if width == 0 or type(alpha) not in (int, float) or not 0 < alpha < math.inf:
+        if width == 0 or type(alpha) not in (int, float) or not 0 < alpha < 1e300:  # a huge JSON integer has no float
             raise ArtifactError(f"tensor {name!r}: unsupported value coding {kind!r} (alpha={alpha!r})")
         if (width and (k != 0 or idx_len or head_len != width * nnz)) or (
             not width and not 0 < k <= min(nnz, MAX_CODEBOOK) and nnz

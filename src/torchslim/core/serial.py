@@ -121,9 +121,13 @@ def record_from_dict(cls: type, data: Any, where: str, fix: str) -> Any:
 
 
 def _record_value(value: Any, hint: Any, where: str, fix: str) -> Any:
-    if value is None:
-        return None
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options or hint is Any:
+            return None
+        if any(dataclasses.is_dataclass(o) or typing.get_origin(o) in (list, dict) for o in options):
+            raise ReportError(f"{where}: null where a {getattr(hint, '__name__', hint)} belongs; {fix}")
+        return None
     for option in options:
         if dataclasses.is_dataclass(option):
             return record_from_dict(option, value, where, fix)

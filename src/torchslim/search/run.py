@@ -1,5 +1,5 @@
 """Adaptive compression end to end: sensitivity -> seeded multi-objective search -> the chosen
-plan applied, recovered with distillation, saved, loaded back and measured -> report data.
+plan applied, recovered with distillation, saved, loaded back and measured -> a ``SearchResult``.
 
 Every figure about the delivered model is measured on the model loaded from its `.tslim`
 file. The choice is made on the search split; the budget is judged on the held-out split,
@@ -123,7 +123,7 @@ def search(
             trials=trial_rows(trials, max_drop, config.objective),
             sensitivity=Sensitivity(curves, "search", cached),
             layers=LayerFacts(list(layers.weights), list(layers.groups), dict(layers.skipped)),
-            plan_table=_plan_table(chosen, layers),
+            plan_table=_plan_table(final.plan if final else chosen and chosen["plan"], layers),
             search=_search_facts(config, trials, facts, timings, run_dir / "study.sqlite3", name),
             timings=timings,
         )
@@ -282,8 +282,9 @@ def _chosen(chosen: dict | None, max_drop: float, config: SearchConfig) -> Choic
     return Choice(chosen["trial"], chosen["met_budget"], message)
 
 
-def _plan_table(chosen: dict | None, layers: Layers) -> list[PlanRow]:
-    plan = CompressionPlan.from_dict(chosen["plan"]) if chosen else CompressionPlan()
+def _plan_table(plan_dict: dict | None, layers: Layers) -> list[PlanRow]:
+    """Per weight layer, what the plan does to it -- the plan as realised when a file was delivered."""
+    plan = CompressionPlan.from_dict(plan_dict) if plan_dict else CompressionPlan()
     rows = []
     for name in layers.weights:
         d = plan.resolve(name)
