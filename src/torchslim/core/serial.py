@@ -96,6 +96,18 @@ def _as_hinted(value: Any, hint: Any) -> Any:
     return value
 
 
+def versioned_record(cls: type, data: dict, source: str, newest: int, fix: str, what: str = "report") -> Any:
+    """A report of version 1 to ``newest`` (``schema_version``; absent means 1) read into ``cls``
+    and brought to ``newest``; another version is a :class:`ReportError` ending with ``fix``."""
+    version = data.get("schema_version", 1)
+    if version not in (1, newest):
+        raise ReportError(
+            f"{source}: {what} schema version {version!r}, but this torchslim reads 1 to {newest}; "
+            f"upgrade torchslim, or {fix}"
+        )
+    return record_from_dict(cls, dict(data, schema_version=newest), source, fix)
+
+
 def record_from_dict(cls: type, data: Any, where: str, fix: str) -> Any:
     """A report record (a dataclass of plain values, nested records, lists and optionals of them)
     from its JSON form, by the field types. Unknown or missing keys, or an object where a record

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from torchslim.core.serial import record_from_dict
+from torchslim.core.serial import versioned_record
 from torchslim.errors import ReportError
 
 REPORT_SCHEMA = 2
@@ -76,10 +76,4 @@ class RunReport:
         """Read a report of this version or of version 1; anything else is a :class:`ReportError`."""
         if not isinstance(data, dict):
             raise ReportError(f"{source}: a report is a JSON object; {_RERUN}")
-        version = data.get("schema_version", 1)
-        if version not in (1, REPORT_SCHEMA):
-            raise ReportError(
-                f"{source}: report schema version {version!r}, but this torchslim reads 1 to {REPORT_SCHEMA}; "
-                f"upgrade torchslim, or {_RERUN}"
-            )
-        return record_from_dict(cls, dict(data, schema_version=REPORT_SCHEMA), source, _RERUN)
+        return versioned_record(cls, data, source, REPORT_SCHEMA, _RERUN)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from torchslim.core.serial import record_from_dict
+from torchslim.core.serial import versioned_record
 from torchslim.errors import ReportError
 
 SEARCH_REPORT_SCHEMA = 2
@@ -185,10 +185,4 @@ class SearchResult:
         if not isinstance(data, dict) or data.get("kind", "search") != "search":
             kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
             raise ReportError(f"{source}: not a search report (kind {kind!r}); {_RERUN}")
-        version = data.get("schema_version", 1)
-        if version not in (1, SEARCH_REPORT_SCHEMA):
-            raise ReportError(
-                f"{source}: search report schema version {version!r}, but this torchslim reads 1 to "
-                f"{SEARCH_REPORT_SCHEMA}; upgrade torchslim, or {_RERUN}"
-            )
-        return record_from_dict(cls, dict(data, schema_version=SEARCH_REPORT_SCHEMA), source, _RERUN)
+        return versioned_record(cls, data, source, SEARCH_REPORT_SCHEMA, _RERUN, "search report")
