@@ -90,6 +90,7 @@ def uniform_part(name: str, objective: str) -> dict:
     max_drop = cfg.budget.max_drop(ev.base_accuracy)
     layers = Layers.of(model, data.example_input(2), cfg.space)
     cache_path = RUNS / f"{name}_uniform_trials.json"
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     t0, used = time.perf_counter(), set()
 
