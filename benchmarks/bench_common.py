@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -80,3 +81,19 @@ def publish(name: str, payload: dict, section: str | None) -> int:
     for k, v in checks.items():
         print(f"{k}: {'yes' if v else 'NO'}")
     return 0 if all(checks.values()) else 1
+
+
+def cpu() -> dict:
+    """The processor's name and the int8-relevant instruction sets it reports (Linux)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.processor()
+    )
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    return {
+        "name": name,
+        "int8_isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
+    }

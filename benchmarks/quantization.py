@@ -32,18 +32,16 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
-from bench_common import TMP, end_section, markers, output_args, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
+from bench_common import TMP, cpu, end_section, markers, output_args, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
 
 START, END = markers("quantization")
 
 import torch  # noqa: E402
-from torch.utils.data import TensorDataset  # noqa: E402
 
 import torchslim as ts  # noqa: E402
 from torchslim.analysis.ranges import METHODS  # noqa: E402
-from torchslim.core.data import fashion_mnist  # noqa: E402
+from torchslim.core.data import TensorBatches, fashion_mnist  # noqa: E402
 from torchslim.core.models import ZOO  # noqa: E402
 from torchslim.evaluate.latency import measure_latency  # noqa: E402
 from torchslim.evaluate.metrics import accuracy, fp32_safetensors_bytes  # noqa: E402
@@ -302,8 +300,8 @@ def calibration_draws(data, draws: int) -> list:
     out = [data]
     x, y = data.train.tensors
     for k in range(1, draws):
-        rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(1000 + k))[: len(data.calib)]
-        out.append(dataclasses.replace(data, calib=TensorDataset(x[rows], y[rows])))
+        rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(1000 + k))[: data.calib.rows]
+        out.append(dataclasses.replace(data, calib=TensorBatches((x[rows], y[rows]), data.calib.batch_size)))
     return out
 
 
@@ -472,22 +470,6 @@ def graphs_text(net: dict) -> str:
             else "."
         )
     )
-
-
-def cpu() -> dict:
-    """The processor's name and the int8-relevant instruction sets it reports (Linux)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    name = next(
-        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.processor()
-    )
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    return {
-        "name": name,
-        "int8_isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
-    }
 
 
 def cpu_text(env: dict) -> str:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch  # noqa: E402  (after bench_common sets the cache folders)
-from bench_common import ROOT, TMP, output_args, publish, saved_results, write_section
+from bench_common import ROOT, TMP, cpu, output_args, publish, saved_results, write_section
 
 from torchslim.core.data import DataSpec, load_data  # noqa: E402
 from torchslim.recipe.schema import load_recipe  # noqa: E402
@@ -420,7 +420,7 @@ def main() -> int:
     env = {
         "when": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "cpu": platform.processor() or _cpu_name(),
+        "cpu": cpu().get("name") or platform.processor(),
         "torch": torch.__version__,
     }
 
@@ -453,16 +453,6 @@ def main() -> int:
     results = checks(res)
     payload = {"env": env | {"wall_s": time.perf_counter() - t0}, "args": vars(args), "results": res, "checks": results}
     return publish("search", payload, None if args.no_docs else markdown(res, env, results))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -26,19 +26,23 @@ def _fake_fashion(folder, n_train=50, n_eval=20):
 def test_digits_splits_are_seeded_and_disjoint(digits):
     again = load_data(DataSpec("digits", batch_size=64, eval_batch_size=128, calib_size=256))
     assert torch.equal(digits.eval.tensors[0], again.eval.tensors[0])
-    assert len(digits.train) + len(digits.eval) == 1797
+    assert digits.train.rows + digits.eval.rows == 1797
     assert digits.train.tensors[0].shape[1:] == (1, 8, 8)
-    assert len(digits.calib) == 256
+    assert digits.calib.rows == 256
     other = load_data(DataSpec("digits", seed=1))
     assert not torch.equal(other.eval.tensors[1], digits.eval.tensors[1])
 
 
-def test_train_loader_order_depends_only_on_seeds(digits):
-    a = next(iter(digits.train_loader(epoch_seed=3)))[1]
-    b = next(iter(digits.train_loader(epoch_seed=3)))[1]
-    c = next(iter(digits.train_loader(epoch_seed=4)))[1]
+def test_train_order_depends_only_on_seeds(digits):
+    def first_labels(seed):
+        (x, y), rows = next(digits.train_batches(epoch_seed=seed))
+        assert torch.equal(x, digits.train.tensors[0][rows])
+        return y
+
+    a, b, c = first_labels(3), first_labels(3), first_labels(4)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert sum(len(y) for _, y in digits.train_loader()) == len(digits.train)
+    assert sum(len(y) for _, y in digits.train) == digits.train.rows
+    assert digits.train_steps() == -(-digits.train.rows // 64)
 
 
 def test_fashion_mnist_reads_idx_files_from_the_env_folder(tmp_path, monkeypatch):
@@ -46,7 +50,7 @@ def test_fashion_mnist_reads_idx_files_from_the_env_folder(tmp_path, monkeypatch
     monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path))
     data = fashion_mnist(calib_size=10)
     assert data.train.tensors[0].shape == (50, 1, 28, 28) and data.eval.tensors[1].shape == (20,)
-    assert data.train.tensors[1].dtype == torch.int64 and len(data.calib) == 10
+    assert data.train.tensors[1].dtype == torch.int64 and data.calib.rows == 10
 
 
 def test_missing_fashion_mnist_says_which_package_to_install(tmp_path, monkeypatch):
@@ -77,5 +81,5 @@ def test_bad_spec_values():
 def test_real_fashion_mnist_shapes_and_normalisation():
     data = fashion_mnist()
     x = data.train.tensors[0]
-    assert x.shape == (60_000, 1, 28, 28) and len(data.eval) == 10_000
+    assert x.shape == (60_000, 1, 28, 28) and data.eval.rows == 10_000
     assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1.0) < 0.01

@@ -59,7 +59,7 @@ def test_progress_counts_over_all_rounds(digits, digits_mlp):
     calls = []
     cfg = MagnitudePruneConfig(sparsity=0.5, steps=3, finetune=TrainConfig(epochs=1, lr=1e-3))
     prune_(copy.deepcopy(digits_mlp), cfg, digits, progress=lambda done, total: calls.append((done, total)))
-    per_round = len(digits.train_loader())
+    per_round = digits.train_steps()
     assert {total for _, total in calls} == {3 * per_round}
     assert [done for done, _ in calls] == list(range(1, 3 * per_round + 1))
 

@@ -108,7 +108,7 @@ def test_sensitivity_is_measured_per_layer_and_cached(digits_mlp, digits, tmp_pa
 def test_split_halves_are_disjoint_and_cover_the_evaluation_set(digits):
     a, b = split_eval(digits, 0)
     xa, xb = torch.cat([x for x, _ in a]), torch.cat([x for x, _ in b])
-    assert len(xa) + len(xb) == len(digits.eval)
+    assert len(xa) + len(xb) == digits.eval.rows
     rows = {tuple(r.flatten().tolist()) for r in xa}
     assert not any(tuple(r.flatten().tolist()) in rows for r in xb[:50])
 

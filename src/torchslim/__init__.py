@@ -16,8 +16,9 @@ from torchslim.artifact.runtime import compile_model, export_onnx
 from torchslim.artifact.tslim import load, save
 from torchslim.core import data, models
 from torchslim.core.plan import CompressionPlan, LayerDecision
+from torchslim.core.task import Classification, Embedding, LanguageModel, Regression, Task
 from torchslim.errors import TorchslimError
-from torchslim.evaluate.metrics import accuracy
+from torchslim.evaluate.metrics import accuracy, evaluate, fidelity
 from torchslim.search.config import Budget, SearchConfig
 from torchslim.search.result import SearchResult
 from torchslim.search.run import search
@@ -35,19 +36,24 @@ __version__ = "0.1.0"
 __all__ = [
     "Budget",
     "ChannelPruneConfig",
+    "Classification",
     "CompressResult",
     "CompressSettings",
     "CompressionPlan",
     "DistillConfig",
+    "Embedding",
     "FeatureLoss",
+    "LanguageModel",
     "LayerDecision",
     "MagnitudePruneConfig",
     "MixedPrecisionConfig",
     "QuantizeConfig",
+    "Regression",
     "SearchConfig",
     "SearchResult",
     "ShareConfig",
     "SoftTargetLoss",
+    "Task",
     "TorchslimError",
     "TrainConfig",
     "accuracy",
@@ -58,7 +64,9 @@ __all__ = [
     "derive_student",
     "distill",
     "errors",
+    "evaluate",
     "export_onnx",
+    "fidelity",
     "fit",
     "load",
     "mixed_precision_",

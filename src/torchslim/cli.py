@@ -17,6 +17,7 @@ from rich.table import Table
 from torchslim.errors import TorchslimError
 
 if TYPE_CHECKING:
+    from torchslim.report.records import RunReport
     from torchslim.search.result import SearchResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress and accelerate trained PyTorch models.")
@@ -24,8 +25,12 @@ console = Console()
 
 
 @contextlib.contextmanager
-def _bars() -> Iterator[Progress]:
-    """One live display for every long step; a task's ``note`` field carries extra text."""
+def _bars(quiet: bool = False) -> Iterator[Progress | None]:
+    """One live display for every long step; a task's ``note`` field carries extra text.
+    ``quiet`` shows none (``None``)."""
+    if quiet:
+        yield None
+        return
     columns = (
         TextColumn("{task.description:<18}"),
         BarColumn(),
@@ -38,8 +43,10 @@ def _bars() -> Iterator[Progress]:
         yield progress
 
 
-def _step_bars(progress: Progress):
+def _step_bars(progress: Progress | None):
     """Given a step's description, the ``progress(done, total)`` callback of its bar."""
+    if progress is None:
+        return None
 
     def factory(description: str):
         task = None  # created on the first update, so steps that train nothing show no bar
@@ -64,10 +71,36 @@ def _fail(exc: TorchslimError) -> None:
 def compress(
     recipe: str | None = typer.Argument(None, help="recipe YAML path or built-in name (default: lenet_300_100)"),
     out: Path | None = typer.Option(None, "--out", help="output folder (overrides the recipe's)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (compress: only the before/after table)"),
 ) -> None:
     """Run a recipe: train (or reuse) the baseline, compress, save the .tslim, write the report."""
     from torchslim.recipe.run import run_recipe
     from torchslim.recipe.schema import load_recipe
+    from torchslim.report.render import summary_rows
+
+    try:
+        spec = load_recipe(recipe)
+        if out is not None:
+            spec = spec.model_copy(update={"outputs": spec.outputs.model_copy(update={"dir": str(out)})})
+        console.print(f"recipe [bold]{spec.name}[/]: {spec.model.label} on {spec.data.label}, {spec.threads} threads")
+        with _bars(quiet) as progress:
+            report = run_recipe(spec, _step_bars(progress))
+    except TorchslimError as exc:
+        _fail(exc)
+        return
+    if report.model.get("weights"):
+        console.print(f"baseline: the trained weights in {report.model['weights']} (no training)", highlight=False)
+    elif report.baseline_cached:
+        console.print("baseline: loaded from the cache (no training)")
+    _show("before / after", ("metric", "baseline", "compressed"), summary_rows(report))
+    if not quiet:
+        _details(report)
+    out_dir = Path(report.artifact).parent
+    console.print(f"wrote {report.artifact}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+
+
+def _details(report: RunReport) -> None:
+    """The per-technique and per-tensor tables of a compression report."""
     from torchslim.report.render import (
         DISTILL_COLUMNS,
         GROUP_COLUMNS,
@@ -79,35 +112,17 @@ def compress(
         layer_rows,
         quant_rows,
         structure_rows,
-        summary_rows,
     )
 
-    try:
-        spec = load_recipe(recipe)
-        if out is not None:
-            spec = spec.model_copy(update={"outputs": spec.outputs.model_copy(update={"dir": str(out)})})
-        console.print(f"recipe [bold]{spec.name}[/]: {spec.model.name} on {spec.data.name}, {spec.threads} threads")
-        with _bars() as progress:
-            report = run_recipe(spec, _step_bars(progress))
-    except TorchslimError as exc:
-        _fail(exc)
-        return
-    if report.baseline_cached:
-        console.print("baseline: loaded from the cache (no training)")
-    console.print(_rich_table("before / after", ("metric", "baseline", "compressed"), summary_rows(report)))
     if report.distillation:
-        console.print(_rich_table("distillation", DISTILL_COLUMNS, distill_rows(report.distillation)))
+        _show("distillation", DISTILL_COLUMNS, distill_rows(report.distillation))
     for i, step in enumerate(report.structure, 1):
-        console.print(_rich_table(f"channels removed (step {i}), per group", GROUP_COLUMNS, group_rows(step)))
-        console.print(_rich_table(f"channels removed (step {i}), per layer", STRUCTURE_COLUMNS, structure_rows(step)))
+        _show(f"channels removed (step {i}), per group", GROUP_COLUMNS, group_rows(step))
+        _show(f"channels removed (step {i}), per layer", STRUCTURE_COLUMNS, structure_rows(step))
     if report.quantization:
         q = report.quantization
-        console.print(
-            _rich_table(f"quantized layers (latency on {q['backend']})", QUANT_COLUMNS, quant_rows(q["quantization"]))
-        )
-    console.print(_rich_table("per tensor in the file", LAYER_COLUMNS, layer_rows(report.layers)))
-    out_dir = Path(report.artifact).parent
-    console.print(f"wrote {report.artifact}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+        _show(f"quantized layers (latency on {q['backend']})", QUANT_COLUMNS, quant_rows(q["quantization"]))
+    _show("per tensor in the file", LAYER_COLUMNS, layer_rows(report.layers))
 
 
 @app.command()
@@ -124,6 +139,7 @@ def search(
         None, "--ray-address", help="an existing Ray cluster (default: a local Ray)"
     ),
     out: Path | None = typer.Option(None, "--out", help="run folder (overrides the recipe's); rerunning resumes there"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (compress: only the before/after table)"),
 ) -> None:
     """Search per-layer plans under an accuracy budget; deliver the best .tslim and report.html."""
     from torchslim.recipe.run import run_search
@@ -142,9 +158,9 @@ def search(
             "ray_address": ray_address,
         }
         console.print(
-            f"search [bold]{spec.name}[/]: {spec.model.name} on {spec.data.name}, run folder {spec.out_dir()}"
+            f"search [bold]{spec.name}[/]: {spec.model.label} on {spec.data.label}, run folder {spec.out_dir()}"
         )
-        with _bars() as progress:
+        with _bars(quiet) as progress:
             report = run_search(spec, _step_bars(progress), _trial_line(progress), **overrides)
     except TorchslimError as exc:
         _fail(exc)
@@ -152,8 +168,10 @@ def search(
     _print_search(report, spec.out_dir())
 
 
-def _trial_line(progress: Progress):
+def _trial_line(progress: Progress | None):
     """The trials bar: done of the total, time spent and left, and the best plan so far."""
+    if progress is None:
+        return None
     task = None
 
     def update(info: dict) -> None:
@@ -180,13 +198,11 @@ def _print_search(report: SearchResult, out_dir: Path) -> None:
     if report.search and report.search.execution_note:
         console.print(f"[yellow]note:[/] {report.search.execution_note}", highlight=False)
     console.print(report.chosen.message, highlight=False)
-    console.print(_rich_table("before / after", ("metric", "baseline", "delivered file"), summary_rows(report)))
-    console.print(
-        _rich_table(
-            "per-layer plan",
-            ("layer", "channels removed", "sparsity", "codebook bits", "int8", "skipped because"),
-            plan_rows(report),
-        )
+    _show("before / after", ("metric", "baseline", "delivered file"), summary_rows(report))
+    _show(
+        "per-layer plan",
+        ("layer", "channels removed", "sparsity", "codebook bits", "int8", "skipped because"),
+        plan_rows(report),
     )
     final = report.final
     if final:
@@ -244,7 +260,7 @@ def inspect(file: Path = typer.Argument(..., help="a .tslim file")) -> None:
         return
     table = [r.to_dict() for r in rows]
     total, fp32 = file.stat().st_size, sum(r.fp32_bytes for r in rows)
-    console.print(_rich_table(str(file), LAYER_COLUMNS, layer_rows(table)))
+    _show(str(file), LAYER_COLUMNS, layer_rows(table))
     payload = sum(r.bytes for r in rows)
     console.print(
         f"file {total:,} bytes = payload {payload:,} + container header {total - payload:,}; "
@@ -293,13 +309,24 @@ def export(
     )
 
 
-def _rich_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
-    table = Table(title=title, title_justify="left")
-    for h in header:
-        table.add_column(h, overflow="fold")
+def _show(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A table when it fits the console's width; otherwise one block per row with a
+    ``column: value`` line per cell, so that narrow terminals and pipes stay readable."""
+    widths = [max([len(h), *(len(str(r[i])) for r in rows)]) for i, h in enumerate(header)]
+    if sum(widths) + 3 * len(widths) + 1 <= console.width:
+        table = Table(title=title, title_justify="left")
+        for h in header:
+            table.add_column(h, no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    console.print(f"[italic]{title}[/]")
+    key = max(len(h) for h in header)
     for row in rows:
-        table.add_row(*row)
-    return table
+        console.print(f"  {row[0]}", highlight=False)
+        for h, cell in zip(header[1:], row[1:]):
+            console.print(f"    {h + ':':<{key + 1}} {cell}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point

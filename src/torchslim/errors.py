@@ -37,3 +37,7 @@ class RecipeError(TorchslimError, ValueError):
 
 class ReportError(TorchslimError, ValueError):
     """A report file is of another schema version, or not a report of this kind."""
+
+
+class WeightsError(TorchslimError, ValueError):
+    """A weights file is of a refused kind, unreadable, or does not fit the model it is for."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from torchslim.core.task import call_model
 from torchslim.errors import DataError
 
 METHODS = ("minmax", "percentile", "mse", "entropy")
@@ -92,7 +93,7 @@ def run_with_hooks(
     try:
         with torch.no_grad():
             for x in batches:
-                model(x)
+                call_model(model, x)
     finally:
         for h in hooks:
             h.remove()

@@ -26,9 +26,11 @@ from torch import nn
 
 from torchslim.artifact.codecs import CodedEntry, decode_tensor, encode_tensor
 from torchslim.artifact.structure import ModuleEntry, describe, parse_modules, resize_
+from torchslim.core.device import Device, place
 from torchslim.core.files import write_atomic
 from torchslim.core.qlayers import folded_batchnorm, folded_names, parse_folds
 from torchslim.core.qrnn import QuantEntry, quantized_layers
+from torchslim.core.task import call_model, logits_of
 from torchslim.errors import ArtifactError, ConfigError, ShapeMismatchError
 
 FORMAT, VERSION = "tslim", 5
@@ -148,13 +150,27 @@ def save(
 @torch.no_grad()
 def check_reproduces(model: nn.Module, restored: nn.Module, inputs: Iterable[Any], path: str | os.PathLike) -> None:
     """The model loaded from ``path`` must give exactly ``model``'s outputs on every input batch;
-    otherwise an :class:`ArtifactError` (a file that does not reproduce its model is a bug)."""
+    otherwise an :class:`ArtifactError` (a file that does not reproduce its model is a bug).
+    An input is a tensor, a tuple of positional inputs or a dict of keyword inputs."""
+    model.eval()
+    restored.eval()
     for i, x in enumerate(inputs):
-        if not torch.equal(model.eval()(x), restored.eval()(x)):
+        if not _same_output(call_model(model, x), call_model(restored, x)):
             raise ArtifactError(
                 f"{path} does not reproduce the compressed model's outputs exactly (input batch {i}); "
                 "please report it with the file"
             )
+
+
+def _same_output(a: Any, b: Any) -> bool:
+    """Exact equality of two model outputs: tensors, or tuples / dicts / objects holding them."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_output(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_output(x, y) for x, y in zip(a, b))
+    return torch.equal(logits_of(a), logits_of(b))
 
 
 def fingerprint(stored: Mapping[str, torch.Tensor]) -> str:
@@ -303,13 +319,17 @@ def decode_state(
     return state
 
 
-def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
+def load(
+    path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None, *, device: Device = None
+) -> nn.Module:
     """Rebuild a runnable model from a `.tslim` file.
 
     Args:
         path: the file.
         model: a freshly built model of the right architecture, or a builder returning one.
             When omitted, the zoo model named in the file is built.
+        device: where the restored model goes (``"auto"``, ``"cpu"``, ``"cuda:N"``); the file
+            itself is device-independent. ``None``: where ``model`` was (CPU when built here).
 
     Example:
         >>> restored = ts.load("lenet.tslim", model=ts.models.lenet_300_100())  # doctest: +SKIP
@@ -326,7 +346,7 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
             m._modules.clear()
             m._modules.update(kept)
         raise
-    return module.eval()
+    return place(module, device).eval()
 
 
 def _into(module: nn.Module, manifest: Manifest, stored: Mapping[str, torch.Tensor], shapes: dict, path: Any) -> None:

@@ -1,4 +1,5 @@
-"""Accuracy, top-1 agreement between two models, and the real size of files."""
+"""A task's metric and fidelity over a loader (accuracy and top-1 agreement for
+classification), and the real size of files."""
 
 from __future__ import annotations
 
@@ -11,29 +12,61 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from torchslim.core.task import Classification, Task, as_float32, forward, move
+from torchslim.errors import DataError
+
+
+def _device(model: nn.Module) -> torch.device | None:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else None
+
 
 @torch.no_grad()
-def predictions(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 predictions and labels over ``loader``, with the model in eval mode."""
+def evaluate(model: nn.Module, loader: Iterable, task: Task | None = None) -> float:
+    """The task's metric (accuracy by default) over every batch of ``loader``, in eval mode;
+    batches are moved to the model's device.
+
+    Example:
+        >>> evaluate(model, data.eval_loader(), data.task)  # doctest: +SKIP
+        0.9123
+    """
+    task = task or Classification()
     model.eval()
-    preds, labels = [], []
-    for x, y in loader:
-        preds.append(model(x).argmax(dim=1))
-        labels.append(y)
-    return torch.cat(preds), torch.cat(labels)
+    device, total, count = _device(model), 0.0, 0.0
+    for batch in loader:
+        batch = move(batch, device)
+        s, n = task.score(forward(model, task, batch), batch)
+        total, count = total + s, count + n
+    if count == 0:
+        raise DataError("the evaluation loader yielded no samples; give it at least one batch")
+    return task.finish(total, count)
+
+
+@torch.no_grad()
+def fidelity(model: nn.Module, reference: nn.Module, loader: Iterable, task: Task | None = None) -> float:
+    """How closely ``model``'s outputs follow ``reference``'s on ``loader``: the task's
+    fidelity measure (top-1 agreement for classification)."""
+    task = task or Classification()
+    model.eval()
+    reference.eval()
+    device, total, count = _device(model), 0.0, 0.0
+    for batch in loader:
+        batch = move(batch, device)
+        s, n = task.compare(forward(model, task, batch), forward(reference, task, batch), batch)
+        total, count = total + s, count + n
+    if count == 0:
+        raise DataError("the evaluation loader yielded no samples; give it at least one batch")
+    return as_float32(total / count)
 
 
 def accuracy(model: nn.Module, loader: Iterable) -> float:
     """Fraction of samples whose top-1 prediction equals the label."""
-    preds, labels = predictions(model, loader)
-    return (preds == labels).float().mean().item()
+    return evaluate(model, loader, Classification())
 
 
 def agreement(model: nn.Module, reference: nn.Module, loader: Iterable) -> float:
     """Fraction of samples where both models predict the same top-1 class."""
-    a, _ = predictions(model, loader)
-    b, _ = predictions(reference, loader)
-    return (a == b).float().mean().item()
+    return fidelity(model, reference, loader, Classification())
 
 
 def file_bytes(path: str | os.PathLike) -> int:

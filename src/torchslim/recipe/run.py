@@ -15,12 +15,14 @@ from torchslim.analysis.cost import count_params, layer_macs
 from torchslim.artifact.inspect import inspect_file
 from torchslim.artifact.runtime import compile_model
 from torchslim.artifact.tslim import check_reproduces, load, save
-from torchslim.core.data import load_data
+from torchslim.core.data import Data
+from torchslim.core.device import place
 from torchslim.core.models import build_model
 from torchslim.core.plan import CompressionPlan
 from torchslim.errors import RecipeError
 from torchslim.evaluate.latency import measure_latency
-from torchslim.evaluate.metrics import accuracy, agreement, file_bytes, fp32_safetensors_bytes
+from torchslim.evaluate.metrics import evaluate, fidelity, file_bytes, fp32_safetensors_bytes
+from torchslim.recipe.builders import model_builder, recipe_data, task_of, trained_model
 from torchslim.recipe.schema import DistillSection, Recipe, Step
 from torchslim.report.records import Measurement, RunReport, StepRecord
 from torchslim.report.render import write_report
@@ -59,33 +61,46 @@ def _apply(step: Step, model: torch.nn.Module, data, seed: int, progress: Progre
 
 
 def _distill(
-    section: DistillSection, recipe: Recipe, teacher: torch.nn.Module, data, bar: ProgressFactory
-) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
-    """The distilled student, its zoo spec, and the report entry: student trained alone (same
-    initial weights, epochs and seed, no teacher) and student distilled (the teacher's row is
-    the report's baseline, added by the caller)."""
-    name, kwargs = section.student_spec(recipe.model)
+    section: DistillSection, recipe: Recipe, teacher: torch.nn.Module, data: Data, bar: ProgressFactory
+) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any], Callable[[], torch.nn.Module] | None]:
+    """The distilled student, what the report records of it, the report entry (student trained
+    alone -- same initial weights, epochs and seed, no teacher -- and student distilled; the
+    teacher's row is the report's baseline, added by the caller), and a user student's builder."""
+    build, spec, rebuild = _student(section, recipe)
     cfg = section.config(recipe.seed)
     torch.manual_seed(recipe.seed)
-    student = build_model(name, **kwargs)
+    student = build()
     init = copy.deepcopy(student.state_dict())
-    result = distill(student, cfg, data, teacher=teacher, progress=bar("distill: student with teacher"))
+    result = distill(
+        student, cfg, data, teacher=teacher, progress=bar("distill: student with teacher"), device=recipe.device
+    )
 
     def row(model: torch.nn.Module, seconds: float | None) -> dict[str, Any]:
-        return {"accuracy": accuracy(model, data.eval_loader()), "params": count_params(model), "train_s": seconds}
+        score = evaluate(model, data.eval_loader(), data.task)
+        return {"accuracy": score, "params": count_params(model), "train_s": seconds}
 
     entry = {
-        "student": {"name": name, "kwargs": kwargs},
+        "student": {"name": spec.get("zoo") or spec["builder"], "kwargs": spec["kwargs"]},
         "student_distilled": row(student, result.seconds),
         "student_alone": None,
     } | result.to_dict()
     if section.compare_alone:
-        alone = build_model(name, **kwargs)
+        alone = place(build(), recipe.device)
         alone.load_state_dict(init)
         t0 = time.perf_counter()
         fit(alone, data, cfg.train, bar("distill: student alone"))
         entry["student_alone"] = row(alone, time.perf_counter() - t0)
-    return student, {"zoo": name, "kwargs": kwargs}, entry
+    return student, spec, entry, rebuild
+
+
+def _student(section: DistillSection, recipe: Recipe):
+    """``(build, record, rebuild)`` of the distillation student: a user builder, a zoo model,
+    or one derived from a zoo teacher."""
+    if section.student is not None and section.student.builder is not None:
+        build = model_builder(section.student, recipe.base, "steps.distill.student")
+        return build, {"builder": section.student.builder, "kwargs": section.student.kwargs}, build
+    name, kwargs = section.student_spec(recipe.model)
+    return (lambda: build_model(name, **kwargs)), {"zoo": name, "kwargs": kwargs}, None
 
 
 @dataclass
@@ -99,6 +114,40 @@ class _Run:
     structure: list[dict[str, Any]] = field(default_factory=list)
     distilled: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    rebuild: Callable[[], torch.nn.Module] | None = None  # a user model's builder (zoo models: None)
+
+
+@dataclass
+class Source:
+    """A recipe's data and trained baseline, and how to build its model afresh."""
+
+    data: Data
+    baseline: torch.nn.Module
+    ready: bool  # came trained: from the baseline cache or the recipe's weights
+    zoo: dict[str, Any]  # what the report records of the model (a zoo name or a builder, and kwargs)
+    build: Callable[[], torch.nn.Module] | None  # a user model's builder; None for zoo models
+
+
+def model_source(recipe: Recipe, bar: ProgressFactory) -> Source:
+    """The recipe's task and data; its model trained (from weights, the cache, or the baseline
+    section) and moved to the recipe's device."""
+    spec, base = recipe.model, recipe.base
+    data = recipe_data(recipe.data, recipe.seed, task_of(recipe.task, base), base)
+    build = model_builder(spec, base) if spec.builder is not None else None
+    baseline = trained_model(spec, base)
+    ready = baseline is not None
+    base_cfg = recipe.baseline.config(recipe.seed)
+    if baseline is None and spec.name is not None and data.spec is not None:
+        baseline, ready = trained_baseline(spec.name, data, base_cfg, spec.kwargs, bar("baseline"))
+    elif baseline is None:
+        torch.manual_seed(recipe.seed)
+        baseline = (build or model_builder(spec, base))()
+        place(baseline, recipe.device)
+        data.check(baseline)
+        fit(baseline, data, base_cfg, bar("baseline"))
+    place(baseline, recipe.device).eval()
+    kind = {"zoo": spec.name} if build is None else {"builder": spec.builder}
+    return Source(data, baseline, ready, kind | {"kwargs": spec.kwargs}, build)
 
 
 def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> RunReport:
@@ -115,15 +164,14 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> RunRe
     bar = progress or (lambda _description: None)
     torch.set_num_threads(recipe.threads)
     start = time.perf_counter()
-    data = load_data(recipe.data.config(recipe.seed))
-    base_cfg = recipe.baseline.config(recipe.seed)
-    baseline, cached = trained_baseline(recipe.model.name, data, base_cfg, recipe.model.kwargs, bar("baseline"))
-    run = _Run(baseline, {"zoo": recipe.model.name, "kwargs": recipe.model.kwargs})  # every step returns a new model
+    source = model_source(recipe, bar)
+    data, baseline, cached = source.data, source.baseline, source.ready
+    run = _Run(baseline, source.zoo, rebuild=source.build)  # every step returns a new model
     run.timings["baseline_s"] = time.perf_counter() - start
     for i, step in enumerate(recipe.steps, 1):
         t0 = time.perf_counter()
         if step.distill is not None:  # the first step (the schema says so): the student replaces the model
-            run.model, run.zoo, run.distilled = _distill(step.distill, recipe, baseline, data, bar)
+            run.model, run.zoo, run.distilled, run.rebuild = _distill(step.distill, recipe, baseline, data, bar)
             step_plan = CompressionPlan()
         else:
             run.model, step_plan = _apply(
@@ -132,18 +180,20 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> RunRe
             run.plan = run.plan.updated(step_plan)
         run.steps.append(StepRecord(i, step.kind, time.perf_counter() - t0, step_plan.to_dict()))
         run.timings[f"step{i}_{step.kind}_s"] = run.steps[-1].seconds
-    run.model.eval()
+    run.model.cpu().eval()  # the artifact is measured and verified on the CPU
+    baseline.cpu()
     t0 = time.perf_counter()
     artifact = recipe.artifact_path()
+    metric = data.task.metric.name
     save(
         run.model,
         artifact,
         plan=run.plan.to_dict(),
-        metrics={"accuracy": accuracy(run.model, data.eval_loader())},
-        zoo=run.zoo,
+        metrics={metric: evaluate(run.model, data.eval_loader(), data.task)},
+        zoo=run.zoo if run.rebuild is None else None,
     )
-    restored = load(artifact)
-    check_reproduces(run.model, restored, (x for x, _ in data.eval_loader()), artifact)
+    restored = load(artifact, model=run.rebuild)
+    check_reproduces(run.model, restored, (data.task.split(b)[0] for b in data.eval_loader()), artifact)
     run.timings["save_verify_s"] = time.perf_counter() - t0
     report = _report(recipe, run, baseline, restored, data, cached)
     report.timings["total_s"] = time.perf_counter() - start
@@ -160,14 +210,14 @@ def _report(
     artifact = recipe.artifact_path()
     before = _measure(baseline, data, recipe, fp32_safetensors_bytes(baseline))
     after = _measure(restored, data, recipe, file_bytes(artifact), backend)
-    after.agreement = agreement(restored, baseline, data.eval_loader())
+    after.agreement = fidelity(restored, baseline, data.eval_loader(), data.task)
     after.ratio = before.bytes / after.bytes
     if run.distilled is not None:
         run.distilled["teacher"] = {"accuracy": before.accuracy, "params": before.params, "train_s": None}
     return RunReport(
         recipe=recipe.name,
-        model=recipe.model.model_dump(),
-        data=asdict(data.spec),
+        model=recipe.model.model_dump(exclude_none=True),
+        data=asdict(data.spec) if data.spec is not None else recipe.data.described(),
         threads=recipe.threads,
         baseline_cached=cached,
         baseline=before,
@@ -180,22 +230,24 @@ def _report(
         quantization=next((s for s in run.structure if "quantization" in s), None),
         distillation=run.distilled,
         timings=run.timings,
+        metric=asdict(data.task.metric),
+        fidelity=asdict(data.task.fidelity),
     )
 
 
 def _measure(model: torch.nn.Module, data, recipe: Recipe, nbytes: int, backend: str = "eager") -> Measurement:
     lat = recipe.latency
-    example = data.eval.tensors[0]
     latency = {}
     for b in lat.batches:
-        runner = compile_model(model, backend, example[:b], recipe.threads)
-        timing = measure_latency(runner, example[:b], recipe.threads, lat.warmup, lat.repeats).to_dict()
+        example = data.example_input(b)
+        runner = compile_model(model, backend, example, recipe.threads)
+        timing = measure_latency(runner, example, recipe.threads, lat.warmup, lat.repeats).to_dict()
         latency[f"batch{b}"] = timing | {"backend": backend}
     return Measurement(
-        accuracy=accuracy(model, data.eval_loader()),
+        accuracy=evaluate(model, data.eval_loader(), data.task),
         bytes=nbytes,
         params=count_params(model),
-        macs=sum(layer_macs(model, example[:1]).values()),
+        macs=sum(layer_macs(model, data.example_input(1)).values()),
         nonzero=int(sum(int((t != 0).sum()) for t in model.state_dict().values())),
         latency=latency,
     )
@@ -217,16 +269,19 @@ def run_search(
     from torchslim.report.html import write_search_report
     from torchslim.search.run import search
 
+    if recipe.model.name is None or recipe.data.builder is not None or recipe.data.image_folder is not None:
+        raise RecipeError(
+            f"recipe {recipe.name!r}: torchslim search runs on zoo models and built-in datasets (its workers rebuild "
+            "both by name); compress your own model and data with `torchslim compress`"
+        )
     bar = progress or (lambda _description: None)
     config = (recipe.search or SearchSection()).config(recipe.threads, recipe.seed, **overrides)
     torch.set_num_threads(recipe.threads)
     start = time.perf_counter()
-    data = load_data(recipe.data.config(recipe.seed))
-    base_cfg = recipe.baseline.config(recipe.seed)
-    assert base_cfg is not None
-    baseline, cached = trained_baseline(recipe.model.name, data, base_cfg, recipe.model.kwargs, bar("baseline"))
+    source = model_source(recipe, bar)
+    baseline, data, cached = source.baseline.cpu(), source.data, source.ready
     baseline_s = time.perf_counter() - start
-    zoo = {"zoo": recipe.model.name, "kwargs": recipe.model.kwargs}
+    zoo = source.zoo
     report = search(
         baseline, data, config, recipe.out_dir(), name=recipe.name, zoo=zoo, progress=bar, on_trial=on_trial
     )

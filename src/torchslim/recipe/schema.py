@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
+from torchslim.artifact.weights import SAFETENSORS, STATE_DICT
 from torchslim.core.data import DataSpec
 from torchslim.core.models import ZOO
 from torchslim.core.plan import CompressionPlan
+from torchslim.core.task import TASKS
 from torchslim.errors import ConfigError, RecipeError
 from torchslim.recipe.sections import Strict, section
 from torchslim.search.config import Budget, LatencySetting, SearchConfig
@@ -40,20 +42,97 @@ DEFAULT_RECIPE = "lenet_300_100"
 
 
 class ModelSpec(Strict):
-    name: str = Field(description="a zoo model name, e.g. lenet_300_100 or resnet_mini")
+    """A zoo model by ``name``, or your own by ``builder``; with ``weights`` it is already
+    trained (the baseline section is then not used)."""
+
+    name: str | None = Field(None, description="a zoo model name, e.g. lenet_300_100 or resnet_mini")
+    builder: str | None = Field(
+        None, description="'pkg.module:function' returning your nn.Module (the recipe's folder is searched first)"
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(
+        None,
+        description="trained weights, relative to the recipe: .safetensors, or a state_dict .pt / .pth "
+        "(read with torch.load(weights_only=True)); other files are refused unread",
+    )
 
     @model_validator(mode="after")
-    def _in_zoo(self) -> ModelSpec:
-        if self.name not in ZOO:
+    def _one_source(self) -> ModelSpec:
+        if (self.name is None) == (self.builder is None):
+            raise ValueError("give exactly one of name (a zoo model) or builder ('pkg.module:function')")
+        if self.name is not None and self.name not in ZOO:
             raise ValueError(f"unknown model {self.name!r}; the zoo has {sorted(ZOO)}")
+        if self.builder is not None and not _is_ref(self.builder):
+            raise ValueError(f"builder {self.builder!r}: write it as 'pkg.module:function'")
+        if self.weights is not None and Path(self.weights).suffix.lower() not in SAFETENSORS + STATE_DICT:
+            raise ValueError(
+                f"weights {self.weights!r}: use a .safetensors file or a state_dict saved as .pt / .pth; other "
+                "files are refused unread (a pickle runs code when loaded)"
+            )
         return self
+
+    @property
+    def label(self) -> str:
+        """The zoo name or the builder, for messages and reports."""
+        return self.name or str(self.builder)
+
+
+def _is_ref(text: str) -> bool:
+    module, sep, attr = text.partition(":")
+    return bool(sep and module and attr and all(p.isidentifier() for p in (*module.split("."), *attr.split("."))))
 
 
 TEACHER = (bool, Field(False, description="also distill from the uncompressed baseline's soft targets"))
 TrainSection = section(TrainConfig, name="TrainSection")
 FinetuneSection = section(TrainConfig, name="FinetuneSection", extras={"teacher": TEACHER})
-DataSection = section(DataSpec, name="DataSection", recipe_wide=())  # the split has its own seed
+_Data = section(
+    DataSpec,
+    name="_Data",
+    recipe_wide=(),  # the split has its own seed
+    extras={
+        "builder": (
+            str | None,
+            Field(
+                None,
+                description="'pkg.module:function' returning your loaders (a Data, {train, eval[, calib]} or a tuple)",
+            ),
+        ),
+        "kwargs": (dict[str, Any], Field(default_factory=dict, description="arguments of the data builder")),
+        "image_folder": (
+            str | None,
+            Field(None, description="a folder of images, one subfolder per class (relative to the recipe)"),
+        ),
+        "size": (int, Field(224, ge=1, description="image folder: images are resized to size x size")),
+        "channels": (Literal[1, 3], Field(3, description="image folder: 3 (RGB) or 1 (grayscale)")),
+    },
+)
+
+
+class DataSection(_Data):
+    """A built-in dataset by ``name``, your own loaders from ``builder``, or an ``image_folder``."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if self.builder is not None and self.image_folder is not None:
+            raise ValueError("give at most one of builder or image_folder")
+        if self.builder is not None and not _is_ref(self.builder):
+            raise ValueError(f"builder {self.builder!r}: write it as 'pkg.module:function'")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The dataset's name, builder or folder, for messages and reports."""
+        return self.builder or self.image_folder or self.name
+
+    def described(self) -> dict[str, Any]:
+        """What a report records of user data: the builder and its kwargs, or the image folder."""
+        if self.builder is not None:
+            return {"builder": self.builder, "kwargs": self.kwargs}
+        if self.image_folder is not None:
+            return {"image_folder": self.image_folder, "size": self.size, "channels": self.channels}
+        return self.model_dump()
+
+
 PruneSection = section(MagnitudePruneConfig, nested={"finetune": FinetuneSection}, name="PruneSection")
 ShareSection = section(ShareConfig, nested={"finetune": FinetuneSection}, name="ShareSection")
 ChannelsSection = section(ChannelPruneConfig, nested={"finetune": FinetuneSection}, name="ChannelsSection")
@@ -117,10 +196,14 @@ class DistillSection(_Distill):
         return self
 
     def student_spec(self, teacher: ModelSpec) -> tuple[str, dict[str, Any]]:
-        """The student's zoo name and arguments."""
+        """The student's zoo name and arguments (a builder student is built by the runner)."""
         if self.student is not None:
-            return self.student.name, dict(self.student.kwargs)
+            return str(self.student.name), dict(self.student.kwargs)
         assert self.width is not None
+        if teacher.name is None:
+            raise ConfigError(
+                "width derives the student from a zoo teacher; for your own model give student: {builder: ...}"
+            )
         return teacher.name, student_kwargs(teacher.name, teacher.kwargs, width=self.width, depth=self.depth)
 
 
@@ -276,6 +359,16 @@ class Recipe(Strict):
     latency: LatencySection = LatencySection()
     threads: int = Field(2, ge=1)
     seed: int = 0
+    task: str = Field(
+        "classification", description=f"what the model is for: {', '.join(TASKS)}, or your 'pkg.module:Task'"
+    )
+    device: str = Field("auto", description="where training and calibration run: auto, cpu, cuda or cuda:N")
+    _base: Path | None = PrivateAttr(None)
+
+    @property
+    def base(self) -> Path | None:
+        """The folder of the recipe file, which relative paths and user modules are found from."""
+        return self._base
 
     @model_validator(mode="after")
     def _steps_in_order(self) -> Recipe:
@@ -367,4 +460,6 @@ def load_recipe(ref: str | os.PathLike | None = None) -> Recipe:
         path = BUILTIN / f"{ref}.yaml"
     if not path.is_file():
         raise RecipeError(f"recipe {str(ref)!r} not found: give a YAML path or a built-in name {builtin_recipes()}")
-    return parse_recipe(path.read_text(), str(path))
+    recipe = parse_recipe(path.read_text(), str(path))
+    recipe._base = path.resolve().parent
+    return recipe

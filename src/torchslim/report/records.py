@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torchslim.core.serial import versioned_record
+from torchslim.core.task import Classification
 from torchslim.errors import ReportError
 
 REPORT_SCHEMA = 2
@@ -64,6 +65,8 @@ class RunReport:
     quantization: dict[str, Any] | None = None  # the quantize step: layers, calibration, backend
     distillation: dict[str, Any] | None = None  # teacher, student alone, student distilled
     timings: dict[str, float] = field(default_factory=dict)
+    metric: dict[str, Any] = field(default_factory=lambda: asdict(Classification.metric))  # what "accuracy" holds
+    fidelity: dict[str, Any] = field(default_factory=lambda: asdict(Classification.fidelity))  # what "agreement" holds
     kind: str = "compress"
     schema_version: int = REPORT_SCHEMA
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from torchslim.core.files import write_atomic
+from torchslim.core.task import Metric
 from torchslim.report.records import RunReport
 
 
@@ -23,9 +24,15 @@ def _num(x: float | None, fmt: str = "{:.2f}") -> str:
 def summary_rows(report: RunReport) -> list[tuple[str, str, str]]:
     """The before/after table as ``(metric, baseline, compressed)`` strings."""
     b, c = report.baseline, report.compressed
+    metric, fidelity = Metric(**report.metric), Metric(**report.fidelity)
+    agreement = "top-1 agreement" if fidelity.name == "agreement" else fidelity.name
     rows = [
-        ("test accuracy", _pct(b.accuracy), _pct(c.accuracy)),
-        ("top-1 agreement with baseline", "100.00 %", _pct(c.agreement)),
+        (f"test {metric.name}", metric.show(b.accuracy), metric.show(c.accuracy)),
+        (
+            f"{agreement} with baseline",
+            fidelity.show(1.0) if fidelity.unit == "%" else "-",
+            "-" if c.agreement is None else fidelity.show(c.agreement),
+        ),
         ("bytes on disk", f"{b.bytes:,} (fp32 safetensors)", f"{c.bytes:,} (.tslim)"),
         ("compression ratio", "1.0x", f"{c.ratio:.1f}x" if c.ratio else "-"),
         ("non-zero weights", f"{b.nonzero:,}", f"{c.nonzero:,}"),
@@ -235,14 +242,19 @@ def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def _label(spec: dict) -> str:
+    """A model's or dataset's zoo name, builder or folder."""
+    return str(spec.get("name") or spec.get("builder") or spec.get("image_folder") or "?")
+
+
 def to_markdown(report: RunReport) -> str:
     """The report as Markdown: summary, before/after table, per-layer table, plan, timings."""
     c = report.compressed
     parts = [
         f"# torchslim report: {report.recipe}",
-        f"Model `{report.model['name']}` on `{report.data['name']}`, {report.threads} threads. "
+        f"Model `{_label(report.model)}` on `{_label(report.data)}`, {report.threads} threads. "
         f"Artifact `{report.artifact}`: {c.bytes:,} bytes, {c.ratio or 0:.1f}x smaller than fp32 "
-        f"safetensors. Accuracies are measured on the model loaded back from that file.",
+        f"safetensors. The {report.metric['name']} is measured on the model loaded back from that file.",
         "## Before / after",
         markdown_table(("metric", "baseline", "compressed"), summary_rows(report)),
         "Latency runs the decoded weights with PyTorch's dense eager kernels: removed channels make "

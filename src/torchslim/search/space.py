@@ -17,11 +17,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from torchslim.analysis.cost import weight_layers
 from torchslim.analysis.coupling import analyse
-from torchslim.core.data import Data
+from torchslim.core.data import Data, TensorBatches
 from torchslim.core.plan import CompressionPlan, LayerDecision
 from torchslim.errors import ConfigError
 from torchslim.train.fit import TrainConfig
@@ -183,12 +182,12 @@ class Recovery:
 
 
 def subset(data: Data, samples: int, seed: int) -> Data:
-    """``data`` whose training split is a seeded subset of ``samples`` images (0: all)."""
-    n = len(data.train)
-    if samples <= 0 or samples >= n:
+    """``data`` whose training split is a seeded subset of ``samples`` images (0: all). Only an
+    in-memory split (:class:`TensorBatches`) can be cut; any other loader is used whole."""
+    if samples <= 0 or not isinstance(data.train, TensorBatches) or samples >= data.train.rows:
         return data
-    rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
-    return dataclasses.replace(data, train=TensorDataset(*(t[rows] for t in data.train.tensors)))
+    rows = torch.randperm(data.train.rows, generator=torch.Generator().manual_seed(seed))[:samples]
+    return dataclasses.replace(data, train=data.train.subset(rows))
 
 
 def apply_plan(

@@ -22,9 +22,9 @@ from torch import nn
 
 from torchslim.artifact.runtime import compile_model
 from torchslim.artifact.tslim import save
-from torchslim.core.data import Data
+from torchslim.core.data import Data, TensorBatches
 from torchslim.core.plan import CompressionPlan
-from torchslim.errors import TorchslimError
+from torchslim.errors import DataError, TorchslimError
 from torchslim.evaluate.latency import measure_latency
 from torchslim.evaluate.metrics import accuracy, file_bytes, fp32_safetensors_bytes
 from torchslim.search.config import LatencySetting, SearchConfig
@@ -35,9 +35,14 @@ log = logging.getLogger(__name__)
 
 def split_eval(data: Data, seed: int) -> tuple[list, list]:
     """The evaluation set cut into two seeded halves: (search split, held-out split) batches."""
+    if not isinstance(data.eval, TensorBatches):
+        raise DataError(
+            "the search splits the evaluation set into a search half and a held-out half, which needs it in "
+            "memory: pass eval=TensorBatches((inputs, labels), batch_size)"
+        )
     x, y = data.eval.tensors
     rows = torch.randperm(len(y), generator=torch.Generator().manual_seed(10_000 + seed))
-    half, size = len(y) // 2, data.spec.eval_batch_size
+    half, size = len(y) // 2, data.eval.batch_size
 
     def batches(idx: torch.Tensor) -> list:
         idx = idx.sort().values

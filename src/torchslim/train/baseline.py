@@ -43,6 +43,8 @@ def baseline_key(model: str, kwargs: dict[str, Any], data: Data, config: TrainCo
     change nothing.
     """
     train = {k: v for k, v in asdict(config).items() if k not in ("distill_weight", "temperature")}
+    if config.precision == "fp32":  # keys of fp32 baselines stay as they were before the field existed
+        del train["precision"]
     blob = json.dumps(
         {"model": model, "kwargs": kwargs, "data": asdict(data.spec), "train": train, "torch": torch.__version__},
         sort_keys=True,

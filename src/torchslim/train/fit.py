@@ -1,4 +1,4 @@
-"""One training loop: Adam with a one-cycle learning-rate schedule and cross-entropy.
+"""One training loop: Adam with a one-cycle learning-rate schedule and the task's loss.
 
 Pruning masks (``torch.nn.utils.prune``) and weight-sharing parametrizations live on the
 modules themselves, so this loop needs no special cases for them: whatever is masked or
@@ -7,24 +7,29 @@ shared stays so while it trains.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from torchslim.core.data import Data
-from torchslim.errors import ConfigError
-from torchslim.train.losses import SoftTargetLoss, check_alpha, check_temperature, logits_of
+from torchslim.core.task import Task, forward, move
+from torchslim.errors import ConfigError, DataError
+from torchslim.train.losses import check_alpha, check_temperature
 
 log = logging.getLogger(__name__)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each optimiser step."""
-Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``objective(x, y, rows)``: the loss of one training batch (``rows``: its rows in the training split)."""
+Objective = Callable[[Any, "torch.Tensor | None"], torch.Tensor]
+"""``objective(batch, rows)``: the loss of one training batch (``rows``: its rows in an
+in-memory training split, else ``None``)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,9 @@ class TrainConfig:
         distill_weight: with a teacher, the weight of the soft-target loss (Hinton et al.
             2015); the hard-label loss gets ``1 - distill_weight``.
         temperature: softmax temperature of the soft targets; the KL term is scaled by T**2.
+        precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` to run forward passes under
+            ``torch.autocast`` (weights and optimiser state stay fp32; fp16 needs CUDA and
+            scales the loss against underflow).
     """
 
     epochs: int = 15
@@ -47,8 +55,11 @@ class TrainConfig:
     seed: int = 0
     distill_weight: float = 0.7
     temperature: float = 4.0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}: use one of {sorted(PRECISIONS)}")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise ConfigError(f"epochs={self.epochs!r}: use a whole number >= 0")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -69,11 +80,13 @@ def fit(
 ) -> list[float]:
     """Train ``model`` in place on ``data.train``; return the mean loss of each epoch.
 
-    The loss is cross-entropy on the labels; with a ``teacher`` (run in eval mode, without
-    gradients) it mixes the labels with the teacher's soft targets
-    (:class:`~torchslim.train.losses.SoftTargetLoss` with ``config.temperature`` and
-    ``alpha = config.distill_weight``). ``objective`` replaces that loss altogether (it runs
-    the model itself); ``extra_params`` (e.g. its projections) are trained along.
+    The loss is the task's (``data.task.loss``: cross-entropy for classification); with a
+    ``teacher`` (run in eval mode, without gradients) it is ``data.task.teacher_loss``, which
+    for classification mixes the labels with the teacher's soft targets at
+    ``config.temperature`` and ``alpha = config.distill_weight`` (Hinton et al. 2015).
+    ``objective`` replaces that loss altogether (it runs the model itself); ``extra_params``
+    (e.g. its projections) are trained along. Each batch is moved to the device of the
+    model's parameters.
 
     Example:
         >>> losses = fit(model, data, TrainConfig(epochs=2))  # doctest: +SKIP
@@ -82,44 +95,71 @@ def fit(
     if config.epochs == 0 or not params:
         return []
     torch.manual_seed(config.seed)
-    steps_per_epoch = len(data.train_loader())
-    total = steps_per_epoch * config.epochs
+    steps_per_epoch = data.train_steps()
+    total = steps_per_epoch * config.epochs if steps_per_epoch else None
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total)
+    sched = _schedule(opt, config, total)
     losses, done = [], 0
     if objective is None:
-        objective = _default_objective(model, config, teacher)
+        objective = _default_objective(model, data.task, config, teacher)
+    device = params[0].device
+    autocast, scaler = _mixed_precision(config.precision, device)
     model.train()
     if teacher is not None:
         teacher.eval()
     for epoch in range(config.epochs):
-        running = 0.0
-        for x, y, rows in data.train_batches(epoch_seed=config.seed * 1000 + epoch):
-            loss = objective(x, y, rows)
+        running, steps = 0.0, 0
+        for batch, rows in data.train_batches(epoch_seed=config.seed * 1000 + epoch):
+            with autocast():
+                loss = objective(move(batch, device), rows)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             running += loss.item()
-            done += 1
+            done, steps = done + 1, steps + 1
             if progress is not None:
-                progress(done, total)
-        losses.append(running / steps_per_epoch)
+                progress(done, total or done)
+        if steps == 0:
+            raise DataError("the training loader yielded no batches; give it at least one batch")
+        losses.append(running / steps)
         log.info("epoch %d/%d loss %.4f", epoch + 1, config.epochs, losses[-1])
     model.eval()
     return losses
 
 
-def _default_objective(model: nn.Module, config: TrainConfig, teacher: nn.Module | None) -> Objective:
-    """Cross-entropy, or with a teacher its soft targets mixed with the labels."""
-    soft = SoftTargetLoss(config.temperature, config.distill_weight) if teacher is not None else None
+def _mixed_precision(precision: str, device: torch.device):
+    """A context factory for the forward pass and, for fp16, a gradient scaler."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext, None
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ConfigError(f"precision='fp16' trains on CUDA only (the model is on {device}); use 'bf16' on a CPU")
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
-    def objective(x: torch.Tensor, y: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
-        out = model(x)
-        if soft is None or teacher is None:
-            return nn.functional.cross_entropy(logits_of(out), y)
+
+def _schedule(opt: torch.optim.Optimizer, config: TrainConfig, total: int | None):
+    """One-cycle over ``total`` steps; a loader without a length gets a constant rate."""
+    if total:
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total)
+    return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
+
+
+def _default_objective(model: nn.Module, task: Task, config: TrainConfig, teacher: nn.Module | None) -> Objective:
+    """The task's loss, or with a teacher its loss against the teacher's outputs."""
+
+    def objective(batch: Any, _rows: torch.Tensor | None) -> torch.Tensor:
+        out = forward(model, task, batch)
+        if teacher is None:
+            return task.loss(out, batch)
         with torch.no_grad():
-            target = teacher(x)
-        return soft(out, target, y)
+            target = forward(teacher, task, batch)
+        return task.teacher_loss(out, target, batch, config.temperature, config.distill_weight)
 
     return objective

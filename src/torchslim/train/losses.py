@@ -11,7 +11,8 @@
   features, which needs no projection at all).
 
 Model outputs may be tensors, tuples whose first item is the logits, dicts with a ``logits``
-key (or a single tensor value) or objects with a ``logits`` attribute (:func:`logits_of`).
+key (or a single tensor value) or objects with a ``logits`` attribute
+(:func:`torchslim.core.task.logits_of`).
 """
 
 from __future__ import annotations
@@ -23,30 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim.core.task import logits_of, soft_target_loss
 from torchslim.errors import ConfigError
 
 FEATURE_KINDS = ("hint", "attention")
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits in a model's output: the tensor itself, a tuple's first item, a dict's
-    ``logits`` (or only tensor) value, or an object's ``logits`` attribute."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict):
-        tensors = [v for v in output.values() if isinstance(v, torch.Tensor)]
-        if isinstance(output.get("logits"), torch.Tensor):
-            return output["logits"]
-        if len(tensors) == 1:
-            return tensors[0]
-    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    elif isinstance(getattr(output, "logits", None), torch.Tensor):
-        return output.logits
-    raise ConfigError(
-        f"cannot find the logits in a model output of type {type(output).__name__}: return a tensor, a tuple "
-        "whose first item is the logits, or a dict with a 'logits' key"
-    )
 
 
 def check_temperature(temperature: Any) -> float:
@@ -64,19 +45,6 @@ def check_alpha(alpha: Any, name: str = "alpha") -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"{name}={alpha!r}: the soft-target weight must be in [0, 1] (the labels get 1 - {name})")
     return float(alpha)
-
-
-def soft_target_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) between temperature-softened distributions, times T**2."""
-    if logits.shape != teacher_logits.shape:
-        raise ConfigError(
-            f"the student's logits have shape {tuple(logits.shape)} but the teacher's {tuple(teacher_logits.shape)}: "
-            "teacher and student must predict the same number of classes"
-        )
-    t = temperature
-    log_p = F.log_softmax(logits / t, dim=-1)
-    log_q = F.log_softmax(teacher_logits.detach() / t, dim=-1)
-    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * t * t
 
 
 class SoftTargetLoss(nn.Module):

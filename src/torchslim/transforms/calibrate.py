@@ -14,7 +14,7 @@ it measures on the same batches.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from torchslim.analysis.ranges import METHODS, choose_range, observe, run_with_hooks
 from torchslim.core.data import Data
 from torchslim.core.qlayers import QuantizedLayer
+from torchslim.core.task import Task, call_model, check_finite, logits_of
 from torchslim.errors import DataError
 
 Ranges = dict[str, tuple[tuple[float, float], tuple[float, float] | None]]
@@ -34,21 +35,21 @@ def calibration_batches(
 ) -> list:
     """Up to ``count`` calibration batches: the calibration split of a :class:`Data`, or the
     items of any iterable of input batches or ``(input, target)`` pairs, cut into batches of
-    ``batch_size`` rows when given. Each is checked for emptiness, non-finite values and its
-    shape against ``example`` (or the first batch). Items come back as they came (pairs stay
-    pairs); :func:`inputs_of` takes the input of one."""
+    ``batch_size`` rows when given. Each is checked for emptiness, non-finite values and, for
+    tensor inputs, its shape against ``example`` (or the first batch). Items come back as they
+    came (pairs stay pairs); :func:`inputs_of` takes the input of one."""
+    task = data.task if isinstance(data, Data) else None
     source = data.calib_loader() if isinstance(data, Data) else data
     batches: list = []
     for i, item in enumerate(_cut(source, batch_size)):
-        x = inputs_of(item)
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        x = inputs_of(item, task)
+        if not isinstance(x, (torch.Tensor, Mapping, tuple, list)):
             raise DataError(
-                f"calibration batch {i} is {type(x).__name__}, not a float tensor (or an (input, target) pair)"
+                f"calibration batch {i} is {type(x).__name__}: yield tensors, (input, target) pairs or dicts of tensors"
             )
-        if not torch.isfinite(x).all():
-            raise DataError(f"calibration batch {i} holds NaN or Inf; clean the calibration data before quantizing")
-        ref = example if example is not None else (inputs_of(batches[0]) if batches else x)
-        if x.shape[1:] != ref.shape[1:]:
+        check_finite(x, f"calibration batch {i}")
+        ref = example if isinstance(example, torch.Tensor) else (inputs_of(batches[0], task) if batches else x)
+        if isinstance(x, torch.Tensor) and isinstance(ref, torch.Tensor) and x.shape[1:] != ref.shape[1:]:
             raise DataError(
                 f"calibration batch {i} has shape {tuple(x.shape)} but the model's input is {tuple(ref.shape)}: "
                 "calibrate on batches shaped like the example input (only the batch size may differ)"
@@ -61,18 +62,22 @@ def calibration_batches(
     return batches
 
 
-def inputs_of(item: Any) -> Any:
-    """The model input of a calibration item: the first element of an ``(input, target)`` pair."""
+def inputs_of(item: Any, task: Task | None = None) -> Any:
+    """The model input of a calibration item: what ``task`` feeds the model, else the first
+    element of an ``(input, target)`` pair."""
+    if task is not None:
+        return task.split(item)[0]
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
 def _cut(source: Iterable, size: int | None) -> Iterator:
-    """The items of ``source``, each cut into pieces of at most ``size`` rows (``None``: as they are)."""
+    """The items of ``source``, each cut into pieces of at most ``size`` rows (``None``: as they
+    are). Only tensors and tuples of tensors are cut; other structures come whole."""
     for item in source:
-        if size is None:
+        parts = item if isinstance(item, (tuple, list)) else (item,)
+        if size is None or not all(isinstance(p, torch.Tensor) and p.dim() for p in parts):
             yield item
             continue
-        parts = item if isinstance(item, (tuple, list)) else (item,)
         for start in range(0, len(parts[0]), size):
             piece = tuple(p[start : start + size] for p in parts)
             yield piece if isinstance(item, (tuple, list)) else piece[0]
@@ -94,7 +99,7 @@ def calibrated_ranges(
         return _pick(stats, methods, config.percentile, consumers, outputs), {"method": config.calibration}
     trial = copy.deepcopy(model)  # one working copy; each trial swaps in freshly quantized layers
     with torch.no_grad():
-        reference = [model(x) for x in batches]
+        reference = [logits_of(call_model(model, x)) for x in batches]
 
         def error(methods: dict[str, str]) -> float:
             ranges = _pick(stats, methods, config.percentile, consumers, outputs)
@@ -103,7 +108,8 @@ def calibrated_ranges(
                     name,
                     QuantizedLayer.from_float(layer, "static", ranges=ranges[name], per_channel=config.per_channel),
                 )
-            return sum(float(((trial(x) - ref) ** 2).mean()) for x, ref in zip(batches, reference)) / len(batches)
+            outs = (logits_of(call_model(trial, x)) for x in batches)
+            return sum(float(((out - ref) ** 2).mean()) for out, ref in zip(outs, reference)) / len(batches)
 
         whole = {m: error(dict.fromkeys(targets, m)) for m in METHODS}
         best = min(METHODS, key=lambda m: (whole[m], METHODS.index(m)))

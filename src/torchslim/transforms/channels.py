@@ -20,7 +20,9 @@ from torchslim.analysis.cost import count_params, layer_macs
 from torchslim.analysis.coupling import analyse
 from torchslim.analysis.importance import CRITERIA, NEEDS_DATA
 from torchslim.core.data import Data
+from torchslim.core.device import Device, place
 from torchslim.core.plan import CompressionPlan, LayerDecision, check_keys
+from torchslim.core.task import move
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
 from torchslim.transforms.calibrate import calibration_batches
@@ -157,6 +159,7 @@ def channel_prune_(
     example: torch.Tensor | None = None,
     progress: Progress | None = None,
     teacher: nn.Module | None = None,
+    device: Device = None,
 ) -> ChannelPruneResult:
     """Remove channels from ``model`` in place and fine-tune it.
 
@@ -168,15 +171,23 @@ def channel_prune_(
         example: one input batch for tracing; defaults to the first calibration batch.
         progress: called as ``progress(done, total)`` during fine-tuning.
         teacher: soft targets for fine-tuning (e.g. the unpruned model).
+        device: where to run (``"auto"``, ``"cpu"``, ``"cuda:N"``); the model (and teacher)
+            move there. ``None``: where the model is.
 
     Example:
         >>> cfg = ts.ChannelPruneConfig(macs=0.5, criterion="taylor", round_to=16)
         >>> result = ts.channel_prune_(model, cfg, data=data)  # doctest: +SKIP
     """
+    place(model, device)
+    if teacher is not None:
+        place(teacher, device)
+    if isinstance(data, Data):
+        data.check(model)
     if config.finetune is not None and config.finetune.epochs > 0 and data is None:
         raise ConfigError("fine-tuning after pruning needs data=...; pass data or finetune=None")
-    batches = _calibration(config, data, example)
-    example = example if example is not None else batches[0][0][:8]
+    where = next(model.parameters()).device
+    batches = [move(b, where) for b in _calibration(config, data, example)]
+    example = move(example, where) if example is not None else batches[0][0][:8]
     _check_names(model, config)
     macs0, params0 = sum(layer_macs(model, example).values()), count_params(model)
     layers0 = _layer_shapes(model, example)
@@ -245,7 +256,7 @@ def _calibration(config: ChannelPruneConfig, data: Data | None, example: torch.T
         if example is None:
             raise ConfigError("pass data=... or example=<one input batch> so the model can be traced")
         return []
-    return calibration_batches(data, config.calib_batches, example, batch_size=data.spec.batch_size)
+    return calibration_batches(data, config.calib_batches, example, batch_size=getattr(data.train, "batch_size", None))
 
 
 _SIZES = {

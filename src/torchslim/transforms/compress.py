@@ -24,6 +24,7 @@ from torch import nn
 
 from torchslim.analysis.cost import weight_layers
 from torchslim.core.data import Data
+from torchslim.core.device import Device, place
 from torchslim.core.plan import CompressionPlan
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
@@ -108,6 +109,7 @@ def compress(
     teacher: nn.Module | None = None,
     example: torch.Tensor | None = None,
     progress: StepProgress | None = None,
+    device: Device = None,
 ) -> CompressResult:
     """Apply ``plan`` to a copy of ``model`` in the canonical order; ``model`` is left as it is.
 
@@ -119,6 +121,8 @@ def compress(
         teacher: soft targets for every training step (e.g. ``model`` itself); ``None``: labels.
         example: one input batch for tracing and calibration checks.
         progress: given a technique's name, its training progress callback.
+        device: where to run (``"auto"``, ``"cpu"``, ``"cuda:N"``): the copy and the teacher
+            move there; ``None``: where the model is.
 
     Example:
         >>> plan = CompressionPlan.from_dict({"re:fc.*": {"sparsity": 0.9, "bits": 5}})
@@ -126,7 +130,9 @@ def compress(
         >>> small.plan.resolve("fc1").bits  # doctest: +SKIP
         5
     """
-    work = copy.deepcopy(model)
+    work = place(copy.deepcopy(model), device)
+    if teacher is not None:
+        place(teacher, device)
     bar = progress or (lambda _name: None)
     done = CompressResult(work, CompressionPlan())
     ctx = _Inputs(data, teacher, example, bar)

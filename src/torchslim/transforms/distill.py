@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,12 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.core.data import Data
+from torchslim.core.data import Data, TensorBatches
+from torchslim.core.device import Device, place
 from torchslim.core.models import ZOO, build_model
 from torchslim.core.plan import CompressionPlan
+from torchslim.core.task import Classification, Task, call_model, forward, logits_of, move
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
-from torchslim.train.losses import FEATURE_KINDS, FeatureLoss, SoftTargetLoss, logits_of
+from torchslim.train.losses import FEATURE_KINDS, FeatureLoss
+
+log = logging.getLogger(__name__)
 
 WIDTH_ARGS = {
     "resnet_mini": "width",
@@ -158,10 +163,11 @@ class Distiller(nn.Module):
     """The whole distillation objective of one student / teacher pair: soft targets and labels,
     plus one :class:`FeatureLoss` per feature pair (which own the projections to train)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, config: DistillConfig, example: torch.Tensor) -> None:
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, config: DistillConfig, example: Any, task: Task | None = None
+    ) -> None:
         super().__init__()
-        self.config = config
-        self.soft = SoftTargetLoss(config.train.temperature, config.train.distill_weight)
+        self.config, self.task = config, task or Classification()
         self.s_names, self.t_names = [p[0] for p in config.features], [p[1] for p in config.features]
         check_layers(student, self.s_names, "student")
         check_layers(teacher, self.t_names, "teacher")
@@ -171,7 +177,7 @@ class Distiller(nn.Module):
         student.eval()
         teacher.eval()
         with torch.no_grad(), capture(student, self.s_names) as fs, capture(teacher, self.t_names) as ft:
-            s_out, t_out = logits_of(student(example)), logits_of(teacher(example))
+            s_out, t_out = logits_of(call_model(student, example)), logits_of(call_model(teacher, example))
         student.train(was_training)
         if s_out.shape[-1] != t_out.shape[-1]:
             raise ConfigError(
@@ -183,23 +189,30 @@ class Distiller(nn.Module):
         )
 
     def cache_teacher(self, data: Data, batch: int = 1000) -> None:
-        """The teacher's logits for every training row, computed once."""
+        """The teacher's logits for every training row, computed once; only an in-memory
+        training split (:class:`~torchslim.core.data.TensorBatches`) has rows to key them by,
+        so for any other loader the teacher runs on every batch."""
+        if not isinstance(data.train, TensorBatches):
+            log.info("teacher outputs not cached: the training loader is not an in-memory split")
+            return
         x = data.train.tensors[0]
         teacher = self._teacher[0].eval()
         with torch.no_grad():
-            self.cache = torch.cat([logits_of(teacher(x[i : i + batch])) for i in range(0, len(x), batch)])
+            where = next(teacher.parameters()).device
+            self.cache = torch.cat([logits_of(teacher(x[i : i + batch].to(where))) for i in range(0, len(x), batch)])
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        student, teacher = self._student[0], self._teacher[0]
+    def forward(self, batch: Any, rows: torch.Tensor | None) -> torch.Tensor:
+        student, teacher, task = self._student[0], self._teacher[0], self.task
         with capture(student, self.s_names) as fs:
-            out = student(x)
-        if self.cache is not None:
+            out = forward(student, task, batch)
+        if self.cache is not None and rows is not None:
             target: Any = self.cache[rows]
             ft: dict[str, torch.Tensor] = {}
         else:
             with torch.no_grad(), capture(teacher, self.t_names) as ft:
-                target = teacher(x)
-        loss = self.soft(out, target, y)
+                target = forward(teacher, task, batch)
+        train = self.config.train
+        loss = task.teacher_loss(out, target, batch, train.temperature, train.distill_weight)
         for (s, t), feature in zip(self.config.features, self.features):
             loss = loss + self.config.feature_weight * feature(fs[s], ft[t])
         return loss
@@ -212,12 +225,14 @@ def distill(
     *,
     teacher: nn.Module | None = None,
     progress: Progress | None = None,
+    device: Device = None,
 ) -> DistillResult:
     """Train ``student`` in place against ``teacher`` (unchanged; run in eval mode, no gradients).
 
     Raises :class:`~torchslim.errors.ConfigError` before training when no teacher or data is
     given, the two predict different numbers of classes, a feature pair names a layer that does
-    not exist, or the temperature is not positive.
+    not exist, or the temperature is not positive. ``device`` (``"auto"``, ``"cpu"``,
+    ``"cuda:N"``) moves student and teacher there first; batches follow the student.
 
     Example:
         >>> student = ts.derive_student("resnet_mini", {}, width=0.5)  # doctest: +SKIP
@@ -226,8 +241,13 @@ def distill(
     """
     if teacher is None or data is None:
         raise ConfigError("distill trains the student on the teacher's outputs: pass data=... and teacher=<model>")
+    place(student, device)
+    place(teacher, device)
+    data.check(teacher)
     start = time.perf_counter()
-    objective = Distiller(student, teacher, config, data.example_input(2))
+    where = next(student.parameters()).device
+    objective = Distiller(student, teacher, config, move(data.example_input(2), where), data.task).to(where)
+    data.check(student)  # after the pair's own checks, whose messages are the more specific
     if config.cache_teacher:
         objective.cache_teacher(data)
     history = fit(

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from torchslim.core.task import call_model
 from torchslim.errors import ConfigError
 
 
@@ -42,7 +43,7 @@ def check_runs(model: nn.Module, example: torch.Tensor, what: str, hint: str) ->
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(example)
+            call_model(model.eval(), example)
     except Exception as exc:  # noqa: BLE001 -- any failure here is reported with what to do
         raise ConfigError(
             f"the {what} {type(model).__name__} fails on the example input ({type(exc).__name__}: {exc}); {hint}"

@@ -20,8 +20,9 @@ from torch import nn
 
 from torchslim.core.data import Data
 from torchslim.core.plan import CompressionPlan
+from torchslim.core.task import Classification, Task
 from torchslim.errors import ConfigError
-from torchslim.evaluate.metrics import accuracy
+from torchslim.evaluate.metrics import evaluate
 from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches, inputs_of
 from torchslim.transforms.quantize import (
     QuantizeConfig,
@@ -103,6 +104,8 @@ def mixed_precision_(
         >>> result.kept_float  # doctest: +SKIP
         ['stem']
     """
+    if isinstance(data, Data):
+        data.check(model)
     if config.quantize.qat is not None:
         raise ConfigError("mixed precision chooses layers by post-training quantization: set quantize.qat=None")
     if eval_batches is None and not isinstance(data, Data):
@@ -112,21 +115,22 @@ def mixed_precision_(
     batches = list(eval_batches) if eval_batches is not None else list(data.calib_loader())
     work = copy.deepcopy(model).eval()
     fold_batchnorm_(work)  # a folded float model computes what the original does
-    base = accuracy(work, batches)
+    task = data.task if isinstance(data, Data) else Classification()
+    base = evaluate(work, batches, task)
     _, targets = _select(work, config.quantize)
     if data is None:
         raise ConfigError("mixed precision calibrates its int8 layers: pass data=<calibration batches>")
-    calib = [inputs_of(b) for b in calibration_batches(data, config.quantize.calib_batches, example)]
+    calib = [inputs_of(b, task) for b in calibration_batches(data, config.quantize.calib_batches, example)]
     ranges, _ = calibrated_ranges(work, targets, calib, config.quantize)
     q = config.quantize
     quantized = {n: quantize_layer(layer, q, ranges.get(n)) for n, layer in targets.items()}
     sensitivity = {}
     for name in targets:
         work.set_submodule(name, quantized[name])
-        sensitivity[name] = round(base - accuracy(work, batches), 6)
+        sensitivity[name] = round(task.metric.drop(base, evaluate(work, batches, task)), 6)
         work.set_submodule(name, targets[name])
         log.info("sensitivity of %s: %.4f", name, sensitivity[name])
-    kept = _greedy(work, targets, quantized, sensitivity, (base, config.max_drop), batches)
+    kept = _greedy(work, targets, quantized, sensitivity, (base, config.max_drop), batches, task)
     result = MixedPrecisionResult(base, sensitivity, [h["kept_float"][-1] for h in kept[1:]], kept)
     result.quantized = quantize_(model, replace(q, exclude=q.exclude + tuple(result.kept_float)), data, example=example)
     return result
@@ -139,17 +143,19 @@ def _greedy(
     sensitivity: dict[str, float],
     budget: tuple[float, float],
     batches: list,
+    task: Task,
 ) -> list[dict]:
-    """Quantize every layer, then return the most sensitive to float until the budget holds."""
+    """Quantize every layer, then return the most sensitive to float until the budget holds.
+    (``"accuracy"`` in the history is the task's metric.)"""
     base, max_drop = budget
     for name in targets:
         work.set_submodule(name, quantized[name])
     kept: list[str] = []
-    history = [{"kept_float": [], "accuracy": accuracy(work, batches)}]
+    history = [{"kept_float": [], "accuracy": evaluate(work, batches, task)}]
     for name in sorted(targets, key=lambda n: -sensitivity[n]):
-        if base - history[-1]["accuracy"] <= max_drop:
+        if task.metric.drop(base, history[-1]["accuracy"]) <= max_drop:
             break
         work.set_submodule(name, targets[name])
         kept.append(name)
-        history.append({"kept_float": list(kept), "accuracy": accuracy(work, batches)})
+        history.append({"kept_float": list(kept), "accuracy": evaluate(work, batches, task)})
     return history

@@ -20,6 +20,7 @@ from torch.nn.utils import prune as torch_prune
 
 from torchslim.analysis.cost import weight_layers
 from torchslim.core.data import Data
+from torchslim.core.device import Device, place
 from torchslim.core.plan import CompressionPlan, check_sparsity, layer_targets
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
@@ -102,15 +103,22 @@ def prune_(
     *,
     teacher: nn.Module | None = None,
     progress: Progress | None = None,
+    device: Device = None,
 ) -> PruneResult:
     """Prune ``model``'s Linear/Conv weights by magnitude, in place, fine-tuning between rounds.
 
     With a ``teacher`` (typically the unpruned model), fine-tuning also matches its softened
-    outputs (``config.finetune.distill_weight``, ``temperature``).
+    outputs (``config.finetune.distill_weight``, ``temperature``). ``device`` (``"auto"``,
+    ``"cpu"``, ``"cuda:N"``) moves the model and teacher there first; batches follow the model.
 
     Example:
         >>> result = prune_(model, MagnitudePruneConfig(sparsity=0.9, steps=3), data=data)  # doctest: +SKIP
     """
+    place(model, device)
+    if teacher is not None:
+        place(teacher, device)
+    if isinstance(data, Data):
+        data.check(model)
     targets, skipped = config.targets(model)
     layers = {n: m for n, m in weight_layers(model) if n in targets}
     others = [m for n, m in weight_layers(model) if n not in targets]

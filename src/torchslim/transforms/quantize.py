@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from torchslim.analysis.ranges import METHODS
-from torchslim.core.data import Data
+from torchslim.core.data import Data, take_rows
 from torchslim.core.plan import CompressionPlan, check_keys, match_layer
 from torchslim.core.qlayers import (
     FLOAT_TYPES,
@@ -31,6 +31,7 @@ from torchslim.core.qlayers import (
     folded_batchnorm,
 )
 from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN
+from torchslim.core.task import move
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig
 from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches, correct_biases_, inputs_of
@@ -208,6 +209,8 @@ def quantize_(
     Example:
         >>> result = ts.quantize_(model, ts.QuantizeConfig(calibration="mse"), data=data)  # doctest: +SKIP
     """
+    if isinstance(data, Data):
+        data.check(model)
     if config.qat is not None and not isinstance(data, Data):
         raise ConfigError("qat trains the model: pass data=<a torchslim Data> with a training split")
     names = [n for n, _ in model.named_modules() if n]
@@ -215,10 +218,14 @@ def quantize_(
     check_keys(names, config.layers or (), "layers")
     if data is None and config.scheme == "static":
         raise ConfigError("static quantization calibrates input ranges: pass data=<calibration batches>")
+    task = data.task if isinstance(data, Data) else None
+    where = next(model.parameters(), torch.empty(0)).device  # calibration runs where the model is
     batches = (
-        [inputs_of(b) for b in calibration_batches(data, config.calib_batches, example)] if data is not None else []
+        [move(inputs_of(b, task), where) for b in calibration_batches(data, config.calib_batches, example)]
+        if data is not None
+        else []
     )
-    example = example if example is not None else (batches[0][:2] if batches else None)
+    example = example if example is not None else (take_rows(batches[0], 2) if batches else None)
     if example is None:
         raise ConfigError("pass data=... (calibration batches) or example=<one input batch>")
     with rollback(model):  # a failure leaves the float model as it was

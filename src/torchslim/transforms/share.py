@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 
 from torchslim.analysis.cost import weight_layers
 from torchslim.core.data import Data
+from torchslim.core.device import Device, place
 from torchslim.core.plan import CompressionPlan, LayerDecision, layer_targets
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
@@ -137,14 +138,21 @@ def share_(
     *,
     teacher: nn.Module | None = None,
     progress: Progress | None = None,
+    device: Device = None,
 ) -> ShareResult:
     """Replace each targeted layer's weights by a k-means codebook, then train the centroids.
 
-    With a ``teacher``, centroid training also matches its softened outputs.
+    With a ``teacher``, centroid training also matches its softened outputs. ``device``
+    (``"auto"``, ``"cpu"``, ``"cuda:N"``) moves the model and teacher there first.
 
     Example:
         >>> result = share_(model, ShareConfig(bits=5), data=data)  # doctest: +SKIP
     """
+    place(model, device)
+    if teacher is not None:
+        place(teacher, device)
+    if isinstance(data, Data):
+        data.check(model)
     targets, skipped = config.targets(model)
     layers = {n: m for n, m in weight_layers(model) if n in targets}
     others = [m for n, m in weight_layers(model) if n not in targets]
