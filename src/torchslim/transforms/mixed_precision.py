@@ -3,14 +3,16 @@
 ``mixed_precision_`` measures each layer's sensitivity -- the accuracy lost when only that
 layer is quantized -- then quantizes all of them and hands the most sensitive layers back to
 float, one at a time, until the accuracy drop is within the budget. The model is then
-quantized in place with those layers excluded. Accuracy is measured on labelled batches the
-caller gives, by default the data's calibration split (training images the test set never
-sees, so the choice does not peek at the test set).
+quantized in place with those layers excluded. Accuracy (the data's task metric) is measured
+on labelled batches the caller gives, by default the first ``calib_batches`` batches of the
+data's calibration split (training images the test set never sees, so the choice does not
+peek at the test set).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -112,7 +114,9 @@ def mixed_precision_(
         raise ConfigError(
             "pass eval_batches=<(input, label) batches> to measure accuracy on, or data=<a torchslim Data>"
         )
-    batches = list(eval_batches) if eval_batches is not None else list(data.calib_loader())
+    if eval_batches is None:  # data is a Data (checked above): its first calibration batches
+        eval_batches = itertools.islice(data.calib_loader(), config.quantize.calib_batches)
+    batches = list(eval_batches)
     work = copy.deepcopy(model).eval()
     fold_batchnorm_(work)  # a folded float model computes what the original does
     task = data.task if isinstance(data, Data) else Classification()
