@@ -284,3 +284,14 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda():
             fit(_mlp(), data, TrainConfig(epochs=1, precision="fp16"))
     with pytest.raises(ConfigError, match="precision='int3'"):
         TrainConfig(precision="int3")
+
+
+def test_auto_calibration_reports_progress():
+    model, data, seen = _mlp(), _blobs_data(), []
+    ts.quantize_(
+        model,
+        ts.QuantizeConfig(calibration="auto", calib_batches=2),
+        data=data,
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert seen and seen[-1][0] == seen[-1][1] == seen[0][1] and [d for d, _ in seen] == list(range(1, len(seen) + 1))

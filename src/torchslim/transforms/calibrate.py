@@ -84,10 +84,15 @@ def _cut(source: Iterable, size: int | None) -> Iterator:
 
 
 def calibrated_ranges(
-    model: nn.Module, targets: dict[str, nn.Module], batches: list, config: Any
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    batches: list,
+    config: Any,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Ranges, dict[str, Any]]:
     """The ranges of every target layer, and what was chosen: ``{"method": ...}``, and for
-    ``"auto"`` also each layer's method and the output error of each whole-model method."""
+    ``"auto"`` also each layer's method and the output error of each whole-model method.
+    ``progress(done, total)`` is called after each scored candidate of ``"auto"``."""
     if config.scheme != "static":
         return {}, {}
     graph = _trace(model)
@@ -98,6 +103,7 @@ def calibrated_ranges(
         methods = dict.fromkeys(targets, config.calibration)
         return _pick(stats, methods, config.percentile, consumers, outputs), {"method": config.calibration}
     trial = copy.deepcopy(model)  # one working copy; each trial swaps in freshly quantized layers
+    total, done = len(METHODS) + len(targets) * (len(METHODS) - 1), 0
     with torch.no_grad():
         reference = [logits_of(call_model(model, x)) for x in batches]
 
@@ -109,7 +115,12 @@ def calibrated_ranges(
                     QuantizedLayer.from_float(layer, "static", ranges=ranges[name], per_channel=config.per_channel),
                 )
             outs = (logits_of(call_model(trial, x)) for x in batches)
-            return sum(float(((out - ref) ** 2).mean()) for out, ref in zip(outs, reference)) / len(batches)
+            err = sum(float(((out - ref) ** 2).mean()) for out, ref in zip(outs, reference)) / len(batches)
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            return err
 
         whole = {m: error(dict.fromkeys(targets, m)) for m in METHODS}
         best = min(METHODS, key=lambda m: (whole[m], METHODS.index(m)))

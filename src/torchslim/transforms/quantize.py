@@ -203,7 +203,8 @@ def quantize_(
             pairs to calibrate on. Required for the static scheme.
         example: an input batch; calibration batches must match its shape after the batch
             dimension. Defaults to the first calibration batch.
-        progress: called as ``progress(done, total)`` during QAT.
+        progress: called as ``progress(done, total)`` while ``calibration="auto"`` scores its
+            candidates, then during QAT.
         teacher: soft targets for QAT (e.g. the float model).
 
     Example:
@@ -249,7 +250,7 @@ def _quantize(
             f"{type(model).__name__} has no layer this scheme can quantize ({_summary(records)}); "
             "static int8 covers nn.Linear and nn.Conv1d/2d, dynamic int8 nn.Linear, nn.LSTM and nn.GRU, int4 nn.Linear"
         )
-    ranges, calibration = calibrated_ranges(model, targets, batches, config)
+    ranges, calibration = calibrated_ranges(model, targets, batches, config, progress)
     history: list[dict] = []
     if config.qat is not None:
         assert isinstance(data, Data)  # checked above
