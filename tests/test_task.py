@@ -295,3 +295,10 @@ def test_auto_calibration_reports_progress():
         progress=lambda d, t: seen.append((d, t)),
     )
     assert seen and seen[-1][0] == seen[-1][1] == seen[0][1] and [d for d, _ in seen] == list(range(1, len(seen) + 1))
+
+
+def test_search_says_which_data_it_takes(tmp_path):
+    cfg = ts.SearchConfig(ts.Budget.parse("1pt"))
+    with pytest.raises(ConfigError, match="classification data with eval=TensorBatches"):
+        ts.search(_mlp(), _blobs_data(), cfg, tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before writing anything

@@ -23,9 +23,11 @@ from torch import nn
 
 from torchslim.analysis.cost import count_params
 from torchslim.artifact.tslim import check_reproduces, load, save
-from torchslim.core.data import Data
+from torchslim.core.data import Data, TensorBatches
 from torchslim.core.files import write_atomic
 from torchslim.core.plan import CompressionPlan
+from torchslim.core.task import Classification
+from torchslim.errors import ConfigError
 from torchslim.evaluate.metrics import accuracy, file_bytes
 from torchslim.search.config import SearchConfig
 from torchslim.search.parallel import WorkerSpec, make_executor
@@ -80,6 +82,12 @@ def search(
         >>> result = search(model, data, SearchConfig(Budget.parse("1pt")), "runs/s")  # doctest: +SKIP
         >>> result.final.ratio, result.final.within_budget  # doctest: +SKIP
     """
+    if not isinstance(data.task, Classification) or not isinstance(data.eval, TensorBatches):
+        raise ConfigError(
+            "the search measures accuracy on an in-memory evaluation set it halves (search / held-out): it takes "
+            "classification data with eval=TensorBatches((inputs, labels), batch_size); compress other tasks "
+            "with ts.compress and a plan"
+        )
     run_dir, bar = Path(run_dir), progress or (lambda _d: None)
     with run_lock(run_dir):
         start = time.perf_counter()
