@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, RandomSampler
 
+from torchslim.core.device import model_device
 from torchslim.core.task import Classification, Task, call_model, check_finite, move
 from torchslim.errors import ConfigError, DataError, DatasetNotFoundError
 
@@ -199,7 +200,7 @@ class Data:
         says what to do when a split is empty, a batch has a structure the task cannot read,
         holds NaN or Inf, sits on a device other than the CPU or the model's, or has labels the
         model cannot predict. The verbs call this before any work."""
-        device = _model_device(model)
+        device = model_device(model)
         if device.type == "meta":
             raise DataError("the model's parameters are on the meta device (no weights): load its weights first")
         for name, loader in (("train", self.train), ("eval", self.eval), ("calib", self.calib)):
@@ -209,11 +210,6 @@ class Data:
             if batch is None:
                 raise DataError(f"the {name} loader yielded no batches: give it at least one batch")
             _check_batch(model, self.task, batch, f"the first {name} batch", device)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _devices(batch: Any) -> set[torch.device]:

@@ -7,6 +7,8 @@ written from CPU copies and load onto any device.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -42,6 +44,13 @@ def resolve_device(device: Device) -> torch.device | None:
     elif dev.type != "cpu":
         raise ConfigError(f"device={device!r}: torchslim runs on 'cpu' or 'cuda'")
     return dev
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` runs: the device of its first parameter or buffer (CPU when it has none)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def place(model: nn.Module, device: Device) -> nn.Module:

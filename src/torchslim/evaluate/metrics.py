@@ -12,13 +12,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from torchslim.core.device import model_device
 from torchslim.core.task import Classification, Task, as_float32, forward, move
 from torchslim.errors import DataError
-
-
-def _device(model: nn.Module) -> torch.device | None:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else None
 
 
 @torch.no_grad()
@@ -32,7 +28,7 @@ def evaluate(model: nn.Module, loader: Iterable, task: Task | None = None) -> fl
     """
     task = task or Classification()
     model.eval()
-    device, total, count = _device(model), 0.0, 0.0
+    device, total, count = model_device(model), 0.0, 0.0
     for batch in loader:
         batch = move(batch, device)
         s, n = task.score(forward(model, task, batch), batch)
@@ -49,7 +45,7 @@ def fidelity(model: nn.Module, reference: nn.Module, loader: Iterable, task: Tas
     task = task or Classification()
     model.eval()
     reference.eval()
-    device, total, count = _device(model), 0.0, 0.0
+    device, total, count = model_device(model), 0.0, 0.0
     for batch in loader:
         batch = move(batch, device)
         s, n = task.compare(forward(model, task, batch), forward(reference, task, batch), batch)

@@ -20,7 +20,7 @@ from torchslim.analysis.cost import count_params, layer_macs
 from torchslim.analysis.coupling import analyse
 from torchslim.analysis.importance import CRITERIA, NEEDS_DATA
 from torchslim.core.data import Data
-from torchslim.core.device import Device, place
+from torchslim.core.device import Device, model_device, place
 from torchslim.core.plan import CompressionPlan, LayerDecision, check_keys
 from torchslim.core.task import move
 from torchslim.errors import ConfigError
@@ -185,7 +185,7 @@ def channel_prune_(
         data.check(model)
     if config.finetune is not None and config.finetune.epochs > 0 and data is None:
         raise ConfigError("fine-tuning after pruning needs data=...; pass data or finetune=None")
-    where = next(model.parameters()).device
+    where = model_device(model)
     batches = [move(b, where) for b in _calibration(config, data, example)]
     example = move(example, where) if example is not None else batches[0][0][:8]
     _check_names(model, config)

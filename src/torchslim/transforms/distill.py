@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from torchslim.core.data import Data, TensorBatches
-from torchslim.core.device import Device, place
+from torchslim.core.device import Device, model_device, place
 from torchslim.core.models import ZOO, build_model
 from torchslim.core.plan import CompressionPlan
 from torchslim.core.task import Classification, Task, call_model, forward, logits_of, move
@@ -198,7 +198,7 @@ class Distiller(nn.Module):
         x = data.train.tensors[0]
         teacher = self._teacher[0].eval()
         with torch.no_grad():
-            where = next(teacher.parameters()).device
+            where = model_device(teacher)
             self.cache = torch.cat([logits_of(teacher(x[i : i + batch].to(where))) for i in range(0, len(x), batch)])
 
     def forward(self, batch: Any, rows: torch.Tensor | None) -> torch.Tensor:
@@ -245,7 +245,7 @@ def distill(
     place(teacher, device)
     data.check(teacher)
     start = time.perf_counter()
-    where = next(student.parameters()).device
+    where = model_device(student)
     objective = Distiller(student, teacher, config, move(data.example_input(2), where), data.task).to(where)
     data.check(student)  # after the pair's own checks, whose messages are the more specific
     if config.cache_teacher:

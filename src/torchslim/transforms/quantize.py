@@ -23,6 +23,7 @@ from torch import nn
 
 from torchslim.analysis.ranges import METHODS
 from torchslim.core.data import Data, take_rows
+from torchslim.core.device import model_device
 from torchslim.core.plan import CompressionPlan, check_keys, match_layer
 from torchslim.core.qlayers import (
     FLOAT_TYPES,
@@ -220,7 +221,7 @@ def quantize_(
     if data is None and config.scheme == "static":
         raise ConfigError("static quantization calibrates input ranges: pass data=<calibration batches>")
     task = data.task if isinstance(data, Data) else None
-    where = next(model.parameters(), torch.empty(0)).device  # calibration runs where the model is
+    where = model_device(model)  # calibration runs where the model is
     batches = (
         [move(inputs_of(b, task), where) for b in calibration_batches(data, config.calib_batches, example)]
         if data is not None
