@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from torchslim.artifact.inspect import inspect_file
+from torchslim.core.data import Data, take_rows
 from torchslim.core.plan import CompressionPlan
 from torchslim.core.qlayers import QuantizedLayer
 from torchslim.errors import ConfigError
@@ -111,6 +112,21 @@ def test_split_halves_are_disjoint_and_cover_the_evaluation_set(digits):
     assert len(xa) + len(xb) == digits.eval.rows
     rows = {tuple(r.flatten().tolist()) for r in xa}
     assert not any(tuple(r.flatten().tolist()) in rows for r in xb[:50])
+
+
+def test_a_streamed_evaluation_set_splits_by_alternate_batches_without_loading_it():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.arange(50.0).unsqueeze(1)
+    loader = DataLoader(TensorDataset(x, torch.zeros(50, dtype=torch.long)), batch_size=8)
+    data = Data(train=loader, eval=loader)
+    for seed in (0, 1):
+        a, b = split_eval(data, seed)
+        rows_a, rows_b = (torch.cat([x for x, _ in half]).flatten().tolist() for half in (a, b))
+        assert sorted(rows_a + rows_b) == x.flatten().tolist() and not set(rows_a) & set(rows_b)
+        assert rows_a[0] == (0.0 if seed == 0 else 8.0)
+        assert [len(list(h)) for h in (a, b, a, b)] == ([4, 3] if seed == 0 else [3, 4]) * 2  # re-iterable
+    assert take_rows({"x": x[:3]}, 8, cycle=True)["x"].flatten().tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
 
 
 def test_search_delivers_a_file_measured_after_loading_and_resumes_without_rerunning(digits_mlp, digits, tmp_path):

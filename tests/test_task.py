@@ -297,8 +297,90 @@ def test_auto_calibration_reports_progress():
     assert seen and seen[-1][0] == seen[-1][1] == seen[0][1] and [d for d, _ in seen] == list(range(1, len(seen) + 1))
 
 
-def test_search_says_which_data_it_takes(tmp_path):
-    cfg = ts.SearchConfig(ts.Budget.parse("1pt"))
-    with pytest.raises(ConfigError, match="classification data with eval=TensorBatches"):
-        ts.search(_mlp(), _blobs_data(), cfg, tmp_path)
-    assert not any(tmp_path.iterdir())  # refused before writing anything
+def _search_config(budget: str, **kw) -> ts.SearchConfig:
+    from torchslim.search.config import LatencySetting
+    from torchslim.search.space import Recovery, SearchSpace
+
+    fields = dict(
+        objective="size",
+        trials=3,
+        space=SearchSpace(sparsity=(0.0, 0.5, 0.9), bits=(), channels=(0.0, 0.5), int8=False),
+        recovery=Recovery(samples=48, epochs=1, lr=1e-2),
+        final=Recovery(samples=0, epochs=1, lr=1e-2),
+        latency=LatencySetting("eager", batch=8, threads=1, repeats=2),
+    )
+    return ts.SearchConfig(ts.Budget.parse(budget), **(fields | kw))
+
+
+def _trained(model: nn.Module, data: Data, epochs: int = 20) -> nn.Module:
+    fit(model, data, TrainConfig(epochs=epochs, lr=1e-2))
+    return model.eval()
+
+
+def test_search_takes_a_user_loader_and_judges_the_budget_on_batches_it_never_saw(tmp_path):
+    train, held = DataLoader(Blobs(256, 0), batch_size=32), DataLoader(Blobs(96, 1), batch_size=16)
+    data = Data(train=train, eval=held)
+    model = _trained(_mlp(), data)
+    report = ts.search(model, data, _search_config("5pt"), tmp_path, name="blobs")
+    final = report.final
+    assert report.metric["name"] == "accuracy" and report.data == {"name": "user"}
+    assert report.search.trials_done == 3 and final is not None and (tmp_path / "blobs.tslim").is_file()
+    # the evaluation loader's six batches split alternately: 48 samples each, neither seen twice
+    assert final.accuracy_search * 48 == round(final.accuracy_search * 48) and report.baseline.accuracy_search > 0.8
+    assert final.drop_holdout == pytest.approx(report.baseline.accuracy_holdout - final.accuracy_holdout)
+    assert final.within_budget == (final.drop_holdout <= report.budget.max_drop)
+    restored = ts.load(tmp_path / "blobs.tslim", model=_mlp())
+    assert evaluate(restored, held) == pytest.approx(final.accuracy_test)
+
+
+def test_search_with_a_lower_is_better_metric_takes_a_relative_budget(tmp_path):
+    from torchslim.report.html import to_html, to_search_markdown
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(384, 8, generator=g)
+    y = x @ torch.randn(8, 2, generator=g)
+    pairs = list(zip(x.split(32), y.split(32)))
+    data = Data(train=pairs[:8], eval=pairs[8:], task=Regression())
+    model = _trained(_mlp(2), data, 40)
+    with pytest.raises(ConfigError, match="points apply to a percentage.*mse.*'1%'"):
+        ts.search(model, data, _search_config("1pt"), tmp_path / "pt")
+    assert not (tmp_path / "pt").exists()  # refused before writing anything
+    report = ts.search(model, data, _search_config("50%"), tmp_path / "rel", name="reg")
+    base, max_drop = report.baseline.accuracy_search, report.budget.max_drop
+    assert report.metric == {"name": "mse", "unit": "", "higher_is_better": False}
+    assert max_drop == pytest.approx(0.5 * base)
+    for t in report.trials:  # a drop is the rise of the error
+        if t.state == "COMPLETE":
+            assert t.drop == pytest.approx(t.accuracy - base, abs=1e-5)
+    front = [t for t in report.trials if t.pareto]
+    assert front and all(t.feasible for t in front)
+    assert report.final is not None and report.final.drop_holdout == pytest.approx(
+        report.final.accuracy_holdout - report.baseline.accuracy_holdout
+    )
+    page, md = to_html(report), to_search_markdown(report)
+    assert "mse rise, held-out split (mse)" in md and "accuracy" not in md.lower().replace("mse", "")
+    assert "Mse against size and latency" in page
+
+
+def test_search_refuses_what_it_cannot_measure_before_any_work(tmp_path):
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.fc(features)
+
+    x, y = Blobs(32, 0).x, Blobs(32, 0).y
+    batches = [{"features": x[i : i + 8], "labels": y[i : i + 8]} for i in range(0, 32, 8)]
+    data = Data(train=batches, eval=batches)
+    from torchslim.search.config import LatencySetting
+
+    latency = _search_config("5pt", objective="latency", latency=LatencySetting("onnxruntime", batch=8, threads=1))
+    with pytest.raises(ConfigError, match="takes dict inputs: search latency with backend='eager'"):
+        ts.search(Keywords(), data, latency, tmp_path / "lat")
+    with pytest.raises(ConfigError, match="parallel trials rebuild the model and the data"):
+        ts.search(Keywords(), data, _search_config("5pt", workers=2, use_ray=True), tmp_path / "ray")
+    with pytest.raises(DataError, match="no batches"):
+        ts.search(Keywords(), Data(train=batches, eval=[]), _search_config("5pt"), tmp_path / "empty")
+    assert not any(tmp_path.iterdir())

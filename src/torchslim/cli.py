@@ -102,11 +102,11 @@ def compress(
 def _details(report: RunReport) -> None:
     """The per-technique and per-tensor tables of a compression report."""
     from torchslim.report.render import (
-        DISTILL_COLUMNS,
         GROUP_COLUMNS,
         LAYER_COLUMNS,
         QUANT_COLUMNS,
         STRUCTURE_COLUMNS,
+        distill_columns,
         distill_rows,
         group_rows,
         layer_rows,
@@ -115,7 +115,10 @@ def _details(report: RunReport) -> None:
     )
 
     if report.distillation:
-        _show("distillation", DISTILL_COLUMNS, distill_rows(report.distillation))
+        from torchslim.core.task import Metric
+
+        metric = Metric(**report.metric)
+        _show("distillation", distill_columns(metric), distill_rows(report.distillation, metric))
     for i, step in enumerate(report.structure, 1):
         _show(f"channels removed (step {i}), per group", GROUP_COLUMNS, group_rows(step))
         _show(f"channels removed (step {i}), per layer", STRUCTURE_COLUMNS, structure_rows(step))
@@ -129,7 +132,9 @@ def _details(report: RunReport) -> None:
 def search(
     recipe: str | None = typer.Argument(None, help="recipe YAML path or built-in name (default: lenet_300_100)"),
     budget: str | None = typer.Option(
-        None, "--budget", help="accuracy allowed to go: '1pt' (points, absolute) or '1%' (relative)"
+        None,
+        "--budget",
+        help="quality allowed to go: '1pt' (points of accuracy, absolute) or '1%' (relative to the baseline)",
     ),
     objective: str | None = typer.Option(None, "--objective", help="size (bytes on disk) or latency (measured)"),
     trials: int | None = typer.Option(None, "--trials", help="trials in the study in all (finished ones count)"),
@@ -141,7 +146,7 @@ def search(
     out: Path | None = typer.Option(None, "--out", help="run folder (overrides the recipe's); rerunning resumes there"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (compress: only the before/after table)"),
 ) -> None:
-    """Search per-layer plans under an accuracy budget; deliver the best .tslim and report.html."""
+    """Search per-layer plans under a quality budget; deliver the best .tslim and report.html."""
     from torchslim.recipe.run import run_search
     from torchslim.recipe.schema import load_recipe
 
@@ -177,14 +182,14 @@ def _trial_line(progress: Progress | None):
     def update(info: dict) -> None:
         nonlocal task
         best = info["best"]
-        note = (
-            "best: none yet"
-            if best is None
-            else (
-                f"best: trial {best['trial']}, {best['bytes']:,} B, {best['latency_ms']:.3f} ms, "
-                f"-{100 * best['drop']:.2f} pts{'' if best['met_budget'] else ' (over budget)'}"
+        if best is None:
+            note = "best: none yet"
+        else:
+            ms = "" if best.get("latency_ms") is None else f", {best['latency_ms']:.3f} ms"
+            note = (
+                f"best: trial {best['trial']}, {best['bytes']:,} B{ms}, -{info['metric'].show_drop(best['drop'])}"
+                f"{'' if best['met_budget'] else ' (over budget)'}"
             )
-        )
         if task is None:
             task = progress.add_task("trials", total=info["total"], note=note)
         progress.update(task, completed=info["done"], total=info["total"], note=note)
@@ -197,6 +202,8 @@ def _print_search(report: SearchResult, out_dir: Path) -> None:
 
     if report.search and report.search.execution_note:
         console.print(f"[yellow]note:[/] {report.search.execution_note}", highlight=False)
+    from torchslim.core.task import Metric
+
     console.print(report.chosen.message, highlight=False)
     _show("before / after", ("metric", "baseline", "delivered file"), summary_rows(report))
     _show(
@@ -207,9 +214,8 @@ def _print_search(report: SearchResult, out_dir: Path) -> None:
     final = report.final
     if final:
         verdict = "within" if final.within_budget else "NOT within"
-        console.print(
-            f"held-out split: {100 * final.drop_holdout:.2f} points lost, {verdict} the budget", highlight=False
-        )
+        lost = Metric(**report.metric).show_drop(final.drop_holdout)
+        console.print(f"held-out split: {lost} lost, {verdict} the budget", highlight=False)
     console.print(f"wrote {out_dir / 'report.html'}, report.json, report.md" + (f", {final.artifact}" if final else ""))
 
 

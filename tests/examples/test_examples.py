@@ -3,6 +3,7 @@
 variable-length batches, and an iterable dataset fed from a generator. Each reports its own
 metric."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torchslim.core.data import Data
 from torchslim.core.task import Regression
 from torchslim.evaluate.metrics import evaluate, fidelity
 from torchslim.report.records import RunReport
+from torchslim.search.result import SearchResult
 from torchslim.train.fit import TrainConfig, fit
 
 HERE = Path(__file__).parent
@@ -80,10 +82,43 @@ def test_user_cnn_through_a_recipe_and_the_cli(trained_cnn, tmp_path):
     result = CliRunner().invoke(app, ["compress", str(recipe)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "my_cnn:build on my_cnn:loaders" in result.output
-    report = RunReport.from_dict(__import__("json").loads((tmp_path / "out" / "report.json").read_text()))
+    report = RunReport.from_dict(json.loads((tmp_path / "out" / "report.json").read_text()))
     assert report.baseline.accuracy > 0.9 and report.compressed.agreement > 0.9
     assert report.compressed.ratio > 4 and report.model["builder"] == "my_cnn:build"
     restored = ts.load(tmp_path / "out" / "user.tslim", model=user_cnn.build())  # a fresh model of the user's
+    x = next(iter(user_cnn.loaders(eval=64)["eval"]))[0]
+    assert restored(x).shape == (64, 4)
+
+
+SEARCH = """
+search:
+  budget: 3pt
+  trials: 2
+  sparsity: [0.0, 0.5, 0.8]
+  bits: []
+  channels: [0.0]
+  int8: false
+  seeds: [1.0]
+  recovery: {samples: 64, epochs: 1, lr: 0.001, share_epochs: 0}
+  final: {samples: 128, epochs: 1, lr: 0.001, share_epochs: 0}
+  latency_backend: eager
+  latency_batch: 8
+"""
+
+
+def test_user_cnn_searched_through_the_cli(trained_cnn, tmp_path):
+    dense, _ = trained_cnn
+    shutil.copy(HERE / "user_cnn.py", tmp_path / "my_cnn.py")
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(tmp_path / "cnn.safetensors"))
+    recipe = tmp_path / "user.yaml"
+    recipe.write_text(RECIPE.replace("OUT", str(tmp_path / "out")) + SEARCH)
+    result = CliRunner().invoke(app, ["search", str(recipe), "--quiet"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = SearchResult.from_dict(json.loads((tmp_path / "out" / "report.json").read_text()))
+    assert report.model == {"name": "my_cnn:build", "kwargs": {"width": 8}} and report.data == {"name": "user"}
+    assert report.search.trials_done == 2 and report.final is not None and report.baseline.accuracy_search > 0.9
+    assert "held-out split:" in result.output and "points lost" in result.output
+    restored = ts.load(report.final.artifact, model=user_cnn.build())  # the file loads into the user's model
     x = next(iter(user_cnn.loaders(eval=64)["eval"]))[0]
     assert restored(x).shape == (64, 4)
 

@@ -23,10 +23,12 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from torchslim.core.task import call_model
 from torchslim.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,11 @@ def compile_model(
     model.eval()
     if backend == "eager":
         return _NoGrad(model)
+    if not isinstance(example, torch.Tensor):
+        raise ConfigError(
+            f"backend={backend!r} compiles models that take one tensor; this one takes "
+            f"{type(example).__name__} inputs: time it with backend='eager'"
+        )
     if backend == "inductor":
         runner: Callable[[torch.Tensor], torch.Tensor] = _Frozen(model)
     elif backend == "onnxruntime":
@@ -59,9 +66,9 @@ class _NoGrad:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> Any:
         with torch.no_grad():
-            return self.model(x)
+            return call_model(self.model, x)
 
 
 class _Frozen:

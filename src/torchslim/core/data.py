@@ -255,15 +255,29 @@ class _FirstBatches:
         return itertools.islice(iter(self.source), self.count)
 
 
-def take_rows(inputs: Any, n: int) -> Any:
-    """The first ``n`` samples of a model input (a tensor, or tuples and dicts of them)."""
+def take_rows(inputs: Any, n: int, *, cycle: bool = False) -> Any:
+    """The first ``n`` samples of a model input (a tensor, or tuples and dicts of them); with
+    ``cycle``, an input of fewer samples is repeated up to ``n``."""
     if isinstance(inputs, torch.Tensor):
+        if cycle and 0 < inputs.shape[0] < n:
+            inputs = inputs.repeat(-(-n // inputs.shape[0]), *([1] * (inputs.dim() - 1)))
         return inputs[:n]
     if isinstance(inputs, Mapping):
-        return {k: take_rows(v, n) for k, v in inputs.items()}
+        return {k: take_rows(v, n, cycle=cycle) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(take_rows(v, n) for v in inputs)
+        return type(inputs)(take_rows(v, n, cycle=cycle) for v in inputs)
     return inputs
+
+
+def batch_rows(inputs: Any) -> int:
+    """Samples in a model input: the first dimension of its first tensor (0 when it holds none)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else 1
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else ()
+    for value in values:
+        if rows := batch_rows(value):
+            return rows
+    return 0
 
 
 def load_data(spec: DataSpec | None = None) -> Data:

@@ -50,6 +50,27 @@ class Metric:
         """How much worse ``after`` is than ``before`` (positive: a loss of quality)."""
         return before - after if self.higher_is_better else after - before
 
+    @property
+    def scale(self) -> float:
+        """Multiplier from the value to its shown number: 100 for a percentage, else 1."""
+        return 100.0 if self.unit == "%" else 1.0
+
+    @property
+    def drop_word(self) -> str:
+        """What losing quality does to the value: a ``drop`` of accuracy, a ``rise`` of perplexity."""
+        return "drop" if self.higher_is_better else "rise"
+
+    @property
+    def drop_unit(self) -> str:
+        """What a drop is counted in: ``points`` of a percentage, else the metric's unit (or name)."""
+        return "points" if self.unit == "%" else (self.unit or self.name)
+
+    def show_drop(self, value: float) -> str:
+        """A drop for people: ``0.52 points``, ``0.31 ppl``."""
+        if self.unit == "%":
+            return f"{100 * value:.2f} points"
+        return f"{value:.4g} {self.drop_unit}"
+
 
 @runtime_checkable
 class Task(Protocol):

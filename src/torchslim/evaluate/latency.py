@@ -6,9 +6,14 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
+
+from torchslim.core.data import batch_rows
+from torchslim.core.task import call_model
 
 
 @dataclass(frozen=True)
@@ -29,13 +34,14 @@ class Latency:
 
 @torch.no_grad()
 def measure_latency(
-    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
-    example: torch.Tensor,
+    model: nn.Module | Callable[[Any], Any],
+    example: Any,
     threads: int = 2,
     warmup: int = 10,
     repeats: int = 50,
 ) -> Latency:
     """Time ``model(example)`` after ``warmup`` calls; report the median of ``repeats`` calls.
+    ``example`` is a tensor, or for a module a tuple of positional or a dict of keyword inputs.
 
     Example:
         >>> lat = measure_latency(model, torch.zeros(64, 1, 28, 28))  # doctest: +SKIP
@@ -45,6 +51,7 @@ def measure_latency(
     try:
         if isinstance(model, nn.Module):
             model.eval()
+            model = partial(call_model, model)
         for _ in range(warmup):
             model(example)
         times = []
@@ -55,4 +62,4 @@ def measure_latency(
     finally:
         torch.set_num_threads(previous)
     deciles = statistics.quantiles(times, n=10)
-    return Latency(example.shape[0], threads, statistics.median(times), deciles[0], deciles[-1], repeats)
+    return Latency(batch_rows(example), threads, statistics.median(times), deciles[0], deciles[-1], repeats)

@@ -269,11 +269,6 @@ def run_search(
     from torchslim.report.html import write_search_report
     from torchslim.search.run import search
 
-    if recipe.model.name is None or recipe.data.builder is not None or recipe.data.image_folder is not None:
-        raise RecipeError(
-            f"recipe {recipe.name!r}: torchslim search runs on zoo models and built-in datasets (its workers rebuild "
-            "both by name); compress your own model and data with `torchslim compress`"
-        )
     bar = progress or (lambda _description: None)
     config = (recipe.search or SearchSection()).config(recipe.threads, recipe.seed, **overrides)
     torch.set_num_threads(recipe.threads)
@@ -281,10 +276,12 @@ def run_search(
     source = model_source(recipe, bar)
     baseline, data, cached = source.baseline.cpu(), source.data, source.ready
     baseline_s = time.perf_counter() - start
-    zoo = source.zoo
+    zoo = source.zoo if source.build is None else None  # a user model is loaded into its own builder
     report = search(
         baseline, data, config, recipe.out_dir(), name=recipe.name, zoo=zoo, progress=bar, on_trial=on_trial
     )
+    if source.build is not None:
+        report.model = {"name": source.zoo["builder"], "kwargs": dict(source.zoo["kwargs"])}
     report.baseline_cached = cached
     report.timings["baseline_s"] = baseline_s
     write_search_report(report, recipe.out_dir())

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from torchslim.core.files import write_atomic
+from torchslim.core.task import Metric
 from torchslim.report import plots
-from torchslim.report.render import _num, _pct, markdown_table
-from torchslim.search.result import BudgetFacts, SearchResult
+from torchslim.report.render import _num, _pct, drop_number, markdown_table
+from torchslim.search.result import ACCURACY, BudgetFacts, SearchResult
 
 TECHNIQUES = {
     "channels": "Channels removed (structured pruning)",
@@ -33,19 +34,30 @@ SPLITS = (
 )
 SUMMARY_COLUMNS = ("metric", "baseline (uncompressed)", "delivered file")
 PLAN_COLUMNS = ("layer", "channels removed", "sparsity", "codebook bits", "int8", "skipped because")
-TRIAL_COLUMNS = (
-    "trial",
-    "origin",
-    "state",
-    "accuracy",
-    "drop (points)",
-    "bytes",
-    "latency (ms)",
-    "feasible",
-    "on front",
-    "seconds",
-)
-SENSITIVITY_COLUMNS = ("technique", "layer", "setting: drop (points)")
+
+
+def trial_columns(report: SearchResult) -> tuple[str, ...]:
+    """The trials table's header, named after the search's metric."""
+    m = _metric(report)
+    return (
+        "trial",
+        "origin",
+        "state",
+        m.name,
+        f"{m.drop_word} ({m.drop_unit})",
+        "bytes",
+        "latency (ms)",
+        "feasible",
+        "on front",
+        "seconds",
+    )
+
+
+def sensitivity_columns(report: SearchResult) -> tuple[str, str, str]:
+    """The sensitivity table's header, named after the search's metric."""
+    m = _metric(report)
+    return ("technique", "layer", f"setting: {m.drop_word} ({m.drop_unit})")
+
 
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1b1b1b;margin:0;background:#fafafa}
@@ -62,8 +74,14 @@ table.plan td:last-child{white-space:normal}
 """.strip()
 
 
-def _pts(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
+def _metric(report: SearchResult) -> Metric:
+    """The search's metric (accuracy for reports written before reports named it)."""
+    return Metric(**report.metric)
+
+
+def _value(m: Metric, x: float | None) -> str:
+    """A value of the metric as shown: ``91.23 %``, ``12.4 ppl``; ``-`` when missing."""
+    return "-" if x is None else m.show(x)
 
 
 def _fact(x: Any) -> str:
@@ -75,22 +93,23 @@ def _fact(x: Any) -> str:
     return f"{x:,.1f}" if isinstance(x, float) else str(x)
 
 
-def budget_text(budget: BudgetFacts) -> str:
-    """The accuracy budget in words, absolute points or relative percent, with the points it allows."""
+def budget_text(budget: BudgetFacts, metric: Metric | None = None) -> str:
+    """The budget in words, absolute points or relative percent, with the drop it allows."""
+    m = metric or Metric(**ACCURACY)
     if budget.kind == "relative":
         return (
-            f"at most {100 * budget.value:.2f} % of the baseline accuracy lost (relative), "
-            f"i.e. {_pts(budget.max_drop)} points"
+            f"at most {100 * budget.value:.2f} % of the baseline {m.name} lost (relative), "
+            f"i.e. {drop_number(m, budget.max_drop)} {m.drop_unit}"
         )
-    return f"at most {_pts(budget.max_drop)} points of accuracy lost (absolute)"
+    return f"at most {drop_number(m, budget.max_drop)} {m.drop_unit} of {m.name} lost (absolute)"
 
 
 def summary_text(report: SearchResult) -> str:
     """One paragraph: what was searched, the budget, the objective and whether the chosen plan met it."""
-    chosen, final = report.chosen, report.final
+    chosen, final, m = report.chosen, report.final, _metric(report)
     text = (
         f"Adaptive compression search of model {report.model['name']} on {report.data['name']} "
-        f"(recipe {report.recipe}, {report.threads} threads). Budget: {budget_text(report.budget)}, "
+        f"(recipe {report.recipe}, {report.threads} threads). Budget: {budget_text(report.budget, m)}, "
         f"on the search split against the uncompressed baseline. Objective: "
         f"{OBJECTIVES.get(report.objective, report.objective)} within the budget. "
     )
@@ -104,7 +123,7 @@ def summary_text(report: SearchResult) -> str:
     if final:
         within = "within" if final.within_budget else "outside"
         text += (
-            f" On the held-out split the delivered file loses {_pts(final.drop_holdout)} points: {within} the budget."
+            f" On the held-out split the delivered file loses {m.show_drop(final.drop_holdout)}: {within} the budget."
         )
     else:
         text += " No compressed file was delivered."
@@ -113,10 +132,10 @@ def summary_text(report: SearchResult) -> str:
 
 def summary_rows(report: SearchResult) -> list[tuple[str, str, str]]:
     """The before/after table as ``(metric, baseline, delivered)`` strings."""
-    b, f = report.baseline, report.final
-    rows = [(f"accuracy, {name}", _pct(getattr(b, key)), _pct(f and getattr(f, key))) for name, key in SPLITS]
+    b, f, m = report.baseline, report.final, _metric(report)
+    rows = [(f"{m.name}, {name}", _value(m, getattr(b, key)), _value(m, f and getattr(f, key))) for name, key in SPLITS]
     rows += [
-        ("accuracy drop, held-out split (points)", "-", _pts(f and f.drop_holdout)),
+        (f"{m.name} {m.drop_word}, held-out split ({m.drop_unit})", "-", drop_number(m, f and f.drop_holdout)),
         ("bytes on disk", f"{b.bytes:,} (fp32)", "-" if f is None else f"{f.bytes:,} (.tslim)"),
         ("compression ratio", "1.0x", "-" if f is None else f"{f.ratio:.1f}x"),
     ]
@@ -137,8 +156,8 @@ def plan_rows(report: SearchResult) -> list[tuple[str, ...]]:
 
 
 def trial_rows(report: SearchResult) -> list[tuple[str, ...]]:
-    """Every trial by number, in :data:`TRIAL_COLUMNS` order; the chosen one is labelled."""
-    chosen = report.chosen.trial
+    """Every trial by number, in :func:`trial_columns` order; the chosen one is labelled."""
+    chosen, m = report.chosen.trial, _metric(report)
     rows = []
     for t in sorted(report.trials, key=lambda t: t.number):
         label = f"{t.number} (chosen)" if t.number == chosen else str(t.number)
@@ -147,8 +166,8 @@ def trial_rows(report: SearchResult) -> list[tuple[str, ...]]:
                 label,
                 t.origin,
                 t.state,
-                _pct(t.accuracy),
-                _pts(t.drop),
+                _value(m, t.accuracy),
+                drop_number(m, t.drop),
                 _num(t.bytes, "{:,}"),
                 _num(t.latency_ms, "{:.3f}"),
                 _fact(t.feasible),
@@ -161,9 +180,9 @@ def trial_rows(report: SearchResult) -> list[tuple[str, ...]]:
 
 def sensitivity_rows(report: SearchResult) -> list[tuple[str, str, str]]:
     """Every sensitivity curve as ``(technique, layer, "setting: drop, ...")``."""
-    curves = report.sensitivity.curves if report.sensitivity else {}
+    curves, m = (report.sensitivity.curves if report.sensitivity else {}), _metric(report)
     return [
-        (tech, layer, ", ".join(f"{s:g}: {_pts(d)}" for s, d in pts))
+        (tech, layer, ", ".join(f"{s:g}: {drop_number(m, d)}" for s, d in pts))
         for tech in TECHNIQUES
         for layer, pts in (curves.get(tech) or {}).items()
     ]
@@ -217,29 +236,30 @@ def _figure(svg: str, caption: str) -> str:
 
 
 _PARETO_CAPTION = (
-    "Accuracy on the search split against {}. Light dots: completed trials (crosses: over the "
+    "{} on the search split against {}. Light dots: completed trials (crosses: over the "
     "budget); dark steps: the Pareto front of the feasible trials; dashed red: the budget; "
     "diamond: the uncompressed baseline; star: the chosen trial."
 )
 
 
 def _pareto_section(report: SearchResult) -> str:
+    name = _metric(report).name
     return _section(
-        "Accuracy against size and latency",
-        _figure(plots.pareto_svg(report, "bytes"), _PARETO_CAPTION.format("file size")),
-        _figure(plots.pareto_svg(report, "latency_ms"), _PARETO_CAPTION.format("latency")),
+        f"{name.capitalize()} against size and latency",
+        _figure(plots.pareto_svg(report, "bytes"), _PARETO_CAPTION.format(name.capitalize(), "file size")),
+        _figure(plots.pareto_svg(report, "latency_ms"), _PARETO_CAPTION.format(name.capitalize(), "latency")),
     )
 
 
 def _sensitivity_section(report: SearchResult) -> str:
-    sens = report.sensitivity
+    sens, m = report.sensitivity, _metric(report)
     curves = sens.curves if sens else {}
     present = [t for t in TECHNIQUES if curves.get(t)]
     if not present:
         return _section("Sensitivity", _p("This report has no sensitivity analysis."))
     body = [
         _p(
-            f"Accuracy drop on the {sens.split} split when one layer alone is compressed at "
+            f"{m.name.capitalize()} {m.drop_word} on the {sens.split} split when one layer alone is compressed at "
             "one setting, all others left as they are; the dashed red line is the budget."
         )
     ]
@@ -247,7 +267,7 @@ def _sensitivity_section(report: SearchResult) -> str:
     missing = [t for t in TECHNIQUES if t not in present]
     if missing:
         body.append(_p(f"Not measured (technique not searched): {', '.join(missing)}."))
-    table = _table(SENSITIVITY_COLUMNS, sensitivity_rows(report))
+    table = _table(sensitivity_columns(report), sensitivity_rows(report))
     body.append(f"<details><summary>The numbers</summary>\n{table}\n</details>")
     return _section("Sensitivity", *body)
 
@@ -274,7 +294,10 @@ def to_html(report: SearchResult) -> str:
         _pareto_section(report),
         _section("Per-layer plan", _table(PLAN_COLUMNS, plan, cls="plan") if plan else _p("No plan was chosen.")),
         _sensitivity_section(report),
-        _section("Trials", _table(TRIAL_COLUMNS, trial_rows(report), None if chosen is None else f"{chosen} (chosen)")),
+        _section(
+            "Trials",
+            _table(trial_columns(report), trial_rows(report), None if chosen is None else f"{chosen} (chosen)"),
+        ),
         _section("Search", _table(("fact", "value"), search_rows(report))),
     ]
     head = "\n".join(
@@ -304,13 +327,13 @@ def to_search_markdown(report: SearchResult) -> str:
         summary_text(report),
         "## Before / after",
         _md_table(SUMMARY_COLUMNS, summary_rows(report)),
-        "The plots of accuracy against size and latency are in report.html.",
+        f"The plots of {_metric(report).name} against size and latency are in report.html.",
         "## Per-layer plan",
         _md_table(PLAN_COLUMNS, plan) if plan else "No plan was chosen.",
         "## Sensitivity",
-        _md_table(SENSITIVITY_COLUMNS, sens) if sens else "This report has no sensitivity analysis.",
+        _md_table(sensitivity_columns(report), sens) if sens else "This report has no sensitivity analysis.",
         "## Trials",
-        _md_table(TRIAL_COLUMNS, trial_rows(report)),
+        _md_table(trial_columns(report), trial_rows(report)),
         "## Search",
         _md_table(("fact", "value"), search_rows(report)),
     ]

@@ -1,4 +1,4 @@
-"""Figures of a search report as inline SVG strings: the accuracy/size front and the sensitivity curves.
+"""Figures of a search report as inline SVG strings: the metric/size front and the sensitivity curves.
 
 matplotlib draws them (imported inside the functions: ``import torchslim`` stays free of it). Each
 figure is a bare :class:`~matplotlib.figure.Figure`, never pyplot, so no global backend or figure
@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import asdict
 from typing import Any
 
+from torchslim.core.task import Metric
 from torchslim.errors import ConfigError
 from torchslim.search.result import SearchResult
 
@@ -63,12 +64,14 @@ def _svg(fig: Any, name: str) -> str:
     return text.strip()
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The non-dominated ``(x, accuracy)`` points (lower x, higher accuracy), sorted by x."""
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:
+    """The non-dominated ``(x, quality)`` points (lower x, better quality: higher, or lower when
+    not ``higher_is_better``), sorted by x."""
+    sign = 1.0 if higher_is_better else -1.0
     front: list[tuple[float, float]] = []
-    for x, acc in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not front or acc > front[-1][1]:
-            front.append((x, acc))
+    for x, q in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if not front or sign * q > sign * front[-1][1]:
+            front.append((x, q))
     return front
 
 
@@ -86,12 +89,13 @@ def _x_label(report: SearchResult, x_key: str) -> str:
 
 
 def _trial_points(report: SearchResult, x_key: str) -> dict[bool, list[tuple[float, float, int]]]:
-    """Completed trials with both metrics as ``(x, accuracy %, number)``, split by feasibility."""
+    """Completed trials with both figures as ``(x, metric as shown, number)``, split by feasibility."""
+    scale = Metric(**report.metric).scale
     out: dict[bool, list[tuple[float, float, int]]] = {True: [], False: []}
     for t in report.trials:
         x = _x_of(report, x_key, getattr(t, x_key))
         if t.state == "COMPLETE" and t.accuracy is not None and x is not None:
-            out[t.feasible].append((x, 100 * t.accuracy, t.number))
+            out[t.feasible].append((x, scale * t.accuracy, t.number))
     return out
 
 
@@ -109,14 +113,14 @@ def _mark(ax: Any, xy: tuple[float, float], label: str, style: dict[str, Any], l
     )
 
 
-def _plot_trials(ax: Any, points: dict[bool, list[tuple[float, float, int]]]) -> None:
+def _plot_trials(ax: Any, points: dict[bool, list[tuple[float, float, int]]], higher_is_better: bool) -> None:
     """Light dots for every completed trial, and the front of the feasible ones as a step line."""
     for feasible, color, marker in ((True, _FEASIBLE, "o"), (False, _INFEASIBLE, "x")):
         if points[feasible]:
             xs, ys, _ = zip(*points[feasible])
             label = "feasible trial" if feasible else "infeasible trial (over budget)"
             ax.scatter(xs, ys, s=18, color=color, marker=marker, label=label, zorder=2)
-    front = pareto_front([(x, y) for x, y, _ in points[True]])
+    front = pareto_front([(x, y) for x, y, _ in points[True]], higher_is_better)
     if front:
         xs, ys = zip(*front)
         ax.plot(
@@ -133,7 +137,8 @@ def _plot_trials(ax: Any, points: dict[bool, list[tuple[float, float, int]]]) ->
 
 
 def pareto_svg(report: SearchResult, x_key: str) -> str:
-    """Accuracy against file size (``x_key="bytes"``) or latency (``"latency_ms"``) as inline SVG.
+    """The task's metric against file size (``x_key="bytes"``) or latency (``"latency_ms"``) as
+    inline SVG; a lower-is-better metric is drawn with its axis inverted, so better is up.
 
     Example:
         >>> svg = pareto_svg(report, "bytes")  # doctest: +SKIP
@@ -141,14 +146,16 @@ def pareto_svg(report: SearchResult, x_key: str) -> str:
     if x_key not in X_LABELS:
         raise ConfigError(f"pareto_svg: x_key {x_key!r} is not one of {sorted(X_LABELS)}")
     fig, ax = _figure(8.0, 4.5)
+    m = Metric(**report.metric)
     points = _trial_points(report, x_key)
-    _plot_trials(ax, points)
+    _plot_trials(ax, points, m.higher_is_better)
     base, budget = report.baseline, report.budget
     label = f"budget ({budget.text})"
-    ax.axhline(100 * (base.accuracy_search - budget.max_drop), color=_BUDGET, linestyle="--", linewidth=1, label=label)
+    limit = base.accuracy_search - budget.max_drop if m.higher_is_better else base.accuracy_search + budget.max_drop
+    ax.axhline(m.scale * limit, color=_BUDGET, linestyle="--", linewidth=1, label=label)
     base_x = _x_of(report, x_key, getattr(base, x_key))
     if base_x is not None:
-        base_xy = (base_x, 100 * base.accuracy_search)
+        base_xy = (base_x, m.scale * base.accuracy_search)
         _mark(ax, base_xy, "baseline (uncompressed)", {"marker": "D", "color": "black"}, left=True)
     chosen = report.chosen.trial
     for x, y, number in points[True] + points[False]:
@@ -157,7 +164,9 @@ def pareto_svg(report: SearchResult, x_key: str) -> str:
     if x_key == "bytes":
         ax.set_xscale("log")
     ax.set_xlabel(_x_label(report, x_key))
-    ax.set_ylabel("accuracy on the search split (%)")
+    ax.set_ylabel(f"{m.name} on the search split" + (f" ({m.unit})" if m.unit else ""))
+    if not m.higher_is_better:
+        ax.invert_yaxis()
     ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
     return _svg(fig, f"pareto-{x_key.replace('_', '-')}")
 
@@ -173,31 +182,36 @@ def _curves(report: SearchResult, technique: str) -> dict[str, list[list[float]]
 
 
 def sensitivity_svg(report: SearchResult, technique: str) -> str:
-    """Accuracy drop (points) per layer against the setting of ``technique``, as inline SVG.
+    """The metric's drop per layer against the setting of ``technique``, as inline SVG.
 
     One line per layer; for ``int8`` (one setting per layer) a horizontal bar per layer.
 
     Example:
         >>> svg = sensitivity_svg(report, "sparsity")  # doctest: +SKIP
     """
-    curves = _curves(report, technique)
-    budget = 100 * report.budget.max_drop
+    curves, m = _curves(report, technique), Metric(**report.metric)
+    budget = m.scale * report.budget.max_drop
     fig, ax = _figure(8.0, max(2.5, 0.3 * len(curves) + 1.2) if technique == "int8" else 4.0)
     if technique == "int8":
         layers = list(curves)
-        ax.barh(layers, [100 * pts[0][1] for pts in curves.values()], color=_FRONT, height=0.6)
+        ax.barh(layers, [m.scale * pts[0][1] for pts in curves.values()], color=_FRONT, height=0.6)
         ax.invert_yaxis()
         ax.axvline(budget, color=_BUDGET, linestyle="--", linewidth=1, label="budget")
-        ax.set_xlabel("accuracy drop when only this layer is int8 (points)")
+        ax.set_xlabel(f"{m.name} {m.drop_word} when only this layer is int8 ({m.drop_unit})")
     else:
         for i, (layer, pts) in enumerate(curves.items()):  # ten colours, then the next line style
             style = ("-", "-.", ":")[i // 10 % 3]
             ax.plot(
-                [p[0] for p in pts], [100 * p[1] for p in pts], marker="o", markersize=3, linestyle=style, label=layer
+                [p[0] for p in pts],
+                [m.scale * p[1] for p in pts],
+                marker="o",
+                markersize=3,
+                linestyle=style,
+                label=layer,
             )
         ax.axhline(budget, color=_BUDGET, linestyle="--", linewidth=1, label="budget")
         ax.set_xlabel(SETTING_LABELS[technique])
-        ax.set_ylabel("accuracy drop (points)")
+        ax.set_ylabel(f"{m.name} {m.drop_word} ({m.drop_unit})")
         if technique == "bits":
             ax.invert_xaxis()
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)

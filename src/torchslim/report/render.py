@@ -21,6 +21,13 @@ def _num(x: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def drop_number(metric: Metric, x: float | None) -> str:
+    """A drop of ``metric`` as a number in :attr:`Metric.drop_unit` (points for a percentage)."""
+    if x is None:
+        return "-"
+    return f"{100 * x:.2f}" if metric.unit == "%" else f"{x:.4g}"
+
+
 def summary_rows(report: RunReport) -> list[tuple[str, str, str]]:
     """The before/after table as ``(metric, baseline, compressed)`` strings."""
     b, c = report.baseline, report.compressed
@@ -175,7 +182,7 @@ def _auto(chosen: dict[str, Any]) -> str:
     return f" (from `{chosen['start']}` for all layers" + "".join(f"; `{n}`: `{m}`" for n, m in moved.items()) + ")"
 
 
-def quant_parts(step: dict[str, Any] | None) -> list[str]:
+def quant_parts(step: dict[str, Any] | None, metric: Metric) -> list[str]:
     """Markdown for the quantization step: settings, folded BatchNorms and the per-layer table."""
     if not step:
         return []
@@ -191,35 +198,41 @@ def quant_parts(step: dict[str, Any] | None) -> list[str]:
     ]
     mixed = step.get("mixed_precision")
     if mixed:
+        m, history = metric, mixed["history"]
         rows = [
-            (n, f"{d * 100:.2f}", "float" if n in mixed["kept_float"] else "int8")
+            (n, drop_number(m, d), "float" if n in mixed["kept_float"] else "int8")
             for n, d in mixed["sensitivity"].items()
         ]
         parts += [
             "### Mixed precision",
-            f"Accuracy of the float model on the calibration split {mixed['float_accuracy']:.2%}; layers returned "
-            f"to float, most sensitive first, until the drop was within budget: {', '.join(mixed['kept_float']) or 'none'} "
-            f"(accuracy with all quantized {mixed['history'][0]['accuracy']:.2%}, final {mixed['history'][-1]['accuracy']:.2%}).",
-            markdown_table(("layer", "drop when only it is quantized (points)", "kept as"), rows),
+            f"{m.name.capitalize()} of the float model on the calibration split {m.show(mixed['float_accuracy'])}; "
+            f"layers returned to float, most sensitive first, until the {m.drop_word} was within budget: "
+            f"{', '.join(mixed['kept_float']) or 'none'} ({m.name} with all quantized "
+            f"{m.show(history[0]['accuracy'])}, final {m.show(history[-1]['accuracy'])}).",
+            markdown_table(("layer", f"{m.drop_word} when only it is quantized ({m.drop_unit})", "kept as"), rows),
         ]
     return parts
 
 
-DISTILL_COLUMNS = ("model", "parameters", "test accuracy", "training s")
+def distill_columns(metric: Metric) -> tuple[str, ...]:
+    """The distillation table's header, with the task's metric."""
+    return ("model", "parameters", f"test {metric.name}", "training s")
 
 
-def distill_rows(entry: dict[str, Any]) -> list[tuple[str, ...]]:
-    """Teacher, student alone and student distilled, in :data:`DISTILL_COLUMNS` order."""
+def distill_rows(entry: dict[str, Any], metric: Metric) -> list[tuple[str, ...]]:
+    """Teacher, student alone and student distilled, in :func:`distill_columns` order."""
     student = f"{entry['student']['name']} {entry['student']['kwargs'] or ''}".strip()
     rows = [
         ("teacher (the baseline)", entry["teacher"]),
         (f"student {student}, alone", entry.get("student_alone")),
         (f"student {student}, distilled", entry["student_distilled"]),
     ]
-    return [(label, f"{r['params']:,}", _pct(r["accuracy"]), _num(r["train_s"], "{:.1f}")) for label, r in rows if r]
+    return [
+        (label, f"{r['params']:,}", metric.show(r["accuracy"]), _num(r["train_s"], "{:.1f}")) for label, r in rows if r
+    ]
 
 
-def distill_parts(entry: dict[str, Any] | None) -> list[str]:
+def distill_parts(entry: dict[str, Any] | None, metric: Metric) -> list[str]:
     """Markdown for the distillation step: settings and the side-by-side table."""
     if not entry:
         return []
@@ -232,7 +245,7 @@ def distill_parts(entry: dict[str, Any] | None) -> list[str]:
         f"pairs ({cfg['feature_kind']}, weight {cfg['feature_weight']:g}): {pairs}. The student alone starts from the "
         "same weights and trains with the same epochs and seed, without the teacher. The distilled student is then "
         "compressed by the later steps.",
-        markdown_table(DISTILL_COLUMNS, distill_rows(entry)),
+        markdown_table(distill_columns(metric), distill_rows(entry, metric)),
     ]
 
 
@@ -259,9 +272,9 @@ def to_markdown(report: RunReport) -> str:
         markdown_table(("metric", "baseline", "compressed"), summary_rows(report)),
         "Latency runs the decoded weights with PyTorch's dense eager kernels: removed channels make "
         "them faster; unstructured zeros and shared values make the file small, not the matmuls faster.",
-        *distill_parts(report.distillation),
+        *distill_parts(report.distillation, Metric(**report.metric)),
         *structure_parts(report.structure),
-        *quant_parts(report.quantization),
+        *quant_parts(report.quantization, Metric(**report.metric)),
         "## Per tensor in the file",
         "Bytes are payload bytes; H0 is the order-0 Shannon bound of the stream, model the ideal "
         "code length under the coder's adaptive position model (docs/format.md).",

@@ -12,9 +12,10 @@ existing cluster Ray's CPU accounting keeps ``threads`` CPUs per actor; cores ar
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
 import os
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -130,6 +131,23 @@ class RayPool:
             self.ray.shutdown()
 
 
+def runs_inline(workers: int, address: str | None, use_ray: bool) -> bool:
+    """Whether trials run in this process: one worker, no Ray asked for, or Ray not installed."""
+    if workers == 1 and address is None and not use_ray:
+        return True
+    return importlib.util.find_spec("ray") is None if "ray" not in sys.modules else sys.modules["ray"] is None
+
+
+def check_rebuildable(rebuildable: bool, workers: int, address: str | None, use_ray: bool) -> None:
+    """A :class:`ConfigError` when trials would run on Ray but a worker cannot rebuild the model and data."""
+    if not rebuildable and not runs_inline(workers, address, use_ray):
+        raise ConfigError(
+            "parallel trials rebuild the model and the data in each Ray worker by name: give a zoo model "
+            "(zoo={'zoo': name, 'kwargs': {...}}) and a built-in dataset, or run your own model and loaders "
+            "with workers=1"
+        )
+
+
 def make_executor(
     evaluate: Callable[[Mapping[str, Any]], dict],
     spec: Callable[[], WorkerSpec] | None,
@@ -140,16 +158,10 @@ def make_executor(
     """The executor for ``workers``, and a message when Ray was asked for but cannot run."""
     if workers == 1 and address is None and not use_ray:
         return Inline(evaluate), None
-    try:
-        importlib.import_module("ray")
-    except ImportError:
+    if runs_inline(workers, address, use_ray):
         return Inline(evaluate), (
             f"Ray is not installed, so trials run one at a time instead of {workers} at once; "
             "install it with pip install 'torchslim[ray]' (or pip install ray)"
         )
-    if spec is None:
-        raise ConfigError(
-            "parallel trials rebuild the model in each Ray worker from the zoo: give a zoo model "
-            "(zoo={'zoo': name, 'kwargs': {...}}), or run with workers=1"
-        )
+    check_rebuildable(spec is not None, workers, address, use_ray)
     return RayPool(spec(), workers, address), None

@@ -22,7 +22,7 @@ _RERUN = "rerun `torchslim search` (it resumes) to rewrite the report"
 
 @dataclass
 class BudgetFacts:
-    """The accuracy budget as given and the points it allows on the search split."""
+    """The budget as given and the drop of the metric it allows on the search split."""
 
     kind: str  # "absolute" or "relative"
     value: float
@@ -39,9 +39,14 @@ class LatencySetting:
     threads: int
 
 
+ACCURACY = {"name": "accuracy", "unit": "%", "higher_is_better": True}
+"""The metric of a classification search, and of every report written before reports named it."""
+
+
 @dataclass
 class Baseline:
-    """The uncompressed model measured on each split."""
+    """The uncompressed model measured on each split. The ``accuracy_*`` fields hold the task's
+    metric (see :attr:`SearchResult.metric`); they keep the name for readers of older reports."""
 
     accuracy_search: float
     accuracy_holdout: float
@@ -166,6 +171,7 @@ class SearchResult:
     search: SearchFacts | None = None
     timings: dict[str, float] = field(default_factory=dict)
     baseline_cached: bool | None = None  # set when a recipe trained or read its baseline
+    metric: dict[str, Any] = field(default_factory=lambda: dict(ACCURACY))  # the task's Metric's fields
     kind: str = "search"
     schema_version: int = SEARCH_REPORT_SCHEMA
 

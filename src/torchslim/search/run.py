@@ -9,6 +9,7 @@ which no trial ever saw.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,14 +24,14 @@ from torch import nn
 
 from torchslim.analysis.cost import count_params
 from torchslim.artifact.tslim import check_reproduces, load, save
-from torchslim.core.data import Data, TensorBatches
+from torchslim.core.data import Data
 from torchslim.core.files import write_atomic
 from torchslim.core.plan import CompressionPlan
-from torchslim.core.task import Classification
+from torchslim.core.task import Metric
 from torchslim.errors import ConfigError
-from torchslim.evaluate.metrics import accuracy, file_bytes
+from torchslim.evaluate.metrics import file_bytes
 from torchslim.search.config import SearchConfig
-from torchslim.search.parallel import WorkerSpec, make_executor
+from torchslim.search.parallel import WorkerSpec, check_rebuildable, make_executor
 from torchslim.search.result import (
     Baseline,
     BudgetFacts,
@@ -56,7 +57,7 @@ from torchslim.search.study import (
     seed_study,
     trial_rows,
 )
-from torchslim.search.trial import Evaluator, latency_ms
+from torchslim.search.trial import Evaluator, latency_ms, timeable
 
 log = logging.getLogger(__name__)
 Bar = Callable[[str], Callable[[int, int], None] | None]
@@ -75,6 +76,11 @@ def search(
 ) -> SearchResult:
     """Search per-layer plans for ``model`` under ``config.budget``; deliver the best as a file.
 
+    ``data`` is any :class:`Data`: its task's metric is what the budget protects (accuracy for
+    classification; a budget in points needs a percentage metric, else give it relative, "1%"),
+    and its evaluation loader is split into the search and held-out halves. Parallel trials on
+    Ray need a zoo model and a built-in dataset, which each worker loads again.
+
     Writes into ``run_dir``: ``study.sqlite3`` (the trials; rerunning resumes), ``sensitivity.json``,
     ``baseline.safetensors``, ``<name>.tslim`` (the delivered model). Returns what it measured.
 
@@ -82,12 +88,8 @@ def search(
         >>> result = search(model, data, SearchConfig(Budget.parse("1pt")), "runs/s")  # doctest: +SKIP
         >>> result.final.ratio, result.final.within_budget  # doctest: +SKIP
     """
-    if not isinstance(data.task, Classification) or not isinstance(data.eval, TensorBatches):
-        raise ConfigError(
-            "the search measures accuracy on an in-memory evaluation set it halves (search / held-out): it takes "
-            "classification data with eval=TensorBatches((inputs, labels), batch_size); compress other tasks "
-            "with ts.compress and a plan"
-        )
+    _check_inputs(model, data, config)
+    check_rebuildable(zoo is not None and data.spec is not None, config.workers, config.ray_address, config.use_ray)
     run_dir, bar = Path(run_dir), progress or (lambda _d: None)
     with run_lock(run_dir):
         start = time.perf_counter()
@@ -112,8 +114,16 @@ def search(
         key = fingerprint(model, config.space, f"search split, seed {config.seed}")
         study = open_study(run_dir, name, config, key)
         spec = _worker_spec(zoo, weights, data, config)
+        report_trial = None if on_trial is None else (lambda info: on_trial(info | {"metric": data.task.metric}))
         facts = _run_study(
-            study, evaluator, spec, layers=layers, curves=curves, max_drop=max_drop, on_trial=on_trial, timings=timings
+            study,
+            evaluator,
+            spec,
+            layers=layers,
+            curves=curves,
+            max_drop=max_drop,
+            on_trial=report_trial,
+            timings=timings,
         )
         trials = finished(study)
         chosen = choose(trials, config, max_drop)
@@ -125,8 +135,9 @@ def search(
         timings["total_s"] = time.perf_counter() - start
         return SearchResult(
             **_header(model, data, config, name, zoo, max_drop),
+            metric=asdict(data.task.metric),
             baseline=baseline,
-            chosen=_chosen(chosen, max_drop, config),
+            chosen=_chosen(chosen, max_drop, config, data.task.metric),
             final=final,
             trials=trial_rows(trials, max_drop, config.objective),
             sensitivity=Sensitivity(curves, "search", cached),
@@ -134,6 +145,29 @@ def search(
             plan_table=_plan_table(final.plan if final else chosen and chosen["plan"], layers),
             search=_search_facts(config, trials, facts, timings, run_dir / "study.sqlite3", name),
             timings=timings,
+        )
+
+
+def _check_inputs(model: nn.Module, data: Data, config: SearchConfig) -> None:
+    """Refuse, before any work, a budget the metric cannot take and a latency that cannot be timed."""
+    metric = data.task.metric
+    if not config.budget.relative and metric.unit != "%":
+        raise ConfigError(
+            f"budget {config.budget.text()}: points apply to a percentage, and the {data.task.name} task's metric "
+            f"is {metric.name}; give the budget relative to the baseline, e.g. '1%' (at most 1 % worse)"
+        )
+    data.check(model)
+    inputs = data.example_input(1)
+    if not timeable(inputs, config.latency.backend):
+        if config.objective == "latency":
+            raise ConfigError(
+                f"latency backend {config.latency.backend!r} compiles models that take one tensor, and this one "
+                f"takes {type(inputs).__name__} inputs: search latency with backend='eager', or search size"
+            )
+        log.info(
+            "latency is not measured: backend %r takes one tensor and the model takes %s inputs",
+            config.latency.backend,
+            type(inputs).__name__,
         )
 
 
@@ -146,7 +180,7 @@ def _header(
         "model": {"name": zoo["zoo"], "kwargs": dict(zoo.get("kwargs", {}))}
         if zoo
         else {"name": type(model).__name__, "kwargs": {}},
-        "data": {"name": data.spec.name},
+        "data": {"name": data.name},
         "threads": config.latency.threads,
         "budget": BudgetFacts(
             "relative" if config.budget.relative else "absolute", config.budget.value, max_drop, config.budget.text()
@@ -221,21 +255,28 @@ def _worker_spec(
 ) -> Callable[[], WorkerSpec] | None:
     if zoo is None:
         return None
+    if data.spec is None:  # a user's loaders: a worker could not load them again
+        return None
     return lambda: WorkerSpec(
         zoo["zoo"], dict(zoo.get("kwargs", {})), str(weights), asdict(data.spec), config, config.latency.threads
     )
 
 
 def _baseline(ev: Evaluator, model: nn.Module, config: SearchConfig) -> Baseline:
-    example = ev.data.eval.tensors[0]
     return Baseline(
         accuracy_search=ev.base_accuracy,
         accuracy_holdout=ev.base_holdout,
-        accuracy_test=accuracy(model, ev.data.eval_loader()),
+        accuracy_test=ev.score(model, ev.data.eval_loader()),
         bytes=ev.base_bytes,
         params=count_params(model),
-        latency_ms={f"batch{b}": latency_ms(model, example, _at(config, b)) for b in _batches(config)},
+        latency_ms=_latencies(model, ev.example, config),
     )
+
+
+def _latencies(model: nn.Module, example: Any, config: SearchConfig) -> dict[str, float]:
+    """Milliseconds per call at batch 1 and at the searched batch (empty when not timeable)."""
+    out = {f"batch{b}": latency_ms(model, example, _at(config, b)) for b in _batches(config)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _batches(config: SearchConfig) -> list[int]:
@@ -254,38 +295,39 @@ def deliver(ev: Evaluator, config: SearchConfig, chosen: dict, path: Path, max_d
         ev.model, CompressionPlan.from_dict(chosen["plan"]), ev.data, config.final, config.space, config.seed
     )
     model, plan = done.model, done.plan
-    acc = accuracy(model, ev.search_batches)
-    save(model, path, plan=plan.to_dict(), metrics={"accuracy_search": acc}, zoo=ev.zoo)
+    acc = ev.score(model, ev.search_batches)
+    save(model, path, plan=plan.to_dict(), metrics={f"{ev.task.metric.name}_search": acc}, zoo=ev.zoo)
     restored = load(path) if ev.zoo else load(path, model=copy.deepcopy(ev.model))
-    check_reproduces(model, restored, (x for x, _ in ev.search_batches[:2]), path)
-    holdout = accuracy(restored, ev.holdout_batches)
-    example = ev.data.eval.tensors[0]
+    inputs = (ev.task.split(b)[0] for b in itertools.islice(ev.search_batches, 2))
+    check_reproduces(model, restored, inputs, path)
+    holdout = ev.score(restored, ev.holdout_batches)
+    drop = ev.drop(ev.base_holdout, holdout)
     nbytes = file_bytes(path)
     return Delivered(
         plan=plan.to_dict(),
         artifact=str(path),
         bytes=nbytes,
         ratio=ev.base_bytes / nbytes,
-        accuracy_search=accuracy(restored, ev.search_batches),
+        accuracy_search=ev.score(restored, ev.search_batches),
         accuracy_holdout=holdout,
-        accuracy_test=accuracy(restored, ev.data.eval_loader()),
-        drop_holdout=ev.base_holdout - holdout,
-        within_budget=ev.base_holdout - holdout <= max_drop,
-        latency_ms={f"batch{b}": latency_ms(restored, example, _at(config, b)) for b in _batches(config)},
+        accuracy_test=ev.score(restored, ev.data.eval_loader()),
+        drop_holdout=drop,
+        within_budget=drop <= max_drop,
+        latency_ms=_latencies(restored, ev.example, config),
     )
 
 
-def _chosen(chosen: dict | None, max_drop: float, config: SearchConfig) -> Choice:
+def _chosen(chosen: dict | None, max_drop: float, config: SearchConfig, metric: Metric) -> Choice:
     if chosen is None:
         return Choice(None, False, "no trial finished; nothing to deliver")
     what = f"{chosen['bytes']:,} bytes" if config.objective == "size" else f"{chosen['latency_ms']:.3f} ms"
-    lost = f"loses {100 * chosen['drop']:.2f} points on the search split"
+    lost = f"loses {metric.show_drop(chosen['drop'])} on the search split"
+    allowed = metric.show_drop(max_drop)
     if chosen["met_budget"]:
-        message = f"trial {chosen['trial']}: {what}, {lost}, within the budget of {100 * max_drop:.2f} points"
+        message = f"trial {chosen['trial']}: {what}, {lost}, within the budget of {allowed}"
     else:
         message = (
-            f"no trial met the budget of {100 * max_drop:.2f} points; delivering the closest, trial "
-            f"{chosen['trial']}: {what}, {lost}"
+            f"no trial met the budget of {allowed}; delivering the closest, trial {chosen['trial']}: {what}, {lost}"
         )
     return Choice(chosen["trial"], chosen["met_budget"], message)
 

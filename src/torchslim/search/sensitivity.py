@@ -1,9 +1,10 @@
-"""Per-layer sensitivity: the accuracy lost when only one layer is compressed, one way.
+"""Per-layer sensitivity: the quality lost when only one layer is compressed, one way.
 
 For every weight layer and every setting of the search space -- a sparsity, a codebook size,
 int8 -- and for every prunable coupling group and channel fraction, a copy of the model is
-compressed at that one place (no recovery training) and scored on the search split. The
-table seeds the search with plans that spend the accuracy budget where it costs least, and
+compressed at that one place (no recovery training) and scored with the task's metric on
+the search split. The
+table seeds the search with plans that spend the budget where it costs least, and
 the report plots it. It is cached in the run folder under a fingerprint of the weights, the
 space and the split, so a resumed search does not measure it again.
 """
@@ -14,7 +15,7 @@ import copy
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 from torchslim.core.data import Data
 from torchslim.core.files import write_atomic
 from torchslim.core.plan import CompressionPlan, LayerDecision
-from torchslim.evaluate.metrics import accuracy
+from torchslim.evaluate.metrics import evaluate
 from torchslim.search.space import Layers, SearchSpace
 from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
 from torchslim.transforms.mixed_precision import MixedPrecisionConfig, mixed_precision_
@@ -32,7 +33,7 @@ from torchslim.transforms.share import ShareConfig, share_
 
 log = logging.getLogger(__name__)
 Curves = dict[str, dict[str, list[list[float]]]]
-"""technique -> layer (or group root) -> [[setting, accuracy drop], ...]"""
+"""technique -> layer (or group root) -> [[setting, drop of the metric], ...]"""
 
 
 def fingerprint(model: nn.Module, space: SearchSpace, split: str) -> str:
@@ -47,14 +48,15 @@ def fingerprint(model: nn.Module, space: SearchSpace, split: str) -> str:
 def layer_sensitivity(
     model: nn.Module,
     data: Data,
-    batches: list,
+    batches: Iterable,
     space: SearchSpace,
     layers: Layers,
     progress: Callable[[int, int], None] | None = None,
 ) -> Curves:
-    """Accuracy drop on ``batches`` per technique, layer and setting (drops are fractions)."""
-    model = model.eval()
-    base = accuracy(model, batches)
+    """The task's metric drop on ``batches`` per technique, layer and setting (for a percentage
+    such as accuracy, drops are fractions)."""
+    model, metric = model.eval(), data.task.metric
+    base = evaluate(model, batches, data.task)
     jobs: list[tuple[str, str, float]] = [("sparsity", n, s) for n in layers.weights for s in space.sparsity if s > 0]
     jobs += [("bits", n, b) for n in layers.weights for b in space.bits]
     jobs += [("channels", g, c) for g in layers.groups for c in space.channels if c > 0]
@@ -62,7 +64,7 @@ def layer_sensitivity(
     for i, (technique, name, setting) in enumerate(jobs):
         work = copy.deepcopy(model)
         _compress_one(work, technique, name, setting, data, space)
-        drop = round(base - accuracy(work, batches), 6)
+        drop = round(metric.drop(base, evaluate(work, batches, data.task)), 6)
         curves.setdefault(technique, {}).setdefault(name, []).append([setting, drop])
         if progress is not None:
             progress(i + 1, len(jobs) + 1)
@@ -88,7 +90,7 @@ def cached_sensitivity(
     path: Path,
     model: nn.Module,
     data: Data,
-    batches: list,
+    batches: Iterable,
     space: SearchSpace,
     layers: Layers,
     split: str,

@@ -11,7 +11,7 @@ int8. Optuna sees the same choices as categorical parameters named ``channels:<r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +20,9 @@ from torch import nn
 
 from torchslim.analysis.cost import weight_layers
 from torchslim.analysis.coupling import analyse
-from torchslim.core.data import Data, TensorBatches
+from torchslim.core.data import Data, TensorBatches, batch_rows
 from torchslim.core.plan import CompressionPlan, LayerDecision
+from torchslim.core.task import Task
 from torchslim.errors import ConfigError
 from torchslim.train.fit import TrainConfig
 from torchslim.transforms.channels import ChannelPruneConfig
@@ -149,7 +150,7 @@ class Recovery:
     """Training that recovers a candidate's accuracy, with the uncompressed model as teacher.
 
     Attributes:
-        samples: training images used (a seeded subset; 0: the whole training split).
+        samples: training samples used (a seeded subset, or a loader's first batches; 0: all).
         epochs: passes over them after pruning (0: no recovery).
         lr: peak learning rate.
         share_epochs: passes that train the shared layers' centroids.
@@ -182,12 +183,32 @@ class Recovery:
 
 
 def subset(data: Data, samples: int, seed: int) -> Data:
-    """``data`` whose training split is a seeded subset of ``samples`` images (0: all). Only an
-    in-memory split (:class:`TensorBatches`) can be cut; any other loader is used whole."""
-    if samples <= 0 or not isinstance(data.train, TensorBatches) or samples >= data.train.rows:
+    """``data`` whose training split holds ``samples`` samples (0: all): a seeded subset of an
+    in-memory split (:class:`TensorBatches`); the first batches of any other loader, up to
+    ``samples`` (a shuffling loader draws other batches each pass)."""
+    if samples <= 0:
+        return data
+    if not isinstance(data.train, TensorBatches):
+        return dataclasses.replace(data, train=FirstSamples(data.train, samples, data.task))
+    if samples >= data.train.rows:
         return data
     rows = torch.randperm(data.train.rows, generator=torch.Generator().manual_seed(seed))[:samples]
     return dataclasses.replace(data, train=data.train.subset(rows))
+
+
+class FirstSamples:
+    """The batches of ``source`` until they hold ``samples`` samples; re-iterable."""
+
+    def __init__(self, source: Iterable, samples: int, task: Task) -> None:
+        self.source, self.samples, self.task = source, samples, task
+
+    def __iter__(self) -> Iterator:
+        seen = 0
+        for batch in self.source:
+            yield batch
+            seen += batch_rows(self.task.split(batch)[0]) or 1
+            if seen >= self.samples:
+                return
 
 
 def apply_plan(

@@ -27,7 +27,8 @@ from torchslim.search.space import INT8, Layers, distributions, params_from_plan
 
 log = logging.getLogger(__name__)
 OnTrial = Callable[[dict[str, Any]], None]
-"""Called after each finished trial with ``{"done", "total", "best", "elapsed_s", "last"}``."""
+"""Called after each finished trial with ``{"done", "total", "best", "elapsed_s", "last", "metric"}``
+(``metric``: the task's :class:`~torchslim.core.task.Metric`, which ``best["drop"]`` is in)."""
 
 
 @contextlib.contextmanager
@@ -332,7 +333,7 @@ def choose(trials: list[Any], config: SearchConfig, max_drop: float) -> dict[str
 
 
 def trial_rows(trials: list[Any], max_drop: float, objective: str) -> list[TrialRow]:
-    """Every trial as a report row, with whether it is on the accuracy / bytes and accuracy /
+    """Every trial as a report row, with whether it is on the quality / bytes and quality /
     latency Pareto fronts of the feasible trials (``pareto``: the front of ``objective``)."""
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
@@ -361,6 +362,10 @@ def trial_rows(trials: list[Any], max_drop: float, objective: str) -> list[Trial
 
 
 def _dominates(a: TrialRow, b: TrialRow, key: str) -> bool:
+    """``a`` loses no more quality than ``b`` and costs no more, and is better in one of the two
+    (drops are in the metric's own direction, so this holds for lower-is-better metrics too)."""
     x, y = getattr(a, key), getattr(b, key)
-    better_or_equal = a.accuracy >= b.accuracy and x <= y
-    return better_or_equal and (a.accuracy > b.accuracy or x < y)
+    if x is None or y is None:  # latency not measured (a backend that cannot take the input)
+        return False
+    better_or_equal = a.drop <= b.drop and x <= y
+    return better_or_equal and (a.drop < b.drop or x < y)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -116,7 +116,8 @@ def mixed_precision_(
         )
     if eval_batches is None:  # data is a Data (checked above): its first calibration batches
         eval_batches = itertools.islice(data.calib_loader(), config.quantize.calib_batches)
-    batches = list(eval_batches)
+    # an iterator is read once into a list; a loader is re-read per evaluation, never held whole
+    batches = list(eval_batches) if isinstance(eval_batches, Iterator) else eval_batches
     work = copy.deepcopy(model).eval()
     fold_batchnorm_(work)  # a folded float model computes what the original does
     task = data.task if isinstance(data, Data) else Classification()
