@@ -343,3 +343,34 @@ def test_hostile_module_sizes_are_refused_and_leave_the_model_intact(tmp_path, e
         load(tmp_path / "bad.tslim", model=model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and model.fc2.in_features == 300
+
+
+def test_saving_where_no_file_can_go_names_the_path_and_keeps_the_old_file(tmp_path):
+    import os
+
+    from torchslim.errors import ConfigError, OutputError
+
+    model = _tiny()
+    kept = save(model, tmp_path / "kept.tslim")
+    before = kept.read_bytes()
+    (tmp_path / "plain").write_text("a file")
+    cases = {
+        "": "give a file name",
+        tmp_path: "names a folder",
+        f"{tmp_path}/new/": "new names a folder",
+        tmp_path / "plain" / "m.tslim": "plain is a file, not a folder",
+    }
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        cases[ro / "m.tslim"] = "choose a writable folder"
+    for path, message in cases.items():
+        with pytest.raises(OutputError, match=message):
+            save(model, path)
+    assert kept.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["kept.tslim", "plain"] + (
+        ["ro"] if os.geteuid() != 0 else []
+    )
+    for bad, message in ((lambda: 5, "returned int"), ("lenet_300_100", "leave model out")):
+        with pytest.raises(ConfigError, match=message):
+            load(kept, model=bad)

@@ -41,3 +41,8 @@ class ReportError(TorchslimError, ValueError):
 
 class WeightsError(TorchslimError, ValueError):
     """A weights file is of a refused kind, unreadable, or does not fit the model it is for."""
+
+
+class OutputError(TorchslimError, OSError):
+    """An output file cannot be written where asked: an empty path, a folder, a path under a
+    file, no permission, or a full disk. Any earlier file at the path is left as it was."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from torchslim.core.plan import match_layer
+from torchslim.core.ties import Ties
 from torchslim.errors import ConfigError, TorchslimError
 
 
@@ -184,9 +185,9 @@ def analyse(
     roots = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU)
     for tg in graph.get_all_groups(root_module_types=roots):
         groups.append(_describe(tg, graph, names, outputs))
-    exclude = list(exclude)
+    exclude, tied = list(exclude), _tied_modules(model)
     for g in groups:
-        g.skip = g.skip or _skip_reason(g, exclude, min_channels, unsupported, names)
+        g.skip = g.skip or _skip_reason(g, exclude, min_channels, unsupported, names) or _tie_reason(g, tied)
     if probe:
         _probe(model, example, groups, unsupported, graph)
     return Coupling(groups, graph, names)
@@ -298,6 +299,24 @@ def _unsupported(model: nn.Module) -> list[tuple[nn.Module, str]]:
         if own and not isinstance(m, _SUPPORTED):
             out.append((m, name))
     return out
+
+
+def _tied_modules(model: nn.Module) -> dict[str, str]:
+    """Module name -> a sentence naming the tie, for every module holding a tied parameter."""
+    out = {}
+    for names, _ in Ties(model).groups:
+        for name in names:
+            module = name.rpartition(".")[0]
+            other = next(n for n in names if n != name)
+            out.setdefault(module, f"{name} is tied to {other}")
+    return out
+
+
+def _tie_reason(g: CouplingGroup, tied: dict[str, str]) -> str | None:
+    """Why a group touching a tied parameter keeps its channels: cutting one name of a tie
+    would leave two tensors of different shapes where the model has one."""
+    hit = next((tied[m.module] for m in g.members if m.module in tied), None)
+    return None if hit is None else f"{hit}; removing its channels would break the tie"
 
 
 def _skip_reason(g: CouplingGroup, exclude: list[str], min_channels: int, unsupported: list, names: dict) -> str | None:

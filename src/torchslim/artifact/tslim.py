@@ -27,18 +27,22 @@ from torch import nn
 from torchslim.artifact.codecs import CodedEntry, decode_tensor, encode_tensor
 from torchslim.artifact.structure import ModuleEntry, describe, parse_modules, resize_
 from torchslim.core.device import Device, place
-from torchslim.core.files import write_atomic
+from torchslim.core.files import output_path, write_atomic
 from torchslim.core.qlayers import folded_batchnorm, folded_names, parse_folds
 from torchslim.core.qrnn import QuantEntry, quantized_layers
 from torchslim.core.task import call_model, logits_of
+from torchslim.core.ties import tie_, tied_names
 from torchslim.errors import ArtifactError, ConfigError, ShapeMismatchError
 
-FORMAT, VERSION = "tslim", 5
-READS = (1, 2, 3, 4, 5)
+FORMAT, VERSION = "tslim", 6
+READS = (1, 2, 3, 4, 5, 6)
 """Versions this reader reads: 1 has no ``modules`` key (no structural pruning), 2 requires it,
 3 adds ``quant`` and ``folded`` (quantized layers, BatchNorms folded into convolutions), 4
 stores the manifest zlib-compressed (metadata key ``tslim.zlib``) instead of as plain JSON, 5
-codes int8 tensors with a one-byte-per-entry codebook (``codebook8``)."""
+codes int8 tensors with a one-byte-per-entry codebook (``codebook8``), 6 stores a tied tensor
+once and lists its other names under ``tied``."""
+UNTIED_VERSION = 5
+"""The version a file without tied tensors is written as, so that readers before 6 read it."""
 MANIFEST_KEY, PLAIN_KEY = "tslim.zlib", "tslim"
 MAX_MANIFEST = 64 * 2**20
 """Bytes a compressed manifest may inflate to; bounds what a hostile file makes the reader allocate."""
@@ -74,9 +78,15 @@ def encode(
     """The bytes of a `.tslim` file for ``model`` (a module or a state_dict)."""
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     modules = describe(model) if isinstance(model, nn.Module) else None
-    stored, entries = {}, {}
+    tied = tied_names(state)  # a tied tensor is stored once, under its first name
+    stored, entries, memory = {}, {}, set()
     for name, t in state.items():
+        if name in tied:
+            continue
         t = t.detach().cpu().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in memory:  # overlaps a stored tensor: a copy of its own
+            t = t.clone()
+        memory.add(t.untyped_storage().data_ptr())
         coded = encode_tensor(t)
         if coded is not None and len(coded.blob) + len(_compact(coded.entry)) < t.numel() * t.element_size():
             blob = bytearray(coded.blob)
@@ -86,7 +96,7 @@ def encode(
             stored[name] = t
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if tied else UNTIED_VERSION,
         "coded": entries,
         "model": dict(zoo) if zoo else None,
         "plan": dict(plan or {}),
@@ -96,6 +106,8 @@ def encode(
     manifest["modules"] = modules or {}
     manifest["quant"] = quantized_layers(model) if isinstance(model, nn.Module) else {}
     manifest["folded"] = folded_names(model) if isinstance(model, nn.Module) else {}
+    if tied:
+        manifest["tied"] = tied
     return st_save(stored, metadata=pack_manifest(manifest))
 
 
@@ -143,8 +155,9 @@ def save(
     Example:
         >>> ts.save(model, "lenet.tslim")  # doctest: +SKIP
     """
+    output_path(path)  # a path that cannot take a file is refused before the model is encoded
     data = encode(model, plan=plan, metrics=metrics, zoo=zoo)
-    return write_atomic(Path(path), data)
+    return write_atomic(path, data)
 
 
 @torch.no_grad()
@@ -203,6 +216,7 @@ class Manifest:
     modules: dict[str, ModuleEntry] | None  # None: a version 1 file (no structural pruning)
     quant: dict[str, QuantEntry] = field(default_factory=dict)
     folded: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)  # alias -> the stored name it is tied to
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the JSON as read
 
     @classmethod
@@ -241,8 +255,22 @@ class Manifest:
             modules=None if manifest.get("modules") is None else parse_modules(manifest["modules"], path),
             quant={name: QuantEntry.parse(spec, name, path) for name, spec in quant.items()},
             folded=parse_folds(manifest.get("folded", {}), path),
+            tied=_parse_ties(manifest.get("tied"), version, path),
             raw=manifest,
         )
+
+
+def _parse_ties(tied: Any, version: int, path: Any) -> dict[str, str]:
+    """Version 6's ``tied`` object: alias -> stored name, no alias itself a target."""
+    if version < 6:
+        return {}
+    if not isinstance(tied, dict) or not tied:
+        raise ArtifactError(f"{path}: a version 6 manifest needs a non-empty 'tied' object (alias -> stored name)")
+    if not all(isinstance(a, str) and isinstance(c, str) and a != c for a, c in tied.items()):
+        raise ArtifactError(f"{path}: 'tied' maps tensor names to other tensor names (strings)")
+    if set(tied) & set(tied.values()):
+        raise ArtifactError(f"{path}: 'tied' chains aliases; each alias must name a stored tensor")
+    return dict(tied)
 
 
 def read(path: str | os.PathLike) -> tuple[Manifest, dict[str, torch.Tensor]]:
@@ -271,6 +299,8 @@ def read(path: str | os.PathLike) -> tuple[Manifest, dict[str, torch.Tensor]]:
     manifest = _manifest(path, header)
     if not set(manifest.coded) <= set(stored):
         raise ArtifactError(f"{path}: the manifest lists coded tensors that the container lacks")
+    if not set(manifest.tied.values()) <= set(stored) or set(manifest.tied) & set(stored):
+        raise ArtifactError(f"{path}: 'tied' must map names the container lacks to names it holds")
     if fingerprint(stored) != manifest.fingerprint:
         raise ArtifactError(f"{path}: content fingerprint mismatch; the file is corrupted (bit flip or edit)")
     return manifest, stored
@@ -316,6 +346,8 @@ def decode_state(
             state[name] = decode_tensor(t.numpy().tobytes(), coded[name], name)
         else:
             raise ArtifactError(f"tensor {name!r}: a coded tensor must be stored as a 1-D U8 blob")
+    for alias, canonical in manifest.tied.items():  # one tensor under every name it is tied to
+        state[alias] = state[canonical]
     return state
 
 
@@ -369,6 +401,7 @@ def _into(module: nn.Module, manifest: Manifest, stored: Mapping[str, torch.Tens
             )
     state = decode_state(manifest, stored, None)  # only now: the model bounds what is decoded
     module.load_state_dict(state)
+    tie_(module, manifest.tied)  # a builder that does not tie them itself gets the file's ties
 
 
 def _refold(module: nn.Module, folded: Mapping[str, str], path: Any) -> None:
@@ -397,16 +430,29 @@ def _requantize(module: nn.Module, quant: Mapping[str, QuantEntry], path: Any) -
 
 
 def _shapes(manifest: Manifest, stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """The decoded shape of every stored tensor, read from the container and the manifest."""
+    """The decoded shape of every stored tensor and of its tied aliases, from the container and
+    the manifest."""
     coded = manifest.coded
-    return {n: coded[n].shape if n in coded else tuple(t.shape) for n, t in stored.items()}
+    shapes = {n: coded[n].shape if n in coded else tuple(t.shape) for n, t in stored.items()}
+    return shapes | {alias: shapes[canonical] for alias, canonical in manifest.tied.items()}
 
 
 def _target(manifest: Manifest, model: nn.Module | Callable[[], nn.Module] | None, path: Any) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
     if model is not None:
-        return model()
+        if not callable(model) or isinstance(model, (str, bytes)):
+            raise ConfigError(
+                f"load(model={model!r}): pass a fresh model or a function that builds one (e.g. model=build); "
+                "for a zoo model leave model out and the file's own builder is used"
+            )
+        built = model()
+        if not isinstance(built, nn.Module):
+            raise ConfigError(
+                f"load(model=...): the builder returned {type(built).__name__}, not a torch.nn.Module; "
+                "pass a function that returns a fresh model of the saved architecture"
+            )
+        return built
     zoo = manifest.model
     if not zoo:
         raise ArtifactError(f"{path}: the file holds a user model; pass model=<a fresh instance or builder>")

@@ -33,6 +33,7 @@ from torchslim.core.qlayers import (
 )
 from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN
 from torchslim.core.task import move
+from torchslim.core.ties import Ties
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig
 from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches, correct_biases_, inputs_of
@@ -336,7 +337,7 @@ def fold_batchnorm_(model: nn.Module) -> list[str]:
 
 def _select(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, LayerRecord], dict[str, nn.Module]]:
     """A record for every weight layer, and the layers to quantize (the others carry a skip)."""
-    records, targets = {}, {}
+    records, targets, ties = {}, {}, Ties(model)
     for name, m in model.named_modules():
         kind = type(m).__name__
         if type(m) not in (*FLOAT_TYPES.values(), *RNN_TYPES.values()):
@@ -344,10 +345,20 @@ def _select(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, LayerRe
                 records[name] = LayerRecord(name, kind, skip=f"no int8 kernel for {kind} in torchslim; kept in float")
             continue
         rec = records[name] = LayerRecord(name, kind)
-        rec.skip = _why_not(name, m, config)
+        rec.skip = _why_not(name, m, config) or _tied(name, m, ties)
         if rec.skip is None:
             targets[name] = m
     return records, targets
+
+
+def _tied(name: str, m: nn.Module, ties: Ties) -> str | None:
+    """Why a layer whose parameters are tied to another module's stays float: its int8 copy
+    would be a second tensor, breaking the tie and storing the weight twice."""
+    for pname in sorted(m._parameters, key=lambda k: k != "weight"):  # the weight named first
+        others = ties.members(f"{name}.{pname}" if name else pname)
+        if others:
+            return f"{pname} is tied to {others[0]}; an int8 copy would break the tie and store it twice: kept in float"
+    return None
 
 
 def _why_not(name: str, m: nn.Module, config: QuantizeConfig) -> str | None:

@@ -26,6 +26,7 @@ from torchslim.analysis.cost import weight_layers
 from torchslim.core.data import Data
 from torchslim.core.device import Device, place
 from torchslim.core.plan import CompressionPlan, LayerDecision, layer_targets
+from torchslim.core.ties import Ties, owner
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
 from torchslim.transforms.prune import frozen_zeros
@@ -131,6 +132,27 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, iters: int = 100) -> tuple[
     return torch.from_numpy(codebook), torch.from_numpy(index).view_as(weight)
 
 
+def _untied(layers: dict[str, nn.Module], targets: dict[str, int], ties: Ties) -> dict[str, nn.Module]:
+    """The targeted layers, each tied weight once (under the first layer holding it; the
+    others share its codebook through the tie)."""
+    out, seen = {}, set()
+    for name, m in layers.items():
+        if name in targets and id(m.weight) not in seen:
+            out[name] = m
+            seen.add(id(m.weight))
+    return out
+
+
+def _holders(model: nn.Module, name: str, layer: nn.Module, ties: Ties) -> list[nn.Module]:
+    """``layer`` and every other module whose ``weight`` is tied to its weight."""
+    out = [layer]
+    for other in ties.members(f"{name}.weight"):
+        module, attr = owner(model, other)
+        if attr == "weight" and module is not layer:
+            out.append(module)
+    return out
+
+
 def share_(
     model: nn.Module,
     config: ShareConfig,
@@ -154,22 +176,28 @@ def share_(
     if isinstance(data, Data):
         data.check(model)
     targets, skipped = config.targets(model)
-    layers = {n: m for n, m in weight_layers(model) if n in targets}
+    ties = Ties(model)
+    layers = _untied(dict(weight_layers(model)), targets, ties)
     others = [m for n, m in weight_layers(model) if n not in targets]
     losses: list[float] = []
+    held: list[tuple[nn.Module, bool]] = []  # (module, first of its tie) for every codebook weight
     try:
         for name, m in layers.items():
             codebook, index = kmeans_codebook(m.weight, targets[name], config.kmeans_iters)
-            parametrize.register_parametrization(m, "weight", SharedWeight(index), unsafe=True)
-            m.parametrizations.weight.original = nn.Parameter(codebook)
+            shared, original = SharedWeight(index), nn.Parameter(codebook)
+            for i, module in enumerate(_holders(model, name, m, ties)):  # a tie: one codebook for all
+                parametrize.register_parametrization(module, "weight", shared, unsafe=True)
+                module.parametrizations.weight.original = original
+                held.append((module, i == 0))
         if data is not None and config.finetune is not None:
             with frozen_zeros(others):
                 losses = fit(model, data, config.finetune, progress, teacher)
     finally:  # on an error too: no layer is left parametrized
-        for m in layers.values():
+        for m, first in held:  # the first turns the codebook parameter into the weight; the rest take it
             if parametrize.is_parametrized(m, "weight"):
-                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=first)
                 m.weight.grad = None  # the codebook's gradient would otherwise stay on the new weight
+        ties.restore()
     if config.half_biases:
         with torch.no_grad():
             for m in layers.values():
