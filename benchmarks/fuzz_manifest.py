@@ -37,16 +37,6 @@ def _models():
 
     import torchslim as ts
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
-            self.fc1, self.fc2 = nn.Linear(8 * 8 * 8, 32), nn.Linear(32, 10)
-
-        def forward(self, x):
-            x = torch.relu(self.bn(self.conv(x)))
-            return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
     class Rnn(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -56,11 +46,11 @@ def _models():
             return self.head(self.gru(x)[0][:, -1])
 
     torch.manual_seed(0)
-    cnn, x = Net().eval(), torch.randn(64, 1, 8, 8)
-    ts.channel_prune_(cnn, ts.ChannelPruneConfig(ratio={"fc1": 0.5}, round_to=1, min_channels=1), example=x[:4])
-    ts.prune_(cnn, ts.MagnitudePruneConfig(sparsity={"fc1": 0.8}, finetune=None))
-    ts.share_(cnn, ts.ShareConfig(bits={"fc1": 4}, finetune=None))
-    ts.quantize_(cnn, ts.QuantizeConfig(exclude=("fc1",), bias_correction=False), [x[:32], x[32:]])
+    cnn, x = _cnn().eval(), torch.randn(64, 1, 8, 8)
+    ts.channel_prune_(cnn, ts.ChannelPruneConfig(ratio={"4": 0.5}, round_to=1, min_channels=1), example=x[:4])
+    ts.prune_(cnn, ts.MagnitudePruneConfig(sparsity={"4": 0.8}, finetune=None))
+    ts.share_(cnn, ts.ShareConfig(bits={"4": 4}, finetune=None))
+    ts.quantize_(cnn, ts.QuantizeConfig(exclude=("4",), bias_correction=False), [x[:32], x[32:]])
     mlp = _mlp().eval()
     ts.quantize_(mlp, ts.QuantizeConfig(scheme="weight", bits=4, group_size=32), example=torch.randn(4, 64))
     tied = _tied().eval()
@@ -69,11 +59,25 @@ def _models():
     rnn = Rnn().eval()
     ts.quantize_(rnn, ts.QuantizeConfig(scheme="dynamic"), example=torch.randn(4, 5, 6))
     return [
-        ("cnn: channels, sparsity, codebook, static int8, folded BatchNorm", cnn, Net, torch.randn(2, 1, 8, 8)),
+        ("cnn: channels, sparsity, codebook, static int8, folded BatchNorm", cnn, _cnn, torch.randn(2, 1, 8, 8)),
         ("mlp: int4 weight-only groups", mlp, _mlp, torch.randn(2, 64)),
         ("rnn: dynamic int8 GRU", rnn, Rnn, torch.randn(2, 5, 6)),
         ("lm: embedding tied to the output layer, pruned and shared", tied, _tied, torch.randint(0, 40, (2, 5))),
     ]
+
+
+def _cnn():
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
 
 
 def _tied():

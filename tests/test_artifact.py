@@ -374,3 +374,28 @@ def test_saving_where_no_file_can_go_names_the_path_and_keeps_the_old_file(tmp_p
     for bad, message in ((lambda: 5, "returned int"), ("lenet_300_100", "leave model out")):
         with pytest.raises(ConfigError, match=message):
             load(kept, model=bad)
+
+
+def test_int4_rows_wider_than_the_declared_width_are_refused(tmp_path):
+    from safetensors.torch import save as st_save
+
+    import torchslim as ts
+    from torchslim.artifact.tslim import pack_manifest
+
+    def build():
+        return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    torch.manual_seed(0)
+    model = build().eval()
+    ts.quantize_(model, ts.QuantizeConfig(scheme="weight", bits=4, group_size=32), example=torch.randn(2, 64))
+    path = save(model, tmp_path / "int4.tslim")
+    manifest, stored = read(path)
+    edited = json.loads(json.dumps(manifest.raw))
+    edited["modules"]["0"]["in_features"] = 63  # same packed bytes per row, one value fewer declared
+    bad = tmp_path / "bad.tslim"
+    bad.write_bytes(st_save(stored, metadata=pack_manifest(edited)))
+    fresh = build()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ArtifactError, match="past its declared width"):
+        load(bad, model=fresh)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())  # nothing written into it

@@ -28,7 +28,7 @@ from torchslim.artifact.codecs import CodedEntry, decode_tensor, encode_tensor
 from torchslim.artifact.structure import ModuleEntry, describe, parse_modules, resize_
 from torchslim.core.device import Device, place
 from torchslim.core.files import output_path, write_atomic
-from torchslim.core.qlayers import folded_batchnorm, folded_names, parse_folds
+from torchslim.core.qlayers import folded_batchnorm, folded_names, int4_padding_is_zero, parse_folds
 from torchslim.core.qrnn import QuantEntry, quantized_layers
 from torchslim.core.task import call_model, logits_of
 from torchslim.core.ties import tie_, tied_names
@@ -400,6 +400,12 @@ def _into(module: nn.Module, manifest: Manifest, stored: Mapping[str, torch.Tens
                 "model; pass the builder of the model that was saved"
             )
     state = decode_state(manifest, stored, None)  # only now: the model bounds what is decoded
+    for name, entry in manifest.quant.items():  # before anything is written into the model
+        layer = module.get_submodule(name)
+        if entry.bits == 4 and not int4_padding_is_zero(state[f"{name}.weight"], layer.weight_shape()[1]):
+            raise ArtifactError(
+                f"{path}: {name}'s packed int4 rows hold values past its declared width; the file is inconsistent"
+            )
     module.load_state_dict(state)
     tie_(module, manifest.tied)  # a builder that does not tie them itself gets the file's ties
 

@@ -107,6 +107,12 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return u[..., 0::2] | (u[..., 1::2] << 4)  # (out, ceil(in / 2))
 
 
+def int4_padding_is_zero(packed: torch.Tensor, width: int) -> bool:
+    """Whether the bits past the last of ``width`` int4 values in each packed row are zero, as
+    :func:`pack_int4` writes them (a declared width that disagrees with the rows fails this)."""
+    return width % 2 == 0 or packed.numel() == 0 or bool(((packed[..., -1] >> 4) == 0).all())
+
+
 def unpack_int4(packed: torch.Tensor, width: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: signed int8 values, ``width`` per row."""
     lo, hi = (packed & 0xF).to(torch.int8), (packed >> 4).to(torch.int8)
