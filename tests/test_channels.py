@@ -390,3 +390,37 @@ def test_channels_steps_must_come_first():
     text = text.replace("steps:\n", "steps:\n  - prune: {sparsity: 0.5}\n")
     with pytest.raises(Exception, match=r"steps run in the order \['distill', 'channels', 'prune'"):
         parse_recipe(text)
+
+
+class DenseConcat(nn.Module):
+    """A densely connected stack: each conv sees the concatenation of everything before it."""
+
+    def __init__(self, growth: int = 12) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, growth, 3, padding=1)
+        self.b = nn.Conv2d(16 + growth, growth, 3, padding=1)
+        self.head = nn.Linear(16 + 2 * growth, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.cat([x, torch.relu(self.a(x))], 1)
+        x = torch.cat([x, torch.relu(self.b(x))], 1)
+        return self.head(x.mean((2, 3)))
+
+
+def test_groups_that_round_back_to_full_width_are_recorded_and_pruning_nothing_is_an_error():
+    with pytest.raises(ConfigError, match=r"remove no channel anywhere.*rounds back to 12.*multiples of 8"):
+        channel_prune_(DenseConcat().eval(), ChannelPruneConfig(ratio=0.3), example=X)
+    model = DenseConcat().eval()
+    result = channel_prune_(model, ChannelPruneConfig(ratio=0.3, round_to=4), example=X)
+    skips = {r.root: r.skip for r in result.groups}
+    assert model.stem.out_channels == 12 and model.a.out_channels == 12  # 16 x 0.7 -> 12; 12 x 0.7 = 8.4 -> 12
+    assert "multiples of 4" in skips["a"] and result.plan.resolve("a").skip == skips["a"]
+    mixed = DenseConcat(growth=12).eval()
+    mixed.stem = nn.Conv2d(1, 32, 3, padding=1)
+    mixed.a, mixed.b = nn.Conv2d(32, 12, 3, padding=1), nn.Conv2d(44, 12, 3, padding=1)
+    mixed.head = nn.Linear(56, 10)
+    result = channel_prune_(mixed, ChannelPruneConfig(ratio=0.3), example=X)
+    skips = {r.root: r.skip for r in result.groups}
+    assert mixed.stem.out_channels == 24 and "rounds back to 12" in skips["a"] and "lower round_to" in skips["b"]

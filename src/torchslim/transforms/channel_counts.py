@@ -55,12 +55,30 @@ def decide(
         reasons = "; ".join(f"{g.root}: {g.skip}" for g in coupling.groups)
         raise ConfigError(f"no coupling group of {type(model).__name__} can be pruned ({reasons})")
     if config.ratio is not None:
+        _rounded_away(groups, config, original)
+        groups = [g for g in groups if not g.skip]
         return {
             g.root: _round(original[g.root] * (1 - _ratio(config, g.root)) ** frac, g, config) for g in groups
         }, scores
     which, full = ("macs", macs0) if config.macs is not None else ("params", params0)
     goal = full * getattr(config, which) ** frac
     return _keep_within(model, groups, scores, config, example, which, goal, full, original), scores
+
+
+def _rounded_away(groups: list[CouplingGroup], config: ChannelPruneConfig, original: dict[str, int]) -> None:
+    """Record as skipped each group whose final width rounds back to its full width, and refuse
+    a request under which no group would lose a channel, saying why for each."""
+    for g in groups:
+        ratio, step = _ratio(config, g.root), math.lcm(config.round_to, g.multiple)
+        if ratio > 0 and _round(original[g.root] * (1 - ratio), g, config) >= original[g.root]:
+            g.skip = (
+                f"removing {ratio:g} of its {original[g.root]} channels rounds back to {original[g.root]} "
+                f"(kept widths are multiples of {step}, at least {config.min_channels}): lower round_to to prune it"
+            )
+    asked = [g for g in groups if _ratio(config, g.root) > 0]
+    if asked and all(g.skip for g in asked):  # ratio 0 everywhere is a request for nothing: not an error
+        reasons = "; ".join(f"{g.root}: {g.skip}" for g in asked)
+        raise ConfigError(f"the ratios remove no channel anywhere ({reasons})")
 
 
 def _scores(model: nn.Module, coupling: Coupling, config: ChannelPruneConfig, batches: list) -> dict[str, torch.Tensor]:
