@@ -307,6 +307,38 @@ def test_onnx_export_runs_in_onnx_runtime_with_the_same_answers(digits, digits_c
     assert agree >= 0.995
 
 
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru, self.head = nn.GRU(6, 8, num_layers=2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+@pytest.mark.parametrize("build, features", [(_Recurrent, 6), (_Attention, 16)])
+def test_onnx_export_from_one_sample_keeps_batch_and_sequence_dynamic(build, features):
+    import onnxruntime
+
+    torch.manual_seed(0)
+    model = build().eval()
+    session = onnxruntime.InferenceSession(export_onnx(model, torch.randn(1, 1, features)))
+    for batch, length in ((1, 4), (5, 4), (3, 11)):
+        x = torch.randn(batch, length, features)
+        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert out.shape == (batch, 3) and torch.allclose(torch.from_numpy(out), model(x), atol=1e-4)
+
+
 QUANT_RECIPE = """
 name: tiny_int8
 model: {name: resnet_mini, kwargs: {width: 8}}

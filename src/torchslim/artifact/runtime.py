@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.data import take_rows
 from torchslim.core.task import call_model
 from torchslim.errors import ConfigError
 
@@ -55,7 +56,7 @@ def compile_model(
     if backend == "inductor":
         runner: Callable[[torch.Tensor], torch.Tensor] = _Frozen(model)
     elif backend == "onnxruntime":
-        runner = OrtRunner(export_onnx(model, example), threads)
+        runner = OrtRunner(export_onnx(model, example, check=False), threads)  # runs on the batch below
     else:
         raise ConfigError(f"backend={backend!r}: choose one of {list(BACKENDS)}")
     runner(example)  # compile now, not inside the first timed call
@@ -125,10 +126,27 @@ class _Compiled:
         return out
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
-    """The model as a self-contained ONNX file (weights inside, batch dimension dynamic)."""
+SEQUENCE_LAYERS = (nn.RNNBase, nn.MultiheadAttention, nn.Embedding)
+"""Layers whose presence means dimension 1 of the input is a sequence, exported as dynamic."""
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, *, check: bool = True) -> bytes:
+    """The model as a self-contained ONNX file (weights inside) whose batch dimension is dynamic,
+    and, for recurrent, attention and embedding models, the sequence dimension too.
+
+    A size-1 dimension would be exported as fixed, so an example of batch (or length) 1 is
+    repeated first. With ``check``, the exported graph is run on ONNX Runtime at two batch
+    sizes (and two lengths) and must give outputs of the shapes the model gives.
+    """
     model.eval()
     name = next(iter(inspect.signature(model.forward).parameters), "x")
+    example = take_rows(example, max(2, example.shape[0]), cycle=True)
+    sequence = example.dim() >= 2 and any(isinstance(m, SEQUENCE_LAYERS) for m in model.modules())
+    if sequence and example.shape[1] < 2:
+        example = example.repeat(1, 2, *([1] * (example.dim() - 2)))
+    dims = {0: torch.export.Dim("batch", min=1, max=65536)}
+    if sequence:
+        dims[1] = torch.export.Dim("sequence", min=1, max=65536)
     try:
         program = torch.onnx.export(
             model,
@@ -137,7 +155,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
             external_data=False,
             optimize=True,
             verbose=False,
-            dynamic_shapes={name: {0: torch.export.Dim("batch", min=1, max=65536)}},
+            dynamic_shapes={name: dims},
         )
     except Exception as exc:  # noqa: BLE001 -- reported with what to do
         raise ConfigError(
@@ -146,7 +164,41 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
         ) from exc
     proto = program.model_proto
     drop_noop_relus(proto)
-    return proto.SerializeToString()
+    data = proto.SerializeToString()
+    if check:
+        _check_dynamic(data, model, example, sequence)
+    return data
+
+
+def _check_dynamic(data: bytes, model: nn.Module, example: torch.Tensor, sequence: bool) -> None:
+    """Run the exported graph at two batch sizes (and lengths); its outputs must have the model's shapes."""
+    runner = OrtRunner(data, threads=1)
+    sizes = [(1, None), (3, None)] + ([(2, 1), (2, example.shape[1] + 3)] if sequence else [])
+    for batch, length in sizes:
+        x = take_rows(example, batch, cycle=True)
+        if length is not None:
+            x = x.repeat(1, -(-length // x.shape[1]), *([1] * (x.dim() - 2)))[:, :length]
+        with torch.no_grad():
+            want = call_model(model, x)
+        try:
+            got = runner(x)
+        except Exception as exc:  # noqa: BLE001 -- reported with what failed
+            raise ConfigError(
+                f"the ONNX export of {type(model).__name__} does not run at input shape {tuple(x.shape)} "
+                f"({type(exc).__name__}: {str(exc)[:200]}); use backend='inductor' or 'eager'"
+            ) from exc
+        if tuple(got.shape) != tuple(logits_shape(want)):
+            raise ConfigError(
+                f"the ONNX export of {type(model).__name__} gives shape {tuple(got.shape)} at input shape "
+                f"{tuple(x.shape)} where the model gives {tuple(logits_shape(want))}"
+            )
+
+
+def logits_shape(output: Any) -> torch.Size:
+    """The shape of a model's first output tensor (what the ONNX graph returns first)."""
+    while not isinstance(output, torch.Tensor):
+        output = output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
+    return output.shape
 
 
 def drop_noop_relus(proto) -> int:
