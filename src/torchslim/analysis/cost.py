@@ -20,6 +20,18 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)]
 
 
+def left_dense(model: nn.Module) -> dict[str, str]:
+    """Modules holding weights that magnitude pruning and weight sharing do not reach, and why."""
+    return {
+        name: (
+            "its packed query/key/value projection (in_proj_weight) is not a Linear layer and stays dense; "
+            "its out_proj is treated like any Linear"
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
+
+
 @dataclass(frozen=True)
 class LayerCost:
     """Size facts of one weight layer."""

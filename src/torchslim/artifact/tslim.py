@@ -28,7 +28,13 @@ from torchslim.artifact.codecs import CodedEntry, decode_tensor, encode_tensor
 from torchslim.artifact.structure import ModuleEntry, describe, parse_modules, resize_
 from torchslim.core.device import Device, place
 from torchslim.core.files import output_path, write_atomic
-from torchslim.core.qlayers import folded_batchnorm, folded_names, int4_padding_is_zero, parse_folds
+from torchslim.core.qlayers import (
+    folded_batchnorm,
+    folded_names,
+    int4_padding_is_zero,
+    parse_folds,
+    unfuse_transformer_layers_,
+)
 from torchslim.core.qrnn import QuantEntry, quantized_layers
 from torchslim.core.task import call_model, logits_of
 from torchslim.core.ties import tie_, tied_names
@@ -433,6 +439,7 @@ def _requantize(module: nn.Module, quant: Mapping[str, QuantEntry], path: Any) -
     fresh = {name: entry.empty_like(owned.get(name), name, path) for name, entry in quant.items()}
     for name, q in fresh.items():
         module.set_submodule(name, q)
+    unfuse_transformer_layers_(module, fresh)
 
 
 def _shapes(manifest: Manifest, stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

@@ -37,6 +37,7 @@ defaults (symmetric int8 weights in [-128, 127], uint8 activations in [0, 255]).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -317,3 +318,28 @@ def parse_folds(folded: Any, where: Any = "file") -> dict[str, str]:
     if not isinstance(folded, dict) or not all(isinstance(c, str) for c in folded.values()):
         raise ArtifactError(f"{where}: the manifest's 'folded' must map BatchNorm names to convolution names")
     return dict(folded)
+
+
+def read_directly(model: nn.Module) -> dict[str, str]:
+    """Layers whose weight a parent reads itself instead of calling the layer, so no quantized
+    layer can stand in for them: name -> why. ``nn.MultiheadAttention`` passes
+    ``out_proj.weight`` to its attention function."""
+    return {
+        f"{name}.out_proj" if name else "out_proj": (
+            "MultiheadAttention reads out_proj's float weight itself (its attention kernel): kept in float"
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
+
+
+def unfuse_transformer_layers_(model: nn.Module, names: Iterable[str]) -> None:
+    """Turn off PyTorch's fused encoder-layer kernel (taken in eval mode) on every
+    ``nn.TransformerEncoderLayer`` holding one of the layers ``names``: that kernel reads the
+    layers' float weights directly, so a quantized layer (or one being calibrated) would never
+    run. The layer then runs its submodules one by one; it computes the same function."""
+    names = list(names)
+    for lname, layer in model.named_modules():
+        prefix = f"{lname}." if lname else ""
+        if isinstance(layer, nn.TransformerEncoderLayer) and any(n.startswith(prefix) for n in names):
+            layer.activation_relu_or_gelu = 0  # one of the fused path's conditions: it is then skipped

@@ -89,3 +89,13 @@ class Ties:
             for (module, attr), p in zip(held, now):
                 if p is not None and p is not new:
                     setattr(module, attr, new)
+
+
+def holders(model: nn.Module, name: str, layer: nn.Module, ties: Ties) -> list[nn.Module]:
+    """``layer`` (named ``name``) and every other module whose ``weight`` is tied to its weight."""
+    out = [layer]
+    for other in ties.members(f"{name}.weight"):
+        module, attr = owner(model, other)
+        if attr == "weight" and module is not layer:
+            out.append(module)
+    return out

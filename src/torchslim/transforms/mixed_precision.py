@@ -22,6 +22,7 @@ from torch import nn
 
 from torchslim.core.data import Data
 from torchslim.core.plan import CompressionPlan
+from torchslim.core.qlayers import unfuse_transformer_layers_
 from torchslim.core.task import Classification, Task
 from torchslim.errors import ConfigError
 from torchslim.evaluate.metrics import evaluate
@@ -126,6 +127,7 @@ def mixed_precision_(
     if data is None:
         raise ConfigError("mixed precision calibrates its int8 layers: pass data=<calibration batches>")
     calib = [inputs_of(b, task) for b in calibration_batches(data, config.quantize.calib_batches, example)]
+    unfuse_transformer_layers_(work, targets)  # the fused encoder kernel would bypass the layers
     ranges, _ = calibrated_ranges(work, targets, calib, config.quantize)
     q = config.quantize
     quantized = {n: quantize_layer(layer, q, ranges.get(n)) for n, layer in targets.items()}

@@ -1,9 +1,12 @@
 """Magnitude pruning (weight trimming), one-shot or iterative, with fixed masks while fine-tuning.
 
 Han et al. 2015 ("Learning both Weights and Connections"): remove the smallest-magnitude
-weights, fine-tune the rest, repeat. Masks are applied with ``torch.nn.utils.prune`` so
-the fine-tuning loop keeps pruned weights at zero without knowing about them; at the end
-the masks are made permanent (plain zeros in ``weight``), so the model carries no hooks.
+weights, fine-tune the rest, repeat. Masks are parametrizations (``weight = original * mask``,
+``torch.nn.utils.parametrize``), computed whenever the weight is read, so the fine-tuning loop
+keeps pruned weights at zero without knowing about them -- also where a parent module reads a
+layer's weight directly instead of calling it (``nn.MultiheadAttention``'s output projection).
+A tied weight gets the one mask on every module that holds it. At the end of each round the
+masks are made permanent (plain zeros in ``weight``), so the model carries no parametrization.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn.utils import prune as torch_prune
+from torch.nn.utils import parametrize
 
-from torchslim.analysis.cost import weight_layers
+from torchslim.analysis.cost import left_dense, weight_layers
 from torchslim.core.data import Data
 from torchslim.core.device import Device, place
 from torchslim.core.plan import CompressionPlan, check_sparsity, layer_targets
+from torchslim.core.ties import Ties, holders
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
+from torchslim.transforms.guard import rollback
 
 log = logging.getLogger(__name__)
 
@@ -122,41 +127,64 @@ def prune_(
     targets, skipped = config.targets(model)
     layers = {n: m for n, m in weight_layers(model) if n in targets}
     others = [m for n, m in weight_layers(model) if n not in targets]
-    with frozen_zeros(others):
+    with rollback(model), frozen_zeros(others):  # a failure leaves the model as it was
         history = _rounds(model, config, data, layers, targets, progress, teacher)
     plan = CompressionPlan()
     for name, m in layers.items():
         plan = plan.merged(name, sparsity=round(int((m.weight == 0).sum()) / m.weight.numel(), 6))
-    for name, why in skipped.items():
+    for name, why in (skipped | left_dense(model)).items():
         plan = plan.merged(name, skip=why)
     return PruneResult(plan, history)
 
 
 def _rounds(model, config, data, layers, targets, progress, teacher) -> list[dict]:
-    history = []
+    history, held, ties = [], [], Ties(model)
     try:
         for step in range(config.steps):
+            _make_permanent(held)  # the masks so far become zeros; this round's masks cover them
             wanted = {n: schedule(t, config.steps)[step] for n, t in targets.items()}
             masks = _global_masks(layers, wanted) if config.scope == "global" else _layer_masks(layers, wanted)
-            for name, mask in masks.items():
-                torch_prune.custom_from_mask(layers[name], "weight", mask)
+            held = [pair for name, mask in masks.items() for pair in _mask_(model, name, layers[name], mask, ties)]
             losses = []
             if data is not None and config.finetune is not None:
                 losses = fit(model, data, config.finetune, _overall(progress, step, config.steps), teacher)
             history.append({"step": step + 1, "sparsity": wanted, "losses": losses})
             log.info("prune round %d/%d done", step + 1, config.steps)
-    finally:  # on an error too: the model keeps the rounds done so far, with no hooks left
-        _make_permanent(layers.values())
+    finally:  # on an error too: the model keeps the rounds done so far, with no parametrization left
+        _make_permanent(held)
     return history
 
 
-def _make_permanent(modules: Iterable[nn.Module]) -> None:
-    """Fold the masks into ``weight`` and drop the hooks; pruned entries become +0.0."""
-    for m in modules:
-        if torch_prune.is_pruned(m):
-            torch_prune.remove(m, "weight")
-            with torch.no_grad():
-                m.weight.add_(0.0)  # weight_orig * 0 is -0.0 for negative weights; -0.0 + 0.0 is +0.0
+class Mask(nn.Module):
+    """Parametrization ``weight = original * mask``."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def _mask_(model: nn.Module, name: str, layer: nn.Module, mask: torch.Tensor, ties: Ties) -> list[tuple]:
+    """Put ``mask`` on ``layer``'s weight and on every module tied to it; ``(module, first)`` pairs."""
+    param = Mask(mask.to(layer.weight.dtype))
+    held = []
+    for i, module in enumerate(holders(model, name, layer, ties)):  # a tied weight: one mask for all
+        parametrize.register_parametrization(module, "weight", param)
+        held.append((module, i == 0))
+    return held
+
+
+def _make_permanent(held: Iterable[tuple[nn.Module, bool]]) -> None:
+    """Fold the masks into ``weight`` and drop the parametrizations; pruned entries become +0.0.
+    The first holder of a tied weight writes it; the others take the same (now masked) tensor."""
+    for m, first in held:
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=first)
+            if first:
+                with torch.no_grad():
+                    m.weight.add_(0.0)  # original * 0 is -0.0 for negative weights; -0.0 + 0.0 is +0.0
 
 
 def _overall(progress: Progress | None, step: int, steps: int) -> Progress | None:
@@ -169,13 +197,15 @@ def _overall(progress: Progress | None, step: int, steps: int) -> Progress | Non
 @contextlib.contextmanager
 def frozen_zeros(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Keep the zero weights of ``modules`` at zero while the block trains the model."""
-    sparse = [m for m in modules if bool((m.weight == 0).any())]
-    for m in sparse:
-        torch_prune.custom_from_mask(m, "weight", (m.weight != 0).float())
+    held = []
+    for m in modules:
+        if bool((m.weight == 0).any()) and not parametrize.is_parametrized(m, "weight"):
+            parametrize.register_parametrization(m, "weight", Mask((m.weight != 0).to(m.weight.dtype)))
+            held.append((m, True))
     try:
         yield
     finally:
-        _make_permanent(sparse)
+        _make_permanent(held)
 
 
 @torch.no_grad()

@@ -30,6 +30,8 @@ from torchslim.core.qlayers import (
     SCHEMES,
     QuantizedLayer,
     folded_batchnorm,
+    read_directly,
+    unfuse_transformer_layers_,
 )
 from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN
 from torchslim.core.task import move
@@ -252,6 +254,7 @@ def _quantize(
             f"{type(model).__name__} has no layer this scheme can quantize ({_summary(records)}); "
             "static int8 covers nn.Linear and nn.Conv1d/2d, dynamic int8 nn.Linear, nn.LSTM and nn.GRU, int4 nn.Linear"
         )
+    unfuse_transformer_layers_(model, targets)  # the fused encoder kernel would bypass the layers
     ranges, calibration = calibrated_ranges(model, targets, batches, config, progress)
     history: list[dict] = []
     if config.qat is not None:
@@ -337,7 +340,7 @@ def fold_batchnorm_(model: nn.Module) -> list[str]:
 
 def _select(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, LayerRecord], dict[str, nn.Module]]:
     """A record for every weight layer, and the layers to quantize (the others carry a skip)."""
-    records, targets, ties = {}, {}, Ties(model)
+    records, targets, ties, direct = {}, {}, Ties(model), read_directly(model)
     for name, m in model.named_modules():
         kind = type(m).__name__
         if type(m) not in (*FLOAT_TYPES.values(), *RNN_TYPES.values()):
@@ -345,7 +348,7 @@ def _select(model: nn.Module, config: QuantizeConfig) -> tuple[dict[str, LayerRe
                 records[name] = LayerRecord(name, kind, skip=f"no int8 kernel for {kind} in torchslim; kept in float")
             continue
         rec = records[name] = LayerRecord(name, kind)
-        rec.skip = _why_not(name, m, config) or _tied(name, m, ties)
+        rec.skip = _why_not(name, m, config) or direct.get(name) or _tied(name, m, ties)
         if rec.skip is None:
             targets[name] = m
     return records, targets

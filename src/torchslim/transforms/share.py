@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchslim.analysis.cost import weight_layers
+from torchslim.analysis.cost import left_dense, weight_layers
 from torchslim.core.data import Data
 from torchslim.core.device import Device, place
 from torchslim.core.plan import CompressionPlan, LayerDecision, layer_targets
-from torchslim.core.ties import Ties, owner
+from torchslim.core.ties import Ties, holders
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
+from torchslim.transforms.guard import rollback
 from torchslim.transforms.prune import frozen_zeros
 
 log = logging.getLogger(__name__)
@@ -143,16 +144,6 @@ def _untied(layers: dict[str, nn.Module], targets: dict[str, int], ties: Ties) -
     return out
 
 
-def _holders(model: nn.Module, name: str, layer: nn.Module, ties: Ties) -> list[nn.Module]:
-    """``layer`` and every other module whose ``weight`` is tied to its weight."""
-    out = [layer]
-    for other in ties.members(f"{name}.weight"):
-        module, attr = owner(model, other)
-        if attr == "weight" and module is not layer:
-            out.append(module)
-    return out
-
-
 def share_(
     model: nn.Module,
     config: ShareConfig,
@@ -180,24 +171,25 @@ def share_(
     layers = _untied(dict(weight_layers(model)), targets, ties)
     others = [m for n, m in weight_layers(model) if n not in targets]
     losses: list[float] = []
-    held: list[tuple[nn.Module, bool]] = []  # (module, first of its tie) for every codebook weight
-    try:
-        for name, m in layers.items():
-            codebook, index = kmeans_codebook(m.weight, targets[name], config.kmeans_iters)
-            shared, original = SharedWeight(index), nn.Parameter(codebook)
-            for i, module in enumerate(_holders(model, name, m, ties)):  # a tie: one codebook for all
-                parametrize.register_parametrization(module, "weight", shared, unsafe=True)
-                module.parametrizations.weight.original = original
-                held.append((module, i == 0))
-        if data is not None and config.finetune is not None:
-            with frozen_zeros(others):
-                losses = fit(model, data, config.finetune, progress, teacher)
-    finally:  # on an error too: no layer is left parametrized
-        for m, first in held:  # the first turns the codebook parameter into the weight; the rest take it
-            if parametrize.is_parametrized(m, "weight"):
-                parametrize.remove_parametrizations(m, "weight", leave_parametrized=first)
-                m.weight.grad = None  # the codebook's gradient would otherwise stay on the new weight
-        ties.restore()
+    with rollback(model):  # a failure leaves the model as it was
+        held: list[tuple[nn.Module, bool]] = []  # (module, first of its tie) for every codebook weight
+        try:
+            for name, m in layers.items():
+                codebook, index = kmeans_codebook(m.weight, targets[name], config.kmeans_iters)
+                shared, original = SharedWeight(index), nn.Parameter(codebook)
+                for i, module in enumerate(holders(model, name, m, ties)):  # a tie: one codebook for all
+                    parametrize.register_parametrization(module, "weight", shared, unsafe=True)
+                    module.parametrizations.weight.original = original
+                    held.append((module, i == 0))
+            if data is not None and config.finetune is not None:
+                with frozen_zeros(others):
+                    losses = fit(model, data, config.finetune, progress, teacher)
+        finally:  # on an error too: no layer is left parametrized
+            for m, first in held:  # the first turns the codebook parameter into the weight; the rest take it
+                if parametrize.is_parametrized(m, "weight"):
+                    parametrize.remove_parametrizations(m, "weight", leave_parametrized=first)
+                    m.weight.grad = None  # the codebook's gradient would otherwise stay on the new weight
+            ties.restore()
     if config.half_biases:
         with torch.no_grad():
             for m in layers.values():
@@ -206,6 +198,6 @@ def share_(
     plan = CompressionPlan()
     for name, bits in targets.items():
         plan = plan.merged(name, bits=bits)
-    for name, why in skipped.items():
+    for name, why in (skipped | left_dense(model)).items():
         plan = plan.merged(name, skip=why)
     return ShareResult(plan, losses)
