@@ -20,6 +20,25 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)]
 
 
+RECURRENT_LAYERS = (nn.RNN, nn.LSTM, nn.GRU)
+"""Layer types whose ``weight_ih_l*`` / ``weight_hh_l*`` matrices pruning and sharing also treat."""
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every layer whose weights magnitude pruning and weight sharing
+    treat: Linear / Conv (``weight``) and RNN / LSTM / GRU (every layer and direction's input
+    and hidden matrices), in registration order."""
+    kinds = (*WEIGHT_LAYERS, *RECURRENT_LAYERS)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def weight_names(layer: nn.Module) -> tuple[str, ...]:
+    """The weight tensors of a :func:`sparse_layers` layer, by attribute name."""
+    if isinstance(layer, RECURRENT_LAYERS):
+        return tuple(n for n in layer._flat_weights_names if n.startswith("weight_"))
+    return ("weight",)
+
+
 def left_dense(model: nn.Module) -> dict[str, str]:
     """Modules holding weights that magnitude pruning and weight sharing do not reach, and why."""
     return {

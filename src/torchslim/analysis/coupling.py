@@ -174,6 +174,13 @@ def analyse(
     except TorchslimError:
         raise
     except Exception as exc:  # tracing runs user code: any failure there is the model's
+        stacked = [n for n, m in model.named_modules() if _stacked_rnn(m)]
+        if stacked:
+            raise ConfigError(
+                f"cannot trace {type(model).__name__} for structured pruning ({type(exc).__name__}: {exc}) past "
+                f"{stacked[0]}, a stacked, bidirectional or projected recurrent layer, whose hidden units torchslim "
+                "does not slice; its weights can still be pruned (prune_), shared (share_) and quantized (quantize_)"
+            ) from exc
         raise ConfigError(
             f"cannot trace {type(model).__name__} for structured pruning ({type(exc).__name__}: {exc}); "
             "check that the example input fits the model's forward and that forward uses tensors only"
@@ -261,8 +268,11 @@ def _describe(tg: Any, graph: Any, names: dict, outputs: set) -> CouplingGroup:
             skip = f"{member.module} is a grouped convolution (groups={module.groups}); torchslim does not slice those"
         if isinstance(module, nn.MultiheadAttention):
             multiple = math.lcm(multiple, module.num_heads)
-        if isinstance(module, nn.RNNBase) and (module.num_layers != 1 or module.bidirectional or module.proj_size):
-            skip = f"{member.module}: only one-layer, one-direction {type(module).__name__}s without projections are sliced"
+        if _stacked_rnn(module):
+            skip = (
+                f"{member.module}: only one-layer, one-direction {type(module).__name__}s without projections "
+                "have their hidden units sliced (its weights are still pruned, shared and quantized)"
+            )
     root = tg[0].dep.target.module
     channels = graph.get_out_channels(root)
     return CouplingGroup(names.get(root, "?"), int(channels), members, skip, multiple, slices, handle=tg)
@@ -299,6 +309,12 @@ def _unsupported(model: nn.Module) -> list[tuple[nn.Module, str]]:
         if own and not isinstance(m, _SUPPORTED):
             out.append((m, name))
     return out
+
+
+def _stacked_rnn(m: nn.Module) -> bool:
+    """A recurrent layer whose hidden units torchslim does not slice: several layers, both
+    directions, or projections."""
+    return isinstance(m, nn.RNNBase) and bool(m.num_layers != 1 or m.bidirectional or m.proj_size)
 
 
 def _tied_modules(model: nn.Module) -> dict[str, str]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchslim.analysis.cost import left_dense, weight_layers
+from torchslim.analysis.cost import left_dense, sparse_layers, weight_names
 from torchslim.core.data import Data
 from torchslim.core.device import Device, place
 from torchslim.core.plan import CompressionPlan, check_sparsity, layer_targets
@@ -83,7 +83,7 @@ class MagnitudePruneConfig:
 
     def targets(self, model: nn.Module) -> tuple[dict[str, float], dict[str, str]]:
         """Final sparsity per layer, and why each other weight layer is skipped."""
-        names = [name for name, _ in weight_layers(model)]
+        names = [name for name, _ in sparse_layers(model)]
         targets, skipped = layer_targets(names, self.sparsity, "sparsity")
         return {n: float(v) for n, v in targets.items()}, skipped
 
@@ -110,7 +110,8 @@ def prune_(
     progress: Progress | None = None,
     device: Device = None,
 ) -> PruneResult:
-    """Prune ``model``'s Linear/Conv weights by magnitude, in place, fine-tuning between rounds.
+    """Prune ``model``'s Linear, Conv and recurrent weights by magnitude, in place, fine-tuning
+    between rounds.
 
     With a ``teacher`` (typically the unpruned model), fine-tuning also matches its softened
     outputs (``config.finetune.distill_weight``, ``temperature``). ``device`` (``"auto"``,
@@ -125,13 +126,15 @@ def prune_(
     if isinstance(data, Data):
         data.check(model)
     targets, skipped = config.targets(model)
-    layers = {n: m for n, m in weight_layers(model) if n in targets}
-    others = [m for n, m in weight_layers(model) if n not in targets]
+    layers = {n: m for n, m in sparse_layers(model) if n in targets}
+    others = [m for n, m in sparse_layers(model) if n not in targets]
     with rollback(model), frozen_zeros(others):  # a failure leaves the model as it was
         history = _rounds(model, config, data, layers, targets, progress, teacher)
     plan = CompressionPlan()
     for name, m in layers.items():
-        plan = plan.merged(name, sparsity=round(int((m.weight == 0).sum()) / m.weight.numel(), 6))
+        weights = [getattr(m, a) for a in weight_names(m)]
+        zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+        plan = plan.merged(name, sparsity=round(zeros / total, 6))
     for name, why in (skipped | left_dense(model)).items():
         plan = plan.merged(name, skip=why)
     return PruneResult(plan, history)
@@ -144,7 +147,9 @@ def _rounds(model, config, data, layers, targets, progress, teacher) -> list[dic
             _make_permanent(held)  # the masks so far become zeros; this round's masks cover them
             wanted = {n: schedule(t, config.steps)[step] for n, t in targets.items()}
             masks = _global_masks(layers, wanted) if config.scope == "global" else _layer_masks(layers, wanted)
-            held = [pair for name, mask in masks.items() for pair in _mask_(model, name, layers[name], mask, ties)]
+            held = [
+                pair for (name, attr), mask in masks.items() for pair in _mask_(model, name, attr, mask, layers, ties)
+            ]
             losses = []
             if data is not None and config.finetune is not None:
                 losses = fit(model, data, config.finetune, _overall(progress, step, config.steps), teacher)
@@ -166,25 +171,28 @@ class Mask(nn.Module):
         return weight * self.mask
 
 
-def _mask_(model: nn.Module, name: str, layer: nn.Module, mask: torch.Tensor, ties: Ties) -> list[tuple]:
-    """Put ``mask`` on ``layer``'s weight and on every module tied to it; ``(module, first)`` pairs."""
-    param = Mask(mask.to(layer.weight.dtype))
+def _mask_(model: nn.Module, name: str, attr: str, mask: torch.Tensor, layers: Mapping, ties: Ties) -> list[tuple]:
+    """Put ``mask`` on layer ``name``'s weight ``attr`` and on every module tied to it;
+    ``(module, attr, first)`` triples."""
+    layer = layers[name]
+    param = Mask(mask.to(getattr(layer, attr).dtype))
+    tied = holders(model, name, layer, ties) if attr == "weight" else [layer]
     held = []
-    for i, module in enumerate(holders(model, name, layer, ties)):  # a tied weight: one mask for all
-        parametrize.register_parametrization(module, "weight", param)
-        held.append((module, i == 0))
+    for i, module in enumerate(tied):  # a tied weight: one mask for all
+        parametrize.register_parametrization(module, attr, param)
+        held.append((module, attr, i == 0))
     return held
 
 
-def _make_permanent(held: Iterable[tuple[nn.Module, bool]]) -> None:
-    """Fold the masks into ``weight`` and drop the parametrizations; pruned entries become +0.0.
+def _make_permanent(held: Iterable[tuple[nn.Module, str, bool]]) -> None:
+    """Fold the masks into the weights and drop the parametrizations; pruned entries become +0.0.
     The first holder of a tied weight writes it; the others take the same (now masked) tensor."""
-    for m, first in held:
-        if parametrize.is_parametrized(m, "weight"):
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=first)
+    for m, attr, first in held:
+        if parametrize.is_parametrized(m, attr):
+            parametrize.remove_parametrizations(m, attr, leave_parametrized=first)
             if first:
                 with torch.no_grad():
-                    m.weight.add_(0.0)  # original * 0 is -0.0 for negative weights; -0.0 + 0.0 is +0.0
+                    getattr(m, attr).add_(0.0)  # original * 0 is -0.0 for negative weights; -0.0 + 0.0 is +0.0
 
 
 def _overall(progress: Progress | None, step: int, steps: int) -> Progress | None:
@@ -199,30 +207,38 @@ def frozen_zeros(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Keep the zero weights of ``modules`` at zero while the block trains the model."""
     held = []
     for m in modules:
-        if bool((m.weight == 0).any()) and not parametrize.is_parametrized(m, "weight"):
-            parametrize.register_parametrization(m, "weight", Mask((m.weight != 0).to(m.weight.dtype)))
-            held.append((m, True))
+        for attr in weight_names(m):
+            w = getattr(m, attr)
+            if bool((w == 0).any()) and not parametrize.is_parametrized(m, attr):
+                parametrize.register_parametrization(m, attr, Mask((w != 0).to(w.dtype)))
+                held.append((m, attr, True))
     try:
         yield
     finally:
         _make_permanent(held)
 
 
-@torch.no_grad()
-def _layer_masks(layers: Mapping[str, nn.Module], wanted: Mapping[str, float]) -> dict[str, torch.Tensor]:
-    return {n: _smallest_off(layers[n].weight.abs().flatten(), wanted[n]).view_as(layers[n].weight) for n in layers}
+def _tensors(layers: Mapping[str, nn.Module]) -> list[tuple[str, str, torch.Tensor]]:
+    """``(layer, attribute, weight)`` for every weight tensor of ``layers``, in order."""
+    return [(n, a, getattr(m, a)) for n, m in layers.items() for a in weight_names(m)]
 
 
 @torch.no_grad()
-def _global_masks(layers: Mapping[str, nn.Module], wanted: Mapping[str, float]) -> dict[str, torch.Tensor]:
+def _layer_masks(layers: Mapping[str, nn.Module], wanted: Mapping[str, float]) -> dict[tuple[str, str], torch.Tensor]:
+    return {(n, a): _smallest_off(w.abs().flatten(), wanted[n]).view_as(w) for n, a, w in _tensors(layers)}
+
+
+@torch.no_grad()
+def _global_masks(layers: Mapping[str, nn.Module], wanted: Mapping[str, float]) -> dict[tuple[str, str], torch.Tensor]:
     if not layers:
         raise ConfigError("scope='global' needs at least one Linear/Conv layer to rank")
-    scores = torch.cat([m.weight.abs().flatten() for m in layers.values()])
+    tensors = _tensors(layers)
+    scores = torch.cat([w.abs().flatten() for _, _, w in tensors])
     flat = _smallest_off(scores, next(iter(wanted.values())))
     masks, start = {}, 0
-    for n, m in layers.items():
-        masks[n] = flat[start : start + m.weight.numel()].view_as(m.weight)
-        start += m.weight.numel()
+    for n, a, w in tensors:
+        masks[n, a] = flat[start : start + w.numel()].view_as(w)
+        start += w.numel()
     return masks
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchslim.analysis.cost import left_dense, weight_layers
+from torchslim.analysis.cost import left_dense, sparse_layers, weight_names
 from torchslim.core.data import Data
 from torchslim.core.device import Device, place
 from torchslim.core.plan import CompressionPlan, LayerDecision, layer_targets
@@ -75,7 +75,7 @@ class ShareConfig:
 
     def targets(self, model: nn.Module) -> tuple[dict[str, int], dict[str, str]]:
         """Bits per layer, and why each other weight layer is skipped."""
-        names = [name for name, _ in weight_layers(model)]
+        names = [name for name, _ in sparse_layers(model)]
         targets, skipped = layer_targets(names, self.bits, "bits")
         return {n: int(v) for n, v in targets.items()}, skipped
 
@@ -138,9 +138,10 @@ def _untied(layers: dict[str, nn.Module], targets: dict[str, int], ties: Ties) -
     others share its codebook through the tie)."""
     out, seen = {}, set()
     for name, m in layers.items():
-        if name in targets and id(m.weight) not in seen:
+        key = id(getattr(m, "weight", m))  # a recurrent layer's weights are its own
+        if name in targets and key not in seen:
             out[name] = m
-            seen.add(id(m.weight))
+            seen.add(key)
     return out
 
 
@@ -168,32 +169,35 @@ def share_(
         data.check(model)
     targets, skipped = config.targets(model)
     ties = Ties(model)
-    layers = _untied(dict(weight_layers(model)), targets, ties)
-    others = [m for n, m in weight_layers(model) if n not in targets]
+    layers = _untied(dict(sparse_layers(model)), targets, ties)
+    others = [m for n, m in sparse_layers(model) if n not in targets]
     losses: list[float] = []
     with rollback(model):  # a failure leaves the model as it was
-        held: list[tuple[nn.Module, bool]] = []  # (module, first of its tie) for every codebook weight
+        held: list[tuple[nn.Module, str, bool]] = []  # (module, weight, first of its tie) per codebook
         try:
             for name, m in layers.items():
-                codebook, index = kmeans_codebook(m.weight, targets[name], config.kmeans_iters)
-                shared, original = SharedWeight(index), nn.Parameter(codebook)
-                for i, module in enumerate(holders(model, name, m, ties)):  # a tie: one codebook for all
-                    parametrize.register_parametrization(module, "weight", shared, unsafe=True)
-                    module.parametrizations.weight.original = original
-                    held.append((module, i == 0))
+                for attr in weight_names(m):  # one codebook per weight tensor (a recurrent layer has several)
+                    codebook, index = kmeans_codebook(getattr(m, attr), targets[name], config.kmeans_iters)
+                    shared, original = SharedWeight(index), nn.Parameter(codebook)
+                    tied = holders(model, name, m, ties) if attr == "weight" else [m]
+                    for i, module in enumerate(tied):  # a tie: one codebook for all
+                        parametrize.register_parametrization(module, attr, shared, unsafe=True)
+                        getattr(module.parametrizations, attr).original = original
+                        held.append((module, attr, i == 0))
             if data is not None and config.finetune is not None:
                 with frozen_zeros(others):
                     losses = fit(model, data, config.finetune, progress, teacher)
         finally:  # on an error too: no layer is left parametrized
-            for m, first in held:  # the first turns the codebook parameter into the weight; the rest take it
-                if parametrize.is_parametrized(m, "weight"):
-                    parametrize.remove_parametrizations(m, "weight", leave_parametrized=first)
-                    m.weight.grad = None  # the codebook's gradient would otherwise stay on the new weight
+            for m, attr, first in held:  # the first turns the codebook parameter into the weight; the rest take it
+                if parametrize.is_parametrized(m, attr):
+                    parametrize.remove_parametrizations(m, attr, leave_parametrized=first)
+                    getattr(m, attr).grad = None  # the codebook's gradient would otherwise stay on the new weight
             ties.restore()
     if config.half_biases:
         with torch.no_grad():
             for m in layers.values():
-                if m.bias is not None and bool(m.bias.abs().max() <= HALF_MAX):
+                bias = getattr(m, "bias", None)  # a recurrent layer's `bias` is a flag, its biases bias_*
+                if isinstance(bias, torch.Tensor) and bool(bias.abs().max() <= HALF_MAX):
                     m.bias.copy_(m.bias.half().float())
     plan = CompressionPlan()
     for name, bits in targets.items():
