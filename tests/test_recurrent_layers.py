@@ -52,6 +52,14 @@ def test_every_recurrent_matrix_is_pruned_shared_quantized_and_loads_equal(kind,
     assert dense_bytes / path.stat().st_size > 4
     with torch.no_grad():
         assert torch.equal(ts.load(path, model=lambda: Tagger(kind))(x), model(x))
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(ts.export_onnx(model, x[:1]))  # checked at two sizes inside
+    for batch, length in ((1, 7), (5, 3)):
+        out = session.run(None, {session.get_inputs()[0].name: x[:batch, :length].numpy()})[0]
+        assert torch.allclose(torch.from_numpy(out), model(x[:batch, :length]), atol=1e-4)
+    mixed = ts.mixed_precision_(Tagger(kind).eval(), ts.MixedPrecisionConfig(max_drop=0.05), data)
+    assert "scheme='dynamic'" in mixed.plan.resolve("rnn").skip  # static int8 leaves recurrent layers in float
     quantized = ts.quantize_(model, ts.QuantizeConfig(scheme="dynamic"), data=data)
     assert quantized.plan.resolve("rnn").quantize == 8
     path = ts.save(model, tmp_path / "q.tslim")

@@ -76,6 +76,12 @@ def test_a_tie_is_found_once_and_stored_once(tmp_path):
     assert manifest.version == 6 and manifest.tied == {"head.weight": "embed.weight"} and "head.weight" not in stored
     assert read(tmp_path / "copy.tslim")[0].version == 5  # files without ties stay readable by older readers
     assert restored.head.weight is restored.embed.weight
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(ts.export_onnx(restored, TOKENS[:1]))
+    for batch, length in ((1, 9), (4, 5)):
+        out = session.run(None, {session.get_inputs()[0].name: TOKENS[:batch, :length].numpy()})[0]
+        assert torch.allclose(torch.from_numpy(out), model(TOKENS[:batch, :length]), atol=1e-4)
 
 
 def test_load_ties_again_a_builder_that_does_not(tmp_path):
