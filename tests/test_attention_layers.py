@@ -1,7 +1,8 @@
 """PyTorch's own attention layers through every verb: ``nn.TransformerEncoder`` (whose layers
-take a fused kernel in eval mode) and ``nn.MultiheadAttention`` (which reads its output
-projection's weight itself). Each verb works or records why a layer is left alone; a saved
-file loads into a fresh model with equal outputs, and the ONNX export runs at two batch sizes."""
+take a fused kernel in eval mode) and ``nn.MultiheadAttention`` (which reads its packed
+in-projection and its output projection's weight itself). Pruning and sharing reach both
+projections; int8 records why attention stays float; a saved file loads into a fresh model
+with equal outputs, and the ONNX export runs at two batch sizes."""
 
 from __future__ import annotations
 
@@ -64,11 +65,13 @@ def test_every_verb_runs_records_its_skips_and_the_file_loads_equal(verb, traine
     model = copy.deepcopy(dense)
     result = VERBS[verb](model, data)
     plan = result.plan.to_dict()
-    if verb.startswith(("prune", "share")):
-        assert (
-            "in_proj_weight" in plan["pool"]["skip"] and "in_proj_weight" in plan["encoder.layers.0.self_attn"]["skip"]
-        )
-        assert any(k.endswith("out_proj") and "skip" not in v for k, v in plan.items())  # out_proj is compressed
+    if verb.startswith("prune"):  # the packed q/k/v projection and out_proj too
+        for name in ("pool", "pool.out_proj", "encoder.layers.0.self_attn", "encoder.layers.1.linear2"):
+            assert plan[name]["sparsity"] == pytest.approx(0.5, abs=0.01), name
+        assert float((model.pool.in_proj_weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    elif verb.startswith("share"):
+        assert plan["pool"] == {"bits": 5} and plan["encoder.layers.0.self_attn.out_proj"] == {"bits": 5}
+        assert model.encoder.layers[1].self_attn.in_proj_weight.unique().numel() <= 2**5
     else:
         assert plan["encoder.layers.0.linear1"] == {"quantize": 8} and plan["head"] == {"quantize": 8}
         assert "kernel" in plan["pool"]["skip"]  # attention itself has no int8 kernel here: kept in float

@@ -26,9 +26,10 @@ RECURRENT_LAYERS = (nn.RNN, nn.LSTM, nn.GRU)
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every layer whose weights magnitude pruning and weight sharing
-    treat: Linear / Conv (``weight``) and RNN / LSTM / GRU (every layer and direction's input
-    and hidden matrices), in registration order."""
-    kinds = (*WEIGHT_LAYERS, *RECURRENT_LAYERS)
+    treat: Linear / Conv (``weight``), RNN / LSTM / GRU (every layer and direction's input and
+    hidden matrices) and MultiheadAttention (its query/key/value projection; its ``out_proj``
+    is a Linear of its own), in registration order."""
+    kinds = (*WEIGHT_LAYERS, *RECURRENT_LAYERS, nn.MultiheadAttention)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
@@ -36,19 +37,10 @@ def weight_names(layer: nn.Module) -> tuple[str, ...]:
     """The weight tensors of a :func:`sparse_layers` layer, by attribute name."""
     if isinstance(layer, RECURRENT_LAYERS):
         return tuple(n for n in layer._flat_weights_names if n.startswith("weight_"))
+    if isinstance(layer, nn.MultiheadAttention):
+        packed = layer.in_proj_weight is not None
+        return ("in_proj_weight",) if packed else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
     return ("weight",)
-
-
-def left_dense(model: nn.Module) -> dict[str, str]:
-    """Modules holding weights that magnitude pruning and weight sharing do not reach, and why."""
-    return {
-        name: (
-            "its packed query/key/value projection (in_proj_weight) is not a Linear layer and stays dense; "
-            "its out_proj is treated like any Linear"
-        )
-        for name, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-    }
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchslim.analysis.cost import left_dense, sparse_layers, weight_names
+from torchslim.analysis.cost import sparse_layers, weight_names
 from torchslim.core.data import Data
 from torchslim.core.device import Device, place
 from torchslim.core.plan import CompressionPlan, check_sparsity, layer_targets
@@ -135,7 +135,7 @@ def prune_(
         weights = [getattr(m, a) for a in weight_names(m)]
         zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
         plan = plan.merged(name, sparsity=round(zeros / total, 6))
-    for name, why in (skipped | left_dense(model)).items():
+    for name, why in skipped.items():
         plan = plan.merged(name, skip=why)
     return PruneResult(plan, history)
 

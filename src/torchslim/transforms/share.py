@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchslim.analysis.cost import left_dense, sparse_layers, weight_names
+from torchslim.analysis.cost import sparse_layers, weight_names
 from torchslim.core.data import Data
 from torchslim.core.device import Device, place
 from torchslim.core.plan import CompressionPlan, LayerDecision, layer_targets
@@ -202,6 +202,6 @@ def share_(
     plan = CompressionPlan()
     for name, bits in targets.items():
         plan = plan.merged(name, bits=bits)
-    for name, why in (skipped | left_dense(model)).items():
+    for name, why in skipped.items():
         plan = plan.merged(name, skip=why)
     return ShareResult(plan, losses)
