@@ -76,6 +76,11 @@ def test_a_tie_is_found_once_and_stored_once(tmp_path):
     assert manifest.version == 6 and manifest.tied == {"head.weight": "embed.weight"} and "head.weight" not in stored
     assert read(tmp_path / "copy.tslim")[0].version == 5  # files without ties stay readable by older readers
     assert restored.head.weight is restored.embed.weight
+    from torchslim.artifact.inspect import inspect_file
+
+    rows = {r.name: r for r in inspect_file(path)[0]}
+    assert rows["head.weight"].bytes == 0 and rows["head.weight"].values == "tied to embed.weight"
+    assert sum(r.bytes for r in rows.values()) < path.stat().st_size  # the payload is counted once
     import onnxruntime
 
     session = onnxruntime.InferenceSession(ts.export_onnx(restored, TOKENS[:1]))

@@ -53,6 +53,11 @@ def inspect_file(path: str | os.PathLike) -> tuple[list[TensorRow], Manifest]:
     for name in sorted(state):
         t, entry = state[name], manifest.coded.get(name)
         fp32 = t.numel() * 4
+        if name in manifest.tied:  # the stored tensor under another name: no bytes of its own
+            kept = int((t != 0).sum())
+            tied = f"tied to {manifest.tied[name]}"
+            rows.append(TensorRow(name, list(t.shape), False, t.numel(), kept, None, None, None, 0, 0, values=tied))
+            continue
         if entry is None:
             n = int((t != 0).sum())
             rows.append(

@@ -56,7 +56,10 @@ def _value_bits(row: dict[str, Any]) -> str:
     """Codebook bits for shared tensors, else how values are stored (fp16 / fp32 / dense)."""
     if row["codebook_bits"] is not None:
         return str(row["codebook_bits"])
-    return {"raw": "fp32", "raw16": "fp16"}.get(row.get("values", "dense"), "-")
+    values = row.get("values", "dense")
+    if values.startswith("tied to "):
+        return values
+    return {"raw": "fp32", "raw16": "fp16"}.get(values, "-")
 
 
 LAYER_COLUMNS = (
@@ -89,7 +92,7 @@ def layer_rows(layers: list[dict[str, Any]]) -> list[tuple[str, ...]]:
                 _num(r["index_bits"]),
                 _num(r["position_bits"]),
                 f"{r['bytes']:,}",
-                f"{r['rate']:.1f}x",
+                f"{r['rate']:.1f}x" if r["bytes"] else "-",
                 f"{r['position_bytes']:,} / {r['position_h0_bytes']:,.0f} / {r['position_model_bytes']:,.0f}"
                 if coded
                 else "-",
