@@ -48,7 +48,7 @@ def compile_model(
     model.eval()
     if backend == "eager":
         return _NoGrad(model)
-    if not isinstance(example, torch.Tensor):
+    if not timeable(example, backend):
         raise ConfigError(
             f"backend={backend!r} compiles models that take one tensor; this one takes "
             f"{type(example).__name__} inputs: time it with backend='eager'"
@@ -130,6 +130,17 @@ SEQUENCE_LAYERS = (nn.RNNBase, nn.MultiheadAttention, nn.Embedding)
 """Layers whose presence means dimension 1 of the input is a sequence, exported as dynamic."""
 
 
+def timeable(inputs: Any, backend: str) -> bool:
+    """Whether ``backend`` runs a model on ``inputs``: eager takes any input; the compiled
+    backends one tensor."""
+    return backend == "eager" or isinstance(inputs, torch.Tensor)
+
+
+def _lengthen(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``x`` with dimension 1 (a sequence) repeated or cut to ``length`` steps."""
+    return x.repeat(1, -(-length // x.shape[1]), *([1] * (x.dim() - 2)))[:, :length]
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, *, check: bool = True) -> bytes:
     """The model as a self-contained ONNX file (weights inside) whose batch dimension is dynamic,
     and, for recurrent, attention and embedding models, the sequence dimension too.
@@ -143,7 +154,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, *, check: bool = True) 
     example = take_rows(example, max(2, example.shape[0]), cycle=True)
     sequence = example.dim() >= 2 and any(isinstance(m, SEQUENCE_LAYERS) for m in model.modules())
     if sequence and example.shape[1] < 2:
-        example = example.repeat(1, 2, *([1] * (example.dim() - 2)))
+        example = _lengthen(example, 2)
     dims = {0: torch.export.Dim("batch", min=1, max=65536)}
     if sequence:
         dims[1] = torch.export.Dim("sequence", min=1, max=65536)
@@ -177,7 +188,7 @@ def _check_dynamic(data: bytes, model: nn.Module, example: torch.Tensor, sequenc
     for batch, length in sizes:
         x = take_rows(example, batch, cycle=True)
         if length is not None:
-            x = x.repeat(1, -(-length // x.shape[1]), *([1] * (x.dim() - 2)))[:, :length]
+            x = _lengthen(x, length)
         with torch.no_grad():
             want = call_model(model, x)
         try:

@@ -68,9 +68,6 @@ class Ties:
             found.setdefault(id(p), ([], p))[0].append(name)
         self.groups = [(names, p) for names, p in found.values() if len(names) > 1]
 
-    def __bool__(self) -> bool:
-        return bool(self.groups)
-
     def members(self, name: str) -> list[str]:
         """The other names tied to parameter ``name`` (empty when it is not tied)."""
         for names, _ in self.groups:

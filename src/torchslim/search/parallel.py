@@ -131,11 +131,16 @@ class RayPool:
             self.ray.shutdown()
 
 
+def _ray_missing() -> bool:
+    """Whether Ray cannot be imported (a ``None`` entry in ``sys.modules`` blocks an import)."""
+    if "ray" in sys.modules:
+        return sys.modules["ray"] is None
+    return importlib.util.find_spec("ray") is None
+
+
 def runs_inline(workers: int, address: str | None, use_ray: bool) -> bool:
     """Whether trials run in this process: one worker, no Ray asked for, or Ray not installed."""
-    if workers == 1 and address is None and not use_ray:
-        return True
-    return importlib.util.find_spec("ray") is None if "ray" not in sys.modules else sys.modules["ray"] is None
+    return (workers == 1 and address is None and not use_ray) or _ray_missing()
 
 
 def check_rebuildable(rebuildable: bool, workers: int, address: str | None, use_ray: bool) -> None:
@@ -158,7 +163,7 @@ def make_executor(
     """The executor for ``workers``, and a message when Ray was asked for but cannot run."""
     if workers == 1 and address is None and not use_ray:
         return Inline(evaluate), None
-    if runs_inline(workers, address, use_ray):
+    if _ray_missing():
         return Inline(evaluate), (
             f"Ray is not installed, so trials run one at a time instead of {workers} at once; "
             "install it with pip install 'torchslim[ray]' (or pip install ray)"

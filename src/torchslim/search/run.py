@@ -23,6 +23,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from torchslim.analysis.cost import count_params
+from torchslim.artifact.runtime import timeable
 from torchslim.artifact.tslim import check_reproduces, load, save
 from torchslim.core.data import Data
 from torchslim.core.files import write_atomic
@@ -57,7 +58,7 @@ from torchslim.search.study import (
     seed_study,
     trial_rows,
 )
-from torchslim.search.trial import Evaluator, latency_ms, timeable
+from torchslim.search.trial import Evaluator, latency_ms
 
 log = logging.getLogger(__name__)
 Bar = Callable[[str], Callable[[int, int], None] | None]
@@ -253,9 +254,7 @@ def _search_facts(
 def _worker_spec(
     zoo: Mapping[str, Any] | None, weights: Path, data: Data, config: SearchConfig
 ) -> Callable[[], WorkerSpec] | None:
-    if zoo is None:
-        return None
-    if data.spec is None:  # a user's loaders: a worker could not load them again
+    if zoo is None or data.spec is None:  # a user's model or loaders: a worker could not load them again
         return None
     return lambda: WorkerSpec(
         zoo["zoo"], dict(zoo.get("kwargs", {})), str(weights), asdict(data.spec), config, config.latency.threads

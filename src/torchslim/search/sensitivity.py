@@ -3,10 +3,9 @@
 For every weight layer and every setting of the search space -- a sparsity, a codebook size,
 int8 -- and for every prunable coupling group and channel fraction, a copy of the model is
 compressed at that one place (no recovery training) and scored with the task's metric on
-the search split. The
-table seeds the search with plans that spend the budget where it costs least, and
-the report plots it. It is cached in the run folder under a fingerprint of the weights, the
-space and the split, so a resumed search does not measure it again.
+the search split. The table seeds the search with plans that spend the budget where it costs
+least, and the report plots it. It is cached in the run folder under a fingerprint of the
+weights, the space and the split, so a resumed search does not measure it again.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.artifact.runtime import compile_model
+from torchslim.artifact.runtime import compile_model, timeable
 from torchslim.artifact.tslim import save
 from torchslim.core.data import Data, TensorBatches, take_rows
 from torchslim.core.plan import CompressionPlan
@@ -64,12 +64,6 @@ class _Alternate:
 
     def __iter__(self) -> Iterator:
         return itertools.islice(iter(self.source), self.first, None, 2)
-
-
-def timeable(inputs: Any, backend: str) -> bool:
-    """Whether ``backend`` can time a model on ``inputs``: eager takes any input; the compiled
-    backends one tensor."""
-    return backend == "eager" or isinstance(inputs, torch.Tensor)
 
 
 def latency_ms(model: nn.Module, example: Any, setting: LatencySetting) -> float | None:

@@ -133,7 +133,7 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, iters: int = 100) -> tuple[
     return torch.from_numpy(codebook), torch.from_numpy(index).view_as(weight)
 
 
-def _untied(layers: dict[str, nn.Module], targets: dict[str, int], ties: Ties) -> dict[str, nn.Module]:
+def _untied(layers: dict[str, nn.Module], targets: dict[str, int]) -> dict[str, nn.Module]:
     """The targeted layers, each tied weight once (under the first layer holding it; the
     others share its codebook through the tie)."""
     out, seen = {}, set()
@@ -169,7 +169,7 @@ def share_(
         data.check(model)
     targets, skipped = config.targets(model)
     ties = Ties(model)
-    layers = _untied(dict(sparse_layers(model)), targets, ties)
+    layers = _untied(dict(sparse_layers(model)), targets)
     others = [m for n, m in sparse_layers(model) if n not in targets]
     losses: list[float] = []
     with rollback(model):  # a failure leaves the model as it was
