@@ -481,9 +481,21 @@ def _ms(value: float | None) -> str:
     return f"{value:.2f}" if value is not None else "-"
 
 
-def _speed(fp: dict, value: float | None, batch: str) -> str:
-    base = _lat(fp, "eager", batch)
-    return f"{base / value:.2f}x" if value else "-"
+def _speed(fp: dict, value: float | None, batch: str, backend: str = "eager") -> str:
+    """The float model's latency on ``backend`` over ``value``: above 1x, faster than that float."""
+    base = _lat(fp, backend, batch)
+    return f"{base / value:.2f}x" if value and base else "-"
+
+
+def _vs_compiled(fp: dict, row: dict, backend: str) -> str:
+    """Against the float model compiled on the same backend, at batch 1 and 64 (bold below 1x:
+    int8 slower there than the float model a user would otherwise run)."""
+    out = []
+    for b in ("b1", "b64"):
+        text = _speed(fp, _lat(row, backend, b), b, backend)
+        base, value = _lat(fp, backend, b), _lat(row, backend, b)
+        out.append(f"**{text}**" if base and value and value > base else text)
+    return " / ".join(out)
 
 
 def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bool]) -> str:
@@ -495,7 +507,9 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
         f"{env['onnxruntime']}, {THREADS} threads. Fashion-MNIST test set; float baselines trained on this machine "
         f"({BASELINE.epochs} epochs, lr {BASELINE.lr:g}, seed {BASELINE.seed}; cached). Bytes: the `.tslim` file against the float model's fp32 safetensors. Latency: "
         "medians in ms; `x` columns divide the float model's eager latency at the same batch size, measured in the "
-        "same run. `inductor` is AOTInductor with freezing (oneDNN int8 kernels), `ort` ONNX Runtime on the "
+        "same run, and `vs float` columns the float model's latency compiled on the same backend (what a user would "
+        "otherwise run; in bold where int8 is slower -- there `ts.keep_faster_`, which the recipe's quantize step "
+        "runs, hands layers back to float: see the int8 speed section). `inductor` is AOTInductor with freezing (oneDNN int8 kernels), `ort` ONNX Runtime on the "
         "exported QDQ model. The int8 eager path is the fake-quant reference and is not timed; the calibration "
         "methods share one graph, so latency is timed for the default (`auto`, in bold). Peers run with their "
         "defaults, calibrated on the same 2,048 training images; the accuracy comparison with them averages "
@@ -507,17 +521,18 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
             "",
             f"### {net['net']}",
             "",
-            "| variant | acc | drop (points) | bytes | size ratio | inductor b1 | b64 | b64 x | ort b1 | b64 | b64 x |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| variant | acc | drop (points) | bytes | size ratio | inductor b1 | b64 | b64 x | vs float inductor b1 / b64 "
+            "| ort b1 | b64 | b64 x | vs float ort b1 / b64 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| fp32 (eager b1 {_ms(_lat(fp, 'eager', 'b1'))}, b64 {_ms(_lat(fp, 'eager', 'b64'))}) | "
             f"{100 * fp['accuracy']:.2f} % | - | {fp['fp32_bytes']:,} | 1.00x | {_ms(_lat(fp, 'inductor', 'b1'))} | "
-            f"{_ms(_lat(fp, 'inductor', 'b64'))} | {_speed(fp, _lat(fp, 'inductor', 'b64'), 'b64')} | "
+            f"{_ms(_lat(fp, 'inductor', 'b64'))} | {_speed(fp, _lat(fp, 'inductor', 'b64'), 'b64')} | 1.00x / 1.00x | "
             f"{_ms(_lat(fp, 'onnxruntime', 'b1'))} | {_ms(_lat(fp, 'onnxruntime', 'b64'))} | "
-            f"{_speed(fp, _lat(fp, 'onnxruntime', 'b64'), 'b64')} |",
+            f"{_speed(fp, _lat(fp, 'onnxruntime', 'b64'), 'b64')} | 1.00x / 1.00x |",
         ]
         for r in net["rows"]:
             if "error" in r:
-                lines.append(f"| {r['variant']} | {r['error'][:90]} | | | | | | | | | |")
+                lines.append(f"| {r['variant']} | {r['error'][:90]} | | | | | | | | | | | |")
                 continue
             name = f"**{r['variant']}**" if r.get("default") else r["variant"]
             if r.get("kept_float") is not None:
@@ -526,17 +541,18 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
             lines.append(
                 f"| {name} | {100 * r['accuracy']:.2f} % | {100 * (fp['accuracy'] - r['accuracy']):.2f} | "
                 f"{r['tslim_bytes']:,} | {fp['fp32_bytes'] / r['tslim_bytes']:.3f}x | {_ms(ind('b1'))} | {_ms(ind('b64'))} | "
-                f"{_speed(fp, ind('b64'), 'b64')} | {_ms(ort('b1'))} | {_ms(ort('b64'))} | {_speed(fp, ort('b64'), 'b64')} |"
+                f"{_speed(fp, ind('b64'), 'b64')} | {_vs_compiled(fp, r, 'inductor')} | {_ms(ort('b1'))} | {_ms(ort('b64'))} | "
+                f"{_speed(fp, ort('b64'), 'b64')} | {_vs_compiled(fp, r, 'onnxruntime')} |"
             )
         fx, ortp = net["peers"]
         fx64, ort64 = _lat(fx, "torch.ao", "b64"), _lat(ortp, "onnxruntime", "b64")
         lines += [
             f"| {fx['variant']} (its eager kernels: b1 {_ms(_lat(fx, 'torch.ao', 'b1'))}, b64 {_ms(fx64)}, "
             f"{_speed(fp, fx64, 'b64')}) | {100 * fx['accuracy']:.2f} % | {100 * (fp['accuracy'] - fx['accuracy']):.2f} "
-            "| - | - | - | - | - | - | - | - |",
+            "| - | - | - | - | - | - | - | - | - | - |",
             f"| {ortp['variant']} ({ortp['onnx_bytes']:,} B .onnx) | {100 * ortp['accuracy']:.2f} % | "
-            f"{100 * (fp['accuracy'] - ortp['accuracy']):.2f} | - | - | - | - | - | {_ms(_lat(ortp, 'onnxruntime', 'b1'))} | "
-            f"{_ms(ort64)} | {_speed(fp, ort64, 'b64')} |",
+            f"{100 * (fp['accuracy'] - ortp['accuracy']):.2f} | - | - | - | - | - | - | {_ms(_lat(ortp, 'onnxruntime', 'b1'))} | "
+            f"{_ms(ort64)} | {_speed(fp, ort64, 'b64')} | {_vs_compiled(fp, ortp, 'onnxruntime')} |",
             "",
             f"ONNX Runtime agrees with the PyTorch int8 model on {100 * net['ort_agreement']:.2f} % of the test images. "
             "Paired speed-ups of the default int8 model (median of nine rounds of calls taken in turn; above 1 is faster): "

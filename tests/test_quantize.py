@@ -106,7 +106,8 @@ def test_range_methods_clip_a_heavy_tail_that_minmax_keeps():
     assert all(lo == 0.0 for lo, _ in ranges.values())
     assert ranges["percentile"][1] < 0.6 * top and ranges["entropy"][1] < 0.6 * top and ranges["mse"][1] < top
     edges = torch.linspace(0.0, top, BINS + 1, dtype=torch.float64)
-    assert _mse(stats.hist.double(), edges, *ranges["mse"]) < _mse(stats.hist.double(), edges, 0.0, top)
+    chosen, whole = _mse(stats.hist.double(), edges, [ranges["mse"], (0.0, top)])
+    assert chosen < whole
 
 
 def test_dynamic_and_weight_only_schemes(digits, digits_mlp):
@@ -352,12 +353,17 @@ outputs: {dir: "OUT", artifact: "{name}.tslim"}
 """
 
 
-def test_recipe_quantize_step_reports_layers_and_the_cli_exports_onnx(tmp_path, compress_cli):
+def test_recipe_quantize_step_reports_layers_and_the_cli_exports_onnx(tmp_path, compress_cli, monkeypatch):
     from typer.testing import CliRunner
 
+    from torchslim.artifact import speed
     from torchslim.cli import app
 
+    monkeypatch.setattr(speed, "_time", lambda *_args, **_kw: (1.0, 2.0))  # int8 timed faster than float
     output, report = compress_cli(QUANT_RECIPE)
+    check = report["quantization"]["speed"]
+    assert check["backend"] == "onnxruntime" and check["batches"] == [4] and check["delivered"] == "int8"
+    assert "float model compiled 2.000 ms, int8 1.000 ms; int8 kept" in (tmp_path / "report.md").read_text()
     assert "quantized layers (latency on onnxruntime)" in output
     rows = {r["name"]: r for r in report["quantization"]["quantization"]["layers"]}
     assert rows["stem"]["scheme"] == "static" and rows["fc"]["bits"] == 8
@@ -498,6 +504,38 @@ def test_auto_calibration_picks_per_layer_methods_closest_to_the_float_outputs(d
     x = torch.cat([b for b, _ in digits.calib_loader()])
     with torch.no_grad():
         assert float(((model(x) - digits_cnn(x)) ** 2).mean()) == pytest.approx(chosen["final_output_mse"], rel=1e-3)
+
+
+def test_auto_scores_its_candidates_on_the_first_rows_and_reports_progress(digits, digits_cnn, monkeypatch):
+    from torchslim.transforms import calibrate
+
+    monkeypatch.setattr(calibrate, "AUTO_ROWS", 100)
+    model, seen = copy.deepcopy(digits_cnn), []
+    result = quantize_(
+        model, QuantizeConfig(bias_correction=False), data=digits, progress=lambda d, t: seen.append((d, t))
+    )
+    x = torch.cat([b for b, _ in digits.calib_loader()])[:100]
+    with torch.no_grad():
+        err = float(((model(x) - digits_cnn(x)) ** 2).mean())
+    assert err == pytest.approx(result.calibration["final_output_mse"], rel=1e-3)
+    assert seen[-1][0] == seen[-1][1] == 4 + 3 * 3  # four whole-model methods, then three more per layer
+
+
+def test_bias_correction_stopping_each_pass_at_its_layer_changes_nothing(digits, digits_cnn, monkeypatch):
+    from torchslim.transforms import calibrate
+
+    models = []
+    for stop in (True, False):
+        if not stop:
+            full = calibrate._channel_means
+            monkeypatch.setattr(
+                calibrate, "_channel_means", lambda m, n, b, stop=False, full=full: full(m, n, b, False)
+            )
+        model = copy.deepcopy(digits_cnn)
+        quantize_(model, QuantizeConfig(calibration="minmax"), data=digits)
+        models.append(model)
+    for (name, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_the_inductor_backend_falls_back_to_torch_compile_for_models_export_cannot_capture():

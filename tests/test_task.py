@@ -294,7 +294,10 @@ def test_auto_calibration_reports_progress():
         data=data,
         progress=lambda d, t: seen.append((d, t)),
     )
-    assert seen and seen[-1][0] == seen[-1][1] == seen[0][1] and [d for d, _ in seen] == list(range(1, len(seen) + 1))
+    total = seen[0][1]  # auto's candidates, then bias correction's layers
+    auto, bias = seen[:total], seen[total:]
+    assert [d for d, _ in auto] == list(range(1, total + 1)) and all(t == total for _, t in auto)
+    assert bias and [d for d, _ in bias] == list(range(1, len(bias) + 1)) and bias[-1][1] == len(bias)
 
 
 def _search_config(budget: str, **kw) -> ts.SearchConfig:

@@ -13,6 +13,7 @@ Example:
 
 from torchslim import errors
 from torchslim.artifact.runtime import compile_model, export_onnx
+from torchslim.artifact.speed import SpeedCheck, keep_faster_
 from torchslim.artifact.tslim import load, save
 from torchslim.core import data, models
 from torchslim.core.plan import CompressionPlan, LayerDecision
@@ -53,6 +54,7 @@ __all__ = [
     "SearchResult",
     "ShareConfig",
     "SoftTargetLoss",
+    "SpeedCheck",
     "Task",
     "TorchslimError",
     "TrainConfig",
@@ -68,6 +70,7 @@ __all__ = [
     "export_onnx",
     "fidelity",
     "fit",
+    "keep_faster_",
     "load",
     "mixed_precision_",
     "models",

@@ -69,10 +69,15 @@ def observe(
     def fill(key: tuple[str, str], x: torch.Tensor) -> None:
         s = stats[key]
         x = x.detach().float()
-        nonzero = x[x != 0]  # exact zeros (ReLU outputs) sit on the grid whatever the range
-        h = torch.histc(nonzero, BINS, s.lo, s.hi) if s.hi > s.lo else torch.zeros(BINS)
+        zeros = int((x == 0).sum())  # exact zeros (ReLU outputs) sit on the grid whatever the range:
+        if s.hi <= s.lo:  # counted apart, out of the histogram
+            h = torch.zeros(BINS)
+        elif zeros < 2**24:  # counts exact in float32: histogram all, take the zeros out of their bin
+            h = torch.histc(x, BINS, s.lo, s.hi) - torch.histc(torch.zeros(1), BINS, s.lo, s.hi) * zeros
+        else:
+            h = torch.histc(x[x != 0], BINS, s.lo, s.hi)
         s.hist = h if s.hist is None else s.hist + h
-        s.zeros += x.numel() - nonzero.numel()
+        s.zeros += zeros
 
     def seen(fn: Callable[[tuple[str, str], torch.Tensor], None]) -> Callable[[tuple[str, str], torch.Tensor], None]:
         return lambda key, x: fn(key, torch.relu(x) if key[1] == "output" and key[0] in clamped else x)
@@ -83,17 +88,35 @@ def observe(
     return stats
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layers it watches have run."""
+
+
 def run_with_hooks(
-    model: nn.Module, layers: dict[str, nn.Module], batches: list, fn: Callable[[tuple[str, str], torch.Tensor], None]
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: list,
+    fn: Callable[[tuple[str, str], torch.Tensor], None],
+    stop_after: str | None = None,
 ) -> None:
     """Run ``batches`` through ``model`` without gradients, calling ``fn((name, "input" | "output"),
-    tensor)`` with each named layer's input and output."""
+    tensor)`` with each named layer's input and output. With ``stop_after``, each forward pass
+    ends as soon as that layer has produced its output (the rest of the model is not run)."""
+
+    def output(name: str, out: torch.Tensor) -> None:
+        fn((name, "output"), out)
+        if name == stop_after:
+            raise _Stop
+
     hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: fn((n, "input"), args[0])) for n, m in layers.items()]
-    hooks += [m.register_forward_hook(lambda _m, _args, out, n=n: fn((n, "output"), out)) for n, m in layers.items()]
+    hooks += [m.register_forward_hook(lambda _m, _args, out, n=n: output(n, out)) for n, m in layers.items()]
     try:
         with torch.no_grad():
             for x in batches:
-                call_model(model, x)
+                try:
+                    call_model(model, x)
+                except _Stop:
+                    pass
     finally:
         for h in hooks:
             h.remove()
@@ -114,8 +137,10 @@ def choose_range(stats: InputStats, method: str, percentile: float = 99.99) -> t
         hi_bin = int(torch.searchsorted(cdf, torch.tensor(1.0 - q, dtype=torch.float64)))
         return float(edges[lo_bin]), float(edges[min(hi_bin + 1, BINS)])
     candidates = _candidates(stats.lo, stats.hi)
-    score = _mse if method == "mse" else _kl
-    losses = torch.stack([score(hist, edges, lo, hi) for lo, hi in candidates])
+    if method == "mse":
+        losses = _mse(hist, edges, candidates)
+    else:
+        losses = torch.stack([_kl(hist, edges, lo, hi) for lo, hi in candidates])
     return candidates[int(torch.argmin(losses))]
 
 
@@ -125,17 +150,19 @@ def _candidates(lo: float, hi: float) -> list[tuple[float, float]]:
     return [(min(lo * a, 0.0), max(hi * b, 0.0)) for a in (fracs if lo < 0 else [1.0]) for b in fracs]
 
 
-def _mse(hist: torch.Tensor, edges: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Expected squared error of quantizing the histogram's values onto the grid over [lo, hi]."""
-    centers = (edges[:-1] + edges[1:]) / 2
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max(hi - lo, 1e-12) / (LEVELS - 1)
-    zp = round(-lo / scale)
+def _mse(hist: torch.Tensor, edges: torch.Tensor, ranges: list[tuple[float, float]]) -> torch.Tensor:
+    """Expected squared error of quantizing the histogram's values onto the grid over each
+    range ``[lo, hi]`` (one loss per range, all ranges at once)."""
+    centers = (edges[:-1] + edges[1:]) / 2  # (BINS,)
+    bounds = torch.tensor(ranges, dtype=torch.float64)
+    lo, hi = bounds[:, :1].clamp(max=0.0), bounds[:, 1:].clamp(min=0.0)  # (ranges, 1)
+    scale = (hi - lo).clamp(min=1e-12) / (LEVELS - 1)
+    zp = torch.round(-lo / scale)
     q = torch.clamp(torch.round(centers / scale) + zp, 0, LEVELS - 1)
     clipped = (centers - (q - zp) * scale) ** 2
     inside = (centers >= lo) & (centers <= hi)
-    err = torch.where(inside, torch.full_like(centers, scale**2 / 12), clipped)  # rounding noise inside
-    return (hist * err).sum() / hist.sum()
+    err = torch.where(inside, scale**2 / 12, clipped)  # rounding noise inside the range
+    return (hist * err).sum(1) / hist.sum()
 
 
 def _kl(hist: torch.Tensor, edges: torch.Tensor, lo: float, hi: float) -> torch.Tensor:

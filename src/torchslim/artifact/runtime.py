@@ -16,6 +16,7 @@ and ONNX Runtime do the work.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -37,14 +38,30 @@ BACKENDS = ("eager", "inductor", "onnxruntime")
 
 
 def compile_model(
-    model: nn.Module, backend: str, example: torch.Tensor, threads: int = 2
+    model: nn.Module, backend: str, example: torch.Tensor, threads: int = 2, *, against: nn.Module | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable that runs ``model`` on ``backend``; compiled (and checked) on ``example``.
+
+    With ``against`` (the float model a quantized ``model`` came from), int8 is first timed
+    against float on ``backend`` at ``example``'s batch, and a copy of ``model`` with float
+    where int8 is slower is compiled instead (:func:`torchslim.artifact.speed.keep_faster_`;
+    ``model`` is not changed); the runner's ``speed`` attribute holds the figures.
 
     Example:
         >>> fast = compile_model(qmodel, "inductor", torch.zeros(64, 1, 28, 28))  # doctest: +SKIP
         >>> logits = fast(batch)  # doctest: +SKIP
+        >>> fast = compile_model(qmodel, "onnxruntime", x, against=float_model)  # doctest: +SKIP
+        >>> fast.speed.delivered  # doctest: +SKIP
+        'int8'
     """
+    if against is not None:
+        from torchslim.artifact.speed import keep_faster_  # the speed check compiles through this function
+
+        faster = copy.deepcopy(model)
+        check = keep_faster_(faster, against, backend, example, threads)
+        runner = compile_model(faster, backend, example, threads)
+        runner.speed = check  # type: ignore[attr-defined]
+        return runner
     model.eval()
     if backend == "eager":
         return _NoGrad(model)

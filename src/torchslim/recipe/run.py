@@ -13,10 +13,11 @@ import torch
 
 from torchslim.analysis.cost import count_params, layer_macs
 from torchslim.artifact.inspect import inspect_file
-from torchslim.artifact.runtime import compile_model
+from torchslim.artifact.runtime import compile_model, timeable
+from torchslim.artifact.speed import keep_faster_
 from torchslim.artifact.tslim import check_reproduces, load, save
 from torchslim.core.data import Data
-from torchslim.core.device import place
+from torchslim.core.device import model_device, place
 from torchslim.core.models import build_model
 from torchslim.core.plan import CompressionPlan
 from torchslim.errors import RecipeError
@@ -37,26 +38,34 @@ ProgressFactory = Callable[[str], Progress]
 """Given a description of a long step, returns the ``progress(done, total)`` callback for it."""
 
 
-def _apply(step: Step, model: torch.nn.Module, data, seed: int, progress: Progress | None, baseline, structure: list):
+def _apply(
+    step: Step, model: torch.nn.Module, data, recipe: Recipe, progress: Progress | None, baseline, structure: list
+):
     """Run one compression step through ``compress``; return the compressed model and its plan.
-    Channel and quantization results join ``structure`` for the report."""
-    plan, settings, teaches = step.compile(seed)
+    Channel and quantization results join ``structure`` for the report. A quantize step on a
+    compiling backend then keeps float where int8 is slower there (:func:`keep_faster_`)."""
+    plan, settings, teaches = step.compile(recipe.seed)
     done = compress(
         model, plan, data, settings=settings, teacher=baseline if teaches else None, progress=lambda _name: progress
     )
     if "channels" in done.results:
         structure.append({"criterion": settings.channels.criterion, **done.results["channels"].to_dict()})
+    q = step.quantize
+    if q is None or ("quantize" not in done.results and "mixed_precision" not in done.results):
+        return done.model, done.plan
+    entry: dict[str, Any] = {"backend": q.backend}
     if "quantize" in done.results:
-        structure.append({"quantization": done.results["quantize"].to_dict(), "backend": step.quantize.backend})
-    if "mixed_precision" in done.results:
+        entry["quantization"] = done.results["quantize"].to_dict()
+    else:
         mixed = done.results["mixed_precision"]
-        structure.append(
-            {
-                "quantization": mixed.quantized.to_dict(),
-                "mixed_precision": mixed.to_dict() | {"quantized": None},
-                "backend": step.quantize.backend,
-            }
-        )
+        entry |= {"quantization": mixed.quantized.to_dict(), "mixed_precision": mixed.to_dict() | {"quantized": None}}
+    on_cpu = model_device(done.model).type == "cpu"  # the backends timed here run on the CPU
+    if q.keep_faster and q.backend != "eager" and on_cpu and timeable(data.example_input(1), q.backend):
+        examples = [data.example_input(b) for b in recipe.latency.batches]
+        check = keep_faster_(done.model, model, q.backend, examples, recipe.threads, progress)
+        entry["speed"] = check.to_dict()
+        done.plan = done.plan.updated(check.plan())
+    structure.append(entry)
     return done.model, done.plan
 
 
@@ -175,7 +184,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> RunRe
             step_plan = CompressionPlan()
         else:
             run.model, step_plan = _apply(
-                step, run.model, data, recipe.seed, bar(f"step {i}: {step.kind}"), baseline, run.structure
+                step, run.model, data, recipe, bar(f"step {i}: {step.kind}"), baseline, run.structure
             )
             run.plan = run.plan.updated(step_plan)
         run.steps.append(StepRecord(i, step.kind, time.perf_counter() - t0, step_plan.to_dict()))

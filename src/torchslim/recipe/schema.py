@@ -154,6 +154,14 @@ QuantizeSection = section(
             Literal["eager", "inductor", "onnxruntime"],
             Field("inductor", description="where the report measures the quantized model's latency"),
         ),
+        "keep_faster": (
+            bool,
+            Field(
+                True,
+                description="time int8 against the float model compiled on `backend` (not eager) at the "
+                "report's latency batches, and keep float, layer by layer, where int8 is slower",
+            ),
+        ),
     },
     name="QuantizeSection",
 )

@@ -199,6 +199,18 @@ def quant_parts(step: dict[str, Any] | None, metric: Metric) -> list[str]:
         "the relative RMS error of the dequantized weight.",
         markdown_table(QUANT_COLUMNS, quant_rows(q)),
     ]
+    speed = step.get("speed")
+    if speed:
+        batches = ", ".join(map(str, speed["batches"]))
+        verdict = {
+            "int8": "int8 kept",
+            "mixed": f"int8 slower: {', '.join(speed['kept_float'])} back to float (each slower in int8 timed alone)",
+            "float": "int8 slower, and no layer mix beat float: every layer back to float",
+        }[speed["delivered"]]
+        parts.append(
+            f"On `{speed['backend']}` (batch {batches}, ms summed over the batches): float model compiled "
+            f"{speed['float_ms']:.3f} ms, int8 {speed['int8_ms']:.3f} ms; {verdict}; delivered {speed['delivered_ms']:.3f} ms."
+        )
     mixed = step.get("mixed_precision")
     if mixed:
         m, history = metric, mixed["history"]

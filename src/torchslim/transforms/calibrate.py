@@ -21,10 +21,13 @@ import torch
 from torch import nn
 
 from torchslim.analysis.ranges import METHODS, choose_range, observe, run_with_hooks
-from torchslim.core.data import Data
+from torchslim.core.data import Data, batch_rows, take_rows
 from torchslim.core.qlayers import QuantizedLayer
 from torchslim.core.task import Task, call_model, check_finite, logits_of
 from torchslim.errors import DataError
+
+AUTO_ROWS = 512
+"""Calibration rows on which ``calibration="auto"`` scores each candidate's output error."""
 
 Ranges = dict[str, tuple[tuple[float, float], tuple[float, float] | None]]
 """Layer -> (input range, output range or None when the next layers' input grid takes the output)."""
@@ -92,44 +95,54 @@ def calibrated_ranges(
 ) -> tuple[Ranges, dict[str, Any]]:
     """The ranges of every target layer, and what was chosen: ``{"method": ...}``, and for
     ``"auto"`` also each layer's method and the output error of each whole-model method.
-    ``progress(done, total)`` is called after each scored candidate of ``"auto"``."""
+    ``"auto"`` scores its candidates on the first :data:`AUTO_ROWS` rows of the batches (the
+    statistics come from all of them); ``progress(done, total)`` is called after each candidate."""
     if config.scheme != "static":
         return {}, {}
     graph = _trace(model)
     stats = observe(model, targets, batches, config.calibration != "minmax", relu_fed(model, targets, graph))
     consumers = grid_consumers(model, targets, graph)
     outputs = model_outputs(model, targets, graph)
+    chosen: dict[tuple[str, str, str], tuple[float, float]] = {}
+
+    def choose(name: str, end: str, method: str) -> tuple[float, float]:  # each range worked out once
+        if (name, end, method) not in chosen:
+            chosen[name, end, method] = choose_range(stats[name, end], method, config.percentile)
+        return chosen[name, end, method]
+
     if config.calibration != "auto":
         methods = dict.fromkeys(targets, config.calibration)
-        return _pick(stats, methods, config.percentile, consumers, outputs), {"method": config.calibration}
+        return _pick(choose, methods, consumers, outputs), {"method": config.calibration}
     trial = copy.deepcopy(model)  # one working copy; each trial swaps in freshly quantized layers
+    scoring = first_rows(batches, AUTO_ROWS)
     total, done = len(METHODS) + len(targets) * (len(METHODS) - 1), 0
-    with torch.no_grad():
-        reference = [logits_of(call_model(model, x)) for x in batches]
+    scored: dict[tuple, float] = {}  # the error of each distinct set of grids: a method that picks
+    with torch.no_grad():  # the same ranges as another builds the same model, and is not run again
+        reference = [logits_of(call_model(model, x)) for x in scoring]
 
         def error(methods: dict[str, str]) -> float:
-            ranges = _pick(stats, methods, config.percentile, consumers, outputs)
-            for name, layer in targets.items():
-                trial.set_submodule(
-                    name,
-                    QuantizedLayer.from_float(layer, "static", ranges=ranges[name], per_channel=config.per_channel),
-                )
-            outs = (logits_of(call_model(trial, x)) for x in batches)
-            err = sum(float(((out - ref) ** 2).mean()) for out, ref in zip(outs, reference)) / len(batches)
             nonlocal done
             done += 1
+            ranges = _pick(choose, methods, consumers, outputs)
+            key = tuple(ranges.items())
+            if key not in scored:
+                for name, layer in targets.items():
+                    q = QuantizedLayer.from_float(layer, "static", ranges=ranges[name], per_channel=config.per_channel)
+                    trial.set_submodule(name, q)
+                outs = (logits_of(call_model(trial, x)) for x in scoring)
+                scored[key] = sum(float(((out - ref) ** 2).mean()) for out, ref in zip(outs, reference)) / len(scoring)
             if progress is not None:
                 progress(done, total)
-            return err
+            return scored[key]
 
         whole = {m: error(dict.fromkeys(targets, m)) for m in METHODS}
         best = min(METHODS, key=lambda m: (whole[m], METHODS.index(m)))
         methods, current = dict.fromkeys(targets, best), whole[best]
         for name in targets:  # one sweep, layer by layer: keep another method where it lowers the error
-            for m in METHODS:
-                if m != methods[name] and (err := error(methods | {name: m})) < current:
+            for m in METHODS:  # each other method once (the starting one is the model already scored)
+                if m != best and (err := error(methods | {name: m})) < current:
                     methods, current = methods | {name: m}, err
-    return _pick(stats, methods, config.percentile, consumers, outputs), {
+    return _pick(choose, methods, consumers, outputs), {
         "method": "auto",
         "start": best,
         "layers": methods,
@@ -138,7 +151,21 @@ def calibrated_ranges(
     }
 
 
-def _pick(stats: dict, methods: dict[str, str], percentile: float, consumers: dict, outputs: set[str]) -> Ranges:
+def first_rows(batches: list, rows: int) -> list:
+    """The leading batches holding the first ``rows`` samples (the last one cut to fit)."""
+    out, seen = [], 0
+    for x in batches:
+        if seen >= rows:
+            break
+        n = batch_rows(x)
+        out.append(x if seen + n <= rows or not n else take_rows(x, rows - seen))
+        seen += n or rows
+    return out
+
+
+def _pick(
+    choose: Callable[[str, str, str], tuple[float, float]], methods: dict[str, str], consumers: dict, outputs: set[str]
+) -> Ranges:
     """Each layer's input and output range by its method, then one grid per producer/consumers.
 
     The layers that produce the model's outputs take their whole observed range (``minmax``)
@@ -147,8 +174,8 @@ def _pick(stats: dict, methods: dict[str, str], percentile: float, consumers: di
     """
     out: dict[str, list] = {
         n: [
-            choose_range(stats[n, "input"], m, percentile),
-            choose_range(stats[n, "output"], "minmax" if n in outputs else m, percentile),
+            choose(n, "input", m),
+            choose(n, "output", "minmax" if n in outputs else m),
         ]
         for n, m in methods.items()
     }
@@ -275,32 +302,45 @@ def grid_consumers(
     return out
 
 
-def correct_biases_(model: nn.Module, reference: nn.Module, names: list[str], batches: list) -> dict[str, float]:
+def correct_biases_(
+    model: nn.Module,
+    reference: nn.Module,
+    names: list[str],
+    batches: list,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
     """Empirical bias correction: in model order, add to each quantized layer's bias the mean
     per-channel difference between the float model's output of that layer and the quantized
     model's (output grid off while measuring), over the calibration batches. Returns the
-    largest shift per corrected layer."""
-    target = _channel_means(reference, names, batches)
+    largest shift per corrected layer. Each measuring pass stops at the layer it measures
+    (when every layer runs once per forward pass); ``progress(done, total)`` follows the layers."""
+    target, calls = _channel_means(reference, names, batches)
+    stop = all(c == len(batches) for c in calls.values())  # no layer reused within one pass
     shifts = {}
-    for name in names:
+    for i, name in enumerate(names, 1):
         layer = model.get_submodule(name)
-        if not isinstance(layer, QuantizedLayer) or layer.bias is None:
-            continue
-        kept, layer.output_q = layer.output_q, None
-        try:
-            delta = target[name] - _channel_means(model, [name], batches)[name]
-        finally:
-            layer.output_q = kept
-        layer.bias += delta
-        shifts[name] = float(delta.abs().max())
+        if isinstance(layer, QuantizedLayer) and layer.bias is not None:
+            kept, layer.output_q = layer.output_q, None
+            try:
+                delta = target[name] - _channel_means(model, [name], batches, stop)[0][name]
+            finally:
+                layer.output_q = kept
+            layer.bias += delta
+            shifts[name] = float(delta.abs().max())
+        if progress is not None:
+            progress(i, len(names))
     return shifts
 
 
-def _channel_means(model: nn.Module, names: list[str], batches: list) -> dict[str, torch.Tensor]:
-    """Per output channel, the mean output of each named layer over the batches."""
+def _channel_means(
+    model: nn.Module, names: list[str], batches: list, stop: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per output channel, the mean output of each named layer over the batches, and how many
+    times each layer ran. With ``stop`` (one name), each pass ends after that layer."""
     layers = {n: model.get_submodule(n) for n in names}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    calls = dict.fromkeys(names, 0)
 
     def record(key: tuple[str, str], out: torch.Tensor) -> None:
         name, end = key
@@ -309,6 +349,7 @@ def _channel_means(model: nn.Module, names: list[str], batches: list) -> dict[st
             y = out.detach().movedim(1 if conv else -1, 0).flatten(1)  # (channels, samples)
             sums[name] = sums.get(name, 0) + y.sum(1)
             counts[name] = counts.get(name, 0) + y.shape[1]
+            calls[name] += 1
 
-    run_with_hooks(model, layers, batches, record)
-    return {n: sums[n] / counts[n] for n in sums}
+    run_with_hooks(model, layers, batches, record, stop_after=names[0] if stop and len(names) == 1 else None)
+    return {n: sums[n] / counts[n] for n in sums}, calls

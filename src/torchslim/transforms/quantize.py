@@ -270,7 +270,7 @@ def _quantize(
         model.set_submodule(name, q)
         _record(records[name], layer, q, ranges.get(name))
     if reference is not None:
-        for name, shift in correct_biases_(model, reference, list(targets), batches).items():
+        for name, shift in correct_biases_(model, reference, list(targets), batches, progress).items():
             records[name].bias_shift = round(shift, 6)
     hint = "a layer's weight may be used outside its forward (exclude it, e.g. exclude=('fc',))"
     check_runs(model, example, "quantized", hint)
