@@ -41,9 +41,10 @@ import torch  # noqa: E402
 
 import torchslim as ts  # noqa: E402
 from torchslim.analysis.ranges import METHODS  # noqa: E402
+from torchslim.artifact.runtime import OrtRunner  # noqa: E402
 from torchslim.core.data import TensorBatches, fashion_mnist  # noqa: E402
 from torchslim.core.models import ZOO  # noqa: E402
-from torchslim.evaluate.latency import measure_latency  # noqa: E402
+from torchslim.evaluate.latency import measure_latency, paired_latency  # noqa: E402
 from torchslim.evaluate.metrics import accuracy, fp32_safetensors_bytes  # noqa: E402
 from torchslim.train.baseline import trained_baseline  # noqa: E402
 from torchslim.train.fit import TrainConfig  # noqa: E402
@@ -183,39 +184,21 @@ def calib_batches(data) -> list[torch.Tensor]:
     return [x for x, _ in data.calib_loader()]
 
 
-def paired(fast, slow, data, batch: int, rounds: int = 9, block_s: float = 0.25) -> float:
-    """Paired speed-up of ``fast`` over ``slow`` (above 1 means ``fast`` is faster).
-
-    The two run call by call in turn (slow, fast, slow, fast, ...), so both see the same clock,
-    caches and neighbours; each round times enough pairs to fill about ``block_s`` seconds and
-    yields the ratio of the two medians; the result is the median over ``rounds`` rounds.
-    """
-    x = images(data)[:batch]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        with torch.no_grad():
-            for _ in range(5):
-                slow(x), fast(x)
-            start = time.perf_counter()
-            for _ in range(5):
-                slow(x), fast(x)
-            pairs = max(20, min(5000, int(block_s * 5 / (time.perf_counter() - start))))
-            ratios = []
-            for _ in range(rounds):
-                times = ([], [])
-                for _ in range(pairs):
-                    for fn, out in ((slow, times[0]), (fast, times[1])):
-                        t = time.perf_counter()
-                        fn(x)
-                        out.append(time.perf_counter() - t)
-                ratios.append(statistics.median(times[0]) / statistics.median(times[1]))
-    finally:
-        torch.set_num_threads(previous)
-    return statistics.median(ratios)
+PAIRED_HOW = {  # how the paired speed-ups of saved results were timed
+    None: "median of nine rounds of calls taken in turn",
+    "blocks": "nine rounds of alternating blocks of calls, ONNX Runtime sessions not spinning",
+}
 
 
-def head_to_head(dense, ours, per_tensor, fx_model, ort_peer_runner, data) -> dict:
+def paired(fast, slow, data, batch: int, rounds: int = 9) -> float:
+    """Paired speed-up of ``fast`` over ``slow`` (above 1 means ``fast`` is faster), timed in
+    alternating blocks (:func:`~torchslim.evaluate.latency.paired_latency`)."""
+    with torch.no_grad():
+        fast_ms, slow_ms = paired_latency(fast, slow, images(data)[:batch], THREADS, rounds)
+    return slow_ms / fast_ms
+
+
+def head_to_head(dense, ours, per_tensor, fx_model, ort_peer_bytes: bytes, data) -> dict:
     """Paired speed-ups at each batch size: ours (default, and per-tensor weights on ONNX Runtime)
     against the float model (eager) and each peer on its backend."""
     out = {}
@@ -223,8 +206,10 @@ def head_to_head(dense, ours, per_tensor, fx_model, ort_peer_runner, data) -> di
         x = images(data)[:b]
         torch._dynamo.reset()
         inductor = ts.compile_model(ours, "inductor", x, THREADS)
-        ort = ts.compile_model(ours, "onnxruntime", x, THREADS)
-        ort_tensor = ts.compile_model(per_tensor, "onnxruntime", x, THREADS)
+        # ONNX Runtime sessions that do not spin between calls: timed side by side, spinning ones take each other's cores
+        ort = ts.compile_model(ours, "onnxruntime", x, THREADS, spin=False)
+        ort_tensor = ts.compile_model(per_tensor, "onnxruntime", x, THREADS, spin=False)
+        ort_peer_runner = OrtRunner(ort_peer_bytes, THREADS, spin=False)
         out[f"b{b}"] = {
             "inductor_vs_fp32_eager": paired(inductor, dense, data, b),
             "ort_vs_fp32_eager": paired(ort, dense, data, b),
@@ -263,8 +248,6 @@ def fx_peer(dense, data, timed: bool = True) -> dict:
 def ort_peer(name: str, dense, data, timed: bool = True) -> dict:
     """ONNX Runtime quantize_static with its defaults on the float ONNX export."""
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
-
-    from torchslim.artifact.runtime import OrtRunner
 
     fp32 = TMP / f"{name}-fp32.onnx"
     fp32.write_bytes(ts.export_onnx(copy.deepcopy(dense).eval(), images(data)[:1]))
@@ -371,7 +354,9 @@ def run_net(name: str, data, qat_epochs: int, draws: int) -> dict:
     hits = {"default": correct(ours, data), "per-tensor": correct(per_tensor, data)}
     peer_hits = {"torch.ao FX": correct(fx_model, data), "ONNX Runtime": correct(ort_runner, data)}
     extra["mcnemar"] = {f"{a} vs {p}": mcnemar(h, ph) for a, h in hits.items() for p, ph in peer_hits.items()}
-    extra["paired"] = head_to_head(dense, ours, per_tensor, fx_model, ort_runner, data)
+    extra["paired"] = head_to_head(
+        dense, ours, per_tensor, fx_model, (TMP / f"{name}-ort-int8.onnx").read_bytes(), data
+    )
     extra["ort_graphs"] = same_graphs(name, ours, per_tensor, (TMP / f"{name}-ort-int8.onnx").read_bytes(), data)
     first = {k: float(h.float().mean()) for k, h in (*hits.items(), *peer_hits.items())}
     extra["draws"] = draw_accuracies(name, dense, data, draws, first)
@@ -555,7 +540,7 @@ def markdown(nets: list[dict], env: dict, qat_epochs: int, results: dict[str, bo
             f"{_ms(ort64)} | {_speed(fp, ort64, 'b64')} | {_vs_compiled(fp, ortp, 'onnxruntime')} |",
             "",
             f"ONNX Runtime agrees with the PyTorch int8 model on {100 * net['ort_agreement']:.2f} % of the test images. "
-            "Paired speed-ups of the default int8 model (median of nine rounds of calls taken in turn; above 1 is faster): "
+            f"Paired speed-ups of the default int8 model ({PAIRED_HOW.get(env.get('paired'), PAIRED_HOW[None])}; above 1 is faster): "
             + "; ".join(
                 f"batch {b[1:]}: inductor {p['inductor_vs_fp32_eager']:.2f}x and ort {p['ort_vs_fp32_eager']:.2f}x vs fp32 eager, "
                 f"inductor {p['inductor_vs_torch_ao_fx']:.2f}x vs torch.ao FX, ort {p['ort_vs_ort_quantize_static']:.2f}x "
@@ -618,6 +603,7 @@ def main() -> int:
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "cpu": cpu(),
+        "paired": "blocks",
     }
     results = checks(nets)
     payload = {"env": env, "qat_epochs": args.qat_epochs, "nets": nets, "checks": results}

@@ -1,10 +1,11 @@
 import subprocess
 import sys
+import time
 
 import torch
 from torch import nn
 
-from torchslim.evaluate.latency import measure_latency
+from torchslim.evaluate.latency import measure_latency, paired_latency
 from torchslim.evaluate.metrics import accuracy, agreement, fp32_safetensors_bytes
 
 
@@ -31,6 +32,25 @@ def test_latency_reports_medians_with_batch_and_threads():
     lat = measure_latency(nn.Linear(32, 32), torch.zeros(4, 32), threads=1, warmup=2, repeats=9)
     assert lat.batch == 4 and lat.threads == 1 and lat.repeats == 9
     assert 0 < lat.p10_ms <= lat.median_ms <= lat.p90_ms
+
+
+def test_paired_latency_alternates_blocks_and_ranks_the_faster_side():
+    calls = []
+
+    def side(name: str, seconds: float):
+        def run(_x):
+            calls.append(name)
+            time.sleep(seconds)
+
+        return run
+
+    fast_ms, slow_ms = paired_latency(side("fast", 0.002), side("slow", 0.006), None, rounds=4, block_s=0.02)
+    assert 1.5 < fast_ms < 10 and 2 < slow_ms / fast_ms < 4
+    # timed in blocks, not call by call: after the warm-up (2 runs, then 3 calls each in turn) a
+    # round is a run of calls of one side then of the other, the order swapped every round
+    runs = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert runs[8:] == ["fast", "slow", "fast", "slow", "fast"]
+    assert len(calls) >= 8 + 4 * 2 * 5
 
 
 def test_import_is_lean():

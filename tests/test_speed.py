@@ -133,3 +133,11 @@ def test_speed_check_refuses_what_it_cannot_time(pair):
         ts.keep_faster_(reference, reference, "onnxruntime", torch.zeros(1, 1, 8, 8))
     with pytest.raises(ConfigError, match="reference has no float layer 'conv'"):
         ts.keep_faster_(quantized, nn.Sequential(nn.Linear(2, 2)), "onnxruntime", torch.zeros(1, 1, 8, 8))
+
+
+def test_onnxruntime_sessions_for_timing_side_by_side_do_not_spin():
+    model, x = nn.Sequential(nn.Linear(4, 3), nn.ReLU()), torch.randn(2, 4)
+    quiet = ts.compile_model(model, "onnxruntime", x, spin=False)
+    options = quiet.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    torch.testing.assert_close(quiet(x), ts.compile_model(model, "onnxruntime", x)(x))

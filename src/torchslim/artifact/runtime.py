@@ -38,9 +38,19 @@ BACKENDS = ("eager", "inductor", "onnxruntime")
 
 
 def compile_model(
-    model: nn.Module, backend: str, example: torch.Tensor, threads: int = 2, *, against: nn.Module | None = None
+    model: nn.Module,
+    backend: str,
+    example: torch.Tensor,
+    threads: int = 2,
+    *,
+    against: nn.Module | None = None,
+    spin: bool = True,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable that runs ``model`` on ``backend``; compiled (and checked) on ``example``.
+
+    ``spin=False`` makes ONNX Runtime's worker threads sleep between calls instead of spinning
+    (they spin for tens of milliseconds by default: fastest for one model alone, but two
+    sessions timed side by side, or other work on the same cores, lose those cores to it).
 
     With ``against`` (the float model a quantized ``model`` came from), int8 is first timed
     against float on ``backend`` at ``example``'s batch, and a copy of ``model`` with float
@@ -73,7 +83,7 @@ def compile_model(
     if backend == "inductor":
         runner: Callable[[torch.Tensor], torch.Tensor] = _Frozen(model)
     elif backend == "onnxruntime":
-        runner = OrtRunner(export_onnx(model, example, check=False), threads)  # runs on the batch below
+        runner = OrtRunner(export_onnx(model, example, check=False), threads, spin)  # runs on the batch below
     else:
         raise ConfigError(f"backend={backend!r}: choose one of {list(BACKENDS)}")
     runner(example)  # compile now, not inside the first timed call
@@ -292,11 +302,13 @@ class OrtRunner:
     float kernels: the same numbers as PyTorch, at float speed), with a warning.
     """
 
-    def __init__(self, onnx_bytes: bytes, threads: int = 2) -> None:
+    def __init__(self, onnx_bytes: bytes, threads: int = 2, spin: bool = True) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if b"QuantizeLinear" in onnx_bytes and not _fused_int8_here():
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -5,7 +5,7 @@ that shape than its float one, and the quantize / dequantize steps around it cos
 kernel saves: a small layer at batch 1, a depthwise convolution, a graph a backend compiles
 better in float can all come out slower in int8. :func:`keep_faster_` times the quantized model
 against the float model it came from, both compiled on the same backend at the same batches, in
-turn call by call (:func:`~torchslim.evaluate.latency.paired_latency`). When int8 is faster it
+alternating blocks (:func:`~torchslim.evaluate.latency.paired_latency`). When int8 is faster it
 is kept. When not, each quantized layer is timed alone (int8 against float, on the input it
 sees in the model); the layers whose int8 is no faster go back to float, and the whole model is
 timed again: kept if it now beats float, else every layer goes back to float. The model
@@ -157,9 +157,9 @@ def _time(
     total = [0.0, 0.0]
     for x in examples:
         torch._dynamo.reset()
-        ms = paired_latency(
-            compile_model(model, backend, x, threads),
-            compile_model(float_model, backend, x, threads),
+        ms = paired_latency(  # sessions that do not spin: two side by side would take each other's cores
+            compile_model(model, backend, x, threads, spin=False),
+            compile_model(float_model, backend, x, threads, spin=False),
             x,
             threads,
             rounds,

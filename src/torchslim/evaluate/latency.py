@@ -67,34 +67,71 @@ def measure_latency(
 
 @torch.no_grad()
 def paired_latency(
-    first: Callable[[Any], Any], second: Callable[[Any], Any], example: Any, threads: int = 2, rounds: int = 7
+    first: Callable[[Any], Any],
+    second: Callable[[Any], Any],
+    example: Any,
+    threads: int = 2,
+    rounds: int = 7,
+    block_s: float = 0.05,
 ) -> tuple[float, float]:
-    """Median milliseconds of ``first(example)`` and ``second(example)``, timed call by call in
-    turn so both see the same clock, caches and neighbours: each round times enough pairs to
-    fill about 0.1 s and takes each side's median; the result is the median over ``rounds``.
+    """Milliseconds of ``first(example)`` and ``second(example)``, timed in alternating blocks.
+
+    Each round times a block of calls of one (about ``block_s`` seconds), then of the other,
+    the order swapped every round. ``first``'s figure is the median of its block medians;
+    ``second``'s is that times the median, over rounds, of the ratio of the two blocks of a
+    round, so a slow spell of the machine (they last seconds on a shared host) moves both
+    sides alike instead of deciding the comparison.
+
+    Each block starts after a short pause and a few untimed calls. A runtime's worker threads
+    keep spinning for a while after a call (ONNX Runtime's by default, OpenMP's in PyTorch): timed
+    call by call in turn, two models on two thread pools would take each other's cores on a
+    small machine (on 2 cores, ONNX Runtime paired with itself ran 1.4-2.5x slower than alone).
 
     Example:
         >>> ms_int8, ms_float = paired_latency(int8_runner, float_runner, batch)  # doctest: +SKIP
     """
+    sides = (first, second)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for _ in range(3):
-            first(example), second(example)
+        _run_for(first, example, _WARM_S), _run_for(second, example, _WARM_S)
         start = time.perf_counter()
         for _ in range(3):
             first(example), second(example)
-        pairs = max(5, min(2000, int(0.1 * 3 / max(time.perf_counter() - start, 1e-9))))
-        medians: tuple[list[float], list[float]] = ([], [])
-        for _ in range(rounds):
-            times: tuple[list[float], list[float]] = ([], [])
-            for _ in range(pairs):
-                for fn, out in ((first, times[0]), (second, times[1])):
-                    t = time.perf_counter()
-                    fn(example)
-                    out.append((time.perf_counter() - t) * 1e3)
-            medians[0].append(statistics.median(times[0]))
-            medians[1].append(statistics.median(times[1]))
+        calls = max(5, min(2000, int(block_s * 6 / max(time.perf_counter() - start, 1e-9))))
+        firsts, ratios = [], []
+        for r in range(rounds):
+            ms = [0.0, 0.0]
+            for side in (0, 1) if r % 2 == 0 else (1, 0):
+                ms[side] = _block(sides[side], example, calls)
+            firsts.append(ms[0])
+            ratios.append(ms[1] / ms[0])
     finally:
         torch.set_num_threads(previous)
-    return statistics.median(medians[0]), statistics.median(medians[1])
+    first_ms = statistics.median(firsts)
+    return first_ms, first_ms * statistics.median(ratios)
+
+
+_WARM_S = 0.1  # untimed calls of each side before the first round
+_PAUSE_S = 0.03  # lets the other side's spinning threads go idle
+_LEAD_S = 0.02  # untimed calls that wake this side's threads
+
+
+def _run_for(fn: Callable[[Any], Any], example: Any, seconds: float) -> None:
+    """Call ``fn(example)`` at least once, and until ``seconds`` have passed."""
+    start = time.perf_counter()
+    fn(example)
+    while time.perf_counter() - start < seconds:
+        fn(example)
+
+
+def _block(fn: Callable[[Any], Any], example: Any, calls: int) -> float:
+    """Median ms of ``calls`` timed calls, after a pause and an untimed lead-in."""
+    time.sleep(_PAUSE_S)
+    _run_for(fn, example, _LEAD_S)
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn(example)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
