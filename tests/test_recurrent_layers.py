@@ -1,6 +1,7 @@
 """Stacked, bidirectional LSTM and GRU layers: their input and hidden matrices (every layer and
 direction) are pruned, shared and quantized, the file loads into a fresh model with equal
-outputs, and structured pruning says why it leaves their hidden units whole."""
+outputs; structured pruning slices the hidden units of stacked one-direction layers (every layer)
+and says why it leaves a bidirectional layer's whole."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 import torchslim as ts
+from torchslim.analysis.coupling import analyse
 from torchslim.core.data import Data
 from torchslim.errors import ConfigError
 
@@ -67,15 +69,85 @@ def test_every_recurrent_matrix_is_pruned_shared_quantized_and_loads_equal(kind,
         assert torch.equal(ts.load(path, model=lambda: Tagger(kind))(x), model(x))
 
 
-def test_structured_pruning_says_why_stacked_recurrent_layers_keep_their_hidden_units():
+class Encoder(nn.Module):
+    """Features -> a recurrent layer of any depth and direction -> a hidden layer -> classes."""
+
+    def __init__(self, kind: type[nn.RNNBase] = nn.GRU, layers: int = 2, bidirectional: bool = False) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.rnn = kind(12, 16, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+        self.mid = nn.Linear(32 if bidirectional else 16, 20)
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(self.rnn(torch.relu(self.inp(x)))[0][:, -1])))
+
+
+@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
+def test_stacked_hidden_units_are_sliced_in_every_layer_and_load_equal(kind, tmp_path):
+    torch.manual_seed(0)
+    model, x = Encoder(kind, layers=3).eval(), torch.randn(4, 7, 6)
+    result = ts.channel_prune_(model, ts.ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=x)
+    rnn, g = model.rnn, 4 if kind is nn.LSTM else 3
+    assert (rnn.input_size, rnn.hidden_size, model.mid.in_features) == (6, 8, 8)
+    for depth in range(3):  # every layer's gates, recurrent columns and (above the first) input columns
+        assert getattr(rnn, f"weight_ih_l{depth}").shape == (g * 8, 6 if depth == 0 else 8)
+        assert getattr(rnn, f"weight_hh_l{depth}").shape == (g * 8, 8)
+        assert getattr(rnn, f"bias_hh_l{depth}").shape == (g * 8,)
+    assert {r.root: r.after for r in result.groups}["rnn"] == 8
+    path = ts.save(model, tmp_path / "m.tslim")
+    with torch.no_grad():
+        assert torch.equal(ts.load(path, model=lambda: Encoder(kind, layers=3))(x), model(x))
+
+
+def test_an_inner_layer_keeps_its_strongest_units_and_the_output_is_unchanged_when_they_are_idle():
+    torch.manual_seed(0)
+    model, x = Encoder(nn.GRU, layers=2).eval(), torch.randn(4, 7, 6)
+    with torch.no_grad():  # layer 0's units 3 and 9 and layer 1's units 1 and 5 feed nothing
+        rnn = model.rnn
+        for name, units in (("weight_ih_l1", [3, 9]), ("weight_hh_l0", [3, 9]), ("weight_hh_l1", [1, 5])):
+            getattr(rnn, name)[:, units] = 0.0
+        model.mid.weight[:, [1, 5]] = 0.0
+        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):  # and are weak
+            getattr(rnn, name).view(3, 16, -1)[:, [3, 9]] *= 1e-3
+    reference = Encoder(nn.GRU, layers=2).eval()
+    reference.load_state_dict(model.state_dict())
+    group = next(g for g in analyse(model, x).prunable() if g.root == "rnn")
+    group.handle.prune([1, 5])
+    assert model.rnn.hidden_size == 14 and model.rnn.weight_ih_l1.shape == (42, 14)
+    torch.testing.assert_close(model(x), reference(x))
+
+
+@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
+def test_bidirectional_hidden_units_are_a_recorded_skip_and_the_rest_is_pruned(kind, tmp_path):
+    torch.manual_seed(0)
+    model, x = Encoder(kind, layers=2, bidirectional=True).eval(), torch.randn(4, 7, 6)
+    result = ts.channel_prune_(model, ts.ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=x)
+    skips = {r.root: r.skip for r in result.groups}
+    assert "bidirectional or projected" in skips["rnn"] and "still pruned, shared and quantized" in skips["rnn"]
+    rnn = model.rnn
+    assert (rnn.hidden_size, rnn.input_size, model.mid.out_features) == (16, 6, 10)  # input features sliced
+    assert rnn.weight_ih_l0.shape[1] == rnn.weight_ih_l0_reverse.shape[1] == 6
+    path = ts.save(model, tmp_path / "m.tslim")
+    with torch.no_grad():
+        assert torch.equal(ts.load(path, model=lambda: Encoder(kind, layers=2, bidirectional=True))(x), model(x))
+
+
+def test_a_tagger_whose_only_prunable_units_are_bidirectional_is_a_clear_error():
     x = torch.randn(4, 7, 6)
-    with pytest.raises(
-        ConfigError, match="rnn: only one-layer, one-direction GRUs.*still pruned, shared and quantized"
-    ):
-        ts.channel_prune_(
-            Tagger(nn.GRU).eval(), ts.ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=x
-        )
-    with pytest.raises(ConfigError, match="past rnn, a stacked, bidirectional or projected recurrent layer"):
-        ts.channel_prune_(
-            Tagger(nn.LSTM).eval(), ts.ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=x
-        )
+    for kind in (nn.GRU, nn.LSTM):
+        with pytest.raises(ConfigError, match="bidirectional or projected"):
+            ts.channel_prune_(
+                Tagger(kind).eval(), ts.ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=x
+            )
+
+
+def test_tracing_leaves_every_recurrent_forward_as_it_was():
+    model, x = Encoder(nn.GRU, layers=2).eval(), torch.randn(2, 7, 6)
+    own = model.rnn.forward
+    model.rnn.forward = lambda inp, hx=None: own(inp, hx)  # a forward the user set on the instance
+    patched = model.rnn.forward
+    analyse(model, x)
+    assert model.rnn.forward is patched
+    analyse(plain := Encoder(nn.LSTM).eval(), x)
+    assert "forward" not in plain.rnn.__dict__

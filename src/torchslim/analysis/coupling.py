@@ -13,9 +13,10 @@ recurrent weight's columns.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,24 +82,33 @@ def _recurrent_pruner() -> Any:
     import torch_pruning as tp
 
     class RecurrentPruner(tp.pruner.function.BasePruningFunc):
-        """Slices the hidden units of a one-layer, one-direction LSTM or GRU."""
+        """Slices the hidden units of a one-direction LSTM or GRU (every layer, every gate) and
+        the input features of any."""
 
         def prune_out_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
-            keep = _keep(layer.hidden_size, idxs)
-            rows = torch.cat([keep + g * layer.hidden_size for g in range(gates(layer))])  # gate blocks
-            for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
-                if hasattr(layer, name):
-                    p = getattr(layer, name).data[rows]  # (G * H_kept, ...)
-                    if name == "weight_hh_l0":
-                        p = p[:, keep]  # (G * H_kept, H_kept)
-                    setattr(layer, name, nn.Parameter(p.contiguous()))
-            layer.hidden_size = len(keep)
+            h, count = layer.hidden_size, layer.num_layers
+            keeps = [_keep(h, idxs)] * count  # the last layer's units are the group's channels
+            for depth in range(count - 1):  # inner layers' units are internal: keep their strongest
+                keeps[depth] = _strongest(layer, depth, len(keeps[-1]))
+            for depth, keep in enumerate(keeps):
+                rows = torch.cat([keep + g * h for g in range(gates(layer))])  # gate blocks
+                for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    name = f"{kind}_l{depth}"
+                    if hasattr(layer, name):
+                        p = getattr(layer, name).data[rows]  # (G * H_kept, ...)
+                        if kind == "weight_hh":
+                            p = p[:, keep]  # (G * H_kept, H_kept)
+                        elif kind == "weight_ih" and depth > 0:
+                            p = p[:, keeps[depth - 1]]  # the layer below's units kept
+                        setattr(layer, name, nn.Parameter(p.contiguous()))
+            layer.hidden_size = len(keeps[-1])
             layer.flatten_parameters()
             return layer
 
         def prune_in_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
             keep = _keep(layer.input_size, idxs)
-            layer.weight_ih_l0 = nn.Parameter(layer.weight_ih_l0.data[:, keep].contiguous())  # (G * H, I_kept)
+            for name in ("weight_ih_l0", "weight_ih_l0_reverse")[: 2 if layer.bidirectional else 1]:
+                setattr(layer, name, nn.Parameter(getattr(layer, name).data[:, keep].contiguous()))  # (G * H, I_kept)
             layer.input_size = len(keep)
             layer.flatten_parameters()
             return layer
@@ -110,6 +120,64 @@ def _recurrent_pruner() -> Any:
             return layer.input_size
 
     return RecurrentPruner()
+
+
+class _Recurrent(torch.autograd.Function):
+    """A recurrent layer's forward as one autograd node, for tracing only.
+
+    On the CPU a GRU records every gate of every time step as separate autograd ops;
+    Torch-Pruning would walk through them (splits, stacks) and fail. As one node whose inputs
+    are the layer's input, initial state and weights, the layer is a leaf of the traced graph,
+    like a convolution.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, forward: Any, states: int, x: torch.Tensor, *tensors: torch.Tensor) -> tuple:
+        hx = None if states == 0 else tensors[0] if states == 1 else tuple(tensors[:states])
+        out, state = forward(x, hx)
+        return (out, *(state if isinstance(state, tuple) else (state,)))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
+        raise RuntimeError("a recurrent layer traced for structured pruning is not differentiated")
+
+
+@contextlib.contextmanager
+def _opaque_recurrent(model: nn.Module) -> Iterator[None]:
+    """While tracing, each LSTM / GRU of ``model`` runs as one :class:`_Recurrent` node."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.LSTM, nn.GRU))]
+
+    def opaque(layer: nn.RNNBase, forward: Any) -> Any:
+        def run(x: Any, hx: Any = None) -> Any:
+            if not isinstance(x, torch.Tensor):  # a PackedSequence: traced as it is
+                return forward(x, hx)
+            hs = () if hx is None else tuple(hx) if isinstance(hx, tuple) else (hx,)
+            out, *state = _Recurrent.apply(forward, len(hs), x, *hs, *layer._flat_weights)
+            return out, (tuple(state) if isinstance(layer, nn.LSTM) else state[0])
+
+        return run
+
+    own = {layer: layer.__dict__.get("forward") for layer in layers}  # a forward set on the instance, if any
+    for layer in layers:
+        layer.forward = opaque(layer, layer.forward)  # an instance attribute over the class's forward
+    try:
+        yield
+    finally:
+        for layer, forward in own.items():
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
+def _strongest(layer: nn.RNNBase, depth: int, count: int) -> torch.Tensor:
+    """The ``count`` hidden units of an inner layer with the largest weights (L2 over their gate
+    rows, their recurrent column and the next layer's input column), in order."""
+    h = layer.hidden_size
+    w = {k: getattr(layer, f"{k}_l{d}").detach() for k, d in (("weight_ih", depth), ("weight_hh", depth))}
+    score = sum(m.pow(2).reshape(gates(layer), h, -1).sum((0, 2)) for m in w.values())  # (H,): gate rows
+    score = score + w["weight_hh"].pow(2).sum(0) + getattr(layer, f"weight_ih_l{depth + 1}").detach().pow(2).sum(0)
+    return torch.sort(torch.topk(score, count).indices).values
 
 
 def _keep(n: int, idxs: Sequence[int]) -> torch.Tensor:
@@ -163,7 +231,7 @@ def analyse(
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _opaque_recurrent(model):
             graph = tp.DependencyGraph().build_dependency(
                 model,
                 example_inputs=example if isinstance(example, tuple) else (example,),
@@ -174,13 +242,6 @@ def analyse(
     except TorchslimError:
         raise
     except Exception as exc:  # tracing runs user code: any failure there is the model's
-        stacked = [n for n, m in model.named_modules() if _stacked_rnn(m)]
-        if stacked:
-            raise ConfigError(
-                f"cannot trace {type(model).__name__} for structured pruning ({type(exc).__name__}: {exc}) past "
-                f"{stacked[0]}, a stacked, bidirectional or projected recurrent layer, whose hidden units torchslim "
-                "does not slice; its weights can still be pruned (prune_), shared (share_) and quantized (quantize_)"
-            ) from exc
         raise ConfigError(
             f"cannot trace {type(model).__name__} for structured pruning ({type(exc).__name__}: {exc}); "
             "check that the example input fits the model's forward and that forward uses tensors only"
@@ -268,10 +329,10 @@ def _describe(tg: Any, graph: Any, names: dict, outputs: set) -> CouplingGroup:
             skip = f"{member.module} is a grouped convolution (groups={module.groups}); torchslim does not slice those"
         if isinstance(module, nn.MultiheadAttention):
             multiple = math.lcm(multiple, module.num_heads)
-        if _stacked_rnn(module):
+        if side == "out" and _unsliced_rnn(module):
             skip = (
-                f"{member.module}: only one-layer, one-direction {type(module).__name__}s without projections "
-                "have their hidden units sliced (its weights are still pruned, shared and quantized)"
+                f"{member.module}: the hidden units of a bidirectional or projected {type(module).__name__} are "
+                "not sliced (its input features are; its weights are still pruned, shared and quantized)"
             )
     root = tg[0].dep.target.module
     channels = graph.get_out_channels(root)
@@ -311,10 +372,10 @@ def _unsupported(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return out
 
 
-def _stacked_rnn(m: nn.Module) -> bool:
-    """A recurrent layer whose hidden units torchslim does not slice: several layers, both
-    directions, or projections."""
-    return isinstance(m, nn.RNNBase) and bool(m.num_layers != 1 or m.bidirectional or m.proj_size)
+def _unsliced_rnn(m: nn.Module) -> bool:
+    """A recurrent layer whose hidden units torchslim does not slice: both directions (its
+    output holds each unit twice) or projections."""
+    return isinstance(m, nn.RNNBase) and bool(m.bidirectional or m.proj_size)
 
 
 def _tied_modules(model: nn.Module) -> dict[str, str]:

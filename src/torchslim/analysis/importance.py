@@ -58,10 +58,12 @@ def _rows(
         return w["weight"][:, ix].transpose(0, 1).flatten(1)  # (K, fan_out * kernel)
     if isinstance(module, (nn.LSTM, nn.GRU)):
         if side == "in":
-            return w["weight_ih_l0"][:, ix].transpose(0, 1)  # (K, G * H)
-        h = module.hidden_size
-        rows = [w[n][ix + g * h] for n in ("weight_ih_l0", "weight_hh_l0") for g in range(gates(module))]
-        return torch.cat(rows + [w["weight_hh_l0"][:, ix].transpose(0, 1)], 1)  # (K, G * (I + 2H))
+            first = [n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if n in w]  # each direction reads the input
+            return torch.cat([w[n][:, ix].transpose(0, 1) for n in first], 1)  # (K, D * G * H)
+        h, last = module.hidden_size, module.num_layers - 1  # the group's units: the last layer's
+        ih, hh = f"weight_ih_l{last}", f"weight_hh_l{last}"
+        rows = [w[n][ix + g * h] for n in (ih, hh) for g in range(gates(module))]
+        return torch.cat(rows + [w[hh][:, ix].transpose(0, 1)], 1)  # (K, G * (I + 2H))
     return None
 
 
