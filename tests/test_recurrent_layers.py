@@ -1,7 +1,7 @@
 """Stacked, bidirectional LSTM and GRU layers: their input and hidden matrices (every layer and
 direction) are pruned, shared and quantized, the file loads into a fresh model with equal
-outputs; structured pruning slices the hidden units of stacked one-direction layers (every layer)
-and says why it leaves a bidirectional layer's whole."""
+outputs; structured pruning slices their hidden units in every layer and direction (as many in
+each direction) and their input features."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from torch import nn
 import torchslim as ts
 from torchslim.analysis.coupling import analyse
 from torchslim.core.data import Data
-from torchslim.errors import ConfigError
 
 
 class Tagger(nn.Module):
@@ -119,27 +118,49 @@ def test_an_inner_layer_keeps_its_strongest_units_and_the_output_is_unchanged_wh
 
 
 @pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
-def test_bidirectional_hidden_units_are_a_recorded_skip_and_the_rest_is_pruned(kind, tmp_path):
+def test_bidirectional_stacks_lose_as_many_units_in_each_direction_and_load_equal(kind, tmp_path):
     torch.manual_seed(0)
     model, x = Encoder(kind, layers=2, bidirectional=True).eval(), torch.randn(4, 7, 6)
     result = ts.channel_prune_(model, ts.ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=x)
-    skips = {r.root: r.skip for r in result.groups}
-    assert "bidirectional or projected" in skips["rnn"] and "still pruned, shared and quantized" in skips["rnn"]
-    rnn = model.rnn
-    assert (rnn.hidden_size, rnn.input_size, model.mid.out_features) == (16, 6, 10)  # input features sliced
-    assert rnn.weight_ih_l0.shape[1] == rnn.weight_ih_l0_reverse.shape[1] == 6
+    rnn, g = model.rnn, 4 if kind is nn.LSTM else 3
+    assert (rnn.input_size, rnn.hidden_size, model.mid.in_features) == (6, 8, 16)
+    for depth in range(2):
+        for sfx in ("", "_reverse"):
+            assert getattr(rnn, f"weight_ih_l{depth}{sfx}").shape == (g * 8, 6 if depth == 0 else 16)
+            assert getattr(rnn, f"weight_hh_l{depth}{sfx}").shape == (g * 8, 8)
+    assert {r.root: r.after for r in result.groups}["rnn"] == 16
     path = ts.save(model, tmp_path / "m.tslim")
     with torch.no_grad():
         assert torch.equal(ts.load(path, model=lambda: Encoder(kind, layers=2, bidirectional=True))(x), model(x))
 
 
-def test_a_tagger_whose_only_prunable_units_are_bidirectional_is_a_clear_error():
+def test_a_bidirectional_layer_loses_the_units_asked_in_each_direction():
+    torch.manual_seed(0)
+    model, x = Encoder(nn.LSTM, layers=1, bidirectional=True).eval(), torch.randn(4, 7, 6)
+    with torch.no_grad():  # forward unit 2 and backward unit 5 feed nothing
+        model.rnn.weight_hh_l0[:, 2] = 0.0
+        model.rnn.weight_hh_l0_reverse[:, 5] = 0.0
+        model.mid.weight[:, [2, 16 + 5]] = 0.0
+    reference = Encoder(nn.LSTM, layers=1, bidirectional=True).eval()
+    reference.load_state_dict(model.state_dict())
+    group = next(g for g in analyse(model, x).prunable() if g.root == "rnn")
+    assert (group.channels, group.halves) == (32, 2)
+    scores = torch.ones(32)
+    scores[[2, 21]] = 0.0
+    assert group.lowest(scores, 2) == [2, 21]  # one from each direction, though 2 and 21 are the two lowest overall
+    group.handle.prune([2, 21])
+    assert model.rnn.hidden_size == 15 and model.mid.in_features == 30
+    torch.testing.assert_close(model(x), reference(x))
+    with pytest.raises(ValueError, match="both directions must lose as many units"):
+        next(g for g in analyse(model, x).prunable() if g.root == "rnn").handle.prune([0, 1])
+
+
+def test_a_bidirectional_tagger_keeps_its_output_width():
     x = torch.randn(4, 7, 6)
     for kind in (nn.GRU, nn.LSTM):
-        with pytest.raises(ConfigError, match="bidirectional or projected"):
-            ts.channel_prune_(
-                Tagger(kind).eval(), ts.ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=x
-            )
+        model = Tagger(kind).eval()
+        ts.channel_prune_(model, ts.ChannelPruneConfig(ratio=0.5, round_to=1, min_channels=1), example=x)
+        assert (model.rnn.hidden_size, model.head.in_features) == (8, 16) and model(x).shape == (4, 3)
 
 
 def test_tracing_leaves_every_recurrent_forward_as_it_was():
@@ -151,3 +172,14 @@ def test_tracing_leaves_every_recurrent_forward_as_it_was():
     assert model.rnn.forward is patched
     analyse(plain := Encoder(nn.LSTM).eval(), x)
     assert "forward" not in plain.rnn.__dict__
+
+
+def test_importance_rows_of_a_bidirectional_layer_follow_each_output_feature():
+    from torchslim.analysis.importance import _params, _rows
+
+    layer, idxs = nn.LSTM(5, 8, num_layers=2, bidirectional=True), (13, 3, 9, 0, 15)
+    rows, w = _rows(layer, "out", idxs, _params), _params(layer)
+    for row, i in zip(rows, idxs, strict=True):  # feature i: unit i % 8 of the last layer's direction i // 8
+        sfx, j = ("_reverse" if i >= 8 else ""), i % 8
+        ih, hh = w[f"weight_ih_l1{sfx}"], w[f"weight_hh_l1{sfx}"]
+        assert torch.equal(row, torch.cat([*(m[j + g * 8] for m in (ih, hh) for g in range(4)), hh[:, j]]))

@@ -70,8 +70,15 @@ class CouplingGroup:
     members: list[Member]
     skip: str | None = None
     multiple: int = 1  # the channel count must stay a multiple of this (attention heads)
+    halves: int = 1  # channels in equal parts that lose as many each (a bidirectional layer's directions)
     slices: list[Slice] = field(default_factory=list, repr=False)
     handle: Any = field(default=None, repr=False, compare=False)  # the Torch-Pruning group
+
+    def lowest(self, scores: torch.Tensor, count: int) -> list[int]:
+        """The ``count`` channels with the lowest ``scores``, as many from each of the halves."""
+        part = self.channels // self.halves
+        per = scores.reshape(self.halves, part).argsort(1)[:, : count // self.halves]
+        return sorted(int(i) for i in (per + torch.arange(self.halves)[:, None] * part).flatten())
 
     def __str__(self) -> str:
         state = f"skipped: {self.skip}" if self.skip else f"{self.channels} channels"
@@ -82,26 +89,32 @@ def _recurrent_pruner() -> Any:
     import torch_pruning as tp
 
     class RecurrentPruner(tp.pruner.function.BasePruningFunc):
-        """Slices the hidden units of a one-direction LSTM or GRU (every layer, every gate) and
-        the input features of any."""
+        """Slices the hidden units of an LSTM or GRU (every layer, direction and gate) and its
+        input features. A bidirectional layer's channels are its output features, the forward
+        units then the backward ones; both directions must lose as many."""
 
         def prune_out_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
-            h, count = layer.hidden_size, layer.num_layers
-            keeps = [_keep(h, idxs)] * count  # the last layer's units are the group's channels
+            h, count, dirs = layer.hidden_size, layer.num_layers, _directions(layer)
+            drops = [[i - d * h for i in idxs if d * h <= i < (d + 1) * h] for d in range(dirs)]
+            if len({len(d) for d in drops}) > 1:
+                raise ValueError(f"both directions must lose as many units (asked {[len(d) for d in drops]})")
+            keeps = [[_keep(h, drop) for drop in drops] for _ in range(count)]  # the last layer's: the group's
             for depth in range(count - 1):  # inner layers' units are internal: keep their strongest
-                keeps[depth] = _strongest(layer, depth, len(keeps[-1]))
-            for depth, keep in enumerate(keeps):
-                rows = torch.cat([keep + g * h for g in range(gates(layer))])  # gate blocks
-                for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                    name = f"{kind}_l{depth}"
-                    if hasattr(layer, name):
-                        p = getattr(layer, name).data[rows]  # (G * H_kept, ...)
-                        if kind == "weight_hh":
-                            p = p[:, keep]  # (G * H_kept, H_kept)
-                        elif kind == "weight_ih" and depth > 0:
-                            p = p[:, keeps[depth - 1]]  # the layer below's units kept
-                        setattr(layer, name, nn.Parameter(p.contiguous()))
-            layer.hidden_size = len(keeps[-1])
+                keeps[depth] = [_strongest(layer, depth, d, len(keeps[-1][0])) for d in range(dirs)]
+            for depth, per_direction in enumerate(keeps):
+                below = torch.cat([k + d * h for d, k in enumerate(keeps[depth - 1])]) if depth else None
+                for d, keep in enumerate(per_direction):
+                    rows = torch.cat([keep + g * h for g in range(gates(layer))])  # gate blocks
+                    for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                        name = f"{kind}_l{depth}{_SUFFIX[d]}"
+                        if hasattr(layer, name):
+                            p = getattr(layer, name).data[rows]  # (G * H_kept, ...)
+                            if kind == "weight_hh":
+                                p = p[:, keep]  # (G * H_kept, H_kept)
+                            elif kind == "weight_ih" and below is not None:
+                                p = p[:, below]  # the layer below's units kept, each direction
+                            setattr(layer, name, nn.Parameter(p.contiguous()))
+            layer.hidden_size = len(keeps[-1][0])
             layer.flatten_parameters()
             return layer
 
@@ -114,7 +127,7 @@ def _recurrent_pruner() -> Any:
             return layer
 
         def get_out_channels(self, layer: nn.RNNBase) -> int:
-            return layer.hidden_size
+            return layer.hidden_size * _directions(layer)
 
         def get_in_channels(self, layer: nn.RNNBase) -> int:
             return layer.input_size
@@ -170,13 +183,24 @@ def _opaque_recurrent(model: nn.Module) -> Iterator[None]:
                 layer.forward = forward
 
 
-def _strongest(layer: nn.RNNBase, depth: int, count: int) -> torch.Tensor:
-    """The ``count`` hidden units of an inner layer with the largest weights (L2 over their gate
-    rows, their recurrent column and the next layer's input column), in order."""
-    h = layer.hidden_size
-    w = {k: getattr(layer, f"{k}_l{d}").detach() for k, d in (("weight_ih", depth), ("weight_hh", depth))}
-    score = sum(m.pow(2).reshape(gates(layer), h, -1).sum((0, 2)) for m in w.values())  # (H,): gate rows
-    score = score + w["weight_hh"].pow(2).sum(0) + getattr(layer, f"weight_ih_l{depth + 1}").detach().pow(2).sum(0)
+_SUFFIX = ("", "_reverse")
+
+
+def _directions(layer: nn.RNNBase) -> int:
+    return 2 if layer.bidirectional else 1
+
+
+def _strongest(layer: nn.RNNBase, depth: int, direction: int, count: int) -> torch.Tensor:
+    """The ``count`` hidden units of an inner layer's direction with the largest weights (L2
+    over their gate rows, their recurrent column and the next layer's input columns), in order."""
+    h, sfx = layer.hidden_size, _SUFFIX[direction]
+    w = [getattr(layer, f"{k}_l{depth}{sfx}").detach() for k in ("weight_ih", "weight_hh")]
+    score = sum(m.pow(2).reshape(gates(layer), h, -1).sum((0, 2)) for m in w)  # (H,): gate rows
+    score = score + w[1].pow(2).sum(0)  # the recurrent column
+    for above in _SUFFIX[: _directions(layer)]:  # every direction of the next layer reads this one
+        score = score + getattr(layer, f"weight_ih_l{depth + 1}{above}").detach()[
+            :, direction * h : (direction + 1) * h
+        ].pow(2).sum(0)
     return torch.sort(torch.topk(score, count).indices).values
 
 
@@ -298,7 +322,7 @@ def _probe(model: nn.Module, example: Any, groups: list[CouplingGroup], unsuppor
         twin = next(t for t in analyse(clone, example, probe=False).groups if t.root == g.root)
         root = dict(clone.named_modules())[g.root]
         try:
-            twin.handle.prune(list(range(drop)))
+            twin.handle.prune(g.lowest(torch.arange(g.channels, dtype=torch.float), drop))
             shapes = _shapes(run(clone, example))
         except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
             if odd:
@@ -313,7 +337,7 @@ def _probe(model: nn.Module, example: Any, groups: list[CouplingGroup], unsuppor
 
 
 def _describe(tg: Any, graph: Any, names: dict, outputs: set) -> CouplingGroup:
-    members, slices, skip, multiple = [], [], None, 1
+    members, slices, skip, multiple, halves = [], [], None, 1, 1
     for k, item in enumerate(tg):
         module, handler = item.dep.target.module, item.dep.handler
         if module not in names:
@@ -329,14 +353,16 @@ def _describe(tg: Any, graph: Any, names: dict, outputs: set) -> CouplingGroup:
             skip = f"{member.module} is a grouped convolution (groups={module.groups}); torchslim does not slice those"
         if isinstance(module, nn.MultiheadAttention):
             multiple = math.lcm(multiple, module.num_heads)
-        if side == "out" and _unsliced_rnn(module):
+        if side == "out" and isinstance(module, nn.RNNBase) and module.proj_size:
             skip = (
-                f"{member.module}: the hidden units of a bidirectional or projected {type(module).__name__} are "
-                "not sliced (its input features are; its weights are still pruned, shared and quantized)"
+                f"{member.module}: the hidden units of a projected {type(module).__name__} are not sliced (its "
+                "input features are; its weights are still pruned, shared and quantized)"
             )
+        if side == "out" and isinstance(module, nn.RNNBase) and module.bidirectional:
+            halves, multiple = 2, math.lcm(multiple, 2)  # forward units, then backward ones
     root = tg[0].dep.target.module
     channels = graph.get_out_channels(root)
-    return CouplingGroup(names.get(root, "?"), int(channels), members, skip, multiple, slices, handle=tg)
+    return CouplingGroup(names.get(root, "?"), int(channels), members, skip, multiple, halves, slices, handle=tg)
 
 
 def _output_modules(graph: Any) -> set:
@@ -370,12 +396,6 @@ def _unsupported(model: nn.Module) -> list[tuple[nn.Module, str]]:
         if own and not isinstance(m, _SUPPORTED):
             out.append((m, name))
     return out
-
-
-def _unsliced_rnn(m: nn.Module) -> bool:
-    """A recurrent layer whose hidden units torchslim does not slice: both directions (its
-    output holds each unit twice) or projections."""
-    return isinstance(m, nn.RNNBase) and bool(m.bidirectional or m.proj_size)
 
 
 def _tied_modules(model: nn.Module) -> dict[str, str]:

@@ -61,9 +61,14 @@ def _rows(
             first = [n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if n in w]  # each direction reads the input
             return torch.cat([w[n][:, ix].transpose(0, 1) for n in first], 1)  # (K, D * G * H)
         h, last = module.hidden_size, module.num_layers - 1  # the group's units: the last layer's
-        ih, hh = f"weight_ih_l{last}", f"weight_hh_l{last}"
-        rows = [w[n][ix + g * h] for n in (ih, hh) for g in range(gates(module))]
-        return torch.cat(rows + [w[hh][:, ix].transpose(0, 1)], 1)  # (K, G * (I + 2H))
+        parts = []
+        for d, sfx in enumerate(("", "_reverse")[: 2 if module.bidirectional else 1]):  # output feature i:
+            j = ix[ix // h == d] % h  # unit i % H of direction i // H
+            ih, hh = w[f"weight_ih_l{last}{sfx}"], w[f"weight_hh_l{last}{sfx}"]
+            rows = [m[j + g * h] for m in (ih, hh) for g in range(gates(module))]
+            parts.append(torch.cat([*rows, hh[:, j].transpose(0, 1)], 1))  # (K_d, G * (I + 2H))
+        out = torch.cat(parts)
+        return out[torch.argsort(torch.argsort(ix // h, stable=True))]  # back in the order of idxs
     return None
 
 

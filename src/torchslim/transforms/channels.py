@@ -229,8 +229,7 @@ def _prune_step(
         members = [str(m) for m in g.members]
         rec = records.setdefault(g.root, GroupRecord(g.root, members, original[g.root], g.channels, config.criterion))
         if g.root in keep and keep[g.root] < g.channels:
-            drop = torch.argsort(scores[g.root])[: g.channels - keep[g.root]]
-            g.handle.prune(sorted(int(i) for i in drop))
+            g.handle.prune(g.lowest(scores[g.root], g.channels - keep[g.root]))
         rec.after = int(coupling.graph.get_out_channels(modules[g.root]))
         if rec.after != keep.get(g.root, g.channels):
             raise ConfigError(
