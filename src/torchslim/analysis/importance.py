@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from torchslim.analysis.coupling import Coupling, CouplingGroup, gates
+from torchslim.analysis.coupling import Coupling, CouplingGroup
+from torchslim.analysis.recurrent import gates
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
