@@ -76,10 +76,11 @@ def test_layers_slower_in_int8_go_back_to_float_when_that_beats_float(pair, monk
     reference, quantized = pair
     scripted(
         monkeypatch,
-        {"whole": (3.0, 2.0), "conv": (0.5, 0.4), "fc1": (0.2, 0.5), "fc2": (0.1, 0.1), "mixed": (1.5, 2.0)},
+        {"whole": (3.0, 2.0), "conv": (0.5, 0.4), "fc1": (0.2, 0.5), "fc2": (0.1, 0.1), "mixed": (1.5, 2.5)},
     )
     check = ts.keep_faster_(quantized, reference, "onnxruntime", torch.zeros(1, 1, 8, 8))
     assert check.delivered == "mixed" and check.kept_float == ["conv", "fc2"]  # int8 no faster alone
+    assert check.delivered_ms == pytest.approx(2.0 * 1.5 / 2.5)  # float 2.0 ms times the mix's ratio in its pair
     assert isinstance(quantized.fc1, QuantizedLayer)
     assert isinstance(quantized.conv, nn.Conv2d) and isinstance(quantized.fc2, nn.Linear)
     x = torch.randn(4, 1, 8, 8)
