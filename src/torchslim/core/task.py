@@ -385,7 +385,9 @@ class Embedding:
 
 
 def _embedding_tensor(output: Any) -> torch.Tensor:
-    for key in ("sentence_embedding", "pooler_output", "last_hidden_state"):
+    # the token states (mean-pooled by the caller) before a pooler: a BERT pooler is trained for
+    # next-sentence prediction, and sentence encoders mean-pool the last hidden state
+    for key in ("sentence_embedding", "last_hidden_state", "pooler_output"):
         value = output.get(key) if isinstance(output, Mapping) else getattr(output, key, None)
         if isinstance(value, torch.Tensor):
             return value

