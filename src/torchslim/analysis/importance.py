@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchslim.analysis.coupling import Coupling, CouplingGroup
-from torchslim.analysis.recurrent import gates
+from torchslim.analysis.recurrent import gates, suffixes
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -59,11 +59,11 @@ def _rows(
         return w["weight"][:, ix].transpose(0, 1).flatten(1)  # (K, fan_out * kernel)
     if isinstance(module, (nn.LSTM, nn.GRU)):
         if side == "in":
-            first = [n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if n in w]  # each direction reads the input
-            return torch.cat([w[n][:, ix].transpose(0, 1) for n in first], 1)  # (K, D * G * H)
+            first = [w[f"weight_ih_l0{sfx}"] for sfx in suffixes(module)]  # each direction reads the input
+            return torch.cat([m[:, ix].transpose(0, 1) for m in first], 1)  # (K, D * G * H)
         h, last = module.hidden_size, module.num_layers - 1  # the group's units: the last layer's
         parts = []
-        for d, sfx in enumerate(("", "_reverse")[: 2 if module.bidirectional else 1]):  # output feature i:
+        for d, sfx in enumerate(suffixes(module)):  # output feature i:
             j = ix[ix // h == d] % h  # unit i % H of direction i // H
             ih, hh = w[f"weight_ih_l{last}{sfx}"], w[f"weight_hh_l{last}{sfx}"]
             rows = [m[j + g * h] for m in (ih, hh) for g in range(gates(module))]

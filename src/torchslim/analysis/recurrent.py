@@ -56,7 +56,7 @@ def recurrent_pruner() -> Any:
 
         def prune_in_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
             keep = _keep(layer.input_size, idxs)
-            for name in ("weight_ih_l0", "weight_ih_l0_reverse")[: 2 if layer.bidirectional else 1]:
+            for name in (f"weight_ih_l0{sfx}" for sfx in suffixes(layer)):
                 setattr(layer, name, nn.Parameter(getattr(layer, name).data[:, keep].contiguous()))  # (G * H, I_kept)
             layer.input_size = len(keep)
             layer.flatten_parameters()
@@ -126,6 +126,11 @@ def _directions(layer: nn.RNNBase) -> int:
     return 2 if layer.bidirectional else 1
 
 
+def suffixes(layer: nn.RNNBase) -> tuple[str, ...]:
+    """The parameter-name suffix of each direction: ``("",)`` or ``("", "_reverse")``."""
+    return _SUFFIX[: _directions(layer)]
+
+
 def _strongest(layer: nn.RNNBase, depth: int, direction: int, count: int) -> torch.Tensor:
     """The ``count`` hidden units of an inner layer's direction with the largest weights (L2
     over their gate rows, their recurrent column and the next layer's input columns), in order."""
@@ -133,7 +138,7 @@ def _strongest(layer: nn.RNNBase, depth: int, direction: int, count: int) -> tor
     w = [getattr(layer, f"{k}_l{depth}{sfx}").detach() for k in ("weight_ih", "weight_hh")]
     score = sum(m.pow(2).reshape(gates(layer), h, -1).sum((0, 2)) for m in w)  # (H,): gate rows
     score = score + w[1].pow(2).sum(0)  # the recurrent column
-    for above in _SUFFIX[: _directions(layer)]:  # every direction of the next layer reads this one
+    for above in suffixes(layer):  # every direction of the next layer reads this one
         score = score + getattr(layer, f"weight_ih_l{depth + 1}{above}").detach()[
             :, direction * h : (direction + 1) * h
         ].pow(2).sum(0)
