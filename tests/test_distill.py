@@ -237,3 +237,27 @@ def test_a_student_with_other_classes_stops_the_recipe_with_a_clear_error(tmp_pa
     printed = CliRunner().invoke(app, ["compress", str(recipe)], env={"COLUMNS": "250"})
     assert printed.exit_code == 2 and "teacher predicts 10 classes but the student 5" in printed.output
     assert not (tmp_path / "tiny_distill.tslim").exists()
+
+
+def test_relation_loss_compares_token_relations_across_widths():
+    """MiniLM relations: zero for the same features, defined across different widths, and it
+    pulls a student's token relations towards the teacher's."""
+    from torchslim.train.losses import FeatureLoss
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 7, 32, generator=g)
+    loss = FeatureLoss((2, 7, 16), (2, 7, 32), "relation")
+    assert loss.relation_heads == 8 and loss.projection is None
+    assert float(FeatureLoss((2, 7, 32), (2, 7, 32), "relation")(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+    student = torch.randn(2, 7, 16, generator=g, requires_grad=True)
+    first = float(loss(student, teacher).detach())
+    opt = torch.optim.Adam([student], lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        loss(student, teacher).backward()
+        opt.step()
+    assert float(loss(student, teacher).detach()) < 0.3 * first
+    with pytest.raises(ConfigError, match="token features"):
+        FeatureLoss((2, 8), (2, 8), "relation")
+    with pytest.raises(ConfigError, match="feature kind 'nope'"):
+        ts.DistillConfig(features=(("a", "b", "nope"),))

@@ -3,6 +3,7 @@ batches: the embedding task runs on them; bad folders and bad texts are clear er
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 
@@ -93,3 +94,28 @@ def test_minilm_loads_offline_and_matches_sentence_transformers():
     reference = sentence_transformers.SentenceTransformer(str(encoder.folder), device="cpu")
     theirs = reference.encode(texts, convert_to_tensor=True)
     assert torch.nn.functional.cosine_similarity(ours, theirs).min() > 0.9999
+
+
+def test_a_sentence_embedder_compiles_and_exports_with_dynamic_batch_and_length(tmp_path):
+    """Ids and mask in, embeddings out: inductor and ONNX Runtime (dynamic batch and sequence axes)
+    give PyTorch's embeddings, in float and with per-token int8 Linear layers."""
+    import torchslim as ts
+    from torchslim.artifact.runtime import OrtRunner, compile_model, export_onnx
+    from torchslim.core.encoders import SentenceEmbedder
+
+    encoder = load_encoder(_save(tmp_path / "bert", WORDS))
+    texts = ["a tool for python", "perl module", "game data files", "the runtime library", "python"]
+    batch = tokenize(encoder, texts, batch_size=8)[0]
+    other = tokenize(encoder, ["the game", "a data library for perl and python"], batch_size=8)[0]
+    embedder = SentenceEmbedder(encoder.model).eval()
+    quantized = SentenceEmbedder(copy.deepcopy(encoder.model)).eval()
+    ts.quantize_(quantized, ts.QuantizeConfig(scheme="dynamic", activations="token"), example=batch)
+    for model in (embedder, quantized):
+        with torch.no_grad():
+            want, want_other = model(**batch), model(**other)
+        assert torch.allclose(want.norm(dim=-1), torch.ones(len(texts)))
+        fast = compile_model(model, "inductor", batch)  # int8: oneDNN's kernel rounds a few inputs differently
+        assert float((fast(batch) * want).sum(-1).min()) > 0.9999
+        runner = OrtRunner(export_onnx(model, batch))  # checked at other batch sizes and lengths on export
+        for x, y in ((batch, want), (other, want_other)):
+            assert float((runner(x) * y).sum(-1).min()) > 0.999

@@ -625,3 +625,28 @@ def test_mixed_precision_of_a_dynamic_lstm_classifier():
     result = ts.mixed_precision_(model, config, batches, eval_batches=batches)
     assert set(result.sensitivity) == {"rnn", "fc"} and result.kept_float == []
     assert isinstance(model.rnn, QuantizedRNN) and isinstance(model.fc, QuantizedLayer)
+
+
+def test_per_token_dynamic_int8_matches_its_reference_compiled_and_saved(tmp_path):
+    """Per-token int8 inputs: eager is the fake-quant reference, the compiled integer matmul gives
+    the same numbers, a token with an outlier does not coarsen the others, and the file keeps it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    dense = copy.deepcopy(model)
+    result = quantize_(model, QuantizeConfig(scheme="dynamic", activations="token"), example=torch.randn(4, 32))
+    assert [r.scheme for r in result.layers if r.scheme] == ["dynamic", "dynamic"]
+    x = torch.randn(2, 5, 32)
+    x[0, 0] *= 100.0  # one outlier token
+    per_tensor = copy.deepcopy(dense)
+    quantize_(per_tensor, QuantizeConfig(scheme="dynamic"), example=torch.randn(4, 32))
+    with torch.no_grad():
+        want, eager, coarse = dense(x), model(x), per_tensor(x)
+        compiled = torch.compile(model)(x)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    rest = (slice(None), slice(1, None))  # every token but the outlier
+    assert (eager - want)[rest].abs().max() < 0.2 * (coarse - want)[rest].abs().max()
+    path = tmp_path / "token.tslim"
+    ts.save(model, path)
+    back = ts.load(path, model=copy.deepcopy(dense))
+    assert back[0].activations == "token"
+    torch.testing.assert_close(back(x), eager)

@@ -120,3 +120,25 @@ def test_after_centroid_training_no_gradient_is_left_on_the_weights(digits, digi
     assert all(p.grad is None or p.grad.shape == p.shape for p in model.parameters())
     assert model.fc1.weight.grad is None  # a codebook-sized gradient here broke torch.export
     torch.export.export(model, (digits.example_input(2),))
+
+
+def test_an_embedding_table_is_shared_only_when_named_and_its_file_shrinks(tmp_path):
+    """A word-embedding table is most of a text encoder's file: named in a bits map, it gets a
+    k-means codebook the file entropy-codes; a plain int bits leaves it alone."""
+    import torchslim as ts
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(500, 32), torch.nn.Linear(32, 4)).eval()
+    plain = copy.deepcopy(model)
+    share_(plain, ShareConfig(bits=4, finetune=None))
+    assert torch.equal(plain[0].weight, model[0].weight) and plain[1].weight.unique().numel() <= 16
+    before = tmp_path / "dense.tslim"
+    ts.save(model, before)
+    result = share_(model, ShareConfig(bits={"0": 4}, finetune=None))
+    assert result.plan.to_dict()["0"] == {"bits": 4} and model[0].weight.unique().numel() <= 16
+    after = tmp_path / "shared.tslim"
+    ts.save(model, after)
+    assert after.stat().st_size < 0.2 * before.stat().st_size
+    restored = ts.load(after, model=torch.nn.Sequential(torch.nn.Embedding(500, 32), torch.nn.Linear(32, 4)))
+    ids = torch.randint(0, 500, (3, 7))
+    torch.testing.assert_close(restored(ids), model(ids))

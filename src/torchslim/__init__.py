@@ -28,6 +28,7 @@ from torchslim.train.losses import FeatureLoss, SoftTargetLoss
 from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
 from torchslim.transforms.compress import CompressResult, CompressSettings, compress
 from torchslim.transforms.distill import DistillConfig, derive_student, distill
+from torchslim.transforms.heads import EncoderPruneConfig, encoder_prune_
 from torchslim.transforms.mixed_precision import MixedPrecisionConfig, mixed_precision_
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
 from torchslim.transforms.quantize import QuantizeConfig, quantize_
@@ -43,6 +44,7 @@ __all__ = [
     "CompressionPlan",
     "DistillConfig",
     "Embedding",
+    "EncoderPruneConfig",
     "FeatureLoss",
     "LanguageModel",
     "LayerDecision",
@@ -65,6 +67,7 @@ __all__ = [
     "data",
     "derive_student",
     "distill",
+    "encoder_prune_",
     "errors",
     "evaluate",
     "export_onnx",

@@ -22,7 +22,7 @@ import inspect
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from torchslim.core.data import take_rows
+from torchslim.core.qlayers import reference_forward
 from torchslim.core.task import call_model
 from torchslim.errors import ConfigError
 
@@ -75,19 +76,25 @@ def compile_model(
     model.eval()
     if backend == "eager":
         return _NoGrad(model)
-    if not timeable(example, backend):
+    if not compilable(example, backend):
         raise ConfigError(
-            f"backend={backend!r} compiles models that take one tensor; this one takes "
+            f"backend={backend!r} compiles models that take tensors (one, a tuple or a dict of them); this one takes "
             f"{type(example).__name__} inputs: time it with backend='eager'"
         )
     if backend == "inductor":
-        runner: Callable[[torch.Tensor], torch.Tensor] = _Frozen(model)
+        runner: Callable[[torch.Tensor], torch.Tensor] = _Compiled(model) if _per_token(model) else _Frozen(model)
     elif backend == "onnxruntime":
         runner = OrtRunner(export_onnx(model, example, check=False), threads, spin)  # runs on the batch below
     else:
         raise ConfigError(f"backend={backend!r}: choose one of {list(BACKENDS)}")
     runner(example)  # compile now, not inside the first timed call
     return runner
+
+
+def _per_token(model: nn.Module) -> bool:
+    """Whether ``model`` has per-token int8 layers: ``torch.compile`` matches their integer
+    matmul to oneDNN's int8 GEMM, the AOTInductor path does not (it would run the slow fallback)."""
+    return any(getattr(m, "activations", None) == "token" for m in model.modules())
 
 
 class _NoGrad:
@@ -111,21 +118,26 @@ class _Frozen:
         self.folder = tempfile.TemporaryDirectory(prefix="torchslim-aoti-")  # removed with this object
         self.fallback: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> torch.Tensor:
         with torch.no_grad():
             if self.fallback is not None:
                 return self.fallback(x)
-            runner = self.runners.get(tuple(x.shape))
+            key = _shapes_of(x)
+            runner = self.runners.get(key)
             if runner is None:
-                runner = self.runners[tuple(x.shape)] = self._compile(x)
-            return runner(x)
+                runner = self.runners[key] = self._compile(x)
+                if self.fallback is not None:
+                    return self.fallback(x)
+            args, kwargs = _call_args(x)
+            return runner(*args, **kwargs)
 
-    def _compile(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _compile(self, x: Any) -> Callable[..., torch.Tensor]:
         import torch._inductor.config as inductor_config
 
+        args, kwargs = _call_args(x)
         with inductor_config.patch(freezing=True):
             try:
-                program = torch.export.export(self.model, (x,))
+                program = torch.export.export(self.model, args, kwargs)
             except Exception as exc:  # noqa: BLE001 -- any capture failure: compile with graph breaks instead
                 log.warning("torch.export cannot capture %s (%s); using torch.compile", type(self.model).__name__, exc)
                 self.fallback = _Compiled(self.model)
@@ -142,14 +154,16 @@ class _Compiled:
         self.compiled = torch.compile(model, dynamic=False)
         self.shapes: set[tuple[int, ...]] = set()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape) in self.shapes:
-            return self.compiled(x)
+    @torch.no_grad()
+    def __call__(self, x: Any) -> torch.Tensor:
+        args, kwargs = _call_args(x)
+        if _shapes_of(x) in self.shapes:
+            return self.compiled(*args, **kwargs)
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(freezing=True):
-            out = self.compiled(x)
-        self.shapes.add(tuple(x.shape))
+            out = self.compiled(*args, **kwargs)
+        self.shapes.add(_shapes_of(x))
         return out
 
 
@@ -158,9 +172,45 @@ SEQUENCE_LAYERS = (nn.RNNBase, nn.MultiheadAttention, nn.Embedding)
 
 
 def timeable(inputs: Any, backend: str) -> bool:
-    """Whether ``backend`` runs a model on ``inputs``: eager takes any input; the compiled
-    backends one tensor."""
+    """Whether the speed checks and the search can time a model on ``inputs`` on ``backend``:
+    eager takes any input; the compiled backends one tensor there."""
     return backend == "eager" or isinstance(inputs, torch.Tensor)
+
+
+def compilable(inputs: Any, backend: str) -> bool:
+    """Whether :func:`compile_model` runs a model on ``inputs`` on ``backend``: eager takes any
+    input; the compiled backends a tensor, a tuple of tensors (positional arguments) or a dict
+    of tensors (keyword arguments, e.g. a tokenizer's ``input_ids`` and ``attention_mask``)."""
+    if backend == "eager" or isinstance(inputs, torch.Tensor):
+        return True
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else None
+    return bool(values) and all(isinstance(v, torch.Tensor) for v in values)
+
+
+def _call_args(inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` that feed a model ``inputs``: a tensor, a tuple of them or a dict of them."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    return (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {})
+
+
+def _shapes_of(inputs: Any) -> tuple:
+    args, kwargs = _call_args(inputs)
+    return tuple(tuple(a.shape) for a in args) + tuple((k, tuple(v.shape)) for k, v in kwargs.items())
+
+
+def _each(inputs: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``inputs`` with ``fn`` applied to every tensor."""
+    if isinstance(inputs, Mapping):
+        return {k: fn(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(fn(v) for v in inputs)
+    return fn(inputs)
+
+
+def _first(inputs: Any) -> torch.Tensor:
+    args, kwargs = _call_args(inputs)
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 def _lengthen(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -168,33 +218,44 @@ def _lengthen(x: torch.Tensor, length: int) -> torch.Tensor:
     return x.repeat(1, -(-length // x.shape[1]), *([1] * (x.dim() - 2)))[:, :length]
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, *, check: bool = True) -> bytes:
+def export_onnx(model: nn.Module, example: Any, *, check: bool = True) -> bytes:
     """The model as a self-contained ONNX file (weights inside) whose batch dimension is dynamic,
     and, for recurrent, attention and embedding models, the sequence dimension too.
 
-    A size-1 dimension would be exported as fixed, so an example of batch (or length) 1 is
-    repeated first. With ``check``, the exported graph is run on ONNX Runtime at two batch
-    sizes (and two lengths) and must give outputs of the shapes the model gives.
+    ``example`` is one input tensor, a tuple of them (positional arguments) or a dict of them
+    (keyword arguments, which become the graph's input names: a tokenizer's ``input_ids`` and
+    ``attention_mask``). A size-1 dimension would be exported as fixed, so an example of batch
+    (or length) 1 is repeated first. With ``check``, the exported graph is run on ONNX Runtime
+    at two batch sizes (and two lengths) and must give outputs of the shapes the model gives.
+    Quantized layers export as their fake-quant reference (QuantizeLinear / DequantizeLinear).
     """
     model.eval()
-    name = next(iter(inspect.signature(model.forward).parameters), "x")
-    example = take_rows(example, max(2, example.shape[0]), cycle=True)
-    sequence = example.dim() >= 2 and any(isinstance(m, SEQUENCE_LAYERS) for m in model.modules())
-    if sequence and example.shape[1] < 2:
-        example = _lengthen(example, 2)
-    dims = {0: torch.export.Dim("batch", min=1, max=65536)}
-    if sequence:
-        dims[1] = torch.export.Dim("sequence", min=1, max=65536)
+    example = take_rows(example, max(2, _first(example).shape[0]), cycle=True)
+    sequence = _first(example).dim() >= 2 and any(isinstance(m, SEQUENCE_LAYERS) for m in model.modules())
+    if sequence and _first(example).shape[1] < 2:
+        example = _each(example, lambda t: _lengthen(t, 2) if t.dim() >= 2 else t)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    length = torch.export.Dim("sequence", min=1, max=65536)
+
+    def dims(t: torch.Tensor) -> dict:
+        return {0: batch} | ({1: length} if sequence and t.dim() >= 2 else {})
+
+    args, kwargs = _call_args(example)
+    names = list(inspect.signature(model.forward).parameters)
+    dynamic = {names[i] if i < len(names) else f"arg{i}": dims(a) for i, a in enumerate(args)}
+    dynamic |= {k: dims(v) for k, v in kwargs.items()}
     try:
-        program = torch.onnx.export(
-            model,
-            (example,),
-            dynamo=True,
-            external_data=False,
-            optimize=True,
-            verbose=False,
-            dynamic_shapes={name: dims},
-        )
+        with reference_forward():
+            program = torch.onnx.export(
+                model,
+                args,
+                kwargs=kwargs or None,
+                dynamo=True,
+                external_data=False,
+                optimize=True,
+                verbose=False,
+                dynamic_shapes=dynamic,
+            )
     except Exception as exc:  # noqa: BLE001 -- reported with what to do
         raise ConfigError(
             f"cannot export {type(model).__name__} to ONNX ({type(exc).__name__}: {str(exc)[:300]}); use "
@@ -208,27 +269,29 @@ def export_onnx(model: nn.Module, example: torch.Tensor, *, check: bool = True) 
     return data
 
 
-def _check_dynamic(data: bytes, model: nn.Module, example: torch.Tensor, sequence: bool) -> None:
+def _check_dynamic(data: bytes, model: nn.Module, example: Any, sequence: bool) -> None:
     """Run the exported graph at two batch sizes (and lengths); its outputs must have the model's shapes."""
     runner = OrtRunner(data, threads=1)
-    sizes = [(1, None), (3, None)] + ([(2, 1), (2, example.shape[1] + 3)] if sequence else [])
-    for batch, length in sizes:
-        x = take_rows(example, batch, cycle=True)
+    steps = _first(example).shape[1] if sequence else 0
+    sizes = [(1, None), (3, None)] + ([(2, 1), (2, steps + 3)] if sequence else [])
+    for rows, length in sizes:
+        x = take_rows(example, rows, cycle=True)
         if length is not None:
-            x = _lengthen(x, length)
+            x = _each(x, lambda t, n=length: _lengthen(t, n) if t.dim() >= 2 else t)
         with torch.no_grad():
             want = call_model(model, x)
+        shape = _shapes_of(x)
         try:
             got = runner(x)
         except Exception as exc:  # noqa: BLE001 -- reported with what failed
             raise ConfigError(
-                f"the ONNX export of {type(model).__name__} does not run at input shape {tuple(x.shape)} "
+                f"the ONNX export of {type(model).__name__} does not run at input shape {shape} "
                 f"({type(exc).__name__}: {str(exc)[:200]}); use backend='inductor' or 'eager'"
             ) from exc
         if tuple(got.shape) != tuple(logits_shape(want)):
             raise ConfigError(
                 f"the ONNX export of {type(model).__name__} gives shape {tuple(got.shape)} at input shape "
-                f"{tuple(x.shape)} where the model gives {tuple(logits_shape(want))}"
+                f"{shape} where the model gives {tuple(logits_shape(want))}"
             )
 
 
@@ -314,8 +377,14 @@ class OrtRunner:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.log_severity_level = 3
         self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
+        self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input: x.detach().cpu().numpy()})[0]
+    def __call__(self, x: Any) -> torch.Tensor:
+        """Run on one tensor, a tuple of tensors (the graph's inputs in order) or a dict of them
+        (by name; names the graph dropped as unused are ignored)."""
+        if isinstance(x, Mapping):
+            feed = {k: v for k, v in x.items() if k in self.inputs}
+        else:
+            feed = dict(zip(self.inputs, x if isinstance(x, (tuple, list)) else (x,)))
+        out = self.session.run(None, {k: v.detach().cpu().numpy() for k, v in feed.items()})[0]
         return torch.from_numpy(out)

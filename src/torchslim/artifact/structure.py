@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.analysis.blocks import HEAD_ATTRS, is_attention
 from torchslim.core.qlayers import FLOAT_TYPES, QuantizedLayer
 from torchslim.core.qrnn import RNN_TYPES, QuantizedRNN
 from torchslim.errors import ShapeMismatchError
@@ -43,7 +44,9 @@ SIZE_ATTRS: dict[type, tuple[str, ...]] = {
     nn.GRU: ("input_size", "hidden_size"),
     nn.MultiheadAttention: ("embed_dim", "kdim", "vdim", "num_heads", "head_dim"),
 }
-"""Per module type, the attributes that say how big it is (and that structured pruning changes)."""
+"""Per module type, the attributes that say how big it is (and that structured pruning changes).
+Also sized: a Hugging Face self-attention module by its head attributes (``HEAD_ATTRS``) and a
+``ModuleList`` by its ``length`` (dropping layers shortens it)."""
 
 
 def size_attrs(m: nn.Module) -> tuple[str, ...]:
@@ -55,6 +58,10 @@ def size_attrs(m: nn.Module) -> tuple[str, ...]:
         return SIZE_ATTRS[FLOAT_TYPES[m.float_type]]
     if isinstance(m, QuantizedRNN):
         return SIZE_ATTRS[RNN_TYPES[m.float_type]]
+    if isinstance(m, nn.ModuleList):
+        return ("length",)
+    if is_attention(m):
+        return HEAD_ATTRS
     for cls in type(m).__mro__:
         if cls in SIZE_ATTRS:
             return SIZE_ATTRS[cls]
@@ -74,7 +81,7 @@ def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
         if attrs and name:
             entry: dict[str, Any] = {"type": type_name(m)}
             for a in attrs:
-                v = getattr(m, a)
+                v = _get(m, a)
                 entry[a] = list(v) if isinstance(v, tuple) else v
             out[name] = entry
     return out
@@ -150,7 +157,15 @@ def _differs(model: nn.Module, modules: Mapping[str, ModuleEntry], shapes: Mappi
 def _resize(
     model: nn.Module, modules: Mapping[str, ModuleEntry], shapes: Mapping[str, tuple[int, ...]], path: Any
 ) -> None:
+    lists = sorted((n for n, e in modules.items() if e.type == "ModuleList"), key=lambda n: n.count("."))
+    for name in lists:  # shorten layer lists first: what else is named lives in the kept layers
+        m = dict(model.named_modules()).get(name)
+        if isinstance(m, nn.ModuleList):
+            before = len(m)
+            _set_sizes(m, name, modules[name], path)
+            _layer_count(model, before, len(m))
     owned = dict(model.named_modules())
+    changed: list[tuple[str, nn.Module]] = []
     for name, entry in modules.items():
         m = owned.get(name)
         if m is None or entry.type != type_name(m):
@@ -161,10 +176,16 @@ def _resize(
             )
         if _set_sizes(m, name, entry, path):
             _reallocate(m, name, shapes, path)
-            _check_consistent(m, name, path)
+            changed.append((name, m))
+    for name, m in changed:  # after every module is resized: an attention's width is its query's
+        _check_consistent(m, name, path)
     for name, m in owned.items():  # bare parameters of other modules (a per-channel gain) follow their group
         if not size_attrs(m):
             _reallocate(m, name, shapes, path)
+
+
+def _get(m: nn.Module, attr: str) -> Any:
+    return len(m) if isinstance(m, nn.ModuleList) and attr == "length" else getattr(m, attr)
 
 
 def _set_sizes(m: nn.Module, name: str, entry: ModuleEntry, path: Any) -> bool:
@@ -172,16 +193,25 @@ def _set_sizes(m: nn.Module, name: str, entry: ModuleEntry, path: Any) -> bool:
     for attr in size_attrs(m):
         if attr not in entry.sizes:
             raise ShapeMismatchError(f"{path}: module {name!r} lacks the size {attr!r} in the manifest")
-        have, want = getattr(m, attr), entry.sizes[attr]
-        if not _fits(want, have):
+        have, want = _get(m, attr), entry.sizes[attr]
+        if not (_fits(want, have) or (attr == "length" and want == 0)):
             raise ShapeMismatchError(
                 f"{path}: module {name!r} has {attr}={str(want)[:40]} in the file but {have!r} in the model; a file "
                 "may only shrink the model it is loaded into: pass the builder of the model that was saved"
             )
-        if want != have:
+        if want != have and isinstance(m, nn.ModuleList):
+            del m[want:]  # the kept layers were renumbered from 0 when the others were dropped
+        elif want != have:
             setattr(m, attr, want)
             changed = True
     return changed
+
+
+def _layer_count(model: nn.Module, before: int, after: int) -> None:
+    """A Hugging Face config that counted the layers of a shortened list counts the kept ones."""
+    config = getattr(model, "config", None)
+    if after < before and getattr(config, "num_hidden_layers", None) == before:
+        config.num_hidden_layers = after
 
 
 def _fits(want: Any, have: Any) -> bool:
@@ -246,6 +276,13 @@ def _expected(m: nn.Module) -> tuple[dict[str, tuple[int, ...]], list[str]]:
         shapes = _expected_rnn(m)
     elif isinstance(m, nn.MultiheadAttention):
         return _expected_attention(m)
+    elif is_attention(m):
+        width = m.num_attention_heads * m.attention_head_size
+        if not m.all_head_size == width == m.query.out_features:
+            broken.append(
+                f"all_head_size={m.all_head_size} must equal num_attention_heads={m.num_attention_heads} x "
+                f"attention_head_size={m.attention_head_size} and the query's width {m.query.out_features}"
+            )
     return shapes, broken
 
 

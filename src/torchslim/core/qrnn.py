@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.core.qlayers import FLOAT_TYPES, SCHEMES, QuantizedLayer, quantize_weight, weight_scales
+from torchslim.core.qlayers import ACTIVATIONS, FLOAT_TYPES, SCHEMES, QuantizedLayer, quantize_weight, weight_scales
 from torchslim.errors import ArtifactError, ShapeMismatchError
 
 RNN_TYPES: dict[str, type] = {"LSTM": nn.LSTM, "GRU": nn.GRU}
@@ -193,6 +193,7 @@ class QuantEntry:
     per_channel: bool = True  # absent before format version 4
     input: tuple[float, int] | None = None  # static scheme: the uint8 grids
     output: tuple[float, int] | None = None
+    activations: str = "tensor"  # dynamic Linear: "token" for per-token int8 inputs (absent: "tensor")
 
     @classmethod
     def parse(cls, spec: Any, name: str, where: Any = "file") -> QuantEntry:
@@ -215,10 +216,17 @@ class QuantEntry:
                 f"{where}: quantized layer {name!r}: per_channel must be true or false (true for 4 bits), "
                 f"got {per_channel!r}"
             )
+        activations = spec.get("activations", "tensor")
+        token_ok = (scheme, of, per_channel) == ("dynamic", "Linear", True)
+        if activations not in ACTIVATIONS or (activations == "token" and not token_ok):
+            raise ArtifactError(
+                f"{where}: quantized layer {name!r}: activations must be 'tensor', or 'token' for a dynamic "
+                f"per-channel Linear, got {str(activations)[:40]!r}"
+            )
         if scheme != "static":
-            return cls(of, scheme, bits, group, per_channel)
+            return cls(of, scheme, bits, group, per_channel, activations=activations)
         output = None if spec.get("output") is None else _grid(spec.get("output"), name, where)
-        return cls(of, scheme, bits, group, per_channel, _grid(spec.get("input"), name, where), output)
+        return cls(of, scheme, bits, group, per_channel, input=_grid(spec.get("input"), name, where), output=output)
 
     def empty_like(self, layer: nn.Module, name: str, where: Any = "file") -> nn.Module:
         """An empty quantized layer of ``layer``'s shapes, to be filled by ``load_state_dict``."""
@@ -232,7 +240,9 @@ class QuantEntry:
             if getattr(layer, "proj_size", 0):
                 raise ArtifactError(f"{where}: quantized layer {name!r}: an {self.of} with proj_size is not stored")
             return QuantizedRNN.empty_like(layer)
-        q = QuantizedLayer.empty_like(layer, self.scheme, self.bits, self.group_size, self.per_channel)
+        q = QuantizedLayer.empty_like(
+            layer, self.scheme, self.bits, self.group_size, self.per_channel, self.activations
+        )
         if self.scheme == "static":
             q.input_q, q.output_q = self.input, self.output
         return q

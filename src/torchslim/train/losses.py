@@ -9,6 +9,10 @@
   linear projection when the widths differ) or *attention transfer* (Zagoruyko & Komodakis
   2017: the distance between the L2-normalised spatial maps ``mean_c(f**2)`` of two conv
   features, which needs no projection at all).
+  A *relation* (MiniLMv2, Wang et al. 2021): for token features (B, L, W) such as the queries,
+  keys or values of a transformer layer, split the width into ``R`` relation heads and match
+  the softmax of each head's scaled token-token dot products (KL, teacher to student); no
+  projection, and student and teacher may have different head counts and widths.
 
 Model outputs may be tensors, tuples whose first item is the logits, dicts with a ``logits``
 key (or a single tensor value) or objects with a ``logits`` attribute
@@ -27,7 +31,9 @@ from torch import nn
 from torchslim.core.task import logits_of, soft_target_loss
 from torchslim.errors import ConfigError
 
-FEATURE_KINDS = ("hint", "attention")
+FEATURE_KINDS = ("hint", "attention", "relation")
+RELATION_HEADS = (12, 8, 6, 4, 3, 2, 1)
+"""Candidate relation-head counts, most first: the first that divides both widths is used."""
 
 
 def check_temperature(temperature: Any) -> float:
@@ -82,7 +88,8 @@ class FeatureLoss(nn.Module):
         student_shape, teacher_shape: the features' shapes (batch first), e.g. from one probe
             batch; they fix the projection. 4-D features are (N, C, H, W); 2-D and 3-D ones
             have their width last ((B, F), (B, L, F): token sequences).
-        kind: ``"hint"`` (MSE, projected when the widths differ) or ``"attention"`` (4-D only).
+        kind: ``"hint"`` (MSE, projected when the widths differ), ``"attention"`` (4-D only) or
+            ``"relation"`` (3-D token features of the same length).
     """
 
     def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], kind: str = "hint") -> None:
@@ -96,6 +103,11 @@ class FeatureLoss(nn.Module):
                 raise ConfigError(
                     f"attention transfer compares conv feature maps (N, C, H, W); got {s} and {t}: use kind='hint'"
                 )
+            return
+        if kind == "relation":
+            if len(s) != 3 or len(t) != 3:
+                raise ConfigError(f"relations compare token features (B, L, W); got {s} and {t}: use kind='hint'")
+            self.relation_heads = next(r for r in RELATION_HEADS if s[-1] % r == 0 and t[-1] % r == 0)
             return
         if len(s) != len(t):
             raise ConfigError(f"hint features of different ranks ({s} vs {t}): pair layers of the same kind")
@@ -111,6 +123,11 @@ class FeatureLoss(nn.Module):
                 a_s = F.adaptive_avg_pool2d(a_s.unsqueeze(1), a_t.shape[-2:]).squeeze(1)
             a_s, a_t = (F.normalize(a.flatten(1), dim=1) for a in (a_s, a_t))
             return (a_s - a_t).pow(2).sum(1).mean()
+        if self.kind == "relation":
+            log_s, log_t = _relations(student, self.relation_heads), _relations(teacher, self.relation_heads)
+            return F.kl_div(log_s, log_t, log_target=True, reduction="sum") / (
+                log_s.shape[0] * log_s.shape[1] * log_s.shape[2]
+            )
         if self.projection is not None:
             student = self.projection(student)
         if student.dim() == 4 and student.shape[-2:] != teacher.shape[-2:]:
@@ -123,3 +140,10 @@ class FeatureLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}"
+
+
+def _relations(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Log-softmax of scaled dot products between the tokens of each relation head: (B, R, L, L)."""
+    b, n, w = x.shape
+    h = x.float().reshape(b, n, heads, w // heads).transpose(1, 2)  # (B, R, L, w / R)
+    return F.log_softmax(h @ h.transpose(-1, -2) / math.sqrt(w // heads), dim=-1)

@@ -60,27 +60,35 @@ class DistillConfig:
         train: epochs, learning rate, seed, and the soft targets: ``temperature`` (T) and
             ``distill_weight`` (alpha, the weight of the soft-target term; the labels get
             ``1 - alpha``).
-        features: ``(student layer, teacher layer)`` pairs whose outputs are matched.
+        features: ``(student layer, teacher layer)`` pairs whose outputs are matched, each
+            optionally with its own kind as a third item.
         feature_weight: the weight of each feature loss added to the logit loss.
-        feature_kind: ``"hint"`` (MSE through a learned projection when the widths differ) or
-            ``"attention"`` (attention transfer between conv feature maps).
+        feature_kind: the kind of the pairs that name none: ``"hint"`` (MSE through a learned
+            projection when the widths differ), ``"attention"`` (attention transfer between
+            conv feature maps) or ``"relation"`` (MiniLM self-attention relations between
+            token features, e.g. the query, key and value projections of a transformer layer).
         cache_teacher: compute the teacher's logits for the training split once (no feature
             pairs: the teacher would run anyway).
     """
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, temperature=4.0, distill_weight=0.7))
-    features: tuple[tuple[str, str], ...] = ()
+    features: tuple[tuple[str, ...], ...] = ()
     feature_weight: float = 1.0
     feature_kind: str = "hint"
     cache_teacher: bool = False
 
     def __post_init__(self) -> None:  # the temperature and alpha are checked by TrainConfig
         pairs = tuple(tuple(p) for p in self.features)
-        if not all(len(p) == 2 and all(isinstance(n, str) and n for n in p) for p in pairs):
-            raise ConfigError(f"features={self.features!r}: give (student layer, teacher layer) name pairs")
+        if not all(len(p) in (2, 3) and all(isinstance(n, str) and n for n in p) for p in pairs):
+            raise ConfigError(
+                f"features={self.features!r}: give (student layer, teacher layer) name pairs, each optionally with "
+                "a kind as a third item"
+            )
         object.__setattr__(self, "features", pairs)
         if self.feature_kind not in FEATURE_KINDS:
             raise ConfigError(f"feature_kind={self.feature_kind!r}: choose one of {list(FEATURE_KINDS)}")
+        for pair in (p for p in pairs if len(p) == 3 and p[2] not in FEATURE_KINDS):
+            raise ConfigError(f"feature kind {pair[2]!r} of {pair[:2]}: choose one of {list(FEATURE_KINDS)}")
         if (
             isinstance(self.feature_weight, bool)
             or not isinstance(self.feature_weight, (int, float))
@@ -177,15 +185,20 @@ class Distiller(nn.Module):
         student.eval()
         teacher.eval()
         with torch.no_grad(), capture(student, self.s_names) as fs, capture(teacher, self.t_names) as ft:
-            s_out, t_out = logits_of(call_model(student, example)), logits_of(call_model(teacher, example))
+            s_raw, t_raw = call_model(student, example), call_model(teacher, example)
         student.train(was_training)
-        if s_out.shape[-1] != t_out.shape[-1]:
+        if not isinstance(self.task, Classification):  # the task's teacher loss reads its own outputs
+            self.task.check(example, s_raw)
+            self.task.check(example, t_raw)
+        s_out, t_out = (logits_of(o) if isinstance(self.task, Classification) else None for o in (s_raw, t_raw))
+        if s_out is not None and s_out.shape[-1] != t_out.shape[-1]:
             raise ConfigError(
                 f"the teacher predicts {t_out.shape[-1]} classes but the student {s_out.shape[-1]}: distillation needs "
                 "the same classes (build the student with the teacher's num_classes)"
             )
         self.features = nn.ModuleList(
-            FeatureLoss(tuple(fs[s].shape), tuple(ft[t].shape), config.feature_kind) for s, t in config.features
+            FeatureLoss(tuple(fs[p[0]].shape), tuple(ft[p[1]].shape), p[2] if len(p) == 3 else config.feature_kind)
+            for p in config.features
         )
 
     def cache_teacher(self, data: Data, batch: int = 1000) -> None:
@@ -213,8 +226,8 @@ class Distiller(nn.Module):
                 target = forward(teacher, task, batch)
         train = self.config.train
         loss = task.teacher_loss(out, target, batch, train.temperature, train.distill_weight)
-        for (s, t), feature in zip(self.config.features, self.features):
-            loss = loss + self.config.feature_weight * feature(fs[s], ft[t])
+        for pair, feature in zip(self.config.features, self.features):
+            loss = loss + self.config.feature_weight * feature(fs[pair[0]], ft[pair[1]])
         return loss
 
 

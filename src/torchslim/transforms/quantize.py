@@ -26,6 +26,7 @@ from torchslim.core.data import Data, take_rows
 from torchslim.core.device import model_device
 from torchslim.core.plan import CompressionPlan, check_keys, match_layer
 from torchslim.core.qlayers import (
+    ACTIVATIONS,
     FLOAT_TYPES,
     SCHEMES,
     QuantizedLayer,
@@ -74,6 +75,9 @@ class QuantizeConfig:
         per_channel: one weight scale per output channel (``True``) or one per tensor
             (``False``: a little less accurate, but what ONNX Runtime's integer Gemm runs
             fastest). 8-bit weights only; int4 weights are scaled per group.
+        activations: ``scheme="dynamic"`` only: ``"tensor"`` (one uint8 grid per call) or
+            ``"token"`` (one symmetric int8 scale per token: what transformer activations,
+            whose tokens differ widely in range, need; compiled by inductor into int8 GEMMs).
         fold_bn: fold each BatchNorm into the convolution feeding it before quantizing.
         bias_correction: after quantizing (static, post-training), shift each layer's bias by
             the mean error its output shows on the calibration batches against the float model
@@ -91,6 +95,7 @@ class QuantizeConfig:
     calib_batches: int = 8
     group_size: int = 64
     per_channel: bool = True
+    activations: str = "tensor"
     fold_bn: bool = True
     bias_correction: bool = True
     layers: tuple[str, ...] | None = None
@@ -114,6 +119,12 @@ class QuantizeConfig:
             raise ConfigError(
                 f"per_channel={self.per_channel!r}: use True or False (int4 weights are always scaled per group)"
             )
+        if self.activations not in ACTIVATIONS or (self.activations == "token" and self.scheme != "dynamic"):
+            raise ConfigError(
+                f"activations={self.activations!r}: use 'tensor', or 'token' with scheme='dynamic' (per-token int8 inputs)"
+            )
+        if self.activations == "token" and not self.per_channel:
+            raise ConfigError("activations='token' runs per-channel weights: leave per_channel=True")
         if self.qat is not None and self.scheme != "static":
             raise ConfigError("qat trains through static int8 quantization: use scheme='static'")
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -305,7 +316,9 @@ def quantize_layer(layer: nn.Module, config: QuantizeConfig, ranges: tuple | Non
     if isinstance(layer, nn.RNNBase):
         return QuantizedRNN.from_float(layer)
     group = config.group_size if config.bits == 4 else 0
-    return QuantizedLayer.from_float(layer, config.scheme, config.bits, group, ranges, config.per_channel)
+    return QuantizedLayer.from_float(
+        layer, config.scheme, config.bits, group, ranges, config.per_channel, config.activations
+    )
 
 
 def fold_batchnorm_(model: nn.Module) -> list[str]:
@@ -317,6 +330,8 @@ def fold_batchnorm_(model: nn.Module) -> list[str]:
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return []  # nothing to fold: no trace (and no warning for models fx cannot trace)
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as exc:  # noqa: BLE001 -- any tracing failure means "do not fold"

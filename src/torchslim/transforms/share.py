@@ -42,6 +42,7 @@ class ShareConfig:
     Attributes:
         bits: bits per index for every weight layer, or a map from module name or ``re:``
             pattern to bits (1..8). Layers no key names keep their weights, reason recorded.
+            A map may also name ``nn.Embedding`` tables (a text encoder's word embeddings).
         finetune: trained quantisation of the centroids; ``None`` or no data skips it.
         kmeans_iters: Lloyd iterations of the k-means.
         half_biases: after training, round the biases of the shared layers to values that
@@ -75,9 +76,19 @@ class ShareConfig:
 
     def targets(self, model: nn.Module) -> tuple[dict[str, int], dict[str, str]]:
         """Bits per layer, and why each other weight layer is skipped."""
-        names = [name for name, _ in sparse_layers(model)]
+        names = [name for name, _ in shared_layers(model, self.bits)]
         targets, skipped = layer_targets(names, self.bits, "bits")
         return {n: int(v) for n, v in targets.items()}, skipped
+
+
+def shared_layers(model: nn.Module, bits: int | Mapping[str, int | None]) -> list[tuple[str, nn.Module]]:
+    """The layers sharing may treat: every weight layer, and embedding tables when ``bits`` is a
+    map (an embedding is shared only when named: a word-embedding table is most of a text
+    encoder's file, but sharing it is a choice, not a default)."""
+    layers = sparse_layers(model)
+    if isinstance(bits, Mapping):
+        layers += [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    return layers
 
 
 @dataclass(frozen=True)
@@ -169,7 +180,7 @@ def share_(
         data.check(model)
     targets, skipped = config.targets(model)
     ties = Ties(model)
-    layers = _untied(dict(sparse_layers(model)), targets)
+    layers = _untied(dict(shared_layers(model, config.bits)), targets)
     others = [m for n, m in sparse_layers(model) if n not in targets]
     losses: list[float] = []
     with rollback(model):  # a failure leaves the model as it was
