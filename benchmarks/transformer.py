@@ -76,6 +76,7 @@ QUICK = {"index": 400, "retrieval": 200, "calibration": 32, "records": 64}
 OURS = {
     # name: (student or None for the dense model, embedding-table bits or None)
     "torchslim int8": (None, None),
+    "torchslim int8 table6": (None, 6),
     "torchslim light int8": ("light", 6),
     "torchslim small int8": ("small", 6),
     "torchslim small int8 tiny": ("small", 4),
