@@ -15,10 +15,14 @@ so slicing whole heads keeps the Hugging Face module running unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
+from torchslim.core.task import call_model, token_mask
 from torchslim.errors import ConfigError
 
 HEAD_ATTRS = ("num_attention_heads", "attention_head_size", "all_head_size")
@@ -105,3 +109,80 @@ def _block(index: int, name: str, modules: dict[str, nn.Module]) -> Block | None
         neurons=ffn_in.out_features,
         **names,
     )
+
+
+@torch.no_grad()
+def part_scores(
+    model: nn.Module, encoder: Encoder, calib: list
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Per layer, each head's and each FFN neuron's mean contribution over real tokens: the norm
+    of what it writes through the output projection (for a neuron, ``|a_j| ||W_out[:, j]||``)."""
+    modules = dict(model.named_modules())
+    heads = {b.index: torch.zeros(b.heads) for b in encoder.blocks}
+    neurons = {b.index: torch.zeros(b.neurons) for b in encoder.blocks}
+
+    def head(b: Block) -> Callable[[torch.Tensor], None]:
+        w = modules[b.out].weight.detach().float()  # (D, H * dh)
+
+        def add(a: torch.Tensor) -> None:
+            for h in range(b.heads):
+                part = slice(h * b.head_size, (h + 1) * b.head_size)
+                heads[b.index][h] += (a[:, part] @ w[:, part].T).norm(dim=-1).sum().cpu()
+
+        return add
+
+    def neuron(b: Block) -> Callable[[torch.Tensor], None]:
+        col = modules[b.ffn_out].weight.detach().float().norm(dim=0)  # (F,)
+        return lambda a: neurons[b.index].add_((a.abs().sum(0) * col).cpu())
+
+    readers = {}
+    for b in encoder.blocks:
+        readers[modules[b.out]], readers[modules[b.ffn_out]] = head(b), neuron(b)
+    model.eval()
+    read_inputs(model, readers, calib, torch.float32)
+    return heads, neurons
+
+
+@torch.no_grad()
+def refit_sums(
+    model: nn.Module, linear: nn.Linear, cols: torch.Tensor, calib: list
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X_k^T X_k, X_k^T Y)`` over the real tokens of the calibration batches, where ``X`` is
+    ``linear``'s input, ``X_k`` its columns ``cols`` and ``Y = X W^T`` what the layer computes
+    now (bias left out: it stays); float64, on the CPU."""
+    w = linear.weight.detach().double().cpu()
+    k = len(cols)
+    sums = [torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, w.shape[0], dtype=torch.float64)]
+
+    def add(x: torch.Tensor) -> None:
+        x = x.cpu()
+        kept = x[:, cols]
+        sums[0] += kept.T @ kept
+        sums[1] += kept.T @ (x @ w.T)
+
+    read_inputs(model, {linear: add}, calib, torch.float64)
+    return sums[0], sums[1]
+
+
+def read_inputs(
+    model: nn.Module, readers: dict[nn.Module, Callable[[torch.Tensor], None]], calib: list, dtype: torch.dtype
+) -> None:
+    """Run the calibration batches; each reader gets its module's input rows of real (unpadded)
+    tokens, ``(N, width)`` in ``dtype``."""
+    state: dict[str, Any] = {}
+
+    def hook(read: Callable[[torch.Tensor], None]):
+        def pre(_m: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            read(x[token_mask(state["batch"], x)].to(dtype))
+
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(read)) for m, read in readers.items()]
+    try:
+        for batch in calib:
+            state["batch"] = batch
+            call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()

@@ -307,7 +307,7 @@ class Regression:
         return pred
 
 
-def _mask(batch: Any, like: torch.Tensor) -> torch.Tensor:
+def token_mask(batch: Any, like: torch.Tensor) -> torch.Tensor:
     """The batch's ``attention_mask`` as booleans shaped like ``like``'s first two dims, or all true."""
     inputs = batch if isinstance(batch, Mapping) else None
     mask = inputs.get("attention_mask") if inputs is not None else None
@@ -337,7 +337,7 @@ class Embedding:
         """(B, D) embeddings: the output, or its masked mean over tokens when it is (B, T, D)."""
         out = output if isinstance(output, torch.Tensor) else _embedding_tensor(output)
         if out.dim() == 3:  # (B, T, D) -> (B, D)
-            mask = _mask(self.split(batch)[0], out).unsqueeze(-1).to(out.dtype)
+            mask = token_mask(self.split(batch)[0], out).unsqueeze(-1).to(out.dtype)
             out = (out * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return out
 
@@ -420,7 +420,7 @@ class LanguageModel:
             raise DataError(
                 "the lm task needs (B, T) token ids and (B, T, V) logits: yield input_ids (and labels) of shape (B, T)"
             )
-        keep = _mask(inputs, logits)[:, 1:] & (labels[:, 1:] != -100)  # (B, T-1)
+        keep = token_mask(inputs, logits)[:, 1:] & (labels[:, 1:] != -100)  # (B, T-1)
         return logits[:, :-1][keep], labels[:, 1:][keep]
 
     def loss(self, output: Any, batch: Any) -> torch.Tensor:

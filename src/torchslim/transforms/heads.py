@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.analysis.blocks import Block, Encoder, find_encoder
+from torchslim.analysis.blocks import Block, Encoder, find_encoder, part_scores, refit_sums
 from torchslim.core.data import Data
 from torchslim.core.device import model_device
 from torchslim.core.plan import CompressionPlan, LayerDecision
@@ -180,7 +180,7 @@ def encoder_prune_(
     encoder = find_encoder(model)
     originals = dict(enumerate(kept))  # new index -> original index
     modules = dict(model.named_modules())
-    head_scores, neuron_scores = _scores(model, encoder, calib) if calib else ({}, {})
+    head_scores, neuron_scores = part_scores(model, encoder, calib) if calib else ({}, {})
     head_keep = _head_keep(config, encoder, head_scores, explicit, originals)
     neuron_keep = _neuron_keep(config, encoder, neuron_scores)
     refit = config.reconstruct and bool(calib)
@@ -190,13 +190,13 @@ def encoder_prune_(
             keep = head_keep[b.index]
             rec.removed_heads = [h for h in range(b.heads) if h not in keep]
             cols = torch.cat([torch.arange(h * b.head_size, (h + 1) * b.head_size) for h in keep])
-            stats = _gram(model, modules[b.out], cols, calib) if refit and len(keep) < b.heads else None
+            stats = refit_sums(model, modules[b.out], cols, calib) if refit and len(keep) < b.heads else None
             _slice_heads(modules, b, keep)
             if stats is not None:
                 _refit(modules[b.out], stats, config.ridge)
         if b.index in neuron_keep:
             cols = torch.tensor(neuron_keep[b.index])
-            stats = _gram(model, modules[b.ffn_out], cols, calib) if refit and len(cols) < b.neurons else None
+            stats = refit_sums(model, modules[b.ffn_out], cols, calib) if refit and len(cols) < b.neurons else None
             _slice_neurons(modules, b, neuron_keep[b.index])
             if stats is not None:
                 _refit(modules[b.ffn_out], stats, config.ridge)
@@ -271,13 +271,6 @@ def _batches(
     return [move(b, where) for b in out]
 
 
-def _mask_of(batch: Any, like: torch.Tensor) -> torch.Tensor:
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if isinstance(mask, torch.Tensor) and mask.shape == like.shape[:2]:
-        return mask.bool()
-    return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
-
-
 @torch.no_grad()
 def _pooled(model: nn.Module, batches: list) -> list[torch.Tensor]:
     task = Embedding()
@@ -322,49 +315,6 @@ def _set_layers(model: nn.Module, encoder: Encoder, layers: list[nn.Module], kee
     config = getattr(model, "config", None)
     if config is not None and isinstance(getattr(config, "num_hidden_layers", None), int):
         config.num_hidden_layers = len(keep)
-
-
-@torch.no_grad()
-def _scores(model: nn.Module, encoder: Encoder, calib: list) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Per layer, each head's and each FFN neuron's mean contribution norm over real tokens."""
-    modules = dict(model.named_modules())
-    heads = {b.index: torch.zeros(b.heads) for b in encoder.blocks}
-    neurons = {b.index: torch.zeros(b.neurons) for b in encoder.blocks}
-    state: dict[str, Any] = {}
-
-    def head_hook(b: Block):
-        w = modules[b.out].weight.detach().float()  # (D, H * dh)
-
-        def hook(_m: nn.Module, args: tuple) -> None:
-            a = args[0].float()[_mask_of(state["batch"], args[0])]  # (N, H * dh) real tokens
-            for h in range(b.heads):
-                part = slice(h * b.head_size, (h + 1) * b.head_size)
-                heads[b.index][h] += (a[:, part] @ w[:, part].T).norm(dim=-1).sum().cpu()
-
-        return hook
-
-    def neuron_hook(b: Block):
-        col = modules[b.ffn_out].weight.detach().float().norm(dim=0)  # (F,)
-
-        def hook(_m: nn.Module, args: tuple) -> None:
-            a = args[0].float()[_mask_of(state["batch"], args[0])]  # (N, F)
-            neurons[b.index] += (a.abs().sum(0) * col).cpu()
-
-        return hook
-
-    handles = []
-    for b in encoder.blocks:
-        handles.append(modules[b.out].register_forward_pre_hook(head_hook(b)))
-        handles.append(modules[b.ffn_out].register_forward_pre_hook(neuron_hook(b)))
-    model.eval()
-    try:
-        for batch in calib:
-            state["batch"] = batch
-            call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return heads, neurons
 
 
 def _head_keep(
@@ -431,32 +381,6 @@ def _global(encoder: Encoder, scores: dict, frac: float, floor: int, size, step:
         n = min(size(b), max(floor, step * round(counts[b.index] / step)))
         out[b.index] = sorted(scores[b.index].topk(n).indices.tolist())
     return out
-
-
-@torch.no_grad()
-def _gram(model: nn.Module, linear: nn.Linear, cols: torch.Tensor, calib: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(X_k^T X_k, X_k^T Y)`` over the real tokens of the calibration batches, where ``X`` is
-    ``linear``'s input, ``X_k`` its columns ``cols`` and ``Y = X W^T`` what the layer computes
-    now (bias left out: it stays)."""
-    w = linear.weight.detach().double()
-    k = len(cols)
-    sums = {"xx": torch.zeros(k, k, dtype=torch.float64), "xy": torch.zeros(k, w.shape[0], dtype=torch.float64)}
-    state: dict[str, Any] = {}
-
-    def hook(_m: nn.Module, args: tuple) -> None:
-        x = args[0].detach()[_mask_of(state["batch"], args[0])].double().cpu()  # (N, in) real tokens
-        kept = x[:, cols]
-        sums["xx"] += kept.T @ kept
-        sums["xy"] += kept.T @ (x @ w.T.cpu())
-
-    handle = linear.register_forward_pre_hook(hook)
-    try:
-        for batch in calib:
-            state["batch"] = batch
-            call_model(model, batch)
-    finally:
-        handle.remove()
-    return sums["xx"], sums["xy"]
 
 
 def _refit(linear: nn.Linear, stats: tuple[torch.Tensor, torch.Tensor], ridge: float) -> None:
