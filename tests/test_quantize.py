@@ -1,6 +1,7 @@
 """Quantization: numerics against references, calibration, QAT, save/load, backends, bad input."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -650,3 +651,26 @@ def test_per_token_dynamic_int8_matches_its_reference_compiled_and_saved(tmp_pat
     back = ts.load(path, model=copy.deepcopy(dense))
     assert back[0].activations == "token"
     torch.testing.assert_close(back(x), eager)
+
+
+def test_per_token_int8_compiles_to_onednn_int8_gemm():
+    """Frozen and compiled, every per-token Linear is one oneDNN int8 GEMM, fed uint8 on VNNI CPUs
+    (oneDNN runs int8 inputs there on its reference kernel, hundreds of times slower)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from torchslim.core import qlayers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    quantize_(model, QuantizeConfig(scheme="dynamic", activations="token"), example=torch.randn(4, 32))
+    x = torch.randn(3, 16, 32)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        out, codes = run_and_get_code(torch.compile(model, dynamic=False), x)
+        eager = model(x)
+    code = "\n".join(codes)
+    inputs = re.findall(r"qlinear_pointwise\.\w+\((?:reinterpret_tensor\()?(buf\d+)", code)
+    assert len(inputs) == 2 and "aten.mm" not in code
+    dtypes = {re.search(rf"\b{b} = empty_strided_cpu\(.*(torch\.\w+)\)", code).group(1) for b in inputs}
+    assert dtypes == ({"torch.uint8"} if qlayers._U8_GEMM else {"torch.int8"})
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)

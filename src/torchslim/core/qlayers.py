@@ -29,9 +29,9 @@ Schemes:
     uint8 grid per call (``activations="tensor"``), or one symmetric int8 scale per token
     (``"token"``: per row of the flattened input, as transformer activations need, with
     outlier tokens kept from crushing the others). Compiled, the per-token form runs as an
-    integer matmul (``torch._int_mm``) with both scales applied after it, which inductor's x86
-    passes fuse into a oneDNN int8 GEMM; eagerly and in ONNX export it is the fake-quant
-    reference (the CPU's eager ``_int_mm`` is a slow fallback).
+    integer matmul with both scales applied after it, which inductor's x86 passes turn into a
+    oneDNN int8 GEMM (uint8 inputs shifted by 128 on VNNI and AMX CPUs, ``torch._int_mm``
+    elsewhere); eagerly and in ONNX export it is the fake-quant reference.
   ``weight``: weight-only int8 (per channel) or int4 (per group of inputs, the last group
     padded; two values packed in a byte); inputs stay float. Smaller files, float compute.
 
@@ -58,6 +58,11 @@ SCHEMES = ("static", "dynamic", "weight")
 ACTIVATIONS = ("tensor", "token")
 """How a dynamic layer scales its input: one uint8 grid per call, or one int8 scale per token."""
 _REFERENCE = [False]  # set while exporting to ONNX: the integer matmul has no ONNX form
+
+
+_U8_GEMM = torch.cpu._is_vnni_supported()
+"""Whether compiled per-token layers feed oneDNN's int8 GEMM uint8 inputs: on x86 CPUs with
+VNNI (AMX included), where inductor's int8 x int8 pattern lands on oneDNN's reference kernel."""
 
 
 @contextlib.contextmanager
@@ -319,9 +324,20 @@ class QuantizedLayer(nn.Module):
         ints = torch.round(x / scale).clamp(-127, 127)
         if not torch.compiler.is_compiling() or _REFERENCE[0]:  # the reference: float arithmetic on the grids
             return F.linear(ints * scale, self.dequantized_weight(), self.bias)
-        # inductor's pattern: reshape -> _int_mm -> float -> * input scale -> * weight scale (-> + bias)
-        rows = torch._int_mm(ints.to(torch.int8).reshape(-1, x.shape[-1]), self.weight.t())
-        y = (rows.float() * scale.reshape(-1, 1) * self.weight_scale).reshape(*x.shape[:-1], self.out_features)
+        if _U8_GEMM:
+            # oneDNN's VNNI int8 GEMM takes uint8 inputs: the int8 grid shifted by 128 (a grid of
+            # scale 1 and zero point 128) gives the same integer sums, and inductor matches the
+            # dequantize -> linear pattern to that GEMM with the weight prepacked once. Given
+            # int8 inputs it runs its reference kernel, hundreds of times slower.
+            shifted = _qd.quantize_per_tensor(ints, 1.0, 128, 0, 255, torch.uint8)
+            rows = F.linear(
+                _qd.dequantize_per_tensor(shifted, 1.0, 128, 0, 255, torch.uint8), self.dequantized_weight()
+            )
+            y = rows * scale
+        else:
+            # inductor's pattern: reshape -> _int_mm -> float -> * input scale -> * weight scale (-> + bias)
+            rows = torch._int_mm(ints.to(torch.int8).reshape(-1, x.shape[-1]), self.weight.t())
+            y = (rows.float() * scale.reshape(-1, 1) * self.weight_scale).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
