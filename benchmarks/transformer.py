@@ -73,13 +73,14 @@ STUDENTS = {
 }
 CALIBRATION = 512  # records of the calibration part: importance and least-squares reconstruction
 QUICK = {"index": 400, "retrieval": 200, "calibration": 32, "records": 64}
+SMOOTH = 0.5  # SmoothQuant's migration strength, from the calibration texts
 OURS = {
-    # name: (student or None for the dense model, embedding-table bits or None)
-    "torchslim int8": (None, None),
-    "torchslim int8 table6": (None, 6),
-    "torchslim light int8": ("light", 6),
-    "torchslim small int8": ("small", 6),
-    "torchslim small int8 tiny": ("small", 4),
+    # name: (student or None for the dense model, embedding-table bits or None, SmoothQuant)
+    "torchslim int8": (None, None, False),
+    "torchslim int8 smooth table6": (None, 6, True),
+    "torchslim light int8": ("light", 6, True),
+    "torchslim small int8": ("small", 6, True),
+    "torchslim small int8 tiny": ("small", 4, True),
 }
 PEERS = ("torchao int8 + compile", "onnxruntime quantize_dynamic", "torch.ao dynamic int8")
 POINTS = {  # acceptance: speed at b32 against fp32 eager, cosine, overlap, recall@1 drop (points), file MB
@@ -179,8 +180,7 @@ def student(name: str, tokenizer, splits, quick: bool = False) -> torch.nn.Modul
         return ts.load(path, model=minilm().model).eval()
     teacher = minilm().model.eval()
     model = copy.deepcopy(teacher)
-    calib_texts = [t for r in splits.calibration[:calibration] for t in (r.synopsis, r.description)]
-    calib, _ = _bucketed(tokenizer, calib_texts, 32)
+    calib = calibration_texts(tokenizer, splits, quick)
     t0 = time.perf_counter()
     pruned = ts.encoder_prune_(model, ts.EncoderPruneConfig(calib_batches=len(calib), **spec), batches=calib)
     reconstructed = time.perf_counter() - t0
@@ -194,6 +194,12 @@ def student(name: str, tokenizer, splits, quick: bool = False) -> torch.nn.Modul
     CACHE.mkdir(parents=True, exist_ok=True)
     ts.save(model, path)
     return model.eval()
+
+
+def calibration_texts(tokenizer, splits, quick: bool = False) -> list[dict]:
+    """The calibration part's synopses and descriptions in batches of 32 (disjoint from evaluation)."""
+    records = splits.calibration[: QUICK["calibration"] if quick else CALIBRATION]
+    return _bucketed(tokenizer, [t for r in records for t in (r.synopsis, r.description)], 32)[0]
 
 
 def _distil(model, teacher, tokenizer, splits, records: int, lr: float, calib: list) -> None:
@@ -213,10 +219,15 @@ def _distil(model, teacher, tokenizer, splits, records: int, lr: float, calib: l
 
 
 def ours(name: str, tokenizer, splits, texts: Texts, examples: dict, quick: bool) -> dict:
-    source, table_bits = OURS[name]
+    source, table_bits, smooth = OURS[name]
     model = minilm().model.eval() if source is None else student(source, tokenizer, splits, quick)
     embedder = SentenceEmbedder(model).eval()
-    ts.quantize_(embedder, ts.QuantizeConfig(scheme="dynamic", activations="token"), example=examples[SPEED_BATCHES[0]])
+    if smooth:  # each channel's largest input over the calibration texts
+        calib = calibration_texts(tokenizer, splits, quick)
+        config = ts.QuantizeConfig(scheme="dynamic", activations="token", smooth=SMOOTH, calib_batches=len(calib))
+        ts.quantize_(embedder, config, data=calib)
+    else:
+        ts.quantize_(embedder, ts.QuantizeConfig(scheme="dynamic", activations="token"), example=examples[1])
     if table_bits is not None:
         ts.share_(embedder, ts.ShareConfig(bits={"encoder.embeddings.word_embeddings": table_bits}, finetune=None))
     path = TMP / f"{name.replace(' ', '-')}.tslim"

@@ -263,6 +263,7 @@ def test_a_file_quantized_for_another_model_is_refused_and_the_model_kept(tmp_pa
         (lambda m: m["folded"].update(bn1="fc"), "folded a BatchNorm at 'bn1' into 'fc'"),
         (lambda m: m.pop("quant"), "needs 'quant' and 'folded'"),
         (lambda m: m["quant"]["fc"].update(per_channel="yes"), "per_channel must be true or false"),
+        (lambda m: m["quant"]["fc"].update(smooth=True), "smooth must be false, or true for a dynamic int8"),
         (lambda m: m["quant"]["fc"].update(per_channel=False), "weight_scale is \\(10,\\), expected \\(1,\\)|shape"),
     ],
 )
@@ -674,3 +675,63 @@ def test_per_token_int8_compiles_to_onednn_int8_gemm():
     dtypes = {re.search(rf"\b{b} = empty_strided_cpu\(.*(torch\.\w+)\)", code).group(1) for b in inputs}
     assert dtypes == ({"torch.uint8"} if qlayers._U8_GEMM else {"torch.int8"})
     torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+
+
+class _SharedInput(nn.Module):
+    """Two projections of one input (like a block's query and key), then an output layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.out = nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.q(x) * self.k(x))
+
+
+def test_smoothquant_moves_outlier_channels_into_the_weights(tmp_path):
+    """An input channel 60x larger than the rest coarsens every token's int8 grid; SmoothQuant's
+    factors (shared by layers reading one input) cut the error, survive the file and compile."""
+    from torch._inductor import config as inductor_config
+
+    torch.manual_seed(0)
+    dense = _SharedInput().eval()
+
+    def inputs(n):
+        x = torch.randn(n, 8, 32)
+        x[..., 3] *= 60.0
+        return x
+
+    calib, x = [inputs(4) for _ in range(4)], inputs(16)
+    plain, smoothed = copy.deepcopy(dense), copy.deepcopy(dense)
+    quantize_(plain, QuantizeConfig(scheme="dynamic", activations="token"), example=calib[0])
+    result = quantize_(smoothed, QuantizeConfig(scheme="dynamic", activations="token", smooth=0.5), data=calib)
+    with torch.no_grad():
+        want, got_plain, got = dense(x), plain(x), smoothed(x)
+    assert (got - want).abs().mean() < 0.5 * (got_plain - want).abs().mean()
+    assert smoothed.q.input_smooth is not None and smoothed.out.input_smooth is not None
+    torch.testing.assert_close(smoothed.q.input_smooth, smoothed.k.input_smooth)  # one input, one set of factors
+    assert int(smoothed.q.input_smooth.argmax()) == 3
+    records = {r.name: r for r in result.layers}
+    assert records["q"].weight_error < 0.02 and "input smoothed" in records["q"].note
+    path = ts.save(smoothed, tmp_path / "smooth.tslim")
+    assert tslim.read(path)[0].raw["quant"]["q"]["smooth"] is True
+    back = ts.load(path, model=_SharedInput)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        torch.testing.assert_close(back(x), got)
+        torch.testing.assert_close(torch.compile(back, dynamic=False)(x), got, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scheme": "static", "smooth": 0.5}, "scheme='dynamic'"),
+        ({"scheme": "dynamic", "smooth": 1.5}, "in \\(0, 1\\]"),
+        ({"scheme": "dynamic", "smooth": True}, "in \\(0, 1\\]"),
+    ],
+)
+def test_smoothquant_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantizeConfig(**kwargs)
+    model = _SharedInput()
+    with pytest.raises(ConfigError, match="pass data="):
+        quantize_(model, QuantizeConfig(scheme="dynamic", smooth=0.5), example=torch.randn(2, 32))

@@ -31,7 +31,9 @@ Schemes:
     outlier tokens kept from crushing the others). Compiled, the per-token form runs as an
     integer matmul with both scales applied after it, which inductor's x86 passes turn into a
     oneDNN int8 GEMM (uint8 inputs shifted by 128 on VNNI and AMX CPUs, ``torch._int_mm``
-    elsewhere); eagerly and in ONNX export it is the fake-quant reference.
+    elsewhere); eagerly and in ONNX export it is the fake-quant reference. A dynamic Linear
+    may divide its input by a per-channel ``input_smooth`` first (SmoothQuant: the stored
+    weight was multiplied by it, so outlier channels move from activations into weights).
   ``weight``: weight-only int8 (per channel) or int4 (per group of inputs, the last group
     padded; two values packed in a byte); inputs stay float. Smaller files, float compute.
 
@@ -182,6 +184,7 @@ class QuantizedLayer(nn.Module):
         bias: bool = True,
         per_channel: bool = True,
         activations: str = "tensor",
+        smooth: bool = False,
     ) -> None:
         super().__init__()
         token = activations == "token"
@@ -191,10 +194,11 @@ class QuantizedLayer(nn.Module):
             or (bits == 4 and not per_channel)
             or activations not in ACTIVATIONS
             or (token and (scheme != "dynamic" or float_type != "Linear" or not per_channel))
+            or (smooth and (scheme, float_type, bits) != ("dynamic", "Linear", 8))
         ):
             raise ValueError(
                 f"cannot quantize {float_type} with scheme {scheme!r}, bits {bits}, per_channel {per_channel}, "
-                f"activations {activations!r}"
+                f"activations {activations!r}, smooth {smooth}"
             )
         self.float_type, self.scheme, self.bits, self.group_size = float_type, scheme, bits, group_size
         self.activations = activations
@@ -211,6 +215,8 @@ class QuantizedLayer(nn.Module):
             self.register_buffer("weight", torch.zeros(shape, dtype=torch.int8))
             self.register_buffer("weight_scale", torch.ones(out if per_channel else 1))
         self.register_buffer("bias", torch.zeros(out) if bias else None)
+        # SmoothQuant: each input channel is divided by this (the weight's columns were multiplied)
+        self.register_buffer("input_smooth", torch.ones(shape[1]) if smooth else None)
         # the weights' zero points (symmetric: all 0); a constant that compiled graphs freeze
         self.register_buffer(
             "weight_zero_point", torch.zeros(len(self.weight_scale), dtype=torch.int64), persistent=False
@@ -242,13 +248,14 @@ class QuantizedLayer(nn.Module):
         group_size: int = 0,
         per_channel: bool = True,
         activations: str = "tensor",
+        smooth: bool = False,
     ) -> QuantizedLayer:
         """A zero-filled quantized layer of ``layer``'s shapes, to be filled by ``load_state_dict``."""
         kind = _float_type(layer)
         if kind is None:
             raise ValueError(f"{type(layer).__name__} cannot be quantized")
         sizes = cls.sizes_of(layer)
-        return cls(kind, sizes, scheme, bits, group_size, layer.bias is not None, per_channel, activations)
+        return cls(kind, sizes, scheme, bits, group_size, layer.bias is not None, per_channel, activations, smooth)
 
     @classmethod
     def from_float(
@@ -260,11 +267,17 @@ class QuantizedLayer(nn.Module):
         ranges: tuple[tuple[float, float], tuple[float, float]] | None = None,
         per_channel: bool = True,
         activations: str = "tensor",
+        smooth: torch.Tensor | None = None,
     ) -> QuantizedLayer:
         """Quantize ``layer``'s weight; ``static`` needs the calibrated ``(input, output)`` ranges
-        (output ``None``: the output stays float because the next layer's input grid takes it)."""
-        q = cls.empty_like(layer, scheme, bits, group_size, per_channel, activations)
+        (output ``None``: the output stays float because the next layer's input grid takes it);
+        ``smooth`` (one positive factor per input channel) is multiplied into the weight's
+        columns before quantizing, and the layer divides its input by it."""
+        q = cls.empty_like(layer, scheme, bits, group_size, per_channel, activations, smooth is not None)
         w = layer.weight.detach().float()
+        if smooth is not None:
+            q.input_smooth.copy_(smooth)
+            w = w * q.input_smooth
         if bits == 4:
             w = w.reshape(w.shape[0], -1)  # (out, in)
         scales = weight_scales(w, bits, group_size, per_channel)
@@ -295,6 +308,8 @@ class QuantizedLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_smooth is not None:
+            x = x / self.input_smooth
         if self.scheme == "static":
             scale, zp = self.input_q
             x = _qd.quantize_per_tensor(x, scale, zp, 0, 255, torch.uint8)
@@ -346,6 +361,7 @@ class QuantizedLayer(nn.Module):
             + (f" groups of {self.group_size}" if self.group_size else "")
             + ("" if self.per_channel else " per tensor")
             + (" per-token activations" if self.activations == "token" else "")
+            + (" smoothed" if self.input_smooth is not None else "")
         )
         return f"{self.float_type} {tuple(self.weight_shape())}, {self.scheme} {kind}"
 
@@ -362,6 +378,8 @@ class QuantizedLayer(nn.Module):
             entry |= {"input": list(self.input_q), "output": list(self.output_q) if self.output_q else None}
         if self.activations != "tensor":
             entry["activations"] = self.activations
+        if self.input_smooth is not None:
+            entry["smooth"] = True
         return entry
 
 

@@ -194,6 +194,7 @@ class QuantEntry:
     input: tuple[float, int] | None = None  # static scheme: the uint8 grids
     output: tuple[float, int] | None = None
     activations: str = "tensor"  # dynamic Linear: "token" for per-token int8 inputs (absent: "tensor")
+    smooth: bool = False  # dynamic int8 Linear: the input is divided by input_smooth (absent: false)
 
     @classmethod
     def parse(cls, spec: Any, name: str, where: Any = "file") -> QuantEntry:
@@ -223,8 +224,14 @@ class QuantEntry:
                 f"{where}: quantized layer {name!r}: activations must be 'tensor', or 'token' for a dynamic "
                 f"per-channel Linear, got {str(activations)[:40]!r}"
             )
+        smooth = spec.get("smooth", False)
+        if type(smooth) is not bool or (smooth and (scheme, of, bits) != ("dynamic", "Linear", 8)):
+            raise ArtifactError(
+                f"{where}: quantized layer {name!r}: smooth must be false, or true for a dynamic int8 Linear, "
+                f"got {str(smooth)[:40]!r}"
+            )
         if scheme != "static":
-            return cls(of, scheme, bits, group, per_channel, activations=activations)
+            return cls(of, scheme, bits, group, per_channel, activations=activations, smooth=smooth)
         output = None if spec.get("output") is None else _grid(spec.get("output"), name, where)
         return cls(of, scheme, bits, group, per_channel, input=_grid(spec.get("input"), name, where), output=output)
 
@@ -241,7 +248,7 @@ class QuantEntry:
                 raise ArtifactError(f"{where}: quantized layer {name!r}: an {self.of} with proj_size is not stored")
             return QuantizedRNN.empty_like(layer)
         q = QuantizedLayer.empty_like(
-            layer, self.scheme, self.bits, self.group_size, self.per_channel, self.activations
+            layer, self.scheme, self.bits, self.group_size, self.per_channel, self.activations, self.smooth
         )
         if self.scheme == "static":
             q.input_q, q.output_q = self.input, self.output

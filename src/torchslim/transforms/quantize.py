@@ -42,6 +42,7 @@ from torchslim.train.fit import Progress, TrainConfig
 from torchslim.transforms.calibrate import calibrated_ranges, calibration_batches, correct_biases_, inputs_of
 from torchslim.transforms.guard import check_runs, rollback
 from torchslim.transforms.qat import train_fake_quant
+from torchslim.transforms.smoothing import smoothing_factors
 
 log = logging.getLogger(__name__)
 _WEIGHTED = (
@@ -78,6 +79,12 @@ class QuantizeConfig:
         activations: ``scheme="dynamic"`` only: ``"tensor"`` (one uint8 grid per call) or
             ``"token"`` (one symmetric int8 scale per token: what transformer activations,
             whose tokens differ widely in range, need; compiled by inductor into int8 GEMMs).
+        smooth: ``scheme="dynamic"`` int8 Linear layers only: SmoothQuant's migration strength
+            ``alpha`` in (0, 1] (0.5 in the paper), or ``None`` for none. Each input channel is
+            divided by ``max|x| ** alpha / max|w| ** (1 - alpha)`` (largest input from the
+            calibration batches, which it needs) and the weight's column multiplied by it, so
+            outlier channels stop coarsening every token's int8 grid
+            (:mod:`torchslim.transforms.smoothing`).
         fold_bn: fold each BatchNorm into the convolution feeding it before quantizing.
         bias_correction: after quantizing (static, post-training), shift each layer's bias by
             the mean error its output shows on the calibration batches against the float model
@@ -96,6 +103,7 @@ class QuantizeConfig:
     group_size: int = 64
     per_channel: bool = True
     activations: str = "tensor"
+    smooth: float | None = None
     fold_bn: bool = True
     bias_correction: bool = True
     layers: tuple[str, ...] | None = None
@@ -125,6 +133,17 @@ class QuantizeConfig:
             )
         if self.activations == "token" and not self.per_channel:
             raise ConfigError("activations='token' runs per-channel weights: leave per_channel=True")
+        if self.smooth is not None and (
+            isinstance(self.smooth, bool)
+            or not isinstance(self.smooth, (int, float))
+            or not 0 < self.smooth <= 1
+            or self.scheme != "dynamic"
+            or self.bits != 8
+        ):
+            raise ConfigError(
+                f"smooth={self.smooth!r}: use a migration strength in (0, 1] (0.5 is SmoothQuant's) with "
+                "scheme='dynamic' and 8 bits, or None"
+            )
         if self.qat is not None and self.scheme != "static":
             raise ConfigError("qat trains through static int8 quantization: use scheme='static'")
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -234,6 +253,8 @@ def quantize_(
     check_keys(names, config.layers or (), "layers")
     if data is None and config.scheme == "static":
         raise ConfigError("static quantization calibrates input ranges: pass data=<calibration batches>")
+    if data is None and config.smooth is not None:
+        raise ConfigError("smooth measures each input channel's largest value: pass data=<calibration batches>")
     task = data.task if isinstance(data, Data) else None
     where = model_device(model)  # calibration runs where the model is
     batches = (
@@ -267,6 +288,10 @@ def _quantize(
         )
     unfuse_transformer_layers_(model, targets)  # the fused encoder kernel would bypass the layers
     ranges, calibration = calibrated_ranges(model, targets, batches, config, progress)
+    smooth = {}
+    if config.smooth is not None:
+        linears = {n: m for n, m in targets.items() if isinstance(m, nn.Linear)}
+        smooth = smoothing_factors(model, linears, batches, float(config.smooth))
     history: list[dict] = []
     if config.qat is not None:
         assert isinstance(data, Data)  # checked above
@@ -277,7 +302,7 @@ def _quantize(
     correct = config.bias_correction and config.scheme == "static" and config.qat is None
     reference = copy.deepcopy(model) if correct else None
     for name, layer in targets.items():
-        q = quantize_layer(layer, config, ranges.get(name))
+        q = quantize_layer(layer, config, ranges.get(name), smooth.get(name))
         model.set_submodule(name, q)
         _record(records[name], layer, q, ranges.get(name))
     if reference is not None:
@@ -298,7 +323,12 @@ def _record(rec: LayerRecord, layer: nn.Module, q: nn.Module, ranges: tuple | No
             torch.cat([w.flatten() for w in weights.values()]),
         )
         return
-    rec.weight_error = _relative_error(layer.weight, q.dequantized_weight())
+    dq = q.dequantized_weight()
+    if q.input_smooth is not None:  # the stored weight carries the smoothing factors
+        dq = dq / q.input_smooth
+        s = q.input_smooth
+        rec.note = f"input smoothed: channels divided by {float(s.min()):.3g} to {float(s.max()):.3g}"
+    rec.weight_error = _relative_error(layer.weight, dq)
     if ranges is not None:
         rec.input_range, rec.output_range = ([round(v, 6) for v in r] if r else None for r in ranges)
         rec.input_scale, rec.input_zero_point = q.input_q
@@ -310,14 +340,17 @@ def _record(rec: LayerRecord, layer: nn.Module, q: nn.Module, ranges: tuple | No
         rec.note = "all-zero weight: stored as zeros (scale 1)"
 
 
-def quantize_layer(layer: nn.Module, config: QuantizeConfig, ranges: tuple | None = None) -> nn.Module:
+def quantize_layer(
+    layer: nn.Module, config: QuantizeConfig, ranges: tuple | None = None, smooth: torch.Tensor | None = None
+) -> nn.Module:
     """The quantized replacement of one target layer: an LSTM / GRU becomes a dynamic
-    :class:`QuantizedRNN`, a Linear / Conv a :class:`QuantizedLayer` of the config's scheme."""
+    :class:`QuantizedRNN`, a Linear / Conv a :class:`QuantizedLayer` of the config's scheme
+    (its input divided by ``smooth``, if given)."""
     if isinstance(layer, nn.RNNBase):
         return QuantizedRNN.from_float(layer)
     group = config.group_size if config.bits == 4 else 0
     return QuantizedLayer.from_float(
-        layer, config.scheme, config.bits, group, ranges, config.per_channel, config.activations
+        layer, config.scheme, config.bits, group, ranges, config.per_channel, config.activations, smooth
     )
 
 
