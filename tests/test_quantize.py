@@ -719,6 +719,14 @@ def test_smoothquant_moves_outlier_channels_into_the_weights(tmp_path):
     with torch.no_grad(), inductor_config.patch(freezing=True):
         torch.testing.assert_close(back(x), got)
         torch.testing.assert_close(torch.compile(back, dynamic=False)(x), got, atol=1e-3, rtol=1e-3)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    tensors["q.input_smooth"][0] = 0.0  # a divisor of zero: refused, not turned into inf
+    manifest = tslim.read(path)[0].raw | {"fingerprint": tslim.fingerprint(tensors)}  # a writer that means it
+    save_file(tensors, tmp_path / "bad.tslim", metadata=tslim.pack_manifest(manifest))
+    with pytest.raises(ArtifactError, match="input_smooth must be positive"):
+        ts.load(tmp_path / "bad.tslim", model=_SharedInput)
 
 
 @pytest.mark.parametrize(

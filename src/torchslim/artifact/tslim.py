@@ -412,6 +412,9 @@ def _into(module: nn.Module, manifest: Manifest, stored: Mapping[str, torch.Tens
             raise ArtifactError(
                 f"{path}: {name}'s packed int4 rows hold values past its declared width; the file is inconsistent"
             )
+        smooth = state.get(f"{name}.input_smooth")
+        if smooth is not None and not (torch.isfinite(smooth).all() and (smooth > 0).all()):
+            raise ArtifactError(f"{path}: {name}.input_smooth must be positive and finite; the file is inconsistent")
     module.load_state_dict(state)
     tie_(module, manifest.tied)  # a builder that does not tie them itself gets the file's ties
 
