@@ -150,3 +150,20 @@ def test_reconstruction_brings_the_pruned_output_closer_to_the_original():
         ts.encoder_prune_(model, config, batches=batches)
         errors[reconstruct] = sum(float((_states(model, b) - _states(dense, b)).pow(2).mean()) for b in batches)
     assert errors[True] < 0.5 * errors[False]
+
+
+def test_smoothing_shares_factors_only_within_one_layers_query_key_value():
+    """SmoothQuant's factors are shared by the layers that read one tensor -- each layer's query,
+    key and value -- and by nothing else, though BERT's later inputs reuse freed memory."""
+    from torchslim.transforms.smoothing import smoothing_factors
+
+    model = _bert()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(5, 60, (512, 24), generator=g)} for _ in range(2)]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    factors = smoothing_factors(model, layers, batches, 0.5)
+    groups: dict[int, list[str]] = {}
+    for name, s in factors.items():
+        groups.setdefault(id(s), []).append(name)
+    shared = sorted(g for g in groups.values() if len(g) > 1)
+    assert shared == [[f"encoder.layer.{i}.attention.self.{p}" for p in ("query", "key", "value")] for i in range(4)]

@@ -31,12 +31,12 @@ def smoothing_factors(
     magnitudes over ``batches`` (the model run eagerly); layers given the same input tensor
     share their factors."""
     peak: dict[str, torch.Tensor] = {}
-    reads: dict[str, tuple] = {}  # name -> identity of its input on the first batch
+    first: dict[str, torch.Tensor] = {}  # each layer's input on the first batch, held so no address is reused
 
     def hook(name: str):
         def record(_module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
             x = inputs[0].detach()
-            reads.setdefault(name, (x.data_ptr(), tuple(x.shape), x.dtype))
+            first.setdefault(name, x)
             m = x.abs().reshape(-1, x.shape[-1]).amax(0).float()
             peak[name] = torch.maximum(peak[name], m) if name in peak else m
 
@@ -51,8 +51,10 @@ def smoothing_factors(
             h.remove()
     groups: dict[tuple, list[str]] = {}
     for name in layers:
-        if name in reads:  # a layer the batches never reach keeps its plain weights
-            groups.setdefault(reads[name], []).append(name)
+        if name in first:  # a layer the batches never reach keeps its plain weights
+            x = first[name]
+            groups.setdefault((x.data_ptr(), tuple(x.shape), x.stride(), x.dtype), []).append(name)
+    first.clear()
     factors: dict[str, torch.Tensor] = {}
     for names in groups.values():
         x_max = peak[names[0]]
