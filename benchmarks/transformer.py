@@ -238,7 +238,7 @@ def ours(name: str, tokenizer, splits, texts: Texts, examples: dict, quick: bool
     with torch.no_grad():
         compiled_cosine = float((runner(big) * restored(**big)).sum(-1).min())
     row = {"bytes": path.stat().st_size, "compiled_vs_eager_min_cosine": compiled_cosine}
-    if name == "torchslim light int8":  # the exported compressed model on ONNX Runtime
+    if name in ("torchslim int8 smooth table6", "torchslim light int8"):  # the exported model on ONNX Runtime
         onnx = OrtRunner(export_onnx(restored, big), THREADS, spin=False)
         row["onnxruntime_vs_pytorch_cosine"] = mean_cosine(texts.embed(onnx)["index"], texts.embed(restored)["index"])
     return row | {"runner": runner, "eager": restored}
