@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchslim.core.task import call_model
+from torchslim.analysis.ranges import run_with_hooks
 
 _FLOOR = 1e-5  # keeps a channel that is zero in the calibration data (or the weight) finite
 
@@ -33,22 +33,14 @@ def smoothing_factors(
     peak: dict[str, torch.Tensor] = {}
     first: dict[str, torch.Tensor] = {}  # each layer's input on the first batch, held so no address is reused
 
-    def hook(name: str):
-        def record(_module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
-            x = inputs[0].detach()
+    def record(key: tuple[str, str], x: torch.Tensor) -> None:
+        name, end = key
+        if end == "input":
             first.setdefault(name, x)
-            m = x.abs().reshape(-1, x.shape[-1]).amax(0).float()
+            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
             peak[name] = torch.maximum(peak[name], m) if name in peak else m
 
-        return record
-
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        for batch in batches:
-            call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, layers, batches, record)
     groups: dict[tuple, list[str]] = {}
     for name in layers:
         if name in first:  # a layer the batches never reach keeps its plain weights
