@@ -119,3 +119,40 @@ def test_a_sentence_embedder_compiles_and_exports_with_dynamic_batch_and_length(
         runner = OrtRunner(export_onnx(model, batch))  # checked at other batch sizes and lengths on export
         for x, y in ((batch, want), (other, want_other)):
             assert float((runner(x) * y).sum(-1).min()) > 0.999
+
+
+def test_a_recipe_compresses_a_pretrained_encoder_on_debian_text(tmp_path):
+    """The built-in minilm recipe's path on a tiny BERT folder: a pretrained builder (no baseline
+    training), Debian texts through the folder's own tokenizer, the embedding task scored
+    against the uncompressed model, the word table shared and every Linear per-token int8."""
+    from torchslim.artifact.tslim import load
+    from torchslim.core.encoders import sentence_embedder
+    from torchslim.core.qlayers import QuantizedLayer
+    from torchslim.recipe.run import run_recipe
+    from torchslim.recipe.schema import load_recipe, parse_recipe
+
+    folder = _save(tmp_path / "bert", WORDS)
+    shipped = load_recipe("minilm").model_dump()
+    assert shipped["model"]["pretrained"] and shipped["task"] == "embedding"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: tiny\ntask: embedding\n"
+        f"model: {{builder: 'torchslim.core.encoders:sentence_embedder', pretrained: true, kwargs: {{folder: {folder}}}}}\n"
+        f"data: {{builder: 'torchslim.core.encoders:debian_text_data', "
+        f"kwargs: {{folder: {folder}, train: 4, eval: 16, calib: 8, batch_size: 8}}}}\n"
+        "steps:\n  - share: {bits: {encoder.embeddings.word_embeddings: 4}, finetune: null}\n"
+        "  - quantize: {scheme: dynamic, activations: token, smooth: 0.6, calib_batches: 2, backend: eager}\n"
+        f"latency: {{batches: [1, 4], repeats: 2, warmup: 1}}\noutputs: {{dir: {tmp_path / 'out'}}}\n"
+    )
+    report = run_recipe(load_recipe(str(recipe)))
+    assert report.baseline.accuracy == pytest.approx(1.0, abs=1e-5)  # the uncompressed model is the reference
+    assert 0.5 < report.compressed.accuracy < 1.0 - 1e-6
+    assert report.compressed.macs > 0 and set(report.compressed.latency) == {"batch1", "batch4"}
+    layers = {row["name"]: row for row in report.layers}
+    assert layers["encoder.embeddings.word_embeddings.weight"]["codebook_bits"] == 4  # 16 values, entropy-coded
+    restored = load(tmp_path / "out" / "tiny.tslim", model=sentence_embedder(str(folder)))
+    assert (
+        sum(isinstance(m, QuantizedLayer) and m.activations == "token" for m in restored.modules()) == 13
+    )  # 6 a layer, the pooler
+    with pytest.raises(Exception, match="pretrained: true says the builder returns trained weights"):
+        parse_recipe("name: x\nmodel: {name: lenet5, pretrained: true}\n")

@@ -17,6 +17,7 @@ from torchslim.core.task import (
     Embedding,
     LanguageModel,
     Regression,
+    _content_key,
     move,
     split_batch,
     task_named,
@@ -138,6 +139,23 @@ def test_embedding_cosine_and_neighbour_overlap():
     assert fidelity(other, model, [x], task) < 0.9
     with pytest.raises(DataError, match="reference="):
         evaluate(model, [x], Embedding())
+
+
+def test_embedding_runs_its_reference_once_per_batch_content():
+    torch.manual_seed(0)
+    model, other = nn.Linear(8, 4), nn.Linear(8, 4)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    task = Embedding(reference=model)
+    batches = [torch.randn(6, 8), torch.randn(6, 8)]
+    first = evaluate(other, batches, task)
+    assert len(calls) == 2
+    assert evaluate(other, [b.clone() for b in batches], task) == first and len(calls) == 2  # same content: kept
+    evaluate(other, [batches[0] + 1], task)
+    assert len(calls) == 3  # new content: run again
+    dicts = [{"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long)}]
+    masked = {**dicts[0], "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}
+    assert _content_key(dicts[0]) != _content_key(masked) and _content_key("text") is None
 
 
 def test_embedding_pools_token_outputs_under_the_mask():

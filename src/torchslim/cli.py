@@ -90,6 +90,8 @@ def compress(
         return
     if report.model.get("weights"):
         console.print(f"baseline: the trained weights in {report.model['weights']} (no training)", highlight=False)
+    elif report.model.get("pretrained"):
+        console.print(f"baseline: as {report.model['builder']} returns it, trained (no training)", highlight=False)
     elif report.baseline_cached:
         console.print("baseline: loaded from the cache (no training)")
     _show("before / after", ("metric", "baseline", "compressed"), summary_rows(report))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from torchslim.core.data import batch_rows
 from torchslim.core.qlayers import QuantizedLayer
 from torchslim.core.qrnn import QuantizedRNN
+from torchslim.core.task import call_model
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Layer types whose ``weight`` the unstructured transforms (prune, share) work on."""
@@ -119,13 +122,13 @@ def _macs(module: nn.Module, inp: tuple, kwargs: dict, out: object) -> int:
 
 
 @torch.no_grad()
-def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+def layer_macs(model: nn.Module, example: Any) -> dict[str, int]:
     """Multiply-accumulates per input sample of every Conv, Linear, recurrent and attention layer.
 
     Counted with forward hooks on one run over ``example``; element-wise work (activations,
     BatchNorm, adds) is not counted, as is usual for MAC figures.
     """
-    batch = example.shape[0] if isinstance(example, torch.Tensor) else 1
+    batch = max(1, batch_rows(example))
     counts: dict[str, int] = {}
     kinds = (*_CONVS, nn.Linear, QuantizedLayer, QuantizedRNN, nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)
 
@@ -138,7 +141,7 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     was_training = model.training
     try:
         model.eval()
-        model(example)
+        call_model(model, example)
     finally:
         for h in handles:
             h.remove()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim.core.data import Data
+from torchslim.core.task import Embedding
 from torchslim.errors import ConfigError, DataError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -147,3 +149,55 @@ def _max_length(model: nn.Module, tokenizer: Any, folder: Path) -> int:
     if sentence.is_file():
         limits.append(json.loads(sentence.read_text()).get("max_seq_length", positions))
     return int(min(n for n in limits if isinstance(n, int) and n > 0))
+
+
+def sentence_embedder(folder: str | None = None) -> SentenceEmbedder:
+    """The runnable sentence encoder (:class:`SentenceEmbedder`) of the Hugging Face encoder in
+    ``folder``, or of all-MiniLM-L6-v2 without one; trained weights, eval mode. A recipe's
+    model builder (``pretrained: true``)."""
+    return SentenceEmbedder((minilm() if folder is None else load_encoder(folder)).model).eval()
+
+
+def debian_text_data(
+    folder: str | None = None,
+    train: int = 1024,
+    eval: int = 512,
+    calib: int = 256,
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> Data:
+    """Debian package descriptions as embedding-task batches for the encoder in ``folder``
+    (all-MiniLM-L6-v2 without one), tokenized by its own tokenizer. A recipe's data builder.
+
+    ``train`` records of the distillation part give a synopsis and a description each (recovery
+    training); ``eval`` descriptions come from the evaluation index; ``calib`` records of the
+    calibration part give a synopsis and a description each. The parts are disjoint
+    (:func:`torchslim.core.text.text_splits`). The batches carry no targets: the embedding task
+    compares with the uncompressed model's output. ``max_length`` cuts texts shorter than the
+    model's limit (fewer tokens: faster evaluation and calibration). Evaluation and calibration
+    texts are ordered by length, so a batch pads little.
+    """
+    from torchslim.core.text import text_splits
+
+    sizes = {"train": train, "eval": eval, "calib": calib, "batch_size": batch_size, "max_length": max_length or 1}
+    bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
+    if bad:
+        raise ConfigError(f"debian_text_data: {bad} must be whole numbers >= 1")
+    parts = text_splits()
+    limits = {"train": len(parts.distillation), "eval": len(parts.index), "calib": len(parts.calibration)}
+    over = {k: f"{sizes[k]} > {n}" for k, n in limits.items() if sizes[k] > n}
+    if over:
+        raise ConfigError(f"debian_text_data: more texts asked than the corpus part holds: {over}")
+    encoder = minilm() if folder is None else load_encoder(folder)
+    if max_length is not None:
+        encoder = replace(encoder, max_length=min(max_length, encoder.max_length))
+
+    def pairs(records: Sequence[Any]) -> list[str]:
+        return [t for r in records for t in (r.synopsis, r.description)]
+
+    return Data(
+        train=tokenize(encoder, pairs(parts.distillation[:train]), batch_size),
+        eval=tokenize(encoder, sorted((r.description for r in parts.index[:eval]), key=len), batch_size),
+        calib=tokenize(encoder, sorted(pairs(parts.calibration[:calib]), key=len), batch_size),
+        task=Embedding(),
+    )

@@ -308,8 +308,8 @@ class QuantizedLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_smooth is not None:
-            x = x / self.input_smooth
+        if self.input_smooth is not None:  # a product, not a division: frozen graphs fold the reciprocal
+            x = x * (1.0 / self.input_smooth)
         if self.scheme == "static":
             scale, zp = self.input_q
             x = _qd.quantize_per_tensor(x, scale, zp, 0, 255, torch.uint8)
@@ -335,8 +335,9 @@ class QuantizedLayer(nn.Module):
 
     def _per_token(self, x: torch.Tensor) -> torch.Tensor:
         """Dynamic int8 with one symmetric scale per token (row of the flattened input)."""
-        scale = x.detach().abs().amax(-1, keepdim=True).clamp_min(_EPS) / 127.0  # (..., 1)
-        ints = torch.round(x / scale).clamp(-127, 127)
+        peak = x.detach().abs().amax(-1, keepdim=True).clamp_min(_EPS)  # (..., 1)
+        ints = torch.round(x * (127.0 / peak)).clamp(-127, 127)  # a product: vector division is slow
+        scale = peak / 127.0
         if not torch.compiler.is_compiling() or _REFERENCE[0]:  # the reference: float arithmetic on the grids
             return F.linear(ints * scale, self.dequantized_weight(), self.bias)
         if _U8_GEMM:

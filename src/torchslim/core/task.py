@@ -20,6 +20,7 @@ modelling.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -321,11 +322,17 @@ class Embedding:
     """Sentence or image embeddings compared with a reference: the metric is the mean cosine
     similarity to the targets (a batch's target, else ``reference``'s output on the inputs,
     typically the uncompressed model), fidelity the overlap of each sample's ``k`` nearest
-    neighbours within the batch. A (B, T, D) output is mean-pooled over the attention mask."""
+    neighbours within the batch. A (B, T, D) output is mean-pooled over the attention mask.
+
+    ``reference``'s embeddings are kept by the inputs' content (up to ``REFERENCE_CACHE``
+    batches), so scoring many candidates on the same batches runs it once per batch: it must
+    not change while the task is in use (the uncompressed model does not)."""
 
     reference: nn.Module | None = field(default=None, compare=False, repr=False)
     k: int = 5
     label_key: str = "labels"
+    _seen: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+    REFERENCE_CACHE: ClassVar[int] = 4096
     name: ClassVar[str] = "embedding"
     metric: ClassVar[Metric] = Metric("cosine", "")
     fidelity: ClassVar[Metric] = Metric("neighbour overlap", "%")
@@ -380,8 +387,34 @@ class Embedding:
                 "the embedding task scores against target embeddings: yield (inputs, target_embedding) "
                 "batches, or build the task with reference=<the uncompressed model>"
             )
+        key = _content_key(inputs)
+        if key is not None and key in self._seen:
+            return self._seen[key]
         with torch.no_grad():
-            return self.embed(call_model(self.reference, inputs), inputs)
+            out = self.embed(call_model(self.reference, inputs), inputs)
+        if key is not None and len(self._seen) < self.REFERENCE_CACHE:
+            self._seen[key] = out
+        return out
+
+
+def _content_key(inputs: Any) -> tuple | None:
+    """A digest of every tensor in ``inputs`` (shapes, dtypes, bytes); None for anything else."""
+    tensors = (
+        [inputs]
+        if isinstance(inputs, torch.Tensor)
+        else list(inputs.values())
+        if isinstance(inputs, Mapping)
+        else list(inputs)
+        if isinstance(inputs, (tuple, list))
+        else []
+    )
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(f"{tuple(t.shape)}{t.dtype}{t.device}".encode())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return (digest.hexdigest(),)
 
 
 def _embedding_tensor(output: Any) -> torch.Tensor:

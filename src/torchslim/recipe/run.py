@@ -6,7 +6,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from torchslim.core.data import Data
 from torchslim.core.device import model_device, place
 from torchslim.core.models import build_model
 from torchslim.core.plan import CompressionPlan
+from torchslim.core.task import Embedding
 from torchslim.errors import RecipeError
 from torchslim.evaluate.latency import measure_latency
 from torchslim.evaluate.metrics import evaluate, fidelity, file_bytes, fp32_safetensors_bytes
@@ -155,6 +156,8 @@ def model_source(recipe: Recipe, bar: ProgressFactory) -> Source:
         data.check(baseline)
         fit(baseline, data, base_cfg, bar("baseline"))
     place(baseline, recipe.device).eval()
+    if isinstance(data.task, Embedding) and data.task.reference is None:  # scored against the baseline's output
+        data = replace(data, task=replace(data.task, reference=baseline))
     kind = {"zoo": spec.name} if build is None else {"builder": spec.builder}
     return Source(data, baseline, ready, kind | {"kwargs": spec.kwargs}, build)
 

@@ -42,8 +42,8 @@ DEFAULT_RECIPE = "lenet_300_100"
 
 
 class ModelSpec(Strict):
-    """A zoo model by ``name``, or your own by ``builder``; with ``weights`` it is already
-    trained (the baseline section is then not used)."""
+    """A zoo model by ``name``, or your own by ``builder``; with ``weights``, or a ``pretrained``
+    builder, it is already trained (the baseline section is then not used)."""
 
     name: str | None = Field(None, description="a zoo model name, e.g. lenet_300_100 or resnet_mini")
     builder: str | None = Field(
@@ -55,6 +55,9 @@ class ModelSpec(Strict):
         description="trained weights, relative to the recipe: .safetensors, or a state_dict .pt / .pth "
         "(read with torch.load(weights_only=True)); other files are refused unread",
     )
+    pretrained: bool = Field(
+        False, description="the builder returns a trained model (a Hugging Face checkpoint, say): no baseline training"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -64,6 +67,10 @@ class ModelSpec(Strict):
             raise ValueError(f"unknown model {self.name!r}; the zoo has {sorted(ZOO)}")
         if self.builder is not None and not _is_ref(self.builder):
             raise ValueError(f"builder {self.builder!r}: write it as 'pkg.module:function'")
+        if self.pretrained and (self.builder is None or self.weights is not None):
+            raise ValueError(
+                "pretrained: true says the builder returns trained weights: give a builder and no weights file"
+            )
         if self.weights is not None and Path(self.weights).suffix.lower() not in SAFETENSORS + STATE_DICT:
             raise ValueError(
                 f"weights {self.weights!r}: use a .safetensors file or a state_dict saved as .pt / .pth; other "
