@@ -465,8 +465,9 @@ def markdown(payload: dict) -> str:
         front = "; ".join(f"{p['bytes'] / 1e6:.1f} MB at cosine {p['cosine']:.4f}" for p in searched["pareto"])
         lines += [
             "",
-            f"The adaptive search, `torchslim search minilm` with {searched['trials']} trials (each layer's codebook "
-            f"size; budget {searched['budget']}; {searched['wall_s'] / 60:.0f} min): {searched['chosen']} Delivered "
+            f"The adaptive search, `torchslim search minilm` with {searched['trials']} trials (each Linear layer's "
+            f"codebook size, the word table left in fp32; budget {searched['budget']}; "
+            f"{searched['wall_s'] / 60:.0f} min): {searched['chosen']}. Delivered "
             f"{searched['bytes'] / 1e6:.1f} MB ({searched['ratio']:.1f}x smaller than fp32), cosine "
             f"{searched['cosine_holdout']:.4f} on held-out texts. Pareto front (size, cosine on the search texts): "
             f"{front}.",
