@@ -375,3 +375,25 @@ def test_latency_searches_channels_and_int8_only_and_is_seeded_in_int8_and_in_fl
         precisions = {v for k, v in t.system_attrs["fixed_params"].items() if k.startswith("precision:")}
         by_variant.setdefault(t.user_attrs.get("seed_variant"), set()).update(precisions)
     assert "int8" in by_variant["int8"] and by_variant["float"] == {"float"}
+
+
+class _Keyed(torch.nn.Module):
+    """A model called with keyword tensors, as a tokenizer's dict batches call an encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.fc(input_ids * attention_mask)
+
+
+def test_latency_is_measured_on_dict_inputs_by_the_compiled_backends():
+    from torchslim.artifact.runtime import timeable
+    from torchslim.search.trial import latency_ms
+
+    batch = {"input_ids": torch.randn(4, 6), "attention_mask": torch.ones(4, 6)}
+    assert timeable(batch, "onnxruntime") and timeable((batch["input_ids"],), "inductor")
+    assert not timeable({"input_ids": batch["input_ids"], "text": "a"}, "inductor") and timeable("a", "eager")
+    ms = latency_ms(_Keyed().eval(), batch, LatencySetting("onnxruntime", batch=8, threads=1, repeats=3))
+    assert ms is not None and ms > 0

@@ -389,8 +389,8 @@ def test_search_refuses_what_it_cannot_measure_before_any_work(tmp_path):
             super().__init__()
             self.fc = nn.Linear(8, 3)
 
-        def forward(self, features: torch.Tensor) -> torch.Tensor:
-            return self.fc(features)
+        def forward(self, features: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+            return self.fc(features) / temperature
 
     x, y = Blobs(32, 0).x, Blobs(32, 0).y
     batches = [{"features": x[i : i + 8], "labels": y[i : i + 8]} for i in range(0, 32, 8)]
@@ -398,8 +398,9 @@ def test_search_refuses_what_it_cannot_measure_before_any_work(tmp_path):
     from torchslim.search.config import LatencySetting
 
     latency = _search_config("5pt", objective="latency", latency=LatencySetting("onnxruntime", batch=8, threads=1))
+    with_number = [b | {"temperature": 1.0} for b in batches]  # a Python number: no compiled backend takes it
     with pytest.raises(ConfigError, match="takes dict inputs: search latency with backend='eager'"):
-        ts.search(Keywords(), data, latency, tmp_path / "lat")
+        ts.search(Keywords(), Data(train=with_number, eval=with_number), latency, tmp_path / "lat")
     with pytest.raises(ConfigError, match="parallel trials rebuild the model and the data"):
         ts.search(Keywords(), data, _search_config("5pt", workers=2, use_ray=True), tmp_path / "ray")
     with pytest.raises(DataError, match="no batches"):

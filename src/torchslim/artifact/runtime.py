@@ -180,8 +180,9 @@ SEQUENCE_LAYERS = (nn.RNNBase, nn.MultiheadAttention, nn.Embedding)
 
 def timeable(inputs: Any, backend: str) -> bool:
     """Whether the speed checks and the search can time a model on ``inputs`` on ``backend``:
-    eager takes any input; the compiled backends one tensor there."""
-    return backend == "eager" or isinstance(inputs, torch.Tensor)
+    whatever :func:`compile_model` runs there (eager: any input; compiled: a tensor, a tuple or
+    a dict of tensors)."""
+    return compilable(inputs, backend)
 
 
 def compilable(inputs: Any, backend: str) -> bool:

@@ -28,6 +28,7 @@ from torchslim.core.data import batch_rows
 from torchslim.core.plan import CompressionPlan
 from torchslim.core.qlayers import QuantizedLayer, folded_names
 from torchslim.core.qrnn import QuantizedRNN
+from torchslim.core.task import call_model
 from torchslim.errors import ConfigError
 from torchslim.evaluate.latency import paired_latency
 from torchslim.transforms.quantize import fold_batchnorm_
@@ -186,7 +187,7 @@ def _alone(
     try:
         with torch.no_grad():
             for x in examples:
-                model(x)
+                call_model(model, x)
     finally:
         for h in hooks:
             h.remove()

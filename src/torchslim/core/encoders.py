@@ -175,7 +175,8 @@ def debian_text_data(
     (:func:`torchslim.core.text.text_splits`). The batches carry no targets: the embedding task
     compares with the uncompressed model's output. ``max_length`` cuts texts shorter than the
     model's limit (fewer tokens: faster evaluation and calibration). Evaluation and calibration
-    texts are ordered by length, so a batch pads little.
+    texts are ordered by length, so a batch pads little; evaluation's longest come first, so the
+    example batches that latency is timed on are full-length texts.
     """
     from torchslim.core.text import text_splits
 
@@ -197,7 +198,7 @@ def debian_text_data(
 
     return Data(
         train=tokenize(encoder, pairs(parts.distillation[:train]), batch_size),
-        eval=tokenize(encoder, sorted((r.description for r in parts.index[:eval]), key=len), batch_size),
+        eval=tokenize(encoder, sorted((r.description for r in parts.index[:eval]), key=len, reverse=True), batch_size),
         calib=tokenize(encoder, sorted(pairs(parts.calibration[:calib]), key=len), batch_size),
         task=Embedding(),
     )

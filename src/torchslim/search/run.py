@@ -162,11 +162,12 @@ def _check_inputs(model: nn.Module, data: Data, config: SearchConfig) -> None:
     if not timeable(inputs, config.latency.backend):
         if config.objective == "latency":
             raise ConfigError(
-                f"latency backend {config.latency.backend!r} compiles models that take one tensor, and this one "
-                f"takes {type(inputs).__name__} inputs: search latency with backend='eager', or search size"
+                f"latency backend {config.latency.backend!r} compiles models that take tensors (one, a tuple or a "
+                f"dict of them), and this one takes {type(inputs).__name__} inputs: search latency with "
+                "backend='eager', or search size"
             )
         log.info(
-            "latency is not measured: backend %r takes one tensor and the model takes %s inputs",
+            "latency is not measured: backend %r takes tensors (one, a tuple or a dict) and the model takes %s inputs",
             config.latency.backend,
             type(inputs).__name__,
         )
