@@ -399,15 +399,12 @@ class Embedding:
 
 def _content_key(inputs: Any) -> tuple | None:
     """A digest of every tensor in ``inputs`` (shapes, dtypes, bytes); None for anything else."""
-    tensors = (
-        [inputs]
-        if isinstance(inputs, torch.Tensor)
-        else list(inputs.values())
-        if isinstance(inputs, Mapping)
-        else list(inputs)
-        if isinstance(inputs, (tuple, list))
-        else []
-    )
+    if isinstance(inputs, torch.Tensor):
+        tensors = [inputs]
+    elif isinstance(inputs, (Mapping, tuple, list)):
+        tensors = list(inputs.values() if isinstance(inputs, Mapping) else inputs)
+    else:
+        return None
     if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
         return None
     digest = hashlib.sha256()

@@ -77,7 +77,7 @@ def model_builder(spec: Any, base: Path | None, key: str = "model") -> Callable[
 def trained_model(spec: Any, base: Path | None, key: str = "model") -> nn.Module | None:
     """The recipe's model with its ``weights`` loaded, or as its ``pretrained`` builder returns
     it, or ``None`` when it is neither (then the baseline section trains it)."""
-    if getattr(spec, "pretrained", False):
+    if spec.pretrained:
         return model_builder(spec, base, key)().eval()
     if spec.weights is None:
         return None
