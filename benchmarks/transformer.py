@@ -13,10 +13,12 @@ of Debian package descriptions (``torchslim.core.text``: disjoint, seeded parts)
 * the adaptive search: ``torchslim search minilm`` (the built-in recipe) for ``--trials`` trials.
 
 torchslim's variants: per-token dynamic int8 on every Linear; students made by
-``encoder_prune_`` (heads, FFN neurons, layers) and recovered by distillation from fp32 on the
-distillation texts (MiniLM relations of the last layer's queries, keys and values, a hint on
+``encoder_prune_`` (heads, FFN neurons, layers; least-squares reconstruction of each pruned
+layer, and with ``records`` > 0 in ``STUDENTS`` recovered by distillation from fp32 on the
+distillation texts: MiniLM relations of the last layer's queries, keys and values, a hint on
 its hidden states, the embedding cosine), then int8; the word-embedding table k-means-shared
-and entropy-coded in the ``.tslim``. Students are cached under ``.cache/transformer`` as
+and entropy-coded in the ``.tslim``; and the built-in ``minilm_tiny`` recipe's weight sharing
+(every Linear at 4 bits, the word table at 2), which runs in float. Students are cached under ``.cache/transformer`` as
 ``.tslim`` files keyed by their recipe. Peers with their defaults: torchao
 ``Int8DynamicActivationInt8WeightConfig`` + ``torch.compile``, ONNX Runtime
 ``quantize_dynamic`` (per-channel) on the exported model, ``torch.ao`` dynamic int8.
@@ -60,6 +62,7 @@ from torchslim.core.task import Embedding  # noqa: E402
 from torchslim.core.text import corpus_info, text_splits  # noqa: E402
 from torchslim.evaluate.latency import paired_latency  # noqa: E402
 from torchslim.evaluate.text import encode, mean_cosine, neighbour_overlap, retrieval  # noqa: E402
+from torchslim.recipe.schema import load_recipe  # noqa: E402
 
 THREADS = 2
 MAX_LENGTH = 128
@@ -76,12 +79,13 @@ CALIBRATION = 512  # records of the calibration part: importance and least-squar
 QUICK = {"index": 400, "retrieval": 200, "calibration": 32, "records": 64}
 SMOOTH = 0.6  # SmoothQuant's migration strength, from the calibration texts
 OURS = {
-    # name: (student or None for the dense model, embedding-table bits or None, SmoothQuant)
-    "torchslim int8": (None, None, False),
-    "torchslim int8 smooth table6": (None, 6, True),
-    "torchslim light int8": ("light", 6, True),
-    "torchslim small int8": ("small", 6, True),
-    "torchslim small int8 tiny": ("small", 4, True),
+    # name: student (None: the dense model), embedding-table bits, int8 ("token": per-token dynamic,
+    # "smooth": the same after SmoothQuant; None: float), or the built-in recipe whose share step it is
+    "torchslim int8": {"quant": "token"},
+    "torchslim int8 smooth table6": {"table": 6, "quant": "smooth"},
+    "torchslim light int8": {"student": "light", "table": 6, "quant": "smooth"},
+    "torchslim small int8": {"student": "small", "table": 6, "quant": "smooth"},
+    "torchslim shared (minilm_tiny)": {"recipe": "minilm_tiny"},
 }
 PEERS = ("torchao int8 + compile", "onnxruntime quantize_dynamic", "torch.ao dynamic int8")
 POINTS = {  # acceptance: speed at b32 against fp32 eager, cosine, overlap, recall@1 drop (points), file MB
@@ -220,17 +224,20 @@ def _distil(model, teacher, tokenizer, splits, records: int, lr: float, calib: l
 
 
 def ours(name: str, tokenizer, splits, texts: Texts, examples: dict, quick: bool) -> dict:
-    source, table_bits, smooth = OURS[name]
+    spec = OURS[name]
+    source = spec.get("student")
     model = minilm().model.eval() if source is None else student(source, tokenizer, splits, quick)
     embedder = SentenceEmbedder(model).eval()
-    if smooth:  # each channel's largest input over the calibration texts
+    if spec.get("quant") == "smooth":  # each channel's largest input over the calibration texts
         calib = calibration_texts(tokenizer, splits, quick)
         config = ts.QuantizeConfig(scheme="dynamic", activations="token", smooth=SMOOTH, calib_batches=len(calib))
         ts.quantize_(embedder, config, data=calib)
-    else:
+    elif spec.get("quant") == "token":
         ts.quantize_(embedder, ts.QuantizeConfig(scheme="dynamic", activations="token"), example=examples[1])
-    if table_bits is not None:
-        ts.share_(embedder, ts.ShareConfig(bits={"encoder.embeddings.word_embeddings": table_bits}, finetune=None))
+    if spec.get("table") is not None:
+        ts.share_(embedder, ts.ShareConfig(bits={"encoder.embeddings.word_embeddings": spec["table"]}, finetune=None))
+    if "recipe" in spec:  # the built-in recipe's weight sharing, as `torchslim compress` runs it
+        ts.share_(embedder, load_recipe(spec["recipe"]).steps[0].share.config())
     path = TMP / f"{name.replace(' ', '-')}.tslim"
     ts.save(embedder, path)
     restored = ts.load(path, model=SentenceEmbedder(minilm().model)).eval()  # what a user runs
@@ -239,7 +246,7 @@ def ours(name: str, tokenizer, splits, texts: Texts, examples: dict, quick: bool
     with torch.no_grad():
         compiled_cosine = float((runner(big) * restored(**big)).sum(-1).min())
     row = {"bytes": path.stat().st_size, "compiled_vs_eager_min_cosine": compiled_cosine}
-    if name in ("torchslim int8 smooth table6", "torchslim light int8"):  # the exported model on ONNX Runtime
+    if name in ("torchslim int8 smooth table6", "torchslim shared (minilm_tiny)"):  # the exported model on ORT
         onnx = OrtRunner(export_onnx(restored, big), THREADS, spin=False)
         row["onnxruntime_vs_pytorch_cosine"] = mean_cosine(texts.embed(onnx)["index"], texts.embed(restored)["index"])
     return row | {"runner": runner, "eager": restored}
@@ -299,7 +306,6 @@ def study(trials: int) -> dict:
     built-in recipe's budget (0.5 % of the cosine to the original, on the recipe's evaluation
     texts: half steer the search, half are held out), the delivered file loaded back and scored."""
     from torchslim.recipe.run import run_search
-    from torchslim.recipe.schema import load_recipe
 
     recipe = load_recipe("minilm")
     recipe = recipe.model_copy(update={"outputs": recipe.outputs.model_copy(update={"dir": str(TMP / "search")})})

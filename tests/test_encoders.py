@@ -156,3 +156,40 @@ def test_a_recipe_compresses_a_pretrained_encoder_on_debian_text(tmp_path):
     )  # 6 a layer, the pooler
     with pytest.raises(Exception, match="pretrained: true says the builder returns trained weights"):
         parse_recipe("name: x\nmodel: {name: lenet5, pretrained: true}\n")
+
+
+def test_the_tiny_minilm_recipe_shares_every_weight_of_an_encoder_on_disk(tmp_path):
+    """The built-in minilm_tiny recipe pointed at another encoder folder: the word table at 2
+    bits, the position table and every Linear (layers and pooler) at 4, float16 biases; the
+    file is a fraction of the float one and loads back into the user's model."""
+    from torchslim.artifact.tslim import load, save
+    from torchslim.core.encoders import sentence_embedder
+    from torchslim.recipe.run import run_recipe
+    from torchslim.recipe.schema import load_recipe
+
+    folder = _save(tmp_path / "bert", WORDS)
+    shipped = load_recipe("minilm_tiny")
+    data = shipped.data.model_copy(update={"kwargs": {"folder": str(folder), "train": 4, "eval": 16, "calib": 8}})
+    recipe = shipped.model_copy(
+        update={
+            "model": shipped.model.model_copy(update={"kwargs": {"folder": str(folder)}}),
+            "data": data,
+            "latency": shipped.latency.model_copy(update={"batches": [1], "repeats": 2, "warmup": 1}),
+            "outputs": shipped.outputs.model_copy(update={"dir": str(tmp_path / "out")}),
+        }
+    )
+    report = run_recipe(recipe)
+    bits = {row["name"]: row.get("codebook_bits") for row in report.layers}
+    assert bits["encoder.embeddings.word_embeddings.weight"] == 2
+    assert bits["encoder.embeddings.position_embeddings.weight"] == 4
+    linears = [n for n in bits if n.endswith(".weight") and ("dense" in n or "attention.self" in n)]
+    assert len(linears) == 2 * 6 + 1 and all(bits[n] == 4 for n in linears)  # 6 a layer, the pooler
+    assert 0.0 < report.compressed.accuracy < 1.0 - 1e-6
+    float_file = tmp_path / "float.tslim"
+    save(sentence_embedder(str(folder)), float_file)
+    artifact = tmp_path / "out" / "minilm_tiny.tslim"
+    assert artifact.stat().st_size < 0.6 * float_file.stat().st_size
+    restored = load(artifact, model=sentence_embedder(str(folder))).eval()
+    (batch,) = tokenize(load_encoder(folder), ["a python module", "game data files"])
+    with torch.no_grad():
+        assert restored(**batch).shape == (2, 16)

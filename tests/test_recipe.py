@@ -27,7 +27,7 @@ def tiny_recipe(out_dir):
 
 
 def test_builtin_recipes_parse():
-    assert builtin_recipes() == ["lenet5", "lenet_300_100", "minilm", "resnet_mini", "resnet_mini_int8"]
+    assert builtin_recipes() == ["lenet5", "lenet_300_100", "minilm", "minilm_tiny", "resnet_mini", "resnet_mini_int8"]
     r = load_recipe()
     assert r.name == "lenet_300_100" and [s.kind for s in r.steps] == ["prune", "share"]
     assert load_recipe("lenet5").model.name == "lenet5"
