@@ -302,8 +302,8 @@ def _compiled(model):
 
 
 def study(trials: int) -> dict:
-    """``torchslim search minilm`` with ``trials`` trials: each layer's codebook size under the
-    built-in recipe's budget (0.5 % of the cosine to the original, on the recipe's evaluation
+    """``torchslim search minilm`` with ``trials`` trials: each Linear layer's and table's codebook
+    size under the built-in recipe's budget (0.5 % of the cosine to the original, on the recipe's evaluation
     texts: half steer the search, half are held out), the delivered file loaded back and scored."""
     from torchslim.recipe.run import run_search
 
@@ -472,7 +472,7 @@ def markdown(payload: dict) -> str:
         lines += [
             "",
             f"The adaptive search, `torchslim search minilm` with {searched['trials']} trials (each Linear layer's "
-            f"codebook size, the word table left in fp32; budget {searched['budget']}; "
+            f"and each embedding table's codebook size; budget {searched['budget']}; "
             f"{searched['wall_s'] / 60:.0f} min): {searched['chosen']}. Delivered "
             f"{searched['bytes'] / 1e6:.1f} MB ({searched['ratio']:.1f}x smaller than fp32), cosine "
             f"{searched['cosine_holdout']:.4f} on held-out texts. Pareto front (size, cosine on the search texts): "

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from torchslim.artifact.inspect import inspect_file
-from torchslim.core.data import Data, take_rows
+from torchslim.core.data import Data, TensorBatches, take_rows
 from torchslim.core.plan import CompressionPlan
 from torchslim.core.qlayers import QuantizedLayer
 from torchslim.errors import ConfigError
 from torchslim.search.config import Budget, LatencySetting, SearchConfig
 from torchslim.search.result import SearchResult
 from torchslim.search.run import search
-from torchslim.search.sensitivity import budget_plan, cached_sensitivity
+from torchslim.search.sensitivity import budget_plan, cached_sensitivity, layer_sensitivity
 from torchslim.search.space import (
     Layers,
     Recovery,
@@ -397,3 +397,48 @@ def test_latency_is_measured_on_dict_inputs_by_the_compiled_backends():
     assert not timeable({"input_ids": batch["input_ids"], "text": "a"}, "inductor") and timeable("a", "eager")
     ms = latency_ms(_Keyed().eval(), batch, LatencySetting("onnxruntime", batch=8, threads=1, repeats=3))
     assert ms is not None and ms > 0
+
+
+class _Bag(torch.nn.Module):
+    """A word table (big enough to search) and a small one (left alone) feeding a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words, self.kinds = torch.nn.Embedding(1024, 64), torch.nn.Embedding(4, 64)
+        self.fc = torch.nn.Linear(64, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.words(ids).mean(1) + self.kinds(ids % 4).mean(1))
+
+
+def test_embedding_tables_are_searched_for_codebooks_only_and_seeded_from_their_sensitivity():
+    from torchslim.recipe.schema import SearchSection
+    from torchslim.search.study import seed_study
+
+    torch.manual_seed(0)
+    model, ids = _Bag(), torch.randint(0, 1024, (64, 12))
+    labels = torch.randint(0, 3, (64,))
+    data = Data(train=TensorBatches((ids, labels), 16), eval=TensorBatches((ids[:32], labels[:32]), 16))
+    space = SearchSection(bits=[6, 4], tables=[4, 2], sparsity=[0.0], channels=[0.0]).space("size")
+    assert space.tables == (4, 2) and SearchSpace().tables == ()  # tables stay float unless offered
+    layers = Layers.of(model, ids[:2], space)
+    assert layers.tables == ("words",) and Layers.of(model, ids[:2], SearchSpace()).tables == ()
+    dists = distributions(space, layers)
+    assert list(dists["precision:words"].choices) == ["float", "share4", "share2"]  # no int8, no sparsity
+    assert "sparsity:words" not in dists and "int8" in dists["precision:fc"].choices
+    plan = plan_from_params({"precision:words": "share2", "precision:fc": "float", "sparsity:fc": 0.0})
+    assert plan.resolve("words").bits == 2 and params_from_plan(plan, space, layers)["precision:words"] == "share2"
+    measured = layer_sensitivity(model, data, data.eval, space, layers)
+    assert [b for b, _ in measured["bits"]["words"]] == [4, 2] and "kinds" not in measured["bits"]
+    curves = {"bits": {"words": [[4, 0.001], [2, 0.5]], "fc": [[6, 0.0], [4, 0.9]]}}
+    seeded = budget_plan(curves, space, layers, 0.01, "size")
+    assert seeded.resolve("words").bits == 4 and seeded.resolve("fc").bits == 6
+    assert budget_plan(curves, space, layers, 0.01, "latency").resolve("words") is None  # a codebook is not faster
+    done = apply_plan(model, seeded, data, Recovery(epochs=0, share_epochs=0), space)
+    assert done.plan.resolve("words").bits == 4 and len(done.model.words.weight.unique()) <= 16
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    config = SearchConfig(Budget.parse("1pt"), space=space)
+    seed_study(study, config, layers, curves, 0.01)
+    for t in study.trials:  # every queued plan is one Optuna can describe
+        fixed = t.system_attrs["fixed_params"]
+        assert fixed["precision:words"] in dists["precision:words"].choices

@@ -300,6 +300,9 @@ class SearchSection(Strict):
     bits: list[int] | None = Field(None, description="codebook sizes; default: the objective's (none for latency)")
     channels: list[float] | None = Field(None, description="channel fractions; default [0, 0.25, 0.5]")
     int8: bool = True
+    tables: list[int] | None = Field(
+        None, description="codebook sizes for embedding tables (a text encoder's word table); default: none"
+    )
     round_to: int = Field(8, ge=1)
     min_channels: int = Field(8, ge=1)
     recovery: RecoverySection = RecoverySection()
@@ -325,7 +328,7 @@ class SearchSection(Strict):
     def space(self, objective: str) -> SearchSpace:
         """The choices set here, the rest from ``SearchSpace.default_for(objective)``."""
         base = SearchSpace.default_for(objective)
-        given = {k: tuple(v) for k in ("sparsity", "bits", "channels") if (v := getattr(self, k)) is not None}
+        given = {k: tuple(v) for k in ("sparsity", "bits", "channels", "tables") if (v := getattr(self, k)) is not None}
         return replace(base, **given, int8=self.int8, round_to=self.round_to, min_channels=self.min_channels)
 
     def config(self, threads: int, seed: int, **overrides: Any) -> SearchConfig:

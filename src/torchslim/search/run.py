@@ -142,7 +142,7 @@ def search(
             final=final,
             trials=trial_rows(trials, max_drop, config.objective),
             sensitivity=Sensitivity(curves, "search", cached),
-            layers=LayerFacts(list(layers.weights), list(layers.groups), dict(layers.skipped)),
+            layers=LayerFacts(list(layers.weights + layers.tables), list(layers.groups), dict(layers.skipped)),
             plan_table=_plan_table(final.plan if final else chosen and chosen["plan"], layers),
             search=_search_facts(config, trials, facts, timings, run_dir / "study.sqlite3", name),
             timings=timings,
@@ -336,7 +336,7 @@ def _plan_table(plan_dict: dict | None, layers: Layers) -> list[PlanRow]:
     """Per weight layer, what the plan does to it -- the plan as realised when a file was delivered."""
     plan = CompressionPlan.from_dict(plan_dict) if plan_dict else CompressionPlan()
     rows = []
-    for name in layers.weights:
+    for name in layers.weights + layers.tables:
         d = plan.resolve(name)
         touched = d is not None and any(v for v in (d.channels, d.sparsity, d.bits, d.quantize))
         why = layers.skipped.get(name)

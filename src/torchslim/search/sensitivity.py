@@ -58,6 +58,7 @@ def layer_sensitivity(
     base = evaluate(model, batches, data.task)
     jobs: list[tuple[str, str, float]] = [("sparsity", n, s) for n in layers.weights for s in space.sparsity if s > 0]
     jobs += [("bits", n, b) for n in layers.weights for b in space.bits]
+    jobs += [("bits", n, b) for n in layers.tables for b in space.tables]
     jobs += [("channels", g, c) for g in layers.groups for c in space.channels if c > 0]
     curves: Curves = {}
     for i, (technique, name, setting) in enumerate(jobs):
@@ -117,7 +118,7 @@ def budget_plan(
     ``latency`` objective a layer prefers int8; for ``size`` the smallest codebook, else int8.
     ``int8=False`` leaves every layer in float (whether int8 is faster depends on the model and
     the backend, so the latency search is seeded both ways)."""
-    each = allowance / max(len(layers.weights) + len(layers.groups), 1)
+    each = allowance / max(len(layers.weights) + len(layers.groups) + len(layers.tables), 1)
 
     def most(technique: str, name: str) -> float | None:
         ok = [s for s, d in curves.get(technique, {}).get(name, []) if d <= each]
@@ -133,5 +134,7 @@ def budget_plan(
             entry["quantize"] = 8
         elif bits is not None and objective == "size":
             entry["bits"] = int(bits)
+    for n in layers.tables:  # a codebook makes a table smaller, never faster
+        rules[n] = {"bits": int(most("bits", n) or 0) if objective == "size" else None}
     rules = {k: {f: v for f, v in d.items() if v} for k, d in rules.items()}
     return CompressionPlan(tuple((k, LayerDecision(**v)) for k, v in rules.items() if v))

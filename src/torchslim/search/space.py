@@ -3,7 +3,8 @@
 A candidate is a :class:`~torchslim.core.plan.CompressionPlan`: per coupling group a fraction
 of channels removed (structured pruning), per weight layer a sparsity (unstructured magnitude
 pruning) and a precision -- float, a k-means codebook of ``bits`` (weight sharing), or static
-int8. Optuna sees the same choices as categorical parameters named ``channels:<root>``,
+int8 -- and, when the space offers ``tables`` codebook sizes, per embedding table a precision:
+float or a codebook (a text encoder's word table is most of its file). Optuna sees the same choices as categorical parameters named ``channels:<root>``,
 ``sparsity:<layer>`` and ``precision:<layer>``; :func:`plan_from_params` and
 :func:`params_from_plan` translate between the two, so a plan can seed the study.
 """
@@ -43,6 +44,8 @@ class SearchSpace:
         bits: codebook sizes for weight sharing (empty: no sharing).
         channels: fractions of a coupling group's channels removed (empty or ``(0,)``: none).
         int8: whether a layer may run in static int8.
+        tables: codebook sizes for embedding tables (``nn.Embedding`` of at least
+            :data:`MIN_TABLE` values; empty: tables keep their floats).
         round_to: kept channel counts are multiples of this.
         min_channels: no group keeps fewer channels.
     """
@@ -51,13 +54,14 @@ class SearchSpace:
     bits: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
     channels: tuple[float, ...] = (0.0, 0.25, 0.5)
     int8: bool = True
+    tables: tuple[int, ...] = ()
     round_to: int = 8
     min_channels: int = 8
 
     def __post_init__(self) -> None:
         for s in (*self.sparsity, *self.channels):
             LayerDecision(sparsity=s)  # range checks with a clear message
-        for b in self.bits:
+        for b in (*self.bits, *self.tables):
             LayerDecision(bits=b)
         if 0.0 not in self.sparsity:
             raise ConfigError(f"sparsity={self.sparsity}: include 0.0 so a layer can keep all its weights")
@@ -74,6 +78,15 @@ class SearchSpace:
         """The precision choices: ``float``, ``int8`` and ``share<bits>``."""
         return [FLOAT] + ([INT8] if self.int8 else []) + [f"share{b}" for b in self.bits]
 
+    def table_precisions(self) -> list[str]:
+        """An embedding table's choices: ``float`` and ``share<bits>`` of ``tables``."""
+        return [FLOAT] + [f"share{b}" for b in self.tables]
+
+
+MIN_TABLE = 1 << 16
+"""Embedding tables with fewer values are left out of the search: their codebook would save
+under 64 kB."""
+
 
 @dataclass(frozen=True)
 class Layers:
@@ -82,17 +95,23 @@ class Layers:
     weights: tuple[str, ...]
     groups: tuple[str, ...]  # root layer of each prunable coupling group
     skipped: dict[str, str] = field(default_factory=dict)  # group root -> why it cannot shrink
+    tables: tuple[str, ...] = ()  # embedding tables the search may share
 
     @classmethod
     def of(cls, model: nn.Module, example: torch.Tensor, space: SearchSpace) -> Layers:
         names = tuple(n for n, _ in weight_layers(model))
         if not names:
             raise ConfigError(f"{type(model).__name__} has no Linear or Conv layer to compress")
+        tables = tuple(
+            n
+            for n, m in model.named_modules()
+            if space.tables and isinstance(m, nn.Embedding) and m.weight.numel() >= MIN_TABLE
+        )
         if not any(c > 0 for c in space.channels):
-            return cls(names, ())
+            return cls(names, (), tables=tables)
         coupling = analyse(model, example, min_channels=space.min_channels)
         groups = tuple(g.root for g in coupling.prunable())
-        return cls(names, groups, {g.root: g.skip for g in coupling.groups if g.skip})
+        return cls(names, groups, {g.root: g.skip for g in coupling.groups if g.skip}, tables)
 
 
 def distributions(space: SearchSpace, layers: Layers) -> dict[str, Any]:
@@ -104,6 +123,7 @@ def distributions(space: SearchSpace, layers: Layers) -> dict[str, Any]:
         out |= {f"channels:{g}": CategoricalDistribution(list(space.channels)) for g in layers.groups}
     out |= {f"sparsity:{n}": CategoricalDistribution(list(space.sparsity)) for n in layers.weights}
     out |= {f"precision:{n}": CategoricalDistribution(space.precisions()) for n in layers.weights}
+    out |= {f"precision:{n}": CategoricalDistribution(space.table_precisions()) for n in layers.tables}
     return out
 
 
@@ -136,6 +156,8 @@ def params_from_plan(plan: CompressionPlan, space: SearchSpace, layers: Layers) 
             params[key] = near(space.channels, d.channels or 0.0)
         elif kind == "sparsity":
             params[key] = near(space.sparsity, d.sparsity or 0.0)
+        elif layer in layers.tables:
+            params[key] = f"share{near(space.tables, d.bits)}" if d.bits else FLOAT
         elif d.quantize and space.int8:
             params[key] = INT8
         elif d.bits and space.bits:

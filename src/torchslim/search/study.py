@@ -99,6 +99,8 @@ def seed_study(study: Any, config: SearchConfig, layers: Layers, curves: Curves,
     )
     if precision:
         uniform = {k: (precision if k.startswith("precision:") else 0.0) for k in distributions(space, layers)}
+        for table in layers.tables:  # a table's choices are its own: the middle codebook, else float
+            uniform[f"precision:{table}"] = space.table_precisions()[(len(space.tables) + 1) // 2]
         seeds.append(("seed: uniform " + precision, uniform, {}))
     for variant in variants(config):
         for multiple in config.seeds:
