@@ -84,7 +84,8 @@ def publish(name: str, payload: dict, section: str | None) -> int:
 
 
 def cpu() -> dict:
-    """The processor's name and the int8-relevant instruction sets it reports (Linux)."""
+    """The processor's name, family / model numbers (one name covers several generations: AMD
+    family 25 is Zen 3 / 4, 26 Zen 5) and the int8-relevant instruction sets it reports (Linux)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -93,7 +94,19 @@ def cpu() -> dict:
         (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.processor()
     )
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    field = {
+        k: ln.split(":", 1)[1].strip()
+        for ln in info.splitlines()
+        for k in ("cpu family", "model")
+        if ln.split(":")[0].strip() == k
+    }
     return {
         "name": name,
+        "family": f"{field.get('cpu family', '?')}/{field.get('model', '?')}",
         "int8_isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
     }
+
+
+def cpu_name(c: dict) -> str:
+    """The processor as the docs name it: its name, and its family / model when recorded."""
+    return c.get("name", "?") + (f" family {c['family']}" if c.get("family") else "")

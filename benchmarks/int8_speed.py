@@ -25,7 +25,7 @@ import sys
 import time
 import warnings
 
-from bench_common import cpu, end_section, markers, output_args, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
+from bench_common import cpu, cpu_name, end_section, markers, output_args, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
 
 START, END = markers("int8_speed")
 
@@ -127,7 +127,7 @@ def markdown(nets: list[dict], env: dict, results: dict[str, bool]) -> str:
         START,
         "## int8 against compiled float, and the cost of calibration",
         "",
-        f"`python benchmarks/int8_speed.py`, {env['when']}, {env['machine']} ({c.get('name', '?')}; "
+        f"`python benchmarks/int8_speed.py`, {env['when']}, {env['machine']} ({cpu_name(c)}; "
         f"{', '.join(c.get('int8_isa', [])) or 'no AVX2'}), torch {env['torch']}, {THREADS} threads. The default "
         "static int8 model (`auto` calibration, bias correction) of each zoo net, timed against the float model "
         "compiled on the same backend: paired medians in ms, batch 1 and 64 (alternating blocks of calls; ONNX Runtime "

