@@ -90,19 +90,15 @@ def cpu() -> dict:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return {}
-    name = next(
-        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.processor()
-    )
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    field = {
-        k: ln.split(":", 1)[1].strip()
-        for ln in info.splitlines()
-        for k in ("cpu family", "model")
-        if ln.split(":")[0].strip() == k
-    }
+    first: dict[str, str] = {}  # the first processor's fields
+    for line in info.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            first.setdefault(key.strip(), value.strip())
+    flags = first.get("flags", "").split()
     return {
-        "name": name,
-        "family": f"{field.get('cpu family', '?')}/{field.get('model', '?')}",
+        "name": first.get("model name", platform.processor()),
+        "family": f"{first.get('cpu family', '?')}/{first.get('model', '?')}",
         "int8_isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
     }
 

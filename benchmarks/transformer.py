@@ -18,8 +18,8 @@ layer, and with ``records`` > 0 in ``STUDENTS`` recovered by distillation from f
 distillation texts: MiniLM relations of the last layer's queries, keys and values, a hint on
 its hidden states, the embedding cosine), then int8; the word-embedding table k-means-shared
 and entropy-coded in the ``.tslim``; and the built-in ``minilm_tiny`` recipe's weight sharing
-(every Linear at 4 bits, the word table at 2), which runs in float. Students are cached under ``.cache/transformer`` as
-``.tslim`` files keyed by their recipe. Peers with their defaults: torchao
+(every Linear at 4 bits, the word table at 2), which runs in float. Students are cached under
+``.cache/transformer`` as ``.tslim`` files keyed by their recipe. Peers with their defaults: torchao
 ``Int8DynamicActivationInt8WeightConfig`` + ``torch.compile``, ONNX Runtime
 ``quantize_dynamic`` (per-channel) on the exported model, ``torch.ao`` dynamic int8.
 
@@ -303,8 +303,9 @@ def _compiled(model):
 
 def study(trials: int) -> dict:
     """``torchslim search minilm`` with ``trials`` trials: each Linear layer's and table's codebook
-    size under the built-in recipe's budget (0.5 % of the cosine to the original, on the recipe's evaluation
-    texts: half steer the search, half are held out), the delivered file loaded back and scored."""
+    size under the built-in recipe's budget (0.5 % of the cosine to the original, on the recipe's
+    evaluation texts: half steer the search, half are held out), the delivered file loaded back
+    and scored."""
     from torchslim.recipe.run import run_search
 
     recipe = load_recipe("minilm")

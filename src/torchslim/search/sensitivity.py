@@ -135,6 +135,7 @@ def budget_plan(
         elif bits is not None and objective == "size":
             entry["bits"] = int(bits)
     for n in layers.tables:  # a codebook makes a table smaller, never faster
-        rules[n] = {"bits": int(most("bits", n) or 0) if objective == "size" else None}
+        bits = most("bits", n) if objective == "size" else None
+        rules[n] = {"bits": None if bits is None else int(bits)}
     rules = {k: {f: v for f, v in d.items() if v} for k, d in rules.items()}
     return CompressionPlan(tuple((k, LayerDecision(**v)) for k, v in rules.items() if v))

@@ -4,8 +4,9 @@ A candidate is a :class:`~torchslim.core.plan.CompressionPlan`: per coupling gro
 of channels removed (structured pruning), per weight layer a sparsity (unstructured magnitude
 pruning) and a precision -- float, a k-means codebook of ``bits`` (weight sharing), or static
 int8 -- and, when the space offers ``tables`` codebook sizes, per embedding table a precision:
-float or a codebook (a text encoder's word table is most of its file). Optuna sees the same choices as categorical parameters named ``channels:<root>``,
-``sparsity:<layer>`` and ``precision:<layer>``; :func:`plan_from_params` and
+float or a codebook (a text encoder's word table is most of its file). Optuna sees the same
+choices as categorical parameters named ``channels:<root>``, ``sparsity:<layer>`` and
+``precision:<layer>``; :func:`plan_from_params` and
 :func:`params_from_plan` translate between the two, so a plan can seed the study.
 """
 
@@ -102,11 +103,8 @@ class Layers:
         names = tuple(n for n, _ in weight_layers(model))
         if not names:
             raise ConfigError(f"{type(model).__name__} has no Linear or Conv layer to compress")
-        tables = tuple(
-            n
-            for n, m in model.named_modules()
-            if space.tables and isinstance(m, nn.Embedding) and m.weight.numel() >= MIN_TABLE
-        )
+        modules = model.named_modules() if space.tables else ()
+        tables = tuple(n for n, m in modules if isinstance(m, nn.Embedding) and m.weight.numel() >= MIN_TABLE)
         if not any(c > 0 for c in space.channels):
             return cls(names, (), tables=tables)
         coupling = analyse(model, example, min_channels=space.min_channels)
