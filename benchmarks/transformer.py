@@ -12,7 +12,8 @@ of Debian package descriptions (``torchslim.core.text``: disjoint, seeded parts)
 * size: the bytes of the file a user stores;
 * the adaptive search: ``torchslim search minilm`` (the built-in recipe) for ``--trials`` trials.
 
-torchslim's variants: per-token dynamic int8 on every Linear; students made by
+torchslim's variants: per-token dynamic int8 on every Linear, and the same with the attention's
+products in bfloat16 (``QuantizeConfig(attention="bfloat16")``); students made by
 ``encoder_prune_`` (heads, FFN neurons, layers; least-squares reconstruction of each pruned
 layer, and with ``records`` > 0 in ``STUDENTS`` recovered by distillation from fp32 on the
 distillation texts: MiniLM relations of the last layer's queries, keys and values, a hint on
@@ -80,9 +81,11 @@ QUICK = {"index": 400, "retrieval": 200, "calibration": 32, "records": 64}
 SMOOTH = 0.6  # SmoothQuant's migration strength, from the calibration texts
 OURS = {
     # name: student (None: the dense model), embedding-table bits, int8 ("token": per-token dynamic,
-    # "smooth": the same after SmoothQuant; None: float), or the built-in recipe whose share step it is
+    # "smooth": the same after SmoothQuant; None: float), attention precision (None: float32), or the
+    # built-in recipe whose share step it is
     "torchslim int8": {"quant": "token"},
     "torchslim int8 smooth table6": {"table": 6, "quant": "smooth"},
+    "torchslim int8 smooth bf16-attention table3": {"table": 3, "quant": "smooth", "attention": "bfloat16"},
     "torchslim light int8": {"student": "light", "table": 6, "quant": "smooth"},
     "torchslim small int8": {"student": "small", "table": 6, "quant": "smooth"},
     "torchslim shared (minilm_tiny)": {"recipe": "minilm_tiny"},
@@ -230,7 +233,13 @@ def ours(name: str, tokenizer, splits, texts: Texts, examples: dict, quick: bool
     embedder = SentenceEmbedder(model).eval()
     if spec.get("quant") == "smooth":  # each channel's largest input over the calibration texts
         calib = calibration_texts(tokenizer, splits, quick)
-        config = ts.QuantizeConfig(scheme="dynamic", activations="token", smooth=SMOOTH, calib_batches=len(calib))
+        config = ts.QuantizeConfig(
+            scheme="dynamic",
+            activations="token",
+            smooth=SMOOTH,
+            calib_batches=len(calib),
+            attention=spec.get("attention"),
+        )
         ts.quantize_(embedder, config, data=calib)
     elif spec.get("quant") == "token":
         ts.quantize_(embedder, ts.QuantizeConfig(scheme="dynamic", activations="token"), example=examples[1])

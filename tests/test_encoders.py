@@ -193,3 +193,49 @@ def test_the_tiny_minilm_recipe_shares_every_weight_of_an_encoder_on_disk(tmp_pa
     (batch,) = tokenize(load_encoder(folder), ["a python module", "game data files"])
     with torch.no_grad():
         assert restored(**batch).shape == (2, 16)
+
+
+def test_bfloat16_attention_is_recorded_in_the_file_and_pads_like_float(tmp_path):
+    """quantize_(attention="bfloat16"): every attention of the encoder computes in bfloat16;
+    a padded text embeds as it does alone; the file restores the precision into a fresh model;
+    a model without Hugging Face attention is a clear error, and the model is left as it was."""
+    import torchslim as ts
+    from torchslim.artifact.runtime import compile_model
+    from torchslim.artifact.tslim import load, read, save
+    from torchslim.core.attention import attention_precision, set_attention_precision_
+    from torchslim.core.encoders import SentenceEmbedder
+
+    folder = _save(tmp_path / "bert", WORDS)
+    encoder = load_encoder(folder)
+    texts = ["a tool for python", "perl module", "game data files for the runtime library"]
+    batch = tokenize(encoder, texts, batch_size=8)[0]
+    plain = SentenceEmbedder(encoder.model).eval()
+    model = SentenceEmbedder(copy.deepcopy(encoder.model)).eval()
+    config = ts.QuantizeConfig(scheme="dynamic", activations="token", attention="bfloat16")
+    ts.quantize_(model, config, example=batch)
+    assert attention_precision(model) == "bfloat16" and attention_precision(plain) is None
+    with torch.no_grad():
+        got, want = model(**batch), plain(**batch)
+        alone = model(**tokenize(encoder, texts[1:2])[0])
+    assert float((got * want).sum(-1).min()) > 0.995
+    assert float((got[1] * alone[0]).sum()) > 0.9999  # the padding is masked out
+    fast = compile_model(model, "inductor", batch)  # the products as one operator: ATen softmax, oneDNN GEMMs
+    assert float((fast(batch) * got).sum(-1).min()) > 0.9999
+    path = tmp_path / "bf16.tslim"
+    save(model, path)
+    assert read(path)[0].attention == "bfloat16"
+    restored = load(path, model=SentenceEmbedder(load_encoder(folder).model))
+    assert attention_precision(restored) == "bfloat16"
+    with torch.no_grad():
+        assert torch.equal(restored(**batch), got)
+    set_attention_precision_(restored, "float32")  # back to the model's own
+    assert attention_precision(restored) is None
+    with torch.no_grad():
+        assert float((restored(**batch) * got).sum(-1).min()) > 0.995
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match="Hugging Face"):
+        ts.quantize_(mlp, ts.QuantizeConfig(scheme="dynamic", attention="bfloat16"), example=torch.zeros(2, 4))
+    assert type(mlp[0]) is torch.nn.Linear  # rolled back
+    with pytest.raises(ConfigError, match="attention="):
+        ts.QuantizeConfig(scheme="dynamic", attention="float16")

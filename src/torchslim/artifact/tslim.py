@@ -26,6 +26,7 @@ from torch import nn
 
 from torchslim.artifact.codecs import CodedEntry, decode_tensor, encode_tensor
 from torchslim.artifact.structure import ModuleEntry, describe, parse_modules, resize_
+from torchslim.core.attention import attention_precision, set_attention_precision_
 from torchslim.core.device import Device, place
 from torchslim.core.files import output_path, write_atomic
 from torchslim.core.qlayers import (
@@ -114,6 +115,8 @@ def encode(
     manifest["folded"] = folded_names(model) if isinstance(model, nn.Module) else {}
     if tied:
         manifest["tied"] = tied
+    if isinstance(model, nn.Module) and attention_precision(model) is not None:
+        manifest["attention"] = attention_precision(model)
     return st_save(stored, metadata=pack_manifest(manifest))
 
 
@@ -223,6 +226,7 @@ class Manifest:
     quant: dict[str, QuantEntry] = field(default_factory=dict)
     folded: dict[str, str] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)  # alias -> the stored name it is tied to
+    attention: str | None = None  # the precision of a transformers model's attention, when not its own
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the JSON as read
 
     @classmethod
@@ -262,8 +266,16 @@ class Manifest:
             quant={name: QuantEntry.parse(spec, name, path) for name, spec in quant.items()},
             folded=parse_folds(manifest.get("folded", {}), path),
             tied=_parse_ties(manifest.get("tied"), version, path),
+            attention=_parse_attention(manifest.get("attention"), path),
             raw=manifest,
         )
+
+
+def _parse_attention(attention: Any, path: Any) -> str | None:
+    """The optional ``attention`` key: the precision the model's attention runs in."""
+    if attention is not None and attention != "bfloat16":
+        raise ArtifactError(f"{path}: 'attention' must be \"bfloat16\" when present, not {attention!r}")
+    return attention
 
 
 def _parse_ties(tied: Any, version: int, path: Any) -> dict[str, str]:
@@ -417,6 +429,11 @@ def _into(module: nn.Module, manifest: Manifest, stored: Mapping[str, torch.Tens
             raise ArtifactError(f"{path}: {name}.input_smooth must be positive and finite; the file is inconsistent")
     module.load_state_dict(state)
     tie_(module, manifest.tied)  # a builder that does not tie them itself gets the file's ties
+    if manifest.attention is not None:
+        try:
+            set_attention_precision_(module, manifest.attention)
+        except ConfigError as exc:
+            raise ShapeMismatchError(f"{path}: {exc}; pass the builder of the model that was saved") from None
 
 
 def _refold(module: nn.Module, folded: Mapping[str, str], path: Any) -> None:

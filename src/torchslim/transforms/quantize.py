@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from torchslim.analysis.ranges import METHODS
+from torchslim.core.attention import bfloat16_dot_products, set_attention_precision_
 from torchslim.core.data import Data, take_rows
 from torchslim.core.device import model_device
 from torchslim.core.plan import CompressionPlan, check_keys, match_layer
@@ -85,6 +86,11 @@ class QuantizeConfig:
             calibration batches, which it needs) and the weight's column multiplied by it, so
             outlier channels stop coarsening every token's int8 grid
             (:mod:`torchslim.transforms.smoothing`).
+        attention: Hugging Face transformers only: ``"bfloat16"`` computes each attention's
+            query-key scores, softmax and weighted values in bfloat16 (what is left in float32
+            once the Linear layers run int8; twice the float32 rate on CPUs with AVX512-BF16 or
+            AMX), recorded in the file; ``None`` keeps the model's own
+            (:mod:`torchslim.core.attention`).
         fold_bn: fold each BatchNorm into the convolution feeding it before quantizing.
         bias_correction: after quantizing (static, post-training), shift each layer's bias by
             the mean error its output shows on the calibration batches against the float model
@@ -104,6 +110,7 @@ class QuantizeConfig:
     per_channel: bool = True
     activations: str = "tensor"
     smooth: float | None = None
+    attention: str | None = None
     fold_bn: bool = True
     bias_correction: bool = True
     layers: tuple[str, ...] | None = None
@@ -146,6 +153,8 @@ class QuantizeConfig:
             )
         if self.qat is not None and self.scheme != "static":
             raise ConfigError("qat trains through static int8 quantization: use scheme='static'")
+        if self.attention not in (None, "bfloat16"):
+            raise ConfigError(f"attention={self.attention!r}: use 'bfloat16' (attention products in bfloat16) or None")
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
@@ -308,6 +317,13 @@ def _quantize(
     if reference is not None:
         for name, shift in correct_biases_(model, reference, list(targets), batches, progress).items():
             records[name].bias_shift = round(shift, 6)
+    if config.attention is not None:
+        set_attention_precision_(model, config.attention)  # undone with the rest if the check below fails
+        if not bfloat16_dot_products() and model_device(model).type == "cpu":
+            log.warning(
+                "attention='bfloat16': this CPU has no bfloat16 dot products (AVX512-BF16 or AMX), so the "
+                "attention runs emulated and slower than float32; leave attention out for this machine"
+            )
     hint = "a layer's weight may be used outside its forward (exclude it, e.g. exclude=('fc',))"
     check_runs(model, example, "quantized", hint)
     return QuantizeResult(list(records.values()), folded, config, history, calibration)
