@@ -4,10 +4,10 @@ Once a transformer's Linear layers run as int8 GEMMs, the attention itself -- th
 scores and the weighted sum of the values, two batched matmuls per layer with a softmax
 between -- is what is left in float32, and on short sequences with small heads (MiniLM: 128
 tokens, 32 dimensions a head) it takes about as long as all the int8 Linear layers together.
-CPUs with bfloat16 dot products (AVX512-BF16, AMX) run those matmuls at twice the float32
-rate: the queries, keys and values are rounded to bfloat16 (8 bits of mantissa, float32's
-range), the products accumulate in float32 inside the kernel, and the softmax runs on the
-bfloat16 scores. Embeddings move by a few parts in 100,000 (docs/benchmarks.md).
+Here the queries, keys and values are rounded to bfloat16 (8 bits of mantissa, float32's
+range), oneDNN's bfloat16 batched GEMMs multiply them (accumulating in float32) and ATen's
+softmax runs on the bfloat16 scores: on a CPU with bfloat16 dot products (AVX512-BF16, AMX)
+about twice as fast as PyTorch's fused float32 attention kernel at those sizes.
 
 Works on Hugging Face models built on ``transformers``' attention interface (BERT, RoBERTa,
 Llama, ...): the precision is the model's attention implementation, a registered function;
