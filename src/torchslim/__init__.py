@@ -28,6 +28,7 @@ from torchslim.train.losses import FeatureLoss, SoftTargetLoss
 from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
 from torchslim.transforms.compress import CompressResult, CompressSettings, compress
 from torchslim.transforms.distill import DistillConfig, derive_student, distill
+from torchslim.transforms.gptq import GPTQConfig, gptq_
 from torchslim.transforms.heads import EncoderPruneConfig, encoder_prune_
 from torchslim.transforms.mixed_precision import MixedPrecisionConfig, mixed_precision_
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
@@ -46,6 +47,7 @@ __all__ = [
     "Embedding",
     "EncoderPruneConfig",
     "FeatureLoss",
+    "GPTQConfig",
     "LanguageModel",
     "LayerDecision",
     "MagnitudePruneConfig",
@@ -73,6 +75,7 @@ __all__ = [
     "export_onnx",
     "fidelity",
     "fit",
+    "gptq_",
     "keep_faster_",
     "load",
     "mixed_precision_",

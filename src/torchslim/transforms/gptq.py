@@ -1,0 +1,264 @@
+"""GPTQ (Frantar et al., ICLR 2023): int4 weights that keep each layer's output, not its weight.
+
+Rounding every weight to its nearest grid point (RTN) minimises the weight's error; what
+matters is the layer's output ``W x`` on the inputs it sees. GPTQ quantizes a layer's input
+columns one at a time and spreads each column's rounding error over the columns not yet
+quantized, weighted by the inverse of the inputs' second-moment matrix ``H = Σ x xᵀ`` (the
+Hessian of the output's squared error), so later columns absorb what earlier ones lost. The
+paper's refinements are here: columns in order of decreasing ``H`` diagonal ("act-order",
+with each group's scale fixed from the float weight first), the inverse's Cholesky factor
+computed once, updates applied lazily per block of columns, and ``H``'s diagonal damped by a
+fraction of its mean (more when few tokens leave ``H`` singular, said in the report).
+
+The result is the same int4 layer RTN gives (:class:`~torchslim.core.qlayers.QuantizedLayer`,
+symmetric scales per group of inputs, stored packed in the `.tslim`), with other integers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from torchslim.core.data import Data
+from torchslim.core.plan import match_layer
+from torchslim.core.qlayers import QuantizedLayer, pack_int4, quantize_weight, weight_scales
+from torchslim.errors import ConfigError
+from torchslim.train.fit import Progress
+from torchslim.transforms.calibrate import calibration_batches, inputs_of
+from torchslim.transforms.guard import rollback
+from torchslim.transforms.layerwise import Inputs, blockwise, input_statistics
+
+log = logging.getLogger(__name__)
+
+_BITS = 4
+_MAX_DAMP = 1.0  # the most damping tried (a fraction of H's mean diagonal) before giving up
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """How to run GPTQ.
+
+    Attributes:
+        group_size: inputs per int4 scale; must divide every quantized layer's input features
+            (128 in the paper; the CPU int4 kernels need whole groups).
+        act_order: quantize columns in order of decreasing input energy (``H``'s diagonal).
+        damp: added to ``H``'s diagonal, as a fraction of its mean (0.01 in the paper).
+        calib_batches: calibration batches (token-id tensors or dicts with ``input_ids``).
+        block: columns updated together (lazy batch updates); rounded to whole groups.
+        layers: names or ``re:`` patterns of the Linear layers to quantize, relative to the
+            model; ``None``: every Linear inside the repeated blocks (the output head and the
+            embeddings stay as they are).
+    """
+
+    group_size: int = 128
+    act_order: bool = True
+    damp: float = 0.01
+    calib_batches: int = 16
+    block: int = 128
+    layers: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("group_size", "calib_batches", "block"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{key}={v!r}: use a whole number >= 1")
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 < self.damp <= _MAX_DAMP:
+            raise ConfigError(f"damp={self.damp!r}: use a fraction in (0, {_MAX_DAMP}] of H's mean diagonal, e.g. 0.01")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+
+@dataclass
+class GPTQLayer:
+    """What GPTQ did to one layer (a row of the report). Output errors are relative:
+    ``‖(W - Ŵ) X‖² / ‖W X‖²`` over the calibration tokens, for GPTQ and for plain rounding."""
+
+    name: str
+    tokens: int
+    damp: float
+    output_error: float
+    rtn_output_error: float
+    note: str | None = None
+
+
+@dataclass
+class GPTQResult:
+    """What ``gptq_`` did."""
+
+    layers: list[GPTQLayer]
+    config: GPTQConfig
+
+    def to_dict(self) -> dict:
+        return {"config": asdict(self.config), "layers": [asdict(r) for r in self.layers]}
+
+    def summary(self) -> str:
+        n = max(len(self.layers), 1)
+        g = sum(r.output_error for r in self.layers) / n
+        r = sum(r.rtn_output_error for r in self.layers) / n
+        return (
+            f"{len(self.layers)} Linear layers to int4 (groups of {self.config.group_size}): mean relative "
+            f"output error {g:.3g} (round-to-nearest: {r:.3g})"
+        )
+
+
+def _cholesky_inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor of ``(H + λI)⁻¹`` and the damping fraction it took: ``damp``,
+    or ten times more until ``H`` is positive definite."""
+    mean = float(torch.diag(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    while True:
+        factor, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper, damp
+        if damp * 10 > _MAX_DAMP:
+            raise ConfigError(
+                f"H stays singular with damping {damp:g} of its mean diagonal: calibrate on more tokens "
+                "(at least the layer's input features)"
+            )
+        damp *= 10
+
+
+@torch.no_grad()
+def gptq_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    act_order: bool = True,
+    damp: float = 0.01,
+    block: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Signed int4 values ``(out, in)``, their float16-exact scales ``(out, groups)`` and the
+    damping used, for ``weight`` given its inputs' ``hessian`` (``Σ x xᵀ``)."""
+    w = weight.detach().double().clone()
+    h = hessian.double().clone()
+    cols = w.shape[1]
+    dead = torch.diag(h) == 0  # inputs never non-zero: their weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    lo, hi = -(2 ** (_BITS - 1)), 2 ** (_BITS - 1) - 1
+    scales = weight_scales(w.float(), _BITS, group_size).half().double()  # (out, groups); act-order fixes them now
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    w, h = w[:, perm], h[perm][:, perm]
+    upper, used = _cholesky_inverse_factor(h, damp)
+    q = torch.zeros_like(w)
+    step = group_size * max(1, block // group_size)  # whole groups per block
+    for b0 in range(0, cols, step):
+        b1 = min(b0 + step, cols)
+        w1 = w[:, b0:b1].clone()
+        errors = torch.zeros_like(w1)
+        for j in range(b1 - b0):
+            c = int(perm[b0 + j])
+            g = c // group_size
+            if not act_order and c % group_size == 0:  # the group starts here: its scale from the updated weights
+                peak = w1[:, j : j + group_size].abs().amax(1)
+                scales[:, g] = torch.where(peak > 0, peak / hi, torch.ones_like(peak)).half().double()
+            s = scales[:, g]
+            qc = torch.clamp(torch.round(w1[:, j] / s), lo, hi)
+            err = (w1[:, j] - qc * s) / upper[b0 + j, b0 + j]
+            w1[:, j + 1 :] -= err.unsqueeze(1) * upper[b0 + j, b0 + j + 1 : b1].unsqueeze(0)
+            errors[:, j] = err
+            q[:, b0 + j] = qc
+        w[:, b1:] -= errors @ upper[b0:b1, b1:]
+    inverse = torch.argsort(perm)
+    return q[:, inverse].to(torch.int8), scales.float(), used
+
+
+def _relative_output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    d, w = weight.double() - approx.double(), weight.double()
+    num = float(torch.einsum("oi,ij,oj->", d, hessian, d))
+    den = float(torch.einsum("oi,ij,oj->", w, hessian, w))
+    return num / den if den > 0 else 0.0
+
+
+def _int4_layer(layer: nn.Linear, ints: torch.Tensor, scales: torch.Tensor, group_size: int) -> QuantizedLayer:
+    q = QuantizedLayer.empty_like(layer, "weight", _BITS, group_size)
+    q.weight.copy_(pack_int4(ints))
+    q.weight_scale.copy_(scales)
+    if layer.bias is not None:
+        q.bias.copy_(layer.bias.detach().float())
+    return q.to(layer.weight.device)
+
+
+def gptq_(
+    model: nn.Module,
+    config: GPTQConfig = GPTQConfig(),
+    data: Data | list | None = None,
+    *,
+    progress: Progress | None = None,
+) -> GPTQResult:
+    """Quantize the Linear layers of ``model``'s repeated blocks (a transformer's layers) to
+    int4 with GPTQ, block by block on calibration sequences; in place.
+
+    Args:
+        model: a transformer (e.g. a Hugging Face causal language model).
+        config: group size, act-order, damping, calibration batches.
+        data: a :class:`~torchslim.core.data.Data` (its calibration split) or a list of batches
+            (token-id tensors or dicts with ``input_ids``).
+        progress: called as ``progress(blocks done, blocks)``.
+
+    Example:
+        >>> result = ts.gptq_(llm, ts.GPTQConfig(group_size=128), data=calib)  # doctest: +SKIP
+        >>> print(result.summary())  # doctest: +SKIP
+    """
+    if data is None:
+        raise ConfigError("GPTQ measures each layer's inputs: pass data=<calibration batches>")
+    task = data.task if isinstance(data, Data) else None
+    batches = [inputs_of(b, task) for b in calibration_batches(data, config.calib_batches)]
+    records: list[GPTQLayer] = []
+
+    def visit(prefix: str, block: nn.Module, inputs: Inputs) -> None:
+        layers = _chosen(block, prefix, config)
+        stats = input_statistics(block, inputs, layers)
+        for name, layer in layers.items():
+            s = stats[name]
+            h = s["hessian"]
+            w = layer.weight.detach().float().cpu()
+            ints, scales, used = gptq_weight(w, h, config.group_size, config.act_order, config.damp, config.block)
+            approx = (ints.float().reshape(w.shape[0], -1, config.group_size) * scales.unsqueeze(-1)).flatten(1)
+            rtn_scales = weight_scales(w, _BITS, config.group_size).half().float()
+            rtn = quantize_weight(w, rtn_scales, _BITS, config.group_size).float()
+            rtn = (rtn.reshape(w.shape[0], -1, config.group_size) * rtn_scales.unsqueeze(-1)).flatten(1)
+            note = None
+            if s["tokens"] < layer.in_features or used > config.damp:
+                note = f"{s['tokens']} calibration tokens for {layer.in_features} inputs: H damped by {used:g} of its mean diagonal"
+                log.warning("%s.%s: %s", prefix, name, note)
+            records.append(
+                GPTQLayer(
+                    name=f"{prefix}.{name}",
+                    tokens=s["tokens"],
+                    damp=used,
+                    output_error=_relative_output_error(w, approx, h),
+                    rtn_output_error=_relative_output_error(w, rtn, h),
+                    note=note,
+                )
+            )
+            block.set_submodule(name, _int4_layer(layer, ints, scales, config.group_size))
+
+    with rollback(model):  # a failure leaves the float model as it was
+        blockwise(model, batches, visit, progress)
+    if not records:
+        raise ConfigError("no Linear layer matched config.layers inside the model's repeated blocks")
+    return GPTQResult(records, config)
+
+
+def _chosen(block: nn.Module, prefix: str, config: GPTQConfig) -> dict[str, nn.Linear]:
+    layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    if config.layers is not None:
+        layers = {n: m for n, m in layers.items() if match_layer(config.layers, f"{prefix}.{n}") is not None}
+    for n, m in layers.items():
+        if m.in_features % config.group_size:
+            raise ConfigError(
+                f"group_size={config.group_size} does not divide {prefix}.{n}'s {m.in_features} input features: "
+                f"use a divisor of it (e.g. {_divisor(m.in_features, config.group_size)})"
+            )
+    return layers
+
+
+def _divisor(n: int, near: int) -> int:
+    return max(d for d in range(1, min(n, near) + 1) if n % d == 0)
