@@ -115,8 +115,9 @@ def encode(
     manifest["folded"] = folded_names(model) if isinstance(model, nn.Module) else {}
     if tied:
         manifest["tied"] = tied
-    if isinstance(model, nn.Module) and attention_precision(model) is not None:
-        manifest["attention"] = attention_precision(model)
+    attention = attention_precision(model) if isinstance(model, nn.Module) else None
+    if attention is not None:
+        manifest["attention"] = attention
     return st_save(stored, metadata=pack_manifest(manifest))
 
 

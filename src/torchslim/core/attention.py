@@ -110,12 +110,12 @@ def _register() -> None:
 
 def _configured(model: nn.Module) -> list[nn.Module]:
     """The outermost Hugging Face models in ``model`` (each sets its own sub-models)."""
-    found: list[nn.Module] = []
-    for _, m in model.named_modules():
+    found: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():  # parents come before their children
         if hasattr(m, "set_attn_implementation") and hasattr(getattr(m, "config", None), "_attn_implementation"):
-            if not any(m in set(outer.modules()) for outer in found):
-                found.append(m)
-    return found
+            if not any(name == o or name.startswith(f"{o}.") or not o for o in found):
+                found[name] = m
+    return list(found.values())
 
 
 def set_attention_precision_(model: nn.Module, precision: str) -> nn.Module:

@@ -24,7 +24,7 @@ from torch import nn
 
 from torchslim.core.data import Data
 from torchslim.core.plan import match_layer
-from torchslim.core.qlayers import QuantizedLayer, pack_int4, quantize_weight, weight_scales
+from torchslim.core.qlayers import QuantizedLayer, pack_int4, weight_scales
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress
 from torchslim.transforms.calibrate import calibration_batches, inputs_of
@@ -220,10 +220,8 @@ def gptq_(
             h = s["hessian"]
             w = layer.weight.detach().float().cpu()
             ints, scales, used = gptq_weight(w, h, config.group_size, config.act_order, config.damp, config.block)
-            approx = (ints.float().reshape(w.shape[0], -1, config.group_size) * scales.unsqueeze(-1)).flatten(1)
-            rtn_scales = weight_scales(w, _BITS, config.group_size).half().float()
-            rtn = quantize_weight(w, rtn_scales, _BITS, config.group_size).float()
-            rtn = (rtn.reshape(w.shape[0], -1, config.group_size) * rtn_scales.unsqueeze(-1)).flatten(1)
+            quantized = _int4_layer(layer, ints, scales, config.group_size)
+            rtn = QuantizedLayer.from_float(layer, "weight", _BITS, config.group_size)
             note = None
             if s["tokens"] < layer.in_features or used > config.damp:
                 note = f"{s['tokens']} calibration tokens for {layer.in_features} inputs: H damped by {used:g} of its mean diagonal"
@@ -233,12 +231,12 @@ def gptq_(
                     name=f"{prefix}.{name}",
                     tokens=s["tokens"],
                     damp=used,
-                    output_error=_relative_output_error(w, approx, h),
-                    rtn_output_error=_relative_output_error(w, rtn, h),
+                    output_error=_relative_output_error(w, quantized.dequantized_weight().cpu(), h),
+                    rtn_output_error=_relative_output_error(w, rtn.dequantized_weight().cpu(), h),
                     note=note,
                 )
             )
-            block.set_submodule(name, _int4_layer(layer, ints, scales, config.group_size))
+            block.set_submodule(name, quantized)
 
     with rollback(model):  # a failure leaves the float model as it was
         blockwise(model, batches, visit, progress)
