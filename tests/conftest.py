@@ -56,3 +56,52 @@ def compress_cli(tmp_path):
         return printed.output, json.loads((tmp_path / "report.json").read_text())
 
     return run
+
+
+def _tiny_causal_lm(arch: str = "llama", hidden: int = 64, intermediate: int = 128, seed: int = 0) -> torch.nn.Module:
+    """A tiny random Hugging Face causal LM: ``llama`` (grouped-query attention, SwiGLU, tied
+    embeddings) or ``gpt2`` (``Conv1D`` projections, tied embeddings); 2 layers, 256 tokens."""
+    transformers = pytest.importorskip("transformers")
+    if arch == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=256,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+        cls = transformers.LlamaForCausalLM
+    else:
+        config = transformers.GPT2Config(
+            vocab_size=256,
+            n_embd=hidden,
+            n_inner=intermediate,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        cls = transformers.GPT2LMHeadModel
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+@pytest.fixture
+def tiny_lm():
+    """``tiny_lm(arch="llama", hidden=64, intermediate=128)``: a new tiny random causal LM."""
+    return _tiny_causal_lm
+
+
+@pytest.fixture
+def token_batches():
+    """``token_batches(n, rows=4, tokens=32, seed=1)``: ``n`` batches of random token ids < 256."""
+
+    def make(n: int, rows: int = 4, tokens: int = 32, seed: int = 1) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randint(0, 256, (rows, tokens), generator=g) for _ in range(n)]
+
+    return make

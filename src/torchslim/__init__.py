@@ -25,6 +25,7 @@ from torchslim.search.result import SearchResult
 from torchslim.search.run import search
 from torchslim.train.fit import TrainConfig, fit
 from torchslim.train.losses import FeatureLoss, SoftTargetLoss
+from torchslim.transforms.awq import AWQConfig, awq_
 from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
 from torchslim.transforms.compress import CompressResult, CompressSettings, compress
 from torchslim.transforms.distill import DistillConfig, derive_student, distill
@@ -34,9 +35,11 @@ from torchslim.transforms.mixed_precision import MixedPrecisionConfig, mixed_pre
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
 from torchslim.transforms.quantize import QuantizeConfig, quantize_
 from torchslim.transforms.share import ShareConfig, share_
+from torchslim.transforms.sparsify import SparsifyConfig, sparsify_
 
 __version__ = "0.1.0"
 __all__ = [
+    "AWQConfig",
     "Budget",
     "ChannelPruneConfig",
     "Classification",
@@ -58,11 +61,13 @@ __all__ = [
     "SearchResult",
     "ShareConfig",
     "SoftTargetLoss",
+    "SparsifyConfig",
     "SpeedCheck",
     "Task",
     "TorchslimError",
     "TrainConfig",
     "accuracy",
+    "awq_",
     "channel_prune_",
     "compile_model",
     "compress",
@@ -85,4 +90,5 @@ __all__ = [
     "save",
     "search",
     "share_",
+    "sparsify_",
 ]

@@ -54,6 +54,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim.core.linears import is_conv1d, weight_matrix
 from torchslim.errors import ArtifactError
 
 SCHEMES = ("static", "dynamic", "weight")
@@ -79,6 +80,8 @@ def reference_forward() -> Iterator[None]:
 
 FLOAT_TYPES: dict[str, type] = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d}
 """The float layers that can be quantized, by the class name the manifest records."""
+SMOOTHABLE = {("dynamic", "Linear", 8), ("weight", "Linear", 4)}
+"""The quantized layers that may divide their input by per-channel factors (SmoothQuant, AWQ)."""
 _CONV_ARGS = ("stride", "padding", "dilation", "groups")
 _SIZE = {
     "Linear": ("in_features", "out_features"),
@@ -90,6 +93,8 @@ _qd = torch.ops.quantized_decomposed
 
 
 def _float_type(layer: nn.Module) -> str | None:
+    if is_conv1d(layer):  # GPT-2's transposed Linear
+        return "Linear"
     for name, cls in FLOAT_TYPES.items():
         if type(layer) is cls:
             return name
@@ -194,7 +199,7 @@ class QuantizedLayer(nn.Module):
             or (bits == 4 and not per_channel)
             or activations not in ACTIVATIONS
             or (token and (scheme != "dynamic" or float_type != "Linear" or not per_channel))
-            or (smooth and (scheme, float_type, bits) != ("dynamic", "Linear", 8))
+            or (smooth and (scheme, float_type, bits) not in SMOOTHABLE)
         ):
             raise ValueError(
                 f"cannot quantize {float_type} with scheme {scheme!r}, bits {bits}, per_channel {per_channel}, "
@@ -236,6 +241,8 @@ class QuantizedLayer(nn.Module):
     def sizes_of(layer: nn.Module) -> dict[str, Any]:
         """The constructor arguments that rebuild ``layer``'s shapes and its conv arithmetic."""
         kind = _float_type(layer)
+        if is_conv1d(layer):
+            return {"in_features": layer.nx, "out_features": layer.nf}
         keys = _SIZE[kind] + (() if kind == "Linear" else ("kernel_size",) + _CONV_ARGS)
         return {k: getattr(layer, k) for k in dict.fromkeys(keys)}
 
@@ -274,7 +281,7 @@ class QuantizedLayer(nn.Module):
         ``smooth`` (one positive factor per input channel) is multiplied into the weight's
         columns before quantizing, and the layer divides its input by it."""
         q = cls.empty_like(layer, scheme, bits, group_size, per_channel, activations, smooth is not None)
-        w = layer.weight.detach().float()
+        w = weight_matrix(layer).float() if is_conv1d(layer) else layer.weight.detach().float()
         if smooth is not None:
             q.input_smooth.copy_(smooth)
             w = w * q.input_smooth

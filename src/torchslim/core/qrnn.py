@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.core.qlayers import ACTIVATIONS, FLOAT_TYPES, SCHEMES, QuantizedLayer, quantize_weight, weight_scales
+from torchslim.core.linears import is_conv1d
+from torchslim.core.qlayers import (
+    ACTIVATIONS,
+    FLOAT_TYPES,
+    SCHEMES,
+    SMOOTHABLE,
+    QuantizedLayer,
+    quantize_weight,
+    weight_scales,
+)
 from torchslim.errors import ArtifactError, ShapeMismatchError
 
 RNN_TYPES: dict[str, type] = {"LSTM": nn.LSTM, "GRU": nn.GRU}
@@ -225,9 +234,10 @@ class QuantEntry:
                 f"per-channel Linear, got {str(activations)[:40]!r}"
             )
         smooth = spec.get("smooth", False)
-        if type(smooth) is not bool or (smooth and (scheme, of, bits) != ("dynamic", "Linear", 8)):
+        if type(smooth) is not bool or (smooth and (scheme, of, bits) not in SMOOTHABLE):
             raise ArtifactError(
-                f"{where}: quantized layer {name!r}: smooth must be false, or true for a dynamic int8 Linear, "
+                f"{where}: quantized layer {name!r}: smooth must be false, or true for a dynamic int8 or int4 "
+                "weight-only Linear, "
                 f"got {str(smooth)[:40]!r}"
             )
         if scheme != "static":
@@ -237,7 +247,8 @@ class QuantEntry:
 
     def empty_like(self, layer: nn.Module, name: str, where: Any = "file") -> nn.Module:
         """An empty quantized layer of ``layer``'s shapes, to be filled by ``load_state_dict``."""
-        if type(layer) is not {**FLOAT_TYPES, **RNN_TYPES}[self.of]:
+        linear = self.of == "Linear" and layer is not None and is_conv1d(layer)  # GPT-2's transposed Linear
+        if type(layer) is not {**FLOAT_TYPES, **RNN_TYPES}[self.of] and not linear:
             raise ShapeMismatchError(
                 f"{where}: the file quantized a {self.of} at {name!r} but the model has "
                 f"{type(layer).__name__ if layer is not None else 'nothing'} there; pass the builder of the model "

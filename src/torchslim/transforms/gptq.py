@@ -23,13 +23,12 @@ import torch
 from torch import nn
 
 from torchslim.core.data import Data
-from torchslim.core.plan import match_layer
+from torchslim.core.linears import in_features, weight_matrix
 from torchslim.core.qlayers import QuantizedLayer, pack_int4, weight_scales
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress
-from torchslim.transforms.calibrate import calibration_batches, inputs_of
 from torchslim.transforms.guard import rollback
-from torchslim.transforms.layerwise import Inputs, blockwise, input_statistics
+from torchslim.transforms.layerwise import calibration_inputs, chosen_layers, each_layer
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ class GPTQResult:
         )
 
 
-def _cholesky_inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+def cholesky_inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """The upper Cholesky factor of ``(H + λI)⁻¹`` and the damping fraction it took: ``damp``,
     or ten times more until ``H`` is positive definite."""
     mean = float(torch.diag(h).mean())
@@ -145,7 +144,7 @@ def gptq_weight(
     scales = weight_scales(w.float(), _BITS, group_size).half().double()  # (out, groups); act-order fixes them now
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
-    upper, used = _cholesky_inverse_factor(h, damp)
+    upper, used = cholesky_inverse_factor(h, damp)
     q = torch.zeros_like(w)
     step = group_size * max(1, block // group_size)  # whole groups per block
     for b0 in range(0, cols, step):
@@ -169,14 +168,14 @@ def gptq_weight(
     return q[:, inverse].to(torch.int8), scales.float(), used
 
 
-def _relative_output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     d, w = weight.double() - approx.double(), weight.double()
     num = float(torch.einsum("oi,ij,oj->", d, hessian, d))
     den = float(torch.einsum("oi,ij,oj->", w, hessian, w))
     return num / den if den > 0 else 0.0
 
 
-def _int4_layer(layer: nn.Linear, ints: torch.Tensor, scales: torch.Tensor, group_size: int) -> QuantizedLayer:
+def _int4_layer(layer: nn.Module, ints: torch.Tensor, scales: torch.Tensor, group_size: int) -> QuantizedLayer:
     q = QuantizedLayer.empty_like(layer, "weight", _BITS, group_size)
     q.weight.copy_(pack_int4(ints))
     q.weight_scale.copy_(scales)
@@ -208,54 +207,61 @@ def gptq_(
     """
     if data is None:
         raise ConfigError("GPTQ measures each layer's inputs: pass data=<calibration batches>")
-    task = data.task if isinstance(data, Data) else None
-    batches = [inputs_of(b, task) for b in calibration_batches(data, config.calib_batches)]
     records: list[GPTQLayer] = []
 
-    def visit(prefix: str, block: nn.Module, inputs: Inputs) -> None:
-        layers = _chosen(block, prefix, config)
-        stats = input_statistics(block, inputs, layers)
-        for name, layer in layers.items():
-            s = stats[name]
-            h = s["hessian"]
-            w = layer.weight.detach().float().cpu()
-            ints, scales, used = gptq_weight(w, h, config.group_size, config.act_order, config.damp, config.block)
-            quantized = _int4_layer(layer, ints, scales, config.group_size)
-            rtn = QuantizedLayer.from_float(layer, "weight", _BITS, config.group_size)
-            note = None
-            if s["tokens"] < layer.in_features or used > config.damp:
-                note = f"{s['tokens']} calibration tokens for {layer.in_features} inputs: H damped by {used:g} of its mean diagonal"
-                log.warning("%s.%s: %s", prefix, name, note)
-            records.append(
-                GPTQLayer(
-                    name=f"{prefix}.{name}",
-                    tokens=s["tokens"],
-                    damp=used,
-                    output_error=_relative_output_error(w, quantized.dequantized_weight().cpu(), h),
-                    rtn_output_error=_relative_output_error(w, rtn.dequantized_weight().cpu(), h),
-                    note=note,
-                )
+    def change(block: nn.Module, prefix: str, name: str, layer: nn.Module, s: dict) -> None:
+        h = s["hessian"]
+        w = weight_matrix(layer).float().cpu()
+        ints, scales, used = gptq_weight(w, h, config.group_size, config.act_order, config.damp, config.block)
+        quantized = _int4_layer(layer, ints, scales, config.group_size)
+        rtn = QuantizedLayer.from_float(layer, "weight", _BITS, config.group_size)
+        note = damping_note(s["tokens"], in_features(layer), used, config.damp, f"{prefix}.{name}")
+        records.append(
+            GPTQLayer(
+                name=f"{prefix}.{name}",
+                tokens=s["tokens"],
+                damp=used,
+                output_error=relative_output_error(w, quantized.dequantized_weight().cpu(), h),
+                rtn_output_error=relative_output_error(w, rtn.dequantized_weight().cpu(), h),
+                note=note,
             )
-            block.set_submodule(name, quantized)
+        )
+        block.set_submodule(name, quantized)
 
     with rollback(model):  # a failure leaves the float model as it was
-        blockwise(model, batches, visit, progress)
+        each_layer(model, calibration_inputs(data, config.calib_batches), _chooser(config), change, progress)
     if not records:
         raise ConfigError("no Linear layer matched config.layers inside the model's repeated blocks")
     return GPTQResult(records, config)
 
 
-def _chosen(block: nn.Module, prefix: str, config: GPTQConfig) -> dict[str, nn.Linear]:
-    layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    if config.layers is not None:
-        layers = {n: m for n, m in layers.items() if match_layer(config.layers, f"{prefix}.{n}") is not None}
+def _chooser(config: GPTQConfig):
+    def choose(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+        layers = chosen_layers(block, prefix, config.layers)
+        check_groups(layers, prefix, config.group_size)
+        return layers
+
+    return choose
+
+
+def check_groups(layers: dict[str, nn.Module], prefix: str, group_size: int) -> None:
+    """A clear error when ``group_size`` does not divide a layer's input features."""
     for n, m in layers.items():
-        if m.in_features % config.group_size:
+        if in_features(m) % group_size:
             raise ConfigError(
-                f"group_size={config.group_size} does not divide {prefix}.{n}'s {m.in_features} input features: "
-                f"use a divisor of it (e.g. {_divisor(m.in_features, config.group_size)})"
+                f"group_size={group_size} does not divide {prefix}.{n}'s {in_features(m)} input features: "
+                f"use a divisor of it (e.g. {_divisor(in_features(m), group_size)})"
             )
-    return layers
+
+
+def damping_note(tokens: int, inputs: int, used: float, asked: float, name: str) -> str | None:
+    """What the report says when ``H`` had to be damped more than asked, or was fed fewer
+    tokens than the layer has inputs (logged as a warning too)."""
+    if tokens >= inputs and used <= asked:
+        return None
+    note = f"{tokens} calibration tokens for {inputs} inputs: H damped by {used:g} of its mean diagonal"
+    log.warning("%s: %s", name, note)
+    return note
 
 
 def _divisor(n: int, near: int) -> int:

@@ -18,8 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.data import Data
+from torchslim.core.linears import in_features, is_linear
+from torchslim.core.plan import match_layer
 from torchslim.core.task import call_model
 from torchslim.errors import ConfigError
+from torchslim.transforms.calibrate import calibration_batches, inputs_of
 
 Inputs = list[tuple[tuple, dict[str, Any]]]  # each calibration batch's positional and keyword arguments
 
@@ -33,7 +37,7 @@ def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     (a decoder's ``model.layers``, GPT-2's ``transformer.h``, BERT's ``encoder.layer``)."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) and all(_linears(b) for b in m):
+        if isinstance(m, nn.ModuleList) and len(m) and all(linear_layers(b) for b in m):
             if best is None or len(m) > len(best[1]):
                 best = (name, m)
     if best is None:
@@ -44,8 +48,8 @@ def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in block.named_modules() if is_linear(m)}
 
 
 @contextmanager
@@ -104,13 +108,15 @@ def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
 
 
 @torch.no_grad()
-def input_statistics(block: nn.Module, inputs: Inputs, layers: dict[str, nn.Linear]) -> dict[str, dict[str, Any]]:
-    """Per Linear layer of ``block`` over every calibration token: ``hessian`` (the sum of
-    ``x xᵀ``, float64), ``sq_norm`` (each input feature's sum of squares) and ``tokens``."""
+def input_statistics(block: nn.Module, inputs: Inputs, layers: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
+    """Per Linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) of ``block`` over every calibration token: ``hessian`` (the sum of
+    ``x xᵀ``, float64), ``sq_norm`` and ``abs_sum`` (each input feature's sum of squares and of
+    magnitudes) and ``tokens``."""
     stats = {
         n: {
-            "hessian": torch.zeros(m.in_features, m.in_features, dtype=torch.float64),
-            "sq_norm": torch.zeros(m.in_features, dtype=torch.float64),
+            "hessian": torch.zeros(in_features(m), in_features(m), dtype=torch.float64),
+            "sq_norm": torch.zeros(in_features(m), dtype=torch.float64),
+            "abs_sum": torch.zeros(in_features(m), dtype=torch.float64),
             "tokens": 0,
         }
         for n, m in layers.items()
@@ -121,6 +127,7 @@ def input_statistics(block: nn.Module, inputs: Inputs, layers: dict[str, nn.Line
         s = stats[name]
         s["hessian"] += x.T @ x
         s["sq_norm"] += (x * x).sum(0)
+        s["abs_sum"] += x.abs().sum(0)
         s["tokens"] += x.shape[0]
 
     hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n, m in layers.items()]
@@ -154,3 +161,52 @@ def blockwise(
                     progress(i + 1, len(blocks))
     finally:
         model.train(was_training)
+
+
+Chooser = Callable[[nn.Module, str], dict[str, nn.Module]]
+Change = Callable[[nn.Module, str, str, nn.Module, "dict[str, Any] | None"], None]
+
+
+def each_layer(
+    model: nn.Module,
+    batches: list | None,
+    choose: Chooser,
+    change: Change,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Call ``change(block, prefix, name, layer, stats)`` on every Linear layer ``choose(block,
+    prefix)`` picks in each repeated block, block by block, with its input statistics on the
+    calibration ``batches`` as the already-changed blocks give them (``stats`` None without
+    batches: nothing is run). ``change`` may replace the layer in ``block``."""
+    if batches is None:
+        prefix, blocks = repeated_blocks(model)
+        for i, block in enumerate(blocks):
+            for name, layer in choose(block, f"{prefix}.{i}").items():
+                change(block, f"{prefix}.{i}", name, layer, None)
+            if progress is not None:
+                progress(i + 1, len(blocks))
+        return
+
+    def visit(prefix: str, block: nn.Module, inputs: Inputs) -> None:
+        layers = choose(block, prefix)
+        stats = input_statistics(block, inputs, layers)
+        for name, layer in layers.items():
+            change(block, prefix, name, layer, stats[name])
+
+    blockwise(model, batches, visit, progress)
+
+
+def calibration_inputs(data: Data | list, batches: int) -> list:
+    """The model inputs of the first ``batches`` calibration batches of ``data`` (a
+    :class:`~torchslim.core.data.Data`'s calibration split, or a list of batches)."""
+    task = data.task if isinstance(data, Data) else None
+    return [inputs_of(b, task) for b in calibration_batches(data, batches)]
+
+
+def chosen_layers(block: nn.Module, prefix: str, patterns: tuple[str, ...] | None) -> dict[str, nn.Module]:
+    """The Linear layers of ``block`` that ``patterns`` (names or ``re:`` patterns relative to
+    the model) name; ``None``: all of them."""
+    layers = linear_layers(block)
+    if patterns is not None:
+        layers = {n: m for n, m in layers.items() if match_layer(patterns, f"{prefix}.{n}") is not None}
+    return layers
