@@ -108,3 +108,60 @@ def test_awq_int4_is_closer_than_rounding_and_the_file_loads_back(tmp_path, tiny
     assert "AWQ" in result.summary()
     with pytest.raises(ConfigError, match="group_size=48 does not divide"):
         ts.awq_(tiny_lm(arch), ts.AWQConfig(group_size=48), data=token_batches(2))
+
+
+def test_int4_layers_run_on_the_cpu_int4_kernel_and_match_the_dequantized_weight():
+    from torchslim.core.qlayers import reference_forward
+
+    torch.manual_seed(0)
+    q = QuantizedLayer.from_float(torch.nn.Linear(256, 64), "weight", 4, 128)
+    x = torch.randn(3, 5, 256)
+    assert q._int4_kernel(x) and not q._int4_kernel(x.double())
+    y = q(x)
+    with reference_forward():
+        want = q(x)  # the dequantized weight through F.linear
+    assert y.shape == want.shape == (3, 5, 64)
+    assert y.dtype == torch.float32 and torch.allclose(q(x.bfloat16()).float(), y, atol=2e-2, rtol=2e-2)
+    assert float((y - want).norm() / want.norm()) < 1e-2
+    q.weight_scale.mul_(2)  # a changed weight is repacked
+    assert float(((q(x) - q.bias) - 2 * (want - q.bias)).norm() / want.norm()) < 2e-2
+    odd = QuantizedLayer.from_float(torch.nn.Linear(256, 10), "weight", 4, 128)
+    assert not odd._int4_kernel(x)  # outputs not a multiple of 16: the float path
+
+
+def test_gptq_head_quantizes_a_tied_output_head_and_keeps_the_embedding_float(tmp_path, tiny_lm, token_batches):
+    model = tiny_lm("llama")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    table = model.model.embed_tokens.weight.detach().clone()
+    result = ts.gptq_(model, ts.GPTQConfig(group_size=32, calib_batches=4, head=True), data=token_batches(4))
+    assert isinstance(model.lm_head, QuantizedLayer) and result.layers[-1].name == "lm_head"
+    assert result.layers[-1].output_error < result.layers[-1].rtn_output_error
+    assert torch.equal(model.model.embed_tokens.weight, table)
+    path = tmp_path / "head.tslim"
+    ts.save(model, path)
+    restored = ts.load(path, model=tiny_lm("llama"))
+    batch = token_batches(1, seed=5)[0]
+    assert isinstance(restored.lm_head, QuantizedLayer)
+    assert torch.equal(_logits(restored, batch), _logits(model, batch))
+    with pytest.raises(ConfigError, match="group_size=48 does not divide lm_head's 64 input features"):
+        ts.gptq_(
+            tiny_lm("llama"), ts.GPTQConfig(group_size=48, head=True, layers=("re:nothing",)), data=token_batches(1)
+        )
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_three_bit_values_in_the_int4_layout_beat_three_bit_rounding(tiny_lm, token_batches, method):
+    from torchslim.core.qlayers import unpack_int4
+
+    model = tiny_lm("llama")
+    if method == "gptq":
+        result = ts.gptq_(model, ts.GPTQConfig(group_size=32, bits=3, calib_batches=4), data=token_batches(4))
+    else:
+        result = ts.awq_(model, ts.AWQConfig(group_size=32, bits=3, calib_batches=4), data=token_batches(4))
+    assert "int3" in result.summary()
+    assert sum(r.output_error for r in result.layers) < sum(r.rtn_output_error for r in result.layers)
+    q = model.model.layers[0].mlp.down_proj
+    ints = unpack_int4(q.weight, q.in_features)
+    assert q.bits == 4 and int(ints.min()) >= -4 and int(ints.max()) <= 3
+    with pytest.raises(ConfigError, match="bits=2"):
+        ts.GPTQConfig(bits=2)

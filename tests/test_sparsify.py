@@ -119,3 +119,22 @@ def test_sparsify_bad_input_is_a_clear_error_and_leaves_the_model_alone(tiny_lm,
     for bad in ({"method": "obs"}, {"sparsity": 1.0}, {"pattern": "4:2"}, {"pattern": "2-4"}, {"damp": 0}):
         with pytest.raises(ConfigError):
             ts.SparsifyConfig(**bad)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "gptq"])
+def test_a_failure_after_some_blocks_puts_every_changed_layer_back(tiny_lm, token_batches, method):
+    model = tiny_lm("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+
+    def stop(done: int, total: int) -> None:
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        if method == "gptq":
+            ts.gptq_(model, ts.GPTQConfig(group_size=32, calib_batches=2), data=token_batches(2), progress=stop)
+        else:
+            ts.sparsify_(model, ts.SparsifyConfig(method, calib_batches=2), data=token_batches(2), progress=stop)
+    assert [type(m) for m in model.modules()] == types
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -406,3 +406,17 @@ def test_search_refuses_what_it_cannot_measure_before_any_work(tmp_path):
     with pytest.raises(DataError, match="no batches"):
         ts.search(Keywords(), Data(train=batches, eval=[]), _search_config("5pt"), tmp_path / "empty")
     assert not any(tmp_path.iterdir())
+
+
+def test_the_lm_task_refuses_a_bidirectional_model_and_takes_a_causal_one(tiny_lm, token_batches):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    bert = transformers.BertForMaskedLM(config).eval()  # (B, T, V) logits, but every position sees every token
+    batches = token_batches(1)
+    data = Data(train=batches, eval=batches, task=LanguageModel())
+    with pytest.raises(DataError, match=r"lets earlier positions see later tokens .*\(AutoModelForCausalLM\)"):
+        data.check(bert)
+    data.check(tiny_lm("llama"))
+    data.check(tiny_lm("gpt2"))

@@ -243,6 +243,14 @@ def _check_batch(model: nn.Module, task: Task, batch: Any, where: str, device: t
     finally:
         model.train(was_training)
     task.check(batch, output)
+    probe = getattr(task, "check_model", None)  # a task that needs more than one output to check the model
+    if probe is not None:
+        model.eval()
+        try:
+            with torch.no_grad():
+                probe(model, batch, output)
+        finally:
+            model.train(was_training)
 
 
 class _FirstBatches:

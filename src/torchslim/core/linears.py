@@ -46,6 +46,9 @@ def weight_matrix(m: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def set_weight_matrix_(m: nn.Module, w: torch.Tensor) -> None:
-    """Write an ``(out, in)`` weight into the layer, in its own orientation, dtype and device."""
-    m.weight.copy_((w.T if is_conv1d(m) else w).to(m.weight.dtype))
+def replace_weight_(m: nn.Module, w: torch.Tensor) -> None:
+    """Give the layer a new ``weight`` Parameter holding the ``(out, in)`` matrix ``w``, in the
+    layer's own orientation, dtype and device (the old Parameter is left untouched)."""
+    old = m.weight
+    new = (w.T if is_conv1d(m) else w).to(device=old.device, dtype=old.dtype).contiguous()
+    m.weight = nn.Parameter(new, requires_grad=old.requires_grad)

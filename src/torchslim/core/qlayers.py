@@ -89,6 +89,9 @@ _SIZE = {
     "Conv2d": ("in_channels", "out_channels", "groups"),
 }
 _EPS = torch.finfo(torch.float32).eps
+# PyTorch's CPU int4 weight-only GEMM: weights repacked once, dequantized inside the kernel
+_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+_INT4_GROUPS = (32, 64, 128, 256)  # the group sizes it takes
 _qd = torch.ops.quantized_decomposed
 
 
@@ -327,6 +330,8 @@ class QuantizedLayer(nn.Module):
             scale_t, zp_t = _qd.choose_qparams.tensor(x, 0, 255, _EPS, torch.uint8)
             x = _qd.quantize_per_tensor.tensor(x, scale_t, zp_t, 0, 255, torch.uint8)
             x = _qd.dequantize_per_tensor.tensor(x, scale_t, zp_t, 0, 255, torch.uint8)
+        if self._int4_kernel(x):
+            return self._int4_mm(x)
         w = self.dequantized_weight()
         if self.float_type == "Linear":
             y = F.linear(x, w, self.bias)
@@ -339,6 +344,47 @@ class QuantizedLayer(nn.Module):
                 _qd.quantize_per_tensor(y, scale, zp, 0, 255, torch.uint8), scale, zp, 0, 255, torch.uint8
             )
         return y
+
+    def _int4_kernel(self, x: torch.Tensor) -> bool:
+        """Whether this call runs on PyTorch's CPU int4 kernel: an int4 Linear in eager mode on
+        a CPU float32 or bfloat16 input, its groups a size the kernel takes and its outputs a
+        multiple of 16 (else the dequantized weight and ``F.linear``)."""
+        return (
+            _INT4_MM
+            and self.bits == 4
+            and self.float_type == "Linear"
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and self.group_size in _INT4_GROUPS
+            and self.in_features % self.group_size == 0
+            and self.out_features % 16 == 0
+            and not _REFERENCE[0]
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export()
+        )
+
+    def _int4_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Wᵀ + b`` on ``_weight_int4pack_mm_for_cpu``, in bfloat16: the kernel's only fast
+        path (its float32 path is a reference loop, a hundred times slower than a dense float32
+        GEMM). The input is rounded to bfloat16, the products accumulate in float32, the output
+        comes back in the input's dtype. The kernel's layout (unsigned nibbles ``q + 8``, tiled)
+        and its ``(groups, out, 2)`` bfloat16 scales and zeros are made from the stored weight on
+        first use and kept beside it until the weight changes (they are not in the state_dict
+        or the file)."""
+        w, scale = self.weight, self.weight_scale
+        key = (w.data_ptr(), w._version, scale.data_ptr(), scale._version)
+        cache = getattr(self, "_int4_cache", None)
+        if cache is None or cache[0] != key:
+            ints = unpack_int4(w, self.in_features).to(torch.int32) + 8
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints, 1)
+            s = scale.to(torch.bfloat16).T  # (groups, out); zero 0: w = (q + 8 - 8) * s
+            cache = (key, packed, torch.stack([s, torch.zeros_like(s)], -1).contiguous())
+            self._int4_cache = cache
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, cache[1], self.group_size, cache[2]).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _per_token(self, x: torch.Tensor) -> torch.Tensor:
         """Dynamic int8 with one symmetric scale per token (row of the flattened input)."""

@@ -474,6 +474,27 @@ class LanguageModel:
         b, _ = self.tokens(reference, batch)
         return (a.argmax(-1) == b.argmax(-1)).sum().item(), a.shape[0]
 
+    def check_model(self, model: nn.Module, batch: Any, output: Any) -> None:
+        """Refuse a model that sees later tokens (a bidirectional encoder such as BERT): the
+        last token of ``batch`` is changed and no earlier position's logits may move."""
+        inputs, _ = self.split(batch)
+        ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 2:
+            return
+        logits = logits_of(output)
+        changed = ids.clone()
+        changed[:, -1] = (changed[:, -1] + 1) % logits.shape[-1]
+        moved = logits_of(
+            call_model(model, {**inputs, "input_ids": changed} if isinstance(inputs, Mapping) else changed)
+        )
+        before, after = logits[:, :-1].float(), moved[:, :-1].float()
+        if (before - after).abs().max() > 1e-5 * (1 + before.abs().max()):  # a causal model: rounding only
+            raise DataError(
+                f"the lm task predicts each token from the ones before it, but {type(model).__name__} lets earlier "
+                "positions see later tokens (a bidirectional encoder): load the model as a causal language model "
+                "(AutoModelForCausalLM), or use the embedding or classification task"
+            )
+
     def check(self, batch: Any, output: Any) -> None:
         logits, labels = self.tokens(output, batch)
         vocab = logits_of(output).shape[-1]

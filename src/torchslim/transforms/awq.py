@@ -28,11 +28,9 @@ from torchslim.core.linears import weight_matrix
 from torchslim.core.qlayers import QuantizedLayer, pack_int4
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress
-from torchslim.transforms.gptq import check_groups, relative_output_error
-from torchslim.transforms.guard import rollback
+from torchslim.transforms.gptq import check_groups, relative_output_error, rtn_layer
 from torchslim.transforms.layerwise import calibration_inputs, chosen_layers, each_layer
 
-_QMAX = 7  # signed int4: -8..7, symmetric scales use 7
 _FLOOR = 1e-4
 
 
@@ -41,6 +39,7 @@ class AWQConfig:
     """How to run AWQ.
 
     Attributes:
+        bits: 4, or 3 (values in [-4, 3], stored and run in the int4 layout).
         group_size: inputs per int4 scale; must divide every quantized layer's input features.
         grid: points of the ``α`` search in [0, 1) (20 in the paper).
         clip: search each group's clipping ratio too.
@@ -52,6 +51,7 @@ class AWQConfig:
     """
 
     group_size: int = 128
+    bits: int = 4
     grid: int = 20
     clip: bool = True
     clip_grid: int = 11
@@ -64,6 +64,8 @@ class AWQConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{key}={v!r}: use a whole number >= 1")
+        if self.bits not in (3, 4) or isinstance(self.bits, bool):
+            raise ConfigError(f"bits={self.bits!r}: use 4 or 3")
         if isinstance(self.min_clip, bool) or not isinstance(self.min_clip, (int, float)) or not 0 < self.min_clip <= 1:
             raise ConfigError(f"min_clip={self.min_clip!r}: use a ratio in (0, 1], e.g. 0.5")
         if self.layers is not None:
@@ -96,18 +98,21 @@ class AWQResult:
         a = sum(r.output_error for r in self.layers) / n
         r = sum(r.rtn_output_error for r in self.layers) / n
         return (
-            f"{len(self.layers)} Linear layers to int4 by AWQ (groups of {self.config.group_size}): mean relative "
+            f"{len(self.layers)} Linear layers to int{self.config.bits} by AWQ (groups of {self.config.group_size}): mean relative "
             f"output error {a:.3g} (round-to-nearest: {r:.3g})"
         )
 
 
-def _round(w: torch.Tensor, group_size: int, ratio: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round ``(out, in)`` to int4 per group with each group's scale shrunk by ``ratio``
+def _round(
+    w: torch.Tensor, group_size: int, bits: int, ratio: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``(out, in)`` to ``bits`` per group with each group's scale shrunk by ``ratio``
     (broadcast to ``(out, groups)``): the integers and float16-exact scales ``(out, groups)``."""
+    qmax = 2 ** (bits - 1) - 1
     g = w.reshape(w.shape[0], -1, group_size)
     peak = g.abs().amax(-1) * ratio
-    scales = torch.where(peak > 0, peak / _QMAX, torch.ones_like(peak)).half().to(w.dtype)
-    ints = torch.clamp(torch.round(g / scales.unsqueeze(-1)), -_QMAX - 1, _QMAX)
+    scales = torch.where(peak > 0, peak / qmax, torch.ones_like(peak)).half().to(w.dtype)
+    ints = torch.clamp(torch.round(g / scales.unsqueeze(-1)), -qmax - 1, qmax)
     return ints.reshape(w.shape), scales
 
 
@@ -126,7 +131,7 @@ def _clip_ratios(w: torch.Tensor, h: torch.Tensor, config: AWQConfig) -> torch.T
     ratio = torch.ones(wg.shape[:2], dtype=w.dtype)
     steps = [1.0] if config.clip_grid == 1 else torch.linspace(1.0, config.min_clip, config.clip_grid).tolist()
     for r in steps:
-        ints, scales = _round(w, gs, r)
+        ints, scales = _round(w, gs, config.bits, r)
         d = (wg - _dequantized(ints, scales, gs).reshape(wg.shape)).to(h.dtype)  # (out, g, gs)
         err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
         better = err < best
@@ -150,14 +155,14 @@ def awq_weight(
         alpha = i / config.grid
         s = mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        ints, scales = _round(w * s, gs)
+        ints, scales = _round(w * s, gs, config.bits)
         err = relative_output_error(w, _dequantized(ints, scales, gs) / s, h)
         if best is None or err < best[0]:
             best = (err, alpha, s)
     _, alpha, s = best
     ws = w * s
     ratio = _clip_ratios(ws, h / torch.outer(s, s), config) if config.clip else torch.ones(w.shape[0], w.shape[1] // gs)
-    ints, scales = _round(ws, gs, ratio.to(w.dtype))
+    ints, scales = _round(ws, gs, config.bits, ratio.to(w.dtype))
     return ints.to(torch.int8), scales.float(), s.float(), alpha, float(ratio.mean())
 
 
@@ -193,7 +198,7 @@ def awq_(
         q.input_smooth.copy_(smooth)
         if layer.bias is not None:
             q.bias.copy_(layer.bias.detach().float())
-        rtn = QuantizedLayer.from_float(layer, "weight", 4, config.group_size)
+        rtn = rtn_layer(layer, config.bits, config.group_size)
         approx = q.dequantized_weight() / q.input_smooth
         records.append(
             AWQLayer(
@@ -207,8 +212,9 @@ def awq_(
         )
         block.set_submodule(name, q.to(layer.weight.device))
 
-    with rollback(model):  # a failure leaves the float model as it was
-        each_layer(model, calibration_inputs(data, config.calib_batches), choose, change, progress)
+    each_layer(  # a failure leaves the float model as it was
+        model, calibration_inputs(data, config.calib_batches), choose, change, progress
+    )
     if not records:
         raise ConfigError("no Linear layer matched config.layers inside the model's repeated blocks")
     return AWQResult(records, config)

@@ -24,15 +24,14 @@ from torch import nn
 
 from torchslim.core.data import Data
 from torchslim.core.linears import in_features, weight_matrix
-from torchslim.core.qlayers import QuantizedLayer, pack_int4, weight_scales
+from torchslim.core.qlayers import QuantizedLayer, pack_int4, quantize_weight, weight_scales
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress
-from torchslim.transforms.guard import rollback
-from torchslim.transforms.layerwise import calibration_inputs, chosen_layers, each_layer
+from torchslim.transforms.layerwise import calibration_inputs, chosen_layers, each_layer, output_head
 
 log = logging.getLogger(__name__)
 
-_BITS = 4
+_BITS = 4  # the stored layout: int3 values are kept as int4 (runs on the same kernel)
 _MAX_DAMP = 1.0  # the most damping tried (a fraction of H's mean diagonal) before giving up
 
 
@@ -41,6 +40,7 @@ class GPTQConfig:
     """How to run GPTQ.
 
     Attributes:
+        bits: 4, or 3 (values in [-4, 3], stored and run in the int4 layout).
         group_size: inputs per int4 scale; must divide every quantized layer's input features
             (128 in the paper; the CPU int4 kernels need whole groups).
         act_order: quantize columns in order of decreasing input energy (``H``'s diagonal).
@@ -48,22 +48,30 @@ class GPTQConfig:
         calib_batches: calibration batches (token-id tensors or dicts with ``input_ids``).
         block: columns updated together (lazy batch updates); rounded to whole groups.
         layers: names or ``re:`` patterns of the Linear layers to quantize, relative to the
-            model; ``None``: every Linear inside the repeated blocks (the output head and the
-            embeddings stay as they are).
+            model; ``None``: every Linear inside the repeated blocks (the embeddings stay as
+            they are).
+        head: quantize the output head too (``lm_head``), on the inputs the quantized blocks
+            give it; a head tied to the input embeddings is untied (the table stays float).
+            Off by default, as in the paper; on, it takes the largest float matrix out of each
+            decoding step.
     """
 
     group_size: int = 128
+    bits: int = 4
     act_order: bool = True
     damp: float = 0.01
     calib_batches: int = 16
     block: int = 128
     layers: tuple[str, ...] | None = None
+    head: bool = False
 
     def __post_init__(self) -> None:
         for key in ("group_size", "calib_batches", "block"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{key}={v!r}: use a whole number >= 1")
+        if self.bits not in (3, 4) or isinstance(self.bits, bool):
+            raise ConfigError(f"bits={self.bits!r}: use 4 or 3")
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 < self.damp <= _MAX_DAMP:
             raise ConfigError(f"damp={self.damp!r}: use a fraction in (0, {_MAX_DAMP}] of H's mean diagonal, e.g. 0.01")
         if self.layers is not None:
@@ -98,29 +106,37 @@ class GPTQResult:
         g = sum(r.output_error for r in self.layers) / n
         r = sum(r.rtn_output_error for r in self.layers) / n
         return (
-            f"{len(self.layers)} Linear layers to int4 (groups of {self.config.group_size}): mean relative "
+            f"{len(self.layers)} Linear layers to int{self.config.bits} (groups of {self.config.group_size}): mean relative "
             f"output error {g:.3g} (round-to-nearest: {r:.3g})"
         )
 
 
 def cholesky_inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """The upper Cholesky factor of ``(H + λI)⁻¹`` and the damping fraction it took: ``damp``,
-    or ten times more until ``H`` is positive definite."""
+    or ten times more until ``H`` is positive definite. ``H``'s diagonal is damped in place and
+    restored; at most two more matrices of its size are alive at once (a large layer's ``H``
+    is the biggest thing these algorithms hold)."""
     mean = float(torch.diag(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    while True:
-        factor, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    added = 0.0
+    try:
+        while True:
+            h.diagonal().add_(damp * mean - added)
+            added = damp * mean
+            factor, info = torch.linalg.cholesky_ex(h)
             if int(info) == 0:
-                return upper, damp
-        if damp * 10 > _MAX_DAMP:
-            raise ConfigError(
-                f"H stays singular with damping {damp:g} of its mean diagonal: calibrate on more tokens "
-                "(at least the layer's input features)"
-            )
-        damp *= 10
+                factor = torch.cholesky_inverse(factor)
+                factor, info = torch.linalg.cholesky_ex(factor, upper=True)
+                if int(info) == 0:
+                    return factor, damp
+            del factor
+            if damp * 10 > _MAX_DAMP:
+                raise ConfigError(
+                    f"H stays singular with damping {damp:g} of its mean diagonal: calibrate on more tokens "
+                    "(at least the layer's input features)"
+                )
+            damp *= 10
+    finally:
+        h.diagonal().sub_(added)
 
 
 @torch.no_grad()
@@ -131,20 +147,23 @@ def gptq_weight(
     act_order: bool = True,
     damp: float = 0.01,
     block: int = 128,
+    bits: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Signed int4 values ``(out, in)``, their float16-exact scales ``(out, groups)`` and the
     damping used, for ``weight`` given its inputs' ``hessian`` (``Σ x xᵀ``)."""
-    w = weight.detach().double().clone()
-    h = hessian.double().clone()
+    w = weight.detach().float().clone()  # float32 as in the paper; the Cholesky factor is computed in float64
     cols = w.shape[1]
-    dead = torch.diag(h) == 0  # inputs never non-zero: their weights cannot matter
-    h[dead, dead] = 1.0
+    dead = torch.diag(hessian) == 0  # inputs never non-zero: their weights cannot matter
     w[:, dead] = 0.0
-    lo, hi = -(2 ** (_BITS - 1)), 2 ** (_BITS - 1) - 1
-    scales = weight_scales(w.float(), _BITS, group_size).half().double()  # (out, groups); act-order fixes them now
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
-    w, h = w[:, perm], h[perm][:, perm]
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scales = weight_scales(w, bits, group_size).half().float()  # (out, groups); act-order fixes them now
+    perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(cols)
+    w = w[:, perm]
+    h = hessian.index_select(0, perm).index_select(1, perm).double()
+    h.diagonal()[dead[perm]] = 1.0
     upper, used = cholesky_inverse_factor(h, damp)
+    del h
+    upper = upper.float()
     q = torch.zeros_like(w)
     step = group_size * max(1, block // group_size)  # whole groups per block
     for b0 in range(0, cols, step):
@@ -156,7 +175,7 @@ def gptq_weight(
             g = c // group_size
             if not act_order and c % group_size == 0:  # the group starts here: its scale from the updated weights
                 peak = w1[:, j : j + group_size].abs().amax(1)
-                scales[:, g] = torch.where(peak > 0, peak / hi, torch.ones_like(peak)).half().double()
+                scales[:, g] = torch.where(peak > 0, peak / hi, torch.ones_like(peak)).half().float()
             s = scales[:, g]
             qc = torch.clamp(torch.round(w1[:, j] / s), lo, hi)
             err = (w1[:, j] - qc * s) / upper[b0 + j, b0 + j]
@@ -169,13 +188,21 @@ def gptq_weight(
 
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    d, w = weight.double() - approx.double(), weight.double()
-    num = float(torch.einsum("oi,ij,oj->", d, hessian, d))
-    den = float(torch.einsum("oi,ij,oj->", w, hessian, w))
+    d, w, h = weight.double() - approx.double(), weight.double(), hessian.double()
+    num = float(torch.einsum("oi,ij,oj->", d, h, d))
+    den = float(torch.einsum("oi,ij,oj->", w, h, w))
     return num / den if den > 0 else 0.0
 
 
-def _int4_layer(layer: nn.Module, ints: torch.Tensor, scales: torch.Tensor, group_size: int) -> QuantizedLayer:
+def rtn_layer(layer: nn.Module, bits: int, group_size: int) -> QuantizedLayer:
+    """Round-to-nearest at ``bits`` (3 or 4) with float16-exact group scales, in the int4 layout."""
+    w = weight_matrix(layer).float().cpu()
+    scales = weight_scales(w, bits, group_size).half().float()
+    return int4_layer(layer, quantize_weight(w, scales, bits, group_size), scales, group_size)
+
+
+def int4_layer(layer: nn.Module, ints: torch.Tensor, scales: torch.Tensor, group_size: int) -> QuantizedLayer:
+    """The int4 layer holding ``ints`` ``(out, in)`` and group ``scales`` in place of ``layer``."""
     q = QuantizedLayer.empty_like(layer, "weight", _BITS, group_size)
     q.weight.copy_(pack_int4(ints))
     q.weight_scale.copy_(scales)
@@ -212,13 +239,16 @@ def gptq_(
     def change(block: nn.Module, prefix: str, name: str, layer: nn.Module, s: dict) -> None:
         h = s["hessian"]
         w = weight_matrix(layer).float().cpu()
-        ints, scales, used = gptq_weight(w, h, config.group_size, config.act_order, config.damp, config.block)
-        quantized = _int4_layer(layer, ints, scales, config.group_size)
-        rtn = QuantizedLayer.from_float(layer, "weight", _BITS, config.group_size)
-        note = damping_note(s["tokens"], in_features(layer), used, config.damp, f"{prefix}.{name}")
+        ints, scales, used = gptq_weight(
+            w, h, config.group_size, config.act_order, config.damp, config.block, config.bits
+        )
+        quantized = int4_layer(layer, ints, scales, config.group_size)
+        rtn = rtn_layer(layer, config.bits, config.group_size)
+        full = f"{prefix}.{name}" if prefix else name
+        note = damping_note(s["tokens"], in_features(layer), used, config.damp, full)
         records.append(
             GPTQLayer(
-                name=f"{prefix}.{name}",
+                name=full,
                 tokens=s["tokens"],
                 damp=used,
                 output_error=relative_output_error(w, quantized.dequantized_weight().cpu(), h),
@@ -228,8 +258,12 @@ def gptq_(
         )
         block.set_submodule(name, quantized)
 
-    with rollback(model):  # a failure leaves the float model as it was
-        each_layer(model, calibration_inputs(data, config.calib_batches), _chooser(config), change, progress)
+    if config.head:
+        name, head = output_head(model)
+        check_groups({name: head}, "", config.group_size)
+    each_layer(  # a failure leaves the float model as it was
+        model, calibration_inputs(data, config.calib_batches), _chooser(config), change, progress, config.head
+    )
     if not records:
         raise ConfigError("no Linear layer matched config.layers inside the model's repeated blocks")
     return GPTQResult(records, config)
@@ -249,7 +283,7 @@ def check_groups(layers: dict[str, nn.Module], prefix: str, group_size: int) -> 
     for n, m in layers.items():
         if in_features(m) % group_size:
             raise ConfigError(
-                f"group_size={group_size} does not divide {prefix}.{n}'s {in_features(m)} input features: "
+                f"group_size={group_size} does not divide {prefix + '.' if prefix else ''}{n}'s {in_features(m)} input features: "
                 f"use a divisor of it (e.g. {_divisor(in_features(m), group_size)})"
             )
 

@@ -103,32 +103,22 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list) -> In
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
-    """The block on every batch's arguments: the next block's arguments."""
-    return [_with_hidden(a, k, _hidden(block(*a, **k))) for a, k in inputs]
+    """The block on every batch's arguments: the next block's arguments, replacing each batch's
+    in place (only one batch's hidden states held twice)."""
+    for i, (a, k) in enumerate(inputs):
+        inputs[i] = _with_hidden(a, k, _hidden(block(*a, **k)))
+    return inputs
 
 
 @torch.no_grad()
 def input_statistics(block: nn.Module, inputs: Inputs, layers: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
     """Per Linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) of ``block`` over every calibration token: ``hessian`` (the sum of
-    ``x xᵀ``, float64), ``sq_norm`` and ``abs_sum`` (each input feature's sum of squares and of
+    ``x xᵀ``, float32 as in the papers, held for a block's layers at once), ``sq_norm`` and ``abs_sum`` (each input feature's sum of squares and of
     magnitudes) and ``tokens``."""
-    stats = {
-        n: {
-            "hessian": torch.zeros(in_features(m), in_features(m), dtype=torch.float64),
-            "sq_norm": torch.zeros(in_features(m), dtype=torch.float64),
-            "abs_sum": torch.zeros(in_features(m), dtype=torch.float64),
-            "tokens": 0,
-        }
-        for n, m in layers.items()
-    }
+    stats = {n: _empty_stats(m) for n, m in layers.items()}
 
     def record(name: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double().cpu()
-        s = stats[name]
-        s["hessian"] += x.T @ x
-        s["sq_norm"] += (x * x).sum(0)
-        s["abs_sum"] += x.abs().sum(0)
-        s["tokens"] += x.shape[0]
+        _accumulate(stats[name], x)
 
     hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n, m in layers.items()]
     try:
@@ -138,6 +128,24 @@ def input_statistics(block: nn.Module, inputs: Inputs, layers: dict[str, nn.Modu
         for h in hooks:
             h.remove()
     return stats
+
+
+def _empty_stats(m: nn.Module) -> dict[str, Any]:
+    n = in_features(m)
+    return {
+        "hessian": torch.zeros(n, n),
+        "sq_norm": torch.zeros(n, dtype=torch.float64),
+        "abs_sum": torch.zeros(n, dtype=torch.float64),
+        "tokens": 0,
+    }
+
+
+def _accumulate(s: dict[str, Any], x: torch.Tensor) -> None:
+    x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+    s["hessian"].addmm_(x.T, x)
+    s["sq_norm"] += x.pow(2).sum(0, dtype=torch.float64)
+    s["abs_sum"] += x.abs().sum(0, dtype=torch.float64)
+    s["tokens"] += x.shape[0]
 
 
 def blockwise(
@@ -173,27 +181,53 @@ def each_layer(
     choose: Chooser,
     change: Change,
     progress: Callable[[int, int], None] | None = None,
+    head: bool = False,
 ) -> None:
     """Call ``change(block, prefix, name, layer, stats)`` on every Linear layer ``choose(block,
     prefix)`` picks in each repeated block, block by block, with its input statistics on the
     calibration ``batches`` as the already-changed blocks give them (``stats`` None without
-    batches: nothing is run). ``change`` may replace the layer in ``block``."""
-    if batches is None:
-        prefix, blocks = repeated_blocks(model)
-        for i, block in enumerate(blocks):
-            for name, layer in choose(block, f"{prefix}.{i}").items():
-                change(block, f"{prefix}.{i}", name, layer, None)
-            if progress is not None:
-                progress(i + 1, len(blocks))
-        return
+    batches: nothing is run); with ``head``, then on the model's output head (its parent as
+    ``block``), measured on the outputs of the changed blocks. ``change`` replaces the layer
+    in ``block`` or gives it a new ``weight`` Parameter, never writes into the old one.
 
-    def visit(prefix: str, block: nn.Module, inputs: Inputs) -> None:
-        layers = choose(block, prefix)
-        stats = input_statistics(block, inputs, layers)
-        for name, layer in layers.items():
-            change(block, prefix, name, layer, stats[name])
+    If anything fails, every layer changed so far is put back, so the model is as it was. The
+    originals are held until then instead of a copy of the whole model made up front: a large
+    model's memory peaks near its own size plus what the changed layers take.
+    """
+    done: list[tuple[nn.Module, str, nn.Module, nn.Parameter]] = []
 
-    blockwise(model, batches, visit, progress)
+    def tracked(block: nn.Module, prefix: str, name: str, layer: nn.Module, stats: dict | None) -> None:
+        done.append((block, name, layer, layer.weight))
+        change(block, prefix, name, layer, stats)
+
+    try:
+        if batches is None:
+            prefix, blocks = repeated_blocks(model)
+            for i, block in enumerate(blocks):
+                for name, layer in choose(block, f"{prefix}.{i}").items():
+                    tracked(block, f"{prefix}.{i}", name, layer, None)
+                if progress is not None:
+                    progress(i + 1, len(blocks))
+
+        else:
+
+            def visit(prefix: str, block: nn.Module, inputs: Inputs) -> None:
+                layers = choose(block, prefix)
+                stats = input_statistics(block, inputs, layers)
+                for name, layer in layers.items():
+                    tracked(block, prefix, name, layer, stats.pop(name))
+
+            blockwise(model, batches, visit, progress)
+        if head:
+            name, layer = output_head(model)
+            parent, _, attr = name.rpartition(".")
+            stats = None if batches is None else head_statistics(model, batches, layer)
+            tracked(model.get_submodule(parent), parent, attr, layer, stats)
+    except BaseException:
+        for block, name, layer, weight in reversed(done):
+            layer.weight = weight
+            block.set_submodule(name, layer)
+        raise
 
 
 def calibration_inputs(data: Data | list, batches: int) -> list:
@@ -210,3 +244,40 @@ def chosen_layers(block: nn.Module, prefix: str, patterns: tuple[str, ...] | Non
     if patterns is not None:
         layers = {n: m for n, m in layers.items() if match_layer(patterns, f"{prefix}.{n}") is not None}
     return layers
+
+
+def output_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The name and module of the model's output head: what ``get_output_embeddings()`` gives (a
+    Hugging Face language model's ``lm_head``) when it is a Linear layer."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    for name, m in model.named_modules():
+        if m is head and is_linear(m):
+            return name, m
+    raise ConfigError(f"{type(model).__name__} has no Linear output head (get_output_embeddings()): leave the head out")
+
+
+@torch.no_grad()
+def head_statistics(model: nn.Module, batches: list, head: nn.Module) -> dict[str, Any]:
+    """The output head's input statistics (as :func:`input_statistics`) over whole-model runs
+    on the calibration ``batches``, each stopped at the head (no logits are computed)."""
+    stats = _empty_stats(head)
+
+    def grab(_m: nn.Module, args: tuple) -> None:
+        _accumulate(stats, args[0])
+        raise _Captured
+
+    was_training = model.training
+    model.eval()
+    hook = head.register_forward_pre_hook(grab)
+    try:
+        with _no_cache(model):
+            for batch in batches:
+                try:
+                    call_model(model, batch)
+                except _Captured:
+                    pass
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return stats

@@ -32,11 +32,10 @@ import torch
 from torch import nn
 
 from torchslim.core.data import Data
-from torchslim.core.linears import in_features, set_weight_matrix_, weight_matrix
+from torchslim.core.linears import in_features, replace_weight_, weight_matrix
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress
 from torchslim.transforms.gptq import cholesky_inverse_factor, damping_note, relative_output_error
-from torchslim.transforms.guard import rollback
 from torchslim.transforms.layerwise import calibration_inputs, chosen_layers, each_layer
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -161,10 +160,12 @@ def prune_mask(score: torch.Tensor, config: SparsifyConfig, per_row: bool) -> to
 def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, config: SparsifyConfig) -> tuple[torch.Tensor, float]:
     """SparseGPT's sparse ``(out, in)`` weight for ``weight`` given its inputs' ``hessian``, and the damping used."""
     w = weight.detach().double().clone()
-    h = hessian.double().clone()
+    h = hessian.double()
+    if h is hessian:
+        h = h.clone()  # damped in place below
     cols = w.shape[1]
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
     upper, used = cholesky_inverse_factor(h, config.damp)
     group = config.nm[1] if config.nm else 1
@@ -242,13 +243,14 @@ def sparsify_(
             else damping_note(s["tokens"], in_features(layer), used, config.damp, f"{prefix}.{name}")
         )
         error = relative_output_error(w, sparse, s["hessian"]) if s is not None else None
-        set_weight_matrix_(layer, sparse.to(layer.weight.device))
+        replace_weight_(layer, sparse)
         zeros = float((sparse == 0).float().mean())
         records.append(SparsifyLayer(f"{prefix}.{name}", zeros, error, s["tokens"] if s else 0, note))
 
     batches = None if data is None else calibration_inputs(data, config.calib_batches)
-    with rollback(model):  # a failure leaves the model as it was
-        each_layer(model, batches, _chooser(config), change, progress)
+    each_layer(  # a failure leaves the model as it was
+        model, batches, _chooser(config), change, progress
+    )
     if not records:
         raise ConfigError("no Linear layer matched config.layers inside the model's repeated blocks")
     return SparsifyResult(records, config)

@@ -1,0 +1,510 @@
+"""A Llama-architecture language model compressed by every one-shot LLM method, on real text.
+
+The model is the ~29 M-parameter Llama that ``llm_model.py`` trains on torchslim's snapshot of
+Debian package descriptions (cached under ``.cache/llm``). Every method starts from that fp32
+model and changes the Linear layers of its decoder blocks, calibrated on sequences of the
+training text (``CALIB`` sequences of 256 tokens), and is measured on held-out packages the
+model never saw:
+
+* perplexity over the held-out text (``EVAL`` sequences of 256 tokens);
+* the file: ``ts.save`` of the compressed model against the fp32 ``model.safetensors``
+  (``save_pretrained``; the tied table stored once). The int4 rows also store the tied
+  embedding / output table k-means-shared at 4 bits (``share_``), as the ``+ table`` rows say;
+* speed at batch 1 on 2 threads, each against fp32 eager in the same run (alternating
+  rounds): prefill tokens/s over a 256-token prompt and decode tokens/s, one token at a time
+  with the key/value cache, after a 32-token prompt;
+* memory: GPTQ over the whole model in a fresh process, its peak RSS above the RSS the process
+  had with its libraries imported, against the fp32 model's bytes plus one block's calibration
+  activations (the hidden states entering a block for every calibration token).
+
+Methods: round-to-nearest (RTN), GPTQ and AWQ int4 with groups of 128; W8A8 (dynamic
+per-tensor int8 activations, int8 weights per channel) plain and with SmoothQuant (α 0.5);
+magnitude, Wanda and SparseGPT at 50 % unstructured and 2:4. Peers: torchao's
+``Int4WeightOnlyConfig`` and ``Int8DynamicActivationInt8WeightConfig`` where they run on CPU.
+
+    .venv/bin/python benchmarks/llm.py [--methods ...] [--quick] [--no-docs] [--render]
+
+Writes benchmarks/results/llm.json and a section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_common import TMP, cpu, cpu_name, end_section, markers, output_args, publish, saved_results  # noqa: E402
+
+START, END = markers("llm")
+
+import torch  # noqa: E402
+
+import torchslim as ts  # noqa: E402
+from torchslim.core.data import Data  # noqa: E402
+from torchslim.core.linears import is_linear  # noqa: E402
+from torchslim.transforms.gptq import rtn_layer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llm_model  # noqa: E402
+
+CALIB = 128  # calibration sequences of 256 tokens (GPTQ's paper: 128 x 2048)
+CALIB_BATCH = 8
+EVAL = 96  # held-out sequences of 256 tokens
+GROUP = 128
+TABLE_BITS = 4
+BLOCKS = r"re:model\.layers\.\d+\..*"
+METHODS = {
+    "fp32": "the trained model",
+    "rtn int4": "round-to-nearest int4, groups of 128",
+    "gptq int4": "GPTQ int4, groups of 128, act-order",
+    "gptq int4 + head": "the same with the output head in int4 too (untied from the embedding table)",
+    "awq int4": "AWQ int4, groups of 128, scale and clip search",
+    "rtn int3": "round-to-nearest int3 (int4 layout), groups of 128",
+    "gptq int3": "GPTQ int3 (int4 layout), groups of 128",
+    "awq int3": "AWQ int3 (int4 layout), groups of 128",
+    "w8a8": "dynamic int8 activations (per tensor), int8 weights (per channel)",
+    "smoothquant w8a8": "the same after SmoothQuant's migration, alpha 0.5",
+    "magnitude 50%": "magnitude, 50 % unstructured",
+    "wanda 50%": "Wanda, 50 % unstructured",
+    "sparsegpt 50%": "SparseGPT, 50 % unstructured",
+    "magnitude 2:4": "magnitude, 2:4",
+    "wanda 2:4": "Wanda, 2:4",
+    "sparsegpt 2:4": "SparseGPT, 2:4",
+    "torchao int4 weight-only": "torchao's CPU int4 weight-only (PrototypeInt4WeightOnlyConfig, group 128) on the model in bfloat16",
+    "torchao int8 dynamic": "torchao Int8DynamicActivationInt8WeightConfig",
+}
+SPEED = ("gptq int4 + head", "gptq int4", "awq int4", "torchao int4 weight-only")  # timed against fp32 eager
+DEPLOY = "gptq int4 + head"  # the int4 model a user ships: the file, perplexity and decode checks
+
+
+def texts(recipe: llm_model.Recipe, tokenizer, quick: bool) -> tuple[list[dict], list[torch.Tensor]]:
+    """Calibration batches (training text, seeded) and held-out evaluation sequences."""
+    train, held = llm_model.split_records(recipe)
+    g = torch.Generator().manual_seed(1)
+    calib_n, eval_n = (16, 8) if quick else (CALIB, EVAL)
+    pool = [train[int(i)] for i in torch.randperm(len(train), generator=g)[: calib_n * 8]]
+    calib = llm_model.chunks(
+        llm_model.token_stream(tokenizer, [llm_model.record_text(r) for r in pool]), recipe.context
+    )
+    calib = calib[:calib_n]
+    held_stream = llm_model.token_stream(tokenizer, [llm_model.record_text(r) for r in held])
+    evals = llm_model.chunks(held_stream, recipe.context)[:eval_n]
+    batches = [{"input_ids": calib[i : i + CALIB_BATCH]} for i in range(0, len(calib), CALIB_BATCH)]
+    return batches, [evals[i : i + 8] for i in range(0, len(evals), 8)]
+
+
+@torch.no_grad()
+def perplexity(model, evals: list[torch.Tensor]) -> float:
+    task = ts.LanguageModel()
+    total = count = 0.0
+    for ids in evals:
+        t, c = task.score(model(input_ids=ids), ids)
+        total, count = total + t, count + c
+    return float(torch.tensor(total / count).exp())
+
+
+def block_linears(model) -> list[str]:
+    return [n for n, m in model.named_modules() if is_linear(m) and n.startswith("model.layers.")]
+
+
+def rtn_(model, bits: int) -> None:
+    for name in block_linears(model):
+        model.set_submodule(name, rtn_layer(model.get_submodule(name), bits, GROUP))
+
+
+def share_table_(model) -> None:
+    """The tied embedding / output table k-means-shared (stored as a codebook and entropy-coded indices)."""
+    ts.share_(model, ts.ShareConfig(bits={"model.embed_tokens": TABLE_BITS}, finetune=None))
+
+
+def apply(name: str, model, calib: list[dict]) -> dict:
+    """Compress ``model`` in place by method ``name``; what the method reported."""
+    n = len(calib)
+    bits = 3 if "int3" in name else 4
+    if name.startswith("rtn"):
+        rtn_(model, bits)
+    elif name.startswith("gptq"):
+        config = ts.GPTQConfig(group_size=GROUP, bits=bits, calib_batches=n, head=name.endswith("head"))
+        return {"summary": ts.gptq_(model, config, data=calib).summary()}
+    elif name.startswith("awq"):
+        config = ts.AWQConfig(group_size=GROUP, bits=bits, calib_batches=n)
+        return {"summary": ts.awq_(model, config, data=calib).summary()}
+    elif name.endswith("w8a8"):
+        smooth = 0.5 if name.startswith("smoothquant") else None
+        data = Data(train=calib, eval=calib, calib=calib, task=ts.LanguageModel(), calib_batches=n)
+        config = ts.QuantizeConfig(
+            scheme="dynamic", activations="tensor", smooth=smooth, layers=(BLOCKS,), calib_batches=n
+        )
+        ts.quantize_(model, config, data=data)
+    elif name.split()[0] in ("magnitude", "wanda", "sparsegpt"):
+        method, amount = name.split()
+        pattern = amount if ":" in amount else None
+        config = ts.SparsifyConfig(method, sparsity=0.5, pattern=pattern, calib_batches=n)
+        return {"summary": ts.sparsify_(model, config, data=None if method == "magnitude" else calib).summary()}
+    elif name.startswith("torchao"):
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        def blocks(module, fqn: str) -> bool:
+            return isinstance(module, torch.nn.Linear) and fqn.startswith("model.layers.")
+
+        if "int4" in name:  # its CPU kernel's fast path takes bfloat16 activations
+            quantize_(model.to(torch.bfloat16), PrototypeInt4WeightOnlyConfig(group_size=GROUP), filter_fn=blocks)
+        else:
+            quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=blocks)
+    return {}
+
+
+def file_bytes(model, name: str) -> int | None:
+    if name.startswith("torchao"):
+        return None  # torchao's tensor subclasses are saved by torch.save (a pickle): not compared
+    path = ts.save(model, TMP / f"{name.replace(' ', '-').replace(':', '-').replace('%', '')}.tslim")
+    return path.stat().st_size
+
+
+@torch.no_grad()
+def outlier_ratio(model, batch: dict) -> dict:
+    """How uneven the Linear layers' input features are: per layer, the largest feature's RMS
+    over the median feature's, on one calibration batch (the activation outliers that Wanda,
+    AWQ and SmoothQuant exploit reach ratios of tens to hundreds in large trained LLMs)."""
+    ratios: list[float] = []
+
+    def record(_m, args) -> None:
+        rms = args[0].reshape(-1, args[0].shape[-1]).float().pow(2).mean(0).sqrt()
+        ratios.append(float(rms.max() / rms.median().clamp_min(1e-12)))
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(record) for n in block_linears(model)]
+    try:
+        model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"median": statistics.median(ratios), "max": max(ratios)}
+
+
+# ---------------------------------------------------------------- speed
+
+
+@torch.no_grad()
+def decode_rate(model, prompt: torch.Tensor, steps: int) -> float:
+    """Tokens/s of greedy decoding at batch 1 with the key/value cache (prompt excluded)."""
+    out = model(input_ids=prompt, use_cache=True)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    return steps / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def prefill_rate(model, prompt: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(input_ids=prompt, use_cache=True)
+    return prompt.shape[1] / (time.perf_counter() - t0)
+
+
+def speeds(models: dict, prompt: torch.Tensor, rounds: int, steps: int) -> dict:
+    """Per model: median prefill and decode tokens/s over ``rounds`` alternating rounds, and
+    the median over rounds of each round's ratio to fp32 eager."""
+    names = list(models)
+    per = {n: {"prefill": [], "decode": []} for n in names}
+    for m in models.values():  # warm-up: int4 weights repacked, allocator settled
+        decode_rate(m, prompt[:, :32], 4)
+        prefill_rate(m, prompt)
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            per[n]["prefill"].append(statistics.median(prefill_rate(models[n], prompt) for _ in range(3)))
+            per[n]["decode"].append(decode_rate(models[n], prompt[:, :32], steps))
+    out = {}
+    for n in names:
+        row = {k: statistics.median(v) for k, v in per[n].items()}
+        for k in ("prefill", "decode"):
+            row[f"{k}_x_fp32"] = statistics.median(a / b for a, b in zip(per[n][k], per["fp32"][k], strict=True))
+        out[n] = row
+    return out
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _status_mb(key: str) -> float:
+    """A ``/proc/self/status`` figure (``VmRSS``: now, ``VmHWM``: the peak since the last reset) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def reset_peak() -> None:
+    """Start the peak RSS (``VmHWM``) afresh from the current RSS (Linux: ``clear_refs`` 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+LARGE = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "intermediate_size": 2816,
+}
+"""The wider, deeper Llama of the memory check (random weights: memory does not depend on them)."""
+
+
+def memory_child(folder: str, quick: bool, large: bool) -> None:
+    """Run in a fresh process: GPTQ over the whole model (the trained one, or ``LARGE`` made
+    from its config), printing its peak RSS as JSON."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    recipe = llm_model.Recipe()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calib, _ = texts(recipe, tokenizer, quick)
+    gc.collect()
+    reset_peak()
+    base = _status_mb("VmRSS")
+    if large:
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(folder)
+        for key, value in LARGE.items():
+            setattr(config, key, value)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    parameters = sum(p.numel() for p in model.parameters())
+    tokens = sum(b["input_ids"].numel() for b in calib)
+    acts_mb = tokens * model.config.hidden_size * 4 / 2**20
+    t0 = time.perf_counter()
+    ts.gptq_(model, ts.GPTQConfig(group_size=GROUP, calib_batches=len(calib), head=True), data=calib)
+    peak = _status_mb("VmHWM")
+    print(
+        json.dumps(
+            {
+                "rss_with_libraries_mb": base,
+                "peak_rss_mb": peak,
+                "peak_above_libraries_mb": peak - base,
+                "parameters": parameters,
+                "fp32_model_mb": model_mb,
+                "block_activations_mb": acts_mb,
+                "calibration_tokens": tokens,
+                "bound_mb": 1.5 * (model_mb + acts_mb),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    )
+
+
+def memory(folder: Path, quick: bool, large: bool) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", str(folder)] + (["--quick"] if quick else [])
+    cmd += ["--large"] if large else []
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- run
+
+
+def run(args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    recipe = llm_model.Recipe()
+    t0 = time.perf_counter()
+    folder = llm_model.trained_model(recipe)
+    info = json.loads((folder / "torchslim-llm.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    fp32 = AutoModelForCausalLM.from_pretrained(folder).eval()
+    calib, evals = texts(recipe, tokenizer, args.quick)
+    fp32_bytes = (folder / "model.safetensors").stat().st_size
+    print(
+        f"model: {info['parameters']:,} parameters, {fp32_bytes / 1e6:.1f} MB ({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
+    outliers = outlier_ratio(fp32, calib[0])
+    print(f"input feature RMS, largest / median: {outliers}", flush=True)
+    rows: dict[str, dict] = {}
+    kept: dict[str, torch.nn.Module] = {"fp32": fp32}
+    for name in args.methods:
+        model = copy.deepcopy(fp32)
+        t = time.perf_counter()
+        try:
+            reported = apply(name, model, calib)
+        except Exception as exc:  # noqa: BLE001 -- a peer that does not run on this CPU is recorded, not fatal
+            if not name.startswith("torchao"):
+                raise
+            rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            print(f"{name}: did not run ({rows[name]['error']})", flush=True)
+            continue
+        seconds = time.perf_counter() - t
+        row = {"ppl": perplexity(model, evals), "seconds": round(seconds, 1), **reported}
+        if name in ("rtn int4", "gptq int4", "gptq int4 + head", "awq int4"):
+            share_table_(model)
+            row["ppl_with_table"] = perplexity(model, evals)
+        size = file_bytes(model, name)
+        if size is not None:
+            row["file_bytes"] = size
+            row["file_x_fp32"] = size / fp32_bytes
+        rows[name] = row
+        if name in SPEED:
+            kept[name] = model
+        print(f"{name}: {json.dumps(row)}", flush=True)
+    base = rows["fp32"]["ppl"]
+    for row in rows.values():
+        if "ppl" in row:
+            row["ppl_change_pct"] = 100 * (row["ppl"] / base - 1)
+    prompt = evals[0][:1]
+    speed = speeds(kept, prompt, rounds=3 if args.quick else 7, steps=16 if args.quick else 64)
+    print(f"speed: {json.dumps(speed)}", flush=True)
+    mem = {"trained": memory(folder, args.quick, False), "large": memory(folder, args.quick, True)}
+    print(f"memory: {json.dumps(mem)}", flush=True)
+    return {
+        "cpu": cpu(),
+        "torch": torch.__version__,
+        "model": info,
+        "fp32_file_bytes": fp32_bytes,
+        "calibration": {"sequences": sum(len(b["input_ids"]) for b in calib), "tokens_each": recipe.context},
+        "eval_sequences": sum(len(e) for e in evals),
+        "methods": rows,
+        "input_outliers": outliers,
+        "speed": speed,
+        "memory": mem,
+        "quick": args.quick,
+    }
+
+
+def checks(r: dict) -> dict[str, bool]:
+    m = r["methods"]
+
+    def loss(name: str) -> float:
+        return m[name]["ppl"] - m["fp32"]["ppl"]
+
+    out = {}
+    for b in ("int4", "int3"):
+        if {f"rtn {b}", f"gptq {b}"} <= set(m):
+            out[f"GPTQ {b} g128 loses at most half of RTN's perplexity"] = loss(f"gptq {b}") <= 0.5 * loss(f"rtn {b}")
+        if {f"rtn {b}", f"awq {b}"} <= set(m):
+            out[f"AWQ {b} g128 loses at most RTN's perplexity"] = loss(f"awq {b}") <= loss(f"rtn {b}")
+    for amount in ("50%", "2:4"):
+        if all(f"{k} {amount}" in m for k in ("magnitude", "wanda", "sparsegpt")):
+            for k in ("wanda", "sparsegpt"):
+                out[f"{k} {amount} loses less than magnitude {amount}"] = loss(f"{k} {amount}") < loss(
+                    f"magnitude {amount}"
+                )
+    if {"w8a8", "smoothquant w8a8"} <= set(m):
+        out["SmoothQuant W8A8 is closer to fp32 than plain W8A8"] = abs(loss("smoothquant w8a8")) < abs(loss("w8a8"))
+    if DEPLOY in m:
+        g = m[DEPLOY]
+        out["GPTQ int4 file <= 0.16x the fp32 safetensors"] = g["file_x_fp32"] <= 0.16
+        out["GPTQ int4 perplexity within 5% of fp32"] = abs(g["ppl_with_table"] / m["fp32"]["ppl"] - 1) <= 0.05
+    if DEPLOY in r["speed"]:
+        out["GPTQ int4 decode >= 2x fp32 eager at batch 1"] = r["speed"][DEPLOY]["decode_x_fp32"] >= 2.0
+    for key, mem in r["memory"].items():
+        out[f"GPTQ peak memory below 1.5 x (fp32 model + one block's activations), {key} model"] = (
+            mem["peak_above_libraries_mb"] < mem["bound_mb"]
+        )
+    return out
+
+
+def section(r: dict) -> str:
+    m, speed, mem = r["methods"], r["speed"], r["memory"]
+    info = r["model"]
+    fp32 = m["fp32"]["ppl"]
+    lines = [
+        START,
+        "## Large language models: one-shot methods on a Llama (`benchmarks/llm.py`)",
+        "",
+        f"A {info['parameters'] / 1e6:.1f} M-parameter Llama ({info['recipe']['layers']} layers, hidden "
+        f"{info['recipe']['hidden']}, grouped-query attention, tied embeddings, byte-level BPE of "
+        f"{info['recipe']['vocab']} tokens) trained by `benchmarks/llm_model.py` on the Debian descriptions "
+        f"({info['training_tokens_seen']:,} tokens, {info['train_seconds']:.0f} s), measured on "
+        f"{r['eval_sequences']} held-out sequences of 256 tokens from packages it never saw; calibration: "
+        f"{r['calibration']['sequences']} training sequences of 256 tokens. {cpu_name(r['cpu'])}, 2 threads, "
+        f"torch {r['torch']}. fp32 perplexity {fp32:.2f}; fp32 file {r['fp32_file_bytes'] / 1e6:.1f} MB.",
+        "",
+        "| method | perplexity | change | + 4-bit table | file MB | x fp32 file | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in m.items():
+        if "error" in row:
+            lines.append(f"| {name} | did not run: {row['error'][:90]} | | | | | |")
+            continue
+        table = f"{row['ppl_with_table']:.2f}" if "ppl_with_table" in row else ""
+        size = f"{row['file_bytes'] / 1e6:.1f} | {row['file_x_fp32']:.3f}" if "file_bytes" in row else "n/a | n/a"
+        lines.append(
+            f"| {name} | {row['ppl']:.2f} | {row['ppl_change_pct']:+.1f} % | {table} | {size} | {row['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "int4 rows: perplexity with the Linear layers of the blocks in int4; `+ 4-bit table` also shares the tied "
+        "embedding / output table at 4 bits (k-means), as the file stores it. Sparse rows keep float weights "
+        "with zeros; the file stores the zeros as entropy-coded positions (2:4 costs no more than any 50 % mask "
+        "there). No CPU kernel runs 2:4 faster than dense: the sparse rows are smaller, not faster.",
+        "",
+        "| model | prefill tokens/s | x fp32 | decode tokens/s | x fp32 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in speed.items():
+        lines.append(
+            f"| {name} | {row['prefill']:.0f} | {row['prefill_x_fp32']:.2f} | {row['decode']:.0f} | {row['decode_x_fp32']:.2f} |"
+        )
+    lines += [
+        "",
+        "Batch 1, eager, 2 threads; int4 layers on PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`). "
+        "Prefill: a 256-token prompt; decode: 64 tokens after a 32-token prompt with the key/value cache.",
+        "",
+        "GPTQ over the whole model (blocks and head) in a fresh process: peak RSS above the RSS of the process "
+        "with its libraries imported and the calibration text made, against 1.5 x (fp32 model + one block's "
+        "calibration activations, the hidden states entering a block for every calibration token). `large`: a "
+        "wider, deeper Llama of random weights (memory does not depend on them).",
+        "",
+        "| model | parameters | fp32 MB | activations MB | bound MB | peak above libraries MB | seconds |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {k} | {v['parameters'] / 1e6:.0f} M | {v['fp32_model_mb']:.0f} | {v['block_activations_mb']:.0f} | "
+            f"{v['bound_mb']:.0f} | {v['peak_above_libraries_mb']:.0f} | {v['seconds']:.0f} |"
+            for k, v in mem.items()
+        ),
+        "",
+        f"The model's Linear inputs are even: the largest input feature's RMS is {r['input_outliers']['median']:.1f}x "
+        f"the median feature's (median over layers; at most {r['input_outliers']['max']:.1f}x). Wanda's score "
+        "weighs each weight by its input's norm and AWQ and SmoothQuant rescale by it: their gains come from "
+        "the outlier features of large trained models, which this one lacks.",
+        "",
+    ]
+    return end_section(lines, r["checks"], END)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--quick", action="store_true", help="a smoke run on a few sequences (figures not comparable)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--large", action="store_true", help=argparse.SUPPRESS)
+    output_args(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.memory_child:
+        torch.set_num_threads(2)
+        memory_child(args.memory_child, args.quick, args.large)
+        return 0
+    name = "llm_quick" if args.quick else "llm"
+    if args.render:
+        r = saved_results(name)
+        return publish(name, r, section(r))
+    if "fp32" not in args.methods:
+        args.methods = ["fp32", *args.methods]
+    r = run(args)
+    r["checks"] = checks(r)
+    return publish(name, r, None if (args.quick or args.no_docs) else section(r))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
