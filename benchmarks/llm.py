@@ -22,7 +22,7 @@ per-tensor int8 activations, int8 weights per channel) plain and with SmoothQuan
 magnitude, Wanda and SparseGPT at 50 % unstructured and 2:4. Peers: torchao's
 ``Int4WeightOnlyConfig`` and ``Int8DynamicActivationInt8WeightConfig`` where they run on CPU.
 
-    .venv/bin/python benchmarks/llm.py [--methods ...] [--quick] [--no-docs] [--render]
+    .venv/bin/python benchmarks/llm.py [--methods ...] [--add] [--memory] [--quick] [--no-docs] [--render]
 
 Writes benchmarks/results/llm.json and a section of docs/benchmarks.md.
 """
@@ -360,6 +360,8 @@ def run(args) -> dict:
     for row in rows.values():
         if "ppl" in row:
             row["ppl_change_pct"] = 100 * (row["ppl"] / base - 1)
+    if args.add:  # the other rows, the speed and memory figures come from the saved run
+        return {"methods": rows}
     prompt = evals[0][:1]
     speed = speeds(kept, prompt, rounds=3 if args.quick else 7, steps=16 if args.quick else 64)
     print(f"speed: {json.dumps(speed)}", flush=True)
@@ -444,7 +446,8 @@ def section(r: dict) -> str:
     lines += [
         "",
         "int4 rows: perplexity with the Linear layers of the blocks in int4; `+ 4-bit table` also shares the tied "
-        "embedding / output table at 4 bits (k-means), as the file stores it. Sparse rows keep float weights "
+        "embedding / output table at 4 bits (k-means), as the file stores it (with `+ head`, the input table only: "
+        "the int4 head is untied from it). int3 rows store 3-bit values in the int4 layout and a float table. Sparse rows keep float weights "
         "with zeros; the file stores the zeros as entropy-coded positions (2:4 costs no more than any 50 % mask "
         "there). No CPU kernel runs 2:4 faster than dense: the sparse rows are smaller, not faster.",
         "",
@@ -488,6 +491,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run on a few sequences (figures not comparable)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--large", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help="only measure GPTQ's memory again, into the saved run")
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="run only --methods and merge their rows into the saved run (no speed, memory)",
+    )
     output_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -501,7 +510,21 @@ def main() -> int:
         return publish(name, r, section(r))
     if "fp32" not in args.methods:
         args.methods = ["fp32", *args.methods]
+    if args.memory:  # only the memory figures, measured again and merged into the saved run
+        r = saved_results(name)
+        r["memory"] = {k: memory(llm_model.trained_model(), args.quick, k == "large") for k in ("trained", "large")}
+        r["checks"] = checks(r)
+        return publish(name, r, None if (args.quick or args.no_docs) else section(r))
     r = run(args)
+    if args.add:
+        saved = saved_results(name)
+        if saved is None or saved["methods"]["fp32"]["ppl"] != r["methods"]["fp32"]["ppl"]:
+            raise SystemExit(
+                "--add needs a saved full run of the same model (its fp32 perplexity differs or is absent)"
+            )
+        saved["methods"] = {k: r["methods"].get(k, v) for k, v in saved["methods"].items()} | r["methods"]
+        saved["methods"] = {k: saved["methods"][k] for k in METHODS if k in saved["methods"]}
+        r = saved
     r["checks"] = checks(r)
     return publish(name, r, None if (args.quick or args.no_docs) else section(r))
 

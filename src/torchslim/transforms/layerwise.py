@@ -11,6 +11,9 @@ already-compressed predecessors give it, and only one block's activations are he
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -107,6 +110,7 @@ def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
     in place (only one batch's hidden states held twice)."""
     for i, (a, k) in enumerate(inputs):
         inputs[i] = _with_hidden(a, k, _hidden(block(*a, **k)))
+        release_free_memory()
     return inputs
 
 
@@ -124,6 +128,7 @@ def input_statistics(block: nn.Module, inputs: Inputs, layers: dict[str, nn.Modu
     try:
         for a, k in inputs:
             block(*a, **k)
+            release_free_memory()
     finally:
         for h in hooks:
             h.remove()
@@ -148,6 +153,26 @@ def _accumulate(s: dict[str, Any], x: torch.Tensor) -> None:
     s["tokens"] += x.shape[0]
 
 
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing). Each block frees matrices of the same few sizes (its layers' ``H`` and their
+    factors, a batch's hidden states); glibc keeps such freed memory in its heap, and over a
+    model's blocks what it keeps grows to several times what is alive."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl) or no such symbol
+        return None
+
+
 def blockwise(
     model: nn.Module,
     batches: list,
@@ -164,7 +189,9 @@ def blockwise(
             inputs = capture_inputs(model, blocks, batches)
             for i, block in enumerate(blocks):
                 visit(f"{prefix}.{i}", block, inputs)
+                release_free_memory()
                 inputs = run_block(block, inputs)
+                release_free_memory()
                 if progress is not None:
                     progress(i + 1, len(blocks))
     finally:
@@ -199,6 +226,7 @@ def each_layer(
     def tracked(block: nn.Module, prefix: str, name: str, layer: nn.Module, stats: dict | None) -> None:
         done.append((block, name, layer, layer.weight))
         change(block, prefix, name, layer, stats)
+        release_free_memory()
 
     try:
         if batches is None:
