@@ -35,10 +35,6 @@ def in_features(m: nn.Module) -> int:
     return m.nx if is_conv1d(m) else m.in_features
 
 
-def out_features(m: nn.Module) -> int:
-    return m.nf if is_conv1d(m) else m.out_features
-
-
 def weight_matrix(m: nn.Module) -> torch.Tensor:
     """The layer's weight as ``(out, in)`` (a view: a ``Conv1D``'s is transposed)."""
     w = m.weight.detach()

@@ -284,7 +284,7 @@ class QuantizedLayer(nn.Module):
         ``smooth`` (one positive factor per input channel) is multiplied into the weight's
         columns before quantizing, and the layer divides its input by it."""
         q = cls.empty_like(layer, scheme, bits, group_size, per_channel, activations, smooth is not None)
-        w = weight_matrix(layer).float() if is_conv1d(layer) else layer.weight.detach().float()
+        w = weight_matrix(layer).float()  # a GPT-2 Conv1D's transposed; any other layer's as it is
         if smooth is not None:
             q.input_smooth.copy_(smooth)
             w = w * q.input_smooth

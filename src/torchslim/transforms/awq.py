@@ -25,11 +25,10 @@ from torch import nn
 
 from torchslim.core.data import Data
 from torchslim.core.linears import weight_matrix
-from torchslim.core.qlayers import QuantizedLayer, pack_int4
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress
-from torchslim.transforms.gptq import check_groups, relative_output_error, rtn_layer
-from torchslim.transforms.layerwise import calibration_inputs, chosen_layers, each_layer
+from torchslim.transforms.gptq import grouped_layers, int4_layer, relative_output_error, rtn_layer
+from torchslim.transforms.layerwise import calibration_inputs, each_layer
 
 _FLOOR = 1e-4
 
@@ -183,23 +182,13 @@ def awq_(
         raise ConfigError("AWQ scales each weight by its inputs: pass data=<calibration batches>")
     records: list[AWQLayer] = []
 
-    def choose(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
-        layers = chosen_layers(block, prefix, config.layers)
-        check_groups(layers, prefix, config.group_size)
-        return layers
-
     def change(block: nn.Module, prefix: str, name: str, layer: nn.Module, s: dict) -> None:
         w = weight_matrix(layer).float().cpu()
         h = s["hessian"]
         ints, scales, smooth, alpha, clip = awq_weight(w, h, s["abs_sum"] / max(s["tokens"], 1), config)
-        q = QuantizedLayer.empty_like(layer, "weight", 4, config.group_size, smooth=True)
-        q.weight.copy_(pack_int4(ints))
-        q.weight_scale.copy_(scales)
-        q.input_smooth.copy_(smooth)
-        if layer.bias is not None:
-            q.bias.copy_(layer.bias.detach().float())
+        q = int4_layer(layer, ints, scales, config.group_size, smooth)
         rtn = rtn_layer(layer, config.bits, config.group_size)
-        approx = q.dequantized_weight() / q.input_smooth
+        approx = (q.dequantized_weight() / q.input_smooth).cpu()
         records.append(
             AWQLayer(
                 name=f"{prefix}.{name}",
@@ -210,10 +199,14 @@ def awq_(
                 rtn_output_error=relative_output_error(w, rtn.dequantized_weight(), h),
             )
         )
-        block.set_submodule(name, q.to(layer.weight.device))
+        block.set_submodule(name, q)
 
     each_layer(  # a failure leaves the float model as it was
-        model, calibration_inputs(data, config.calib_batches), choose, change, progress
+        model,
+        calibration_inputs(data, config.calib_batches),
+        grouped_layers(config.layers, config.group_size),
+        change,
+        progress,
     )
     if not records:
         raise ConfigError("no Linear layer matched config.layers inside the model's repeated blocks")

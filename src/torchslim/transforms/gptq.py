@@ -27,7 +27,7 @@ from torchslim.core.linears import in_features, weight_matrix
 from torchslim.core.qlayers import QuantizedLayer, pack_int4, quantize_weight, weight_scales
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress
-from torchslim.transforms.layerwise import calibration_inputs, chosen_layers, each_layer, output_head
+from torchslim.transforms.layerwise import Chooser, calibration_inputs, chosen_layers, each_layer, output_head
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +201,20 @@ def rtn_layer(layer: nn.Module, bits: int, group_size: int) -> QuantizedLayer:
     return int4_layer(layer, quantize_weight(w, scales, bits, group_size), scales, group_size)
 
 
-def int4_layer(layer: nn.Module, ints: torch.Tensor, scales: torch.Tensor, group_size: int) -> QuantizedLayer:
-    """The int4 layer holding ``ints`` ``(out, in)`` and group ``scales`` in place of ``layer``."""
-    q = QuantizedLayer.empty_like(layer, "weight", _BITS, group_size)
+def int4_layer(
+    layer: nn.Module,
+    ints: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    smooth: torch.Tensor | None = None,
+) -> QuantizedLayer:
+    """The int4 layer holding ``ints`` ``(out, in)`` and group ``scales`` in place of ``layer``
+    (dividing its input by ``smooth``, if given)."""
+    q = QuantizedLayer.empty_like(layer, "weight", _BITS, group_size, smooth=smooth is not None)
     q.weight.copy_(pack_int4(ints))
     q.weight_scale.copy_(scales)
+    if smooth is not None:
+        q.input_smooth.copy_(smooth)
     if layer.bias is not None:
         q.bias.copy_(layer.bias.detach().float())
     return q.to(layer.weight.device)
@@ -262,17 +271,24 @@ def gptq_(
         name, head = output_head(model)
         check_groups({name: head}, "", config.group_size)
     each_layer(  # a failure leaves the float model as it was
-        model, calibration_inputs(data, config.calib_batches), _chooser(config), change, progress, config.head
+        model,
+        calibration_inputs(data, config.calib_batches),
+        grouped_layers(config.layers, config.group_size),
+        change,
+        progress,
+        config.head,
     )
     if not records:
         raise ConfigError("no Linear layer matched config.layers inside the model's repeated blocks")
     return GPTQResult(records, config)
 
 
-def _chooser(config: GPTQConfig):
+def grouped_layers(patterns: tuple[str, ...] | None, group_size: int) -> Chooser:
+    """The layers of a block that ``patterns`` name, each checked to take ``group_size``."""
+
     def choose(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
-        layers = chosen_layers(block, prefix, config.layers)
-        check_groups(layers, prefix, config.group_size)
+        layers = chosen_layers(block, prefix, patterns)
+        check_groups(layers, prefix, group_size)
         return layers
 
     return choose

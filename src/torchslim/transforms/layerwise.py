@@ -116,9 +116,9 @@ def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
 
 @torch.no_grad()
 def input_statistics(block: nn.Module, inputs: Inputs, layers: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
-    """Per Linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) of ``block`` over every calibration token: ``hessian`` (the sum of
-    ``x xᵀ``, float32 as in the papers, held for a block's layers at once), ``sq_norm`` and ``abs_sum`` (each input feature's sum of squares and of
-    magnitudes) and ``tokens``."""
+    """Per Linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) of ``block`` over every calibration
+    token: ``hessian`` (the sum of ``x xᵀ``, float32 as in the papers), ``sq_norm`` and
+    ``abs_sum`` (each input feature's sum of squares and of magnitudes) and ``tokens``."""
     stats = {n: _empty_stats(m) for n, m in layers.items()}
 
     def record(name: str, x: torch.Tensor) -> None:
@@ -189,9 +189,7 @@ def blockwise(
             inputs = capture_inputs(model, blocks, batches)
             for i, block in enumerate(blocks):
                 visit(f"{prefix}.{i}", block, inputs)
-                release_free_memory()
                 inputs = run_block(block, inputs)
-                release_free_memory()
                 if progress is not None:
                     progress(i + 1, len(blocks))
     finally:

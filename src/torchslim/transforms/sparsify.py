@@ -160,9 +160,7 @@ def prune_mask(score: torch.Tensor, config: SparsifyConfig, per_row: bool) -> to
 def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, config: SparsifyConfig) -> tuple[torch.Tensor, float]:
     """SparseGPT's sparse ``(out, in)`` weight for ``weight`` given its inputs' ``hessian``, and the damping used."""
     w = weight.detach().double().clone()
-    h = hessian.double()
-    if h is hessian:
-        h = h.clone()  # damped in place below
+    h = hessian.to(torch.float64, copy=True)  # its diagonal is changed below
     cols = w.shape[1]
     dead = torch.diag(h) == 0
     h.diagonal()[dead] = 1.0
@@ -176,13 +174,14 @@ def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Sparsi
         u = upper[b0:b1, b0:b1]
         d = torch.diag(u)
         errors = torch.zeros_like(w1)
-        mask = None if config.nm else prune_mask(w1.pow(2) / d.pow(2), config, per_row=False)
+        if config.nm:  # each group's mask chosen when the group is reached
+            mask = torch.zeros_like(w1, dtype=torch.bool)
+        else:
+            mask = prune_mask(w1.pow(2) / d.pow(2), config, per_row=False)
         for j in range(b1 - b0):
             if config.nm and j % group == 0:
                 part = w1[:, j : j + group].pow(2) / d[j : j + group].pow(2)
-                cut = _nm_mask(part, *config.nm)
-                mask = torch.zeros_like(w1, dtype=torch.bool) if mask is None else mask
-                mask[:, j : j + group] = cut
+                mask[:, j : j + group] = _nm_mask(part, *config.nm)
             col = w1[:, j]
             kept = torch.where(mask[:, j], torch.zeros_like(col), col)
             err = (col - kept) / d[j]
