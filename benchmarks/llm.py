@@ -13,14 +13,19 @@ model never saw:
 * speed at batch 1 on 2 threads, each against fp32 eager in the same run (alternating
   rounds): prefill tokens/s over a 256-token prompt and decode tokens/s, one token at a time
   with the key/value cache, after a 32-token prompt;
+* compiled: prefill of the same prompt with the W8A8 models and fp32 compiled by inductor;
+* deployed: in a fresh process, the fp32 model and the int4 ``.tslim`` loaded and generating
+  64 tokens, RSS once loaded and at its peak;
 * memory: GPTQ over the whole model in a fresh process, its peak RSS above the RSS the process
-  had with its libraries imported, against the fp32 model's bytes plus one block's calibration
-  activations (the hidden states entering a block for every calibration token).
+  had with its libraries imported and warmed up, against the fp32 model's bytes plus one
+  block's calibration activations (the hidden states entering a block for every calibration
+  token).
 
-Methods: round-to-nearest (RTN), GPTQ and AWQ int4 with groups of 128; W8A8 (dynamic
-per-tensor int8 activations, int8 weights per channel) plain and with SmoothQuant (α 0.5);
-magnitude, Wanda and SparseGPT at 50 % unstructured and 2:4. Peers: torchao's
-``Int4WeightOnlyConfig`` and ``Int8DynamicActivationInt8WeightConfig`` where they run on CPU.
+Methods: round-to-nearest (RTN), GPTQ and AWQ int4 (and int3) with groups of 128; W8A8
+(dynamic int8 activations per tensor or per token, int8 weights per channel) plain and with
+SmoothQuant (α 0.5); magnitude, Wanda and SparseGPT at 50 % unstructured and 2:4; SVD low-rank
+by energy kept. Peers: torchao's ``Int4WeightOnlyConfig`` and
+``Int8DynamicActivationInt8WeightConfig`` where they run on CPU.
 
     .venv/bin/python benchmarks/llm.py [--methods ...] [--add] [--memory] [--quick] [--no-docs] [--render]
 
@@ -51,6 +56,7 @@ import torchslim as ts  # noqa: E402
 from torchslim.core.data import Data  # noqa: E402
 from torchslim.core.linears import is_linear  # noqa: E402
 from torchslim.transforms.gptq import rtn_layer  # noqa: E402
+from torchslim.transforms.layerwise import release_free_memory  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llm_model  # noqa: E402
@@ -72,12 +78,15 @@ METHODS = {
     "awq int3": "AWQ int3 (int4 layout), groups of 128",
     "w8a8": "dynamic int8 activations (per tensor), int8 weights (per channel)",
     "smoothquant w8a8": "the same after SmoothQuant's migration, alpha 0.5",
+    "smoothquant w8a8 per-token": "the same with one activation scale per token",
     "magnitude 50%": "magnitude, 50 % unstructured",
     "wanda 50%": "Wanda, 50 % unstructured",
     "sparsegpt 50%": "SparseGPT, 50 % unstructured",
     "magnitude 2:4": "magnitude, 2:4",
     "wanda 2:4": "Wanda, 2:4",
     "sparsegpt 2:4": "SparseGPT, 2:4",
+    "svd 0.8": "SVD low-rank, each layer's rank keeping 80 % of its squared singular values (dense where that saves < 10 %)",
+    "svd 0.9": "the same keeping 90 %",
     "torchao int4 weight-only": "torchao's CPU int4 weight-only (PrototypeInt4WeightOnlyConfig, group 128) on the model in bfloat16",
     "torchao int8 dynamic": "torchao Int8DynamicActivationInt8WeightConfig",
 }
@@ -137,11 +146,12 @@ def apply(name: str, model, calib: list[dict]) -> dict:
     elif name.startswith("awq"):
         config = ts.AWQConfig(group_size=GROUP, bits=bits, calib_batches=n)
         return {"summary": ts.awq_(model, config, data=calib).summary()}
-    elif name.endswith("w8a8"):
+    elif "w8a8" in name:
         smooth = 0.5 if name.startswith("smoothquant") else None
         data = Data(train=calib, eval=calib, calib=calib, task=ts.LanguageModel(), calib_batches=n)
+        activations = "token" if name.endswith("per-token") else "tensor"
         config = ts.QuantizeConfig(
-            scheme="dynamic", activations="tensor", smooth=smooth, layers=(BLOCKS,), calib_batches=n
+            scheme="dynamic", activations=activations, smooth=smooth, layers=(BLOCKS,), calib_batches=n
         )
         ts.quantize_(model, config, data=data)
     elif name.split()[0] in ("magnitude", "wanda", "sparsegpt"):
@@ -149,6 +159,13 @@ def apply(name: str, model, calib: list[dict]) -> dict:
         pattern = amount if ":" in amount else None
         config = ts.SparsifyConfig(method, sparsity=0.5, pattern=pattern, calib_batches=n)
         return {"summary": ts.sparsify_(model, config, data=None if method == "magnitude" else calib).summary()}
+    elif name.startswith("svd"):
+        config = ts.LowRankConfig(energy=float(name.split()[1]), calib_batches=n)
+        result = ts.lowrank_(model, config, data=calib)
+        return {
+            "summary": result.summary(),
+            "params_kept": sum(r.params_after for r in result.layers) / sum(r.params_before for r in result.layers),
+        }
     elif name.startswith("torchao"):
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
@@ -163,11 +180,14 @@ def apply(name: str, model, calib: list[dict]) -> dict:
     return {}
 
 
+def tslim_path(name: str) -> Path:
+    return TMP / f"{name.replace(' ', '-').replace(':', '-').replace('%', '').replace('+', 'and')}.tslim"
+
+
 def file_bytes(model, name: str) -> int | None:
     if name.startswith("torchao"):
         return None  # torchao's tensor subclasses are saved by torch.save (a pickle): not compared
-    path = ts.save(model, TMP / f"{name.replace(' ', '-').replace(':', '-').replace('%', '')}.tslim")
-    return path.stat().st_size
+    return ts.save(model, tslim_path(name)).stat().st_size
 
 
 @torch.no_grad()
@@ -233,6 +253,44 @@ def speeds(models: dict, prompt: torch.Tensor, rounds: int, steps: int) -> dict:
     return out
 
 
+COMPILED = (
+    "smoothquant w8a8",
+    "smoothquant w8a8 per-token",
+)  # prefill timed compiled by inductor, against fp32 compiled
+
+
+def _by_keyword(runner):
+    return lambda input_ids, **_: runner(input_ids)
+
+
+def compiled_prefill(models: dict, prompt: torch.Tensor, rounds: int) -> dict:
+    """Per model compiled by inductor (``torch.compile``, static shapes): the median prefill
+    tokens/s over ``rounds`` alternating rounds and the median ratio to fp32 compiled, with the
+    largest logit difference to the same model in eager mode."""
+    runners = {}
+    for name, model in models.items():
+        runner = torch.compile(lambda ids, m=model: m(input_ids=ids, use_cache=False).logits, dynamic=False)
+        with torch.no_grad():
+            got, want = runner(prompt), model(input_ids=prompt, use_cache=False).logits
+            runner(prompt)
+        runners[name] = (runner, float((got - want).abs().max()))
+    per: dict[str, list[float]] = {n: [] for n in runners}
+    names = list(runners)
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            with torch.no_grad():
+                per[n].append(statistics.median(prefill_rate(_by_keyword(runners[n][0]), prompt) for _ in range(3)))
+    out = {}
+    for n in names:
+        ratio = statistics.median(a / b for a, b in zip(per[n], per["fp32"], strict=True))
+        out[n] = {
+            "prefill": statistics.median(per[n]),
+            "prefill_x_fp32_compiled": ratio,
+            "max_abs_logit_vs_eager": runners[n][1],
+        }
+    return out
+
+
 # ---------------------------------------------------------------- memory
 
 
@@ -259,6 +317,25 @@ LARGE = {
 """The wider, deeper Llama of the memory check (random weights: memory does not depend on them)."""
 
 
+def warm_up(config, calib: list[dict]) -> None:
+    """A two-block Llama of the same kind, 128 wide, through GPTQ (blocks and head) and a
+    forward pass, then dropped: the libraries' lazy imports and one-time set-up happen here,
+    before the baseline, so the peak above it is what GPTQ on the measured model costs."""
+    from transformers import AutoModelForCausalLM
+
+    small = copy.deepcopy(config)
+    for key, value in {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}.items():
+        setattr(small, key, value)
+    small.num_attention_heads, small.num_key_value_heads, small.head_dim = 2, 1, 64
+    model = AutoModelForCausalLM.from_config(small).eval()
+    ts.gptq_(model, ts.GPTQConfig(group_size=GROUP, calib_batches=2, head=True), data=calib[:2])
+    with torch.no_grad():
+        model(calib[0]["input_ids"][:1])
+    del model
+    gc.collect()
+    release_free_memory()
+
+
 def memory_child(folder: str, quick: bool, large: bool) -> None:
     """Run in a fresh process: GPTQ over the whole model (the trained one, or ``LARGE`` made
     from its config), printing its peak RSS as JSON."""
@@ -267,12 +344,12 @@ def memory_child(folder: str, quick: bool, large: bool) -> None:
     recipe = llm_model.Recipe()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     calib, _ = texts(recipe, tokenizer, quick)
-    gc.collect()
+    config = AutoConfig.from_pretrained(folder)
+    warm_up(config, calib)
     reset_peak()
     base = _status_mb("VmRSS")
     if large:
         torch.manual_seed(0)
-        config = AutoConfig.from_pretrained(folder)
         for key, value in LARGE.items():
             setattr(config, key, value)
         model = AutoModelForCausalLM.from_config(config).eval()
@@ -309,6 +386,38 @@ def memory(folder: Path, quick: bool, large: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def generation_child(folder: str, tslim: str | None) -> None:
+    """Run in a fresh process: load the model a user deploys (fp32 from its folder, or a
+    ``.tslim`` into a model built from the folder's config) and generate 64 tokens at batch 1
+    with the key/value cache, printing RSS above the warmed-up libraries as JSON: once
+    loaded, and the peak over loading and generating."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    recipe = llm_model.Recipe()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calib, evals = texts(recipe, tokenizer, True)
+    config = AutoConfig.from_pretrained(folder)
+    warm_up(config, calib)
+    prompt = evals[0][:1, :32]
+    reset_peak()
+    base = _status_mb("VmRSS")
+    if tslim is None:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    else:
+        model = ts.load(tslim, AutoModelForCausalLM.from_config(config).eval())
+    gc.collect()
+    release_free_memory()
+    loaded = _status_mb("VmRSS") - base
+    rate = decode_rate(model, prompt, 64)
+    print(json.dumps({"loaded_mb": loaded, "peak_mb": _status_mb("VmHWM") - base, "decode": rate}))
+
+
+def generation_memory(folder: Path, tslim: Path | None) -> dict:
+    cmd = [sys.executable, __file__, "--generation-child", str(folder)] + ([str(tslim)] if tslim else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # ---------------------------------------------------------------- run
 
 
@@ -332,6 +441,7 @@ def run(args) -> dict:
     print(f"input feature RMS, largest / median: {outliers}", flush=True)
     rows: dict[str, dict] = {}
     kept: dict[str, torch.nn.Module] = {"fp32": fp32}
+    compiled_kept: dict[str, torch.nn.Module] = {}
     for name in args.methods:
         model = copy.deepcopy(fp32)
         t = time.perf_counter()
@@ -355,6 +465,8 @@ def run(args) -> dict:
         rows[name] = row
         if name in SPEED:
             kept[name] = model
+        if name in COMPILED:
+            compiled_kept[name] = model
         print(f"{name}: {json.dumps(row)}", flush=True)
     base = rows["fp32"]["ppl"]
     for row in rows.values():
@@ -365,6 +477,15 @@ def run(args) -> dict:
     prompt = evals[0][:1]
     speed = speeds(kept, prompt, rounds=3 if args.quick else 7, steps=16 if args.quick else 64)
     print(f"speed: {json.dumps(speed)}", flush=True)
+    compiled = compiled_prefill(
+        {"fp32": fp32} | {n: compiled_kept[n] for n in compiled_kept}, prompt, 3 if args.quick else 7
+    )
+    print(f"compiled: {json.dumps(compiled)}", flush=True)
+    del kept, compiled_kept
+    generation = {"fp32": generation_memory(folder, None)}
+    if DEPLOY in rows:
+        generation[DEPLOY] = generation_memory(folder, tslim_path(DEPLOY))
+    print(f"generation: {json.dumps(generation)}", flush=True)
     mem = {"trained": memory(folder, args.quick, False), "large": memory(folder, args.quick, True)}
     print(f"memory: {json.dumps(mem)}", flush=True)
     return {
@@ -377,6 +498,8 @@ def run(args) -> dict:
         "methods": rows,
         "input_outliers": outliers,
         "speed": speed,
+        "compiled": compiled,
+        "generation": generation,
         "memory": mem,
         "quick": args.quick,
     }
@@ -463,8 +586,29 @@ def section(r: dict) -> str:
         "Batch 1, eager, 2 threads; int4 layers on PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`). "
         "Prefill: a 256-token prompt; decode: 64 tokens after a 32-token prompt with the key/value cache.",
         "",
+        "Compiled by inductor (`torch.compile`, static shapes), prefill of the same 256-token prompt, against "
+        "fp32 compiled in the same run (int8 layers as oneDNN int8 GEMMs):",
+        "",
+        "| model | prefill tokens/s | x fp32 compiled | largest logit difference to eager |",
+        "|---|---|---|---|",
+        *(
+            f"| {k} | {v['prefill']:.0f} | {v['prefill_x_fp32_compiled']:.2f} | {v['max_abs_logit_vs_eager']:.2g} |"
+            for k, v in r.get("compiled", {}).items()
+        ),
+        "",
+        "Deployed: a fresh process loads the model (fp32 from its folder; the int4 model's `.tslim` into a model "
+        "built from the folder's config) and generates 64 tokens at batch 1; RSS above the warmed-up libraries:",
+        "",
+        "| model | RSS once loaded MB | peak over loading and generating MB | decode tokens/s |",
+        "|---|---|---|---|",
+        *(
+            f"| {k} | {v['loaded_mb']:.0f} | {v['peak_mb']:.0f} | {v['decode']:.0f} |"
+            for k, v in r.get("generation", {}).items()
+        ),
+        "",
         "GPTQ over the whole model (blocks and head) in a fresh process: peak RSS above the RSS of the process "
-        "with its libraries imported and the calibration text made, against 1.5 x (fp32 model + one block's "
+        "with the calibration text made and its libraries imported and warmed up (a two-block Llama of the same "
+        "kind through GPTQ and a forward pass first, then dropped), against 1.5 x (fp32 model + one block's "
         "calibration activations, the hidden states entering a block for every calibration token). `large`: a "
         "wider, deeper Llama of random weights (memory does not depend on them).",
         "",
@@ -490,6 +634,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--quick", action="store_true", help="a smoke run on a few sequences (figures not comparable)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--generation-child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--large", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help="only measure GPTQ's memory again, into the saved run")
     parser.add_argument(
@@ -503,6 +648,11 @@ def main() -> int:
     if args.memory_child:
         torch.set_num_threads(2)
         memory_child(args.memory_child, args.quick, args.large)
+        return 0
+    if args.generation_child:
+        torch.set_num_threads(2)
+        folder, *tslim = args.generation_child
+        generation_child(folder, tslim[0] if tslim else None)
         return 0
     name = "llm_quick" if args.quick else "llm"
     if args.render:

@@ -165,3 +165,36 @@ def test_three_bit_values_in_the_int4_layout_beat_three_bit_rounding(tiny_lm, to
     assert q.bits == 4 and int(ints.min()) >= -4 and int(ints.max()) <= 3
     with pytest.raises(ConfigError, match="bits=2"):
         ts.GPTQConfig(bits=2)
+
+
+def test_the_inverse_factor_is_computed_in_place_and_damps_a_singular_h():
+    from torchslim.transforms.gptq import cholesky_inverse_factor
+
+    x = torch.randn(300, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h = x.T @ x
+    upper, used = cholesky_inverse_factor(h.clone, 0.01)
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(40, dtype=h.dtype)
+    want = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert used == 0.01 and torch.allclose(upper.triu(), want, atol=1e-10)
+    singular = torch.zeros(40, 40)  # float32: a rank-1 block stays singular under the smallest damping
+    singular[:2, :2] = 1.0
+    singular.diagonal()[2:] = 1e-30
+    upper, used = cholesky_inverse_factor(singular.clone, 1e-9)
+    assert used > 1e-9 and torch.isfinite(upper).all()
+
+
+def test_blocks_run_a_few_rows_at_a_time_give_the_whole_batch_outputs(monkeypatch, tiny_lm, token_batches):
+    from torchslim.transforms import layerwise
+
+    model = tiny_lm()
+    batches = token_batches(2, rows=6, tokens=48)
+    _, blocks = layerwise.repeated_blocks(model)
+    monkeypatch.setattr(layerwise, "CHUNK_TOKENS", 96)  # 6 rows of 48 tokens, 2 rows at a time
+    with torch.no_grad(), layerwise._no_cache(model):
+        inputs = layerwise.capture_inputs(model, blocks, batches)
+        whole = [layerwise._hidden(blocks[0](*a, **k)).clone() for a, k in inputs]
+        assert len(list(layerwise.row_chunks(*inputs[0]))) == 3
+        chunked = layerwise.run_block(blocks[0], inputs)
+    for want, (a, k) in zip(whole, chunked, strict=True):
+        got = a[0] if a else k["hidden_states"]
+        assert torch.allclose(got, want, atol=1e-6)

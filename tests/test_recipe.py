@@ -27,7 +27,15 @@ def tiny_recipe(out_dir):
 
 
 def test_builtin_recipes_parse():
-    assert builtin_recipes() == ["lenet5", "lenet_300_100", "minilm", "minilm_tiny", "resnet_mini", "resnet_mini_int8"]
+    assert builtin_recipes() == [
+        "lenet5",
+        "lenet_300_100",
+        "llm_int4",
+        "minilm",
+        "minilm_tiny",
+        "resnet_mini",
+        "resnet_mini_int8",
+    ]
     r = load_recipe()
     assert r.name == "lenet_300_100" and [s.kind for s in r.steps] == ["prune", "share"]
     assert load_recipe("lenet5").model.name == "lenet5"
@@ -179,6 +187,7 @@ def test_every_recipe_section_has_the_python_configs_fields_and_defaults():
     covered = {s.dataclass.__name__ for s in sections}
     assert {"TrainConfig", "DataSpec", "MagnitudePruneConfig", "ShareConfig", "ChannelPruneConfig"} <= covered
     assert {"QuantizeConfig", "DistillConfig", "Recovery"} <= covered
+    assert {"LowRankConfig", "SparsifyConfig", "GPTQConfig", "AWQConfig"} <= covered
     for section in sections:
         for f in dataclasses.fields(section.dataclass):
             if f.name in section.recipe_wide:

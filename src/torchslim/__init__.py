@@ -31,6 +31,7 @@ from torchslim.transforms.compress import CompressResult, CompressSettings, comp
 from torchslim.transforms.distill import DistillConfig, derive_student, distill
 from torchslim.transforms.gptq import GPTQConfig, gptq_
 from torchslim.transforms.heads import EncoderPruneConfig, encoder_prune_
+from torchslim.transforms.lowrank import LowRankConfig, lowrank_
 from torchslim.transforms.mixed_precision import MixedPrecisionConfig, mixed_precision_
 from torchslim.transforms.prune import MagnitudePruneConfig, prune_
 from torchslim.transforms.quantize import QuantizeConfig, quantize_
@@ -53,6 +54,7 @@ __all__ = [
     "GPTQConfig",
     "LanguageModel",
     "LayerDecision",
+    "LowRankConfig",
     "MagnitudePruneConfig",
     "MixedPrecisionConfig",
     "QuantizeConfig",
@@ -83,6 +85,7 @@ __all__ = [
     "gptq_",
     "keep_faster_",
     "load",
+    "lowrank_",
     "mixed_precision_",
     "models",
     "prune_",

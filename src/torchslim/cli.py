@@ -112,6 +112,7 @@ def _details(report: RunReport) -> None:
         distill_rows,
         group_rows,
         layer_rows,
+        oneshot_rows,
         quant_rows,
         structure_rows,
     )
@@ -127,7 +128,12 @@ def _details(report: RunReport) -> None:
     if report.quantization:
         q = report.quantization
         _show(f"quantized layers (latency on {q['backend']})", QUANT_COLUMNS, quant_rows(q["quantization"]))
+    for step in report.oneshot:
+        _show(f"{step['kind']} (step {step['step']}), per layer", *oneshot_rows(step))
     _show("per tensor in the file", LAYER_COLUMNS, layer_rows(report.layers))
+    for s in report.steps:
+        if s.summary:
+            console.print(f"step {s.index} ({s.kind}): {s.summary}", highlight=False)
 
 
 @app.command()

@@ -29,6 +29,7 @@ from torchslim.artifact.structure import ModuleEntry, describe, parse_modules, r
 from torchslim.core.attention import attention_precision, set_attention_precision_
 from torchslim.core.device import Device, place
 from torchslim.core.files import output_path, write_atomic
+from torchslim.core.lowrank import check_ranks, lowrank_layers, lowrank_layers_in_, parse_lowrank
 from torchslim.core.qlayers import (
     folded_batchnorm,
     folded_names,
@@ -118,6 +119,9 @@ def encode(
     attention = attention_precision(model) if isinstance(model, nn.Module) else None
     if attention is not None:
         manifest["attention"] = attention
+    lowrank = lowrank_layers(model) if isinstance(model, nn.Module) else {}
+    if lowrank:  # optional: files without low-rank layers are unchanged
+        manifest["lowrank"] = lowrank
     return st_save(stored, metadata=pack_manifest(manifest))
 
 
@@ -212,8 +216,9 @@ def fingerprint(stored: Mapping[str, torch.Tensor]) -> str:
 class Manifest:
     """A `.tslim` file's manifest (docs/format.md, section 2), parsed once: every entry is typed
     and checked by the reader that sits beside its writer -- coded tensors in ``codecs``, module
-    sizes in ``structure``, quantized layers in ``core.qrnn``, folds in ``core.qlayers``. What
-    needs the model (do those modules exist, do the sizes only shrink) is checked on load.
+    sizes in ``structure``, quantized layers in ``core.qrnn``, folds in ``core.qlayers``, low-rank
+    layers in ``core.lowrank``. What needs the model (do those modules exist, do the sizes only
+    shrink) is checked on load.
     """
 
     format: str
@@ -228,6 +233,7 @@ class Manifest:
     folded: dict[str, str] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)  # alias -> the stored name it is tied to
     attention: str | None = None  # the precision of a transformers model's attention, when not its own
+    lowrank: dict[str, int] = field(default_factory=dict)  # factorised Linear layer -> its rank
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the JSON as read
 
     @classmethod
@@ -268,6 +274,7 @@ class Manifest:
             folded=parse_folds(manifest.get("folded", {}), path),
             tied=_parse_ties(manifest.get("tied"), version, path),
             attention=_parse_attention(manifest.get("attention"), path),
+            lowrank=parse_lowrank(manifest.get("lowrank"), path),
             raw=manifest,
         )
 
@@ -388,7 +395,7 @@ def load(
     manifest, stored = read(path)
     module = _target(manifest, model, path)
     shapes = _shapes(manifest, stored)
-    swaps = bool(manifest.folded or manifest.quant)
+    swaps = bool(manifest.folded or manifest.quant or manifest.lowrank)
     children = [(m, dict(m._modules)) for m in module.modules()] if swaps and isinstance(model, nn.Module) else []
     try:
         _into(module, manifest, stored, shapes, path)
@@ -401,10 +408,12 @@ def load(
 
 
 def _into(module: nn.Module, manifest: Manifest, stored: Mapping[str, torch.Tensor], shapes: dict, path: Any) -> None:
-    """Fold, quantize and resize ``module`` as the file says, check every shape, then fill it."""
+    """Fold, factorise, quantize and resize ``module`` as the file says, check every shape, then fill it."""
     _refold(module, manifest.folded, path)
+    lowrank_layers_in_(module, manifest.lowrank, path)  # before quantizing: a factor may be quantized
     _requantize(module, manifest.quant, path)
     resize_(module, manifest.modules, shapes, path)  # structurally pruned files shrink the model
+    check_ranks(module, manifest.lowrank, path)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     extra, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
     if extra or missing:

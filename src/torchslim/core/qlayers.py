@@ -364,6 +364,11 @@ class QuantizedLayer(nn.Module):
             and not torch.onnx.is_in_onnx_export()
         )
 
+    def release_kernel_cache(self) -> None:
+        """Drop the int4 kernel's copy of the weight (made again on the next call): a
+        calibration pass that runs the layer once per batch need not keep it."""
+        self._int4_cache = None
+
     def _int4_mm(self, x: torch.Tensor) -> torch.Tensor:
         """``x Wᵀ + b`` on ``_weight_int4pack_mm_for_cpu``, in bfloat16: the kernel's only fast
         path (its float32 path is a reference loop, a hundred times slower than a dense float32

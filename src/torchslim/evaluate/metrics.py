@@ -71,8 +71,15 @@ def file_bytes(path: str | os.PathLike) -> int:
 
 
 def fp32_safetensors_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state_dict saved as float32 safetensors: the size to beat."""
-    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    """Bytes of the model's state_dict saved as float32 safetensors: the size to beat. A tensor
+    tied to another (a language model's output head and its embedding table) is stored once,
+    as ``save_pretrained`` stores it."""
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        alias = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if alias not in seen:
+            seen.add(alias)
+            state[k] = v.detach().float().contiguous()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fp32.safetensors"
         save_file(state, str(path))

@@ -31,7 +31,7 @@ from torchslim.report.render import write_report
 from torchslim.search.result import SearchResult
 from torchslim.train.baseline import trained_baseline
 from torchslim.train.fit import Progress, fit
-from torchslim.transforms.compress import compress
+from torchslim.transforms.compress import ONE_SHOT, compress
 from torchslim.transforms.distill import distill
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,10 @@ ProgressFactory = Callable[[str], Progress]
 def _apply(
     step: Step, model: torch.nn.Module, data, recipe: Recipe, progress: Progress | None, baseline, structure: list
 ):
-    """Run one compression step through ``compress``; return the compressed model and its plan.
-    Channel and quantization results join ``structure`` for the report. A quantize step on a
-    compiling backend then keeps float where int8 is slower there (:func:`keep_faster_`)."""
+    """Run one compression step through ``compress``; return the compressed model, its plan and
+    the verbs' results. Channel and quantization results join ``structure`` for the report. A
+    quantize step on a compiling backend then keeps float where int8 is slower there
+    (:func:`keep_faster_`)."""
     plan, settings, teaches = step.compile(recipe.seed)
     done = compress(
         model, plan, data, settings=settings, teacher=baseline if teaches else None, progress=lambda _name: progress
@@ -53,7 +54,7 @@ def _apply(
         structure.append({"criterion": settings.channels.criterion, **done.results["channels"].to_dict()})
     q = step.quantize
     if q is None or ("quantize" not in done.results and "mixed_precision" not in done.results):
-        return done.model, done.plan
+        return done.model, done.plan, done.results
     entry: dict[str, Any] = {"backend": q.backend}
     if "quantize" in done.results:
         entry["quantization"] = done.results["quantize"].to_dict()
@@ -67,7 +68,7 @@ def _apply(
         entry["speed"] = check.to_dict()
         done.plan = done.plan.updated(check.plan())
     structure.append(entry)
-    return done.model, done.plan
+    return done.model, done.plan, done.results
 
 
 def _distill(
@@ -122,6 +123,7 @@ class _Run:
     plan: CompressionPlan = field(default_factory=CompressionPlan)
     steps: list[StepRecord] = field(default_factory=list)
     structure: list[dict[str, Any]] = field(default_factory=list)
+    oneshot: list[dict[str, Any]] = field(default_factory=list)
     distilled: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     rebuild: Callable[[], torch.nn.Module] | None = None  # a user model's builder (zoo models: None)
@@ -182,15 +184,19 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> RunRe
     run.timings["baseline_s"] = time.perf_counter() - start
     for i, step in enumerate(recipe.steps, 1):
         t0 = time.perf_counter()
+        results: dict[str, Any] = {}
         if step.distill is not None:  # the first step (the schema says so): the student replaces the model
             run.model, run.zoo, run.distilled, run.rebuild = _distill(step.distill, recipe, baseline, data, bar)
             step_plan = CompressionPlan()
         else:
-            run.model, step_plan = _apply(
+            run.model, step_plan, results = _apply(
                 step, run.model, data, recipe, bar(f"step {i}: {step.kind}"), baseline, run.structure
             )
             run.plan = run.plan.updated(step_plan)
-        run.steps.append(StepRecord(i, step.kind, time.perf_counter() - t0, step_plan.to_dict()))
+        if step.kind in ONE_SHOT:  # per-layer rows for the report
+            run.oneshot.append({"step": i, "kind": step.kind, **results[step.kind].to_dict()})
+        summary = "; ".join(r.summary() for r in results.values() if hasattr(r, "summary")) or None
+        run.steps.append(StepRecord(i, step.kind, time.perf_counter() - t0, step_plan.to_dict(), summary))
         run.timings[f"step{i}_{step.kind}_s"] = run.steps[-1].seconds
     run.model.cpu().eval()  # the artifact is measured and verified on the CPU
     baseline.cpu()
@@ -239,6 +245,7 @@ def _report(
         artifact=str(artifact),
         steps=run.steps,
         structure=[s for s in run.structure if "quantization" not in s],
+        oneshot=run.oneshot,
         quantization=next((s for s in run.structure if "quantization" in s), None),
         distillation=run.distilled,
         timings=run.timings,

@@ -29,13 +29,17 @@ from torchslim.recipe.sections import Strict, section
 from torchslim.search.config import Budget, LatencySetting, SearchConfig
 from torchslim.search.space import Recovery, SearchSpace
 from torchslim.train.fit import TrainConfig
+from torchslim.transforms.awq import AWQConfig
 from torchslim.transforms.channels import ChannelPruneConfig
-from torchslim.transforms.compress import ORDER, CompressSettings
+from torchslim.transforms.compress import ONE_SHOT, ORDER, CompressSettings
 from torchslim.transforms.distill import DistillConfig, student_kwargs
+from torchslim.transforms.gptq import GPTQConfig
+from torchslim.transforms.lowrank import LowRankConfig
 from torchslim.transforms.mixed_precision import MixedPrecisionConfig
 from torchslim.transforms.prune import MagnitudePruneConfig
 from torchslim.transforms.quantize import QuantizeConfig
 from torchslim.transforms.share import ShareConfig
+from torchslim.transforms.sparsify import SparsifyConfig
 
 BUILTIN = Path(__file__).parent / "builtin"
 DEFAULT_RECIPE = "lenet_300_100"
@@ -222,16 +226,26 @@ class DistillSection(_Distill):
         return teacher.name, student_kwargs(teacher.name, teacher.kwargs, width=self.width, depth=self.depth)
 
 
-STEP_KINDS = ("distill", "channels", "prune", "share", "quantize")
+LowRankSection = section(LowRankConfig, name="LowRankSection")
+SparsifySection = section(SparsifyConfig, name="SparsifySection")
+GPTQSection = section(GPTQConfig, name="GPTQSection")
+AWQSection = section(AWQConfig, name="AWQSection")
+
+STEP_KINDS = ("distill", "channels", "prune", "lowrank", "sparsify", "share", "gptq", "awq", "quantize")
 
 
 class Step(Strict):
-    """Exactly one of the keys: ``distill``, ``channels``, ``prune``, ``share`` or ``quantize``."""
+    """Exactly one of the keys: ``distill``, ``channels``, ``prune``, ``lowrank``,
+    ``sparsify``, ``share``, ``gptq``, ``awq`` or ``quantize``."""
 
     distill: DistillSection | None = None
     channels: ChannelsSection | None = None
     prune: PruneSection | None = None
+    lowrank: LowRankSection | None = None
+    sparsify: SparsifySection | None = None
     share: ShareSection | None = None
+    gptq: GPTQSection | None = None
+    awq: AWQSection | None = None
     quantize: QuantizeSection | None = None
 
     @model_validator(mode="after")
@@ -259,6 +273,8 @@ class Step(Strict):
             return _rules("sparsity", cfg.sparsity), CompressSettings(prune=cfg), _teaches(section.finetune)
         if self.kind == "share":
             return _rules("bits", cfg.bits), CompressSettings(share=cfg), _teaches(section.finetune)
+        if self.kind in ONE_SHOT:  # they choose their layers themselves: no plan rules
+            return CompressionPlan(), CompressSettings(**{self.kind: cfg}), False
         assert self.kind == "quantize", "a distill step replaces the model; it does not compile to a plan"
         if section.max_drop is not None:
             return (
@@ -395,8 +411,22 @@ class Recipe(Strict):
         if kinds != sorted(kinds, key=order.index) or len(set(kinds)) != len(kinds):
             raise ValueError(
                 f"steps: {kinds}: steps run in the order {order} (distill replaces the model by its student; channels "
-                "resize the layers that pruning masks; sharing clusters the pruned weights; quantization replaces the "
-                "float layers), each at most once (prune and channels take steps: N for several rounds)"
+                "resize the layers that pruning masks; the one-shot methods change the trained model without training: "
+                "lowrank replaces layers by factors that sparsify and the rest work on; sharing clusters the pruned "
+                "weights; gptq and awq replace Linear layers by int4 ones; quantization replaces the float layers "
+                "left), each at most once (prune and channels take steps: N for several rounds)"
+            )
+        if "gptq" in kinds and "awq" in kinds:
+            raise ValueError(
+                "steps: gptq and awq both quantize the Linear layers of the blocks to int4: keep one of them"
+            )
+        int4 = next((k for k in ("gptq", "awq") if k in kinds), None)
+        if int4 is not None and "quantize" in kinds:
+            head = " (gptq's head: true quantizes the output head too)" if int4 == "gptq" else ""
+            raise ValueError(
+                f"steps: {int4} turns the Linear layers into int4 layers, which a quantize step cannot quantize "
+                f"again: drop the quantize step{head}, or drop {int4} (quantize with scheme: dynamic and smooth: 0.5 "
+                "is W8A8 SmoothQuant)"
             )
         for step in self.steps:
             if step.distill is not None and step.distill.width is not None:
@@ -418,7 +448,7 @@ CONFIG_TYPES: dict[str, type] = {
     for c in (
         TrainConfig, DataSpec, ChannelPruneConfig, MagnitudePruneConfig, ShareConfig, QuantizeConfig,
         MixedPrecisionConfig, DistillConfig, CompressSettings, Recovery, SearchSpace, LatencySetting, Budget,
-        SearchConfig,
+        SearchConfig, LowRankConfig, SparsifyConfig, GPTQConfig, AWQConfig,
     )
 }  # fmt: skip
 """The config types a tagged dict may name (:func:`torchslim.core.serial.from_dict`); nothing else

@@ -44,6 +44,7 @@ class StepRecord:
     kind: str
     seconds: float
     plan: dict[str, Any] = field(default_factory=dict)
+    summary: str | None = None  # the verb's one-line account, where it gives one (the one-shot methods)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class RunReport:
     artifact: str
     steps: list[StepRecord] = field(default_factory=list)
     structure: list[dict[str, Any]] = field(default_factory=list)  # each channels step: groups, layers
+    oneshot: list[dict[str, Any]] = field(default_factory=list)  # each lowrank / sparsify / gptq / awq step: layers
     quantization: dict[str, Any] | None = None  # the quantize step: layers, calibration, backend
     distillation: dict[str, Any] | None = None  # teacher, student alone, student distilled
     timings: dict[str, float] = field(default_factory=dict)

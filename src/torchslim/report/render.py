@@ -264,6 +264,38 @@ def distill_parts(entry: dict[str, Any] | None, metric: Metric) -> list[str]:
     ]
 
 
+def oneshot_rows(step: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """One one-shot step's per-layer table (``lowrank``, ``sparsify``, ``gptq``, ``awq``): the
+    columns are the fields of its layer rows, as the verb's ``to_dict`` gives them."""
+    layers = step.get("layers") or []
+    header = tuple(layers[0]) if layers else ("name",)
+    return header, [tuple(_cell(r.get(k)) for k in header) for r in layers]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def oneshot_parts(steps: list[dict[str, Any]], records: list[Any]) -> list[str]:
+    """Markdown for each one-shot step: its summary line, its settings and its per-layer table.
+    Output errors are relative, ``‖(W - Ŵ) X‖² / ‖W X‖²`` over the calibration tokens."""
+    summaries = {r.index: r.summary for r in records}
+    parts = []
+    for step in steps:
+        settings = ", ".join(f"{k}={v}" for k, v in step.get("config", {}).items())
+        parts += [
+            f"## {step['kind']} (step {step['step']})",
+            f"{summaries.get(step['step']) or ''}. Settings: {settings}. Output errors are relative: "
+            "‖(W - Ŵ) X‖² / ‖W X‖² over the calibration tokens.",
+            markdown_table(*oneshot_rows(step)),
+        ]
+    return parts
+
+
 def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -290,6 +322,7 @@ def to_markdown(report: RunReport) -> str:
         *distill_parts(report.distillation, Metric(**report.metric)),
         *structure_parts(report.structure),
         *quant_parts(report.quantization, Metric(**report.metric)),
+        *oneshot_parts(report.oneshot, report.steps),
         "## Per tensor in the file",
         "Bytes are payload bytes; H0 is the order-0 Shannon bound of the stream, model the ideal "
         "code length under the coder's adaptive position model (docs/format.md).",
@@ -297,7 +330,7 @@ def to_markdown(report: RunReport) -> str:
         "## Plan",
         "```json\n" + json.dumps(report.plan, indent=2, sort_keys=True) + "\n```",
         "## Steps",
-        markdown_table(("step", "kind", "seconds", "layers decided"), _step_rows(report)),
+        markdown_table(("step", "kind", "seconds", "layers decided", "summary"), _step_rows(report)),
         "## Timings",
         markdown_table(("phase", "seconds"), [(k, f"{v:.1f}") for k, v in report.timings.items()]),
     ]
@@ -305,7 +338,7 @@ def to_markdown(report: RunReport) -> str:
 
 
 def _step_rows(report: RunReport) -> list[tuple[str, ...]]:
-    return [(str(s.index), s.kind, f"{s.seconds:.1f}", str(len(s.plan))) for s in report.steps]
+    return [(str(s.index), s.kind, f"{s.seconds:.1f}", str(len(s.plan)), s.summary or "") for s in report.steps]
 
 
 def write_report(report: RunReport, out_dir: str | Path) -> tuple[Path, Path]:

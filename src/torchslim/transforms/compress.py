@@ -4,11 +4,17 @@ A :class:`~torchslim.core.plan.CompressionPlan` says, per layer, what happens (c
 removed, sparsity, codebook bits, quantized weight bits); :class:`CompressSettings` says how
 each technique runs (fine-tuning, criterion, calibration). ``compress`` reads the plan one
 technique at a time, in :data:`ORDER`: whole channels first (they resize the layers the
-others touch), then magnitude pruning, a joint recovery of the two, weight sharing (its
-k-means sees the pruned weights), and quantization last (it replaces the float layers). Every
-verb's result carries the plan it realised, so a result's plan, applied by ``compress`` to a
-fresh copy of the same model with the same settings, does the same thing again. Recipes and
-the search run through here; the order lives nowhere else.
+others touch), then magnitude pruning and a joint recovery of the two -- the techniques that
+train. Then the one-shot methods of the LLM literature, which change a trained model from
+calibration statistics without training: low-rank factors first (they replace a layer by two
+plain Linear layers, which everything after works on), one-shot sparsity next (its zeros, in
+the factors too), weight sharing (its k-means sees the final float weights, e.g. an
+embedding table), GPTQ or AWQ (they replace the Linear layers by int4 ones), and
+quantization last (it replaces the float layers that are left). Every verb's result carries
+the plan it realised (the one-shot methods' carry per-layer rows instead: see
+:class:`CompressSettings`), so a result's plan, applied by ``compress`` to a fresh copy of the
+same model with the same settings, does the same thing again. Recipes and the search run
+through here; the order lives nowhere else.
 """
 
 from __future__ import annotations
@@ -24,20 +30,30 @@ from torch import nn
 
 from torchslim.analysis.cost import weight_layers
 from torchslim.core.data import Data
-from torchslim.core.device import Device, place
+from torchslim.core.device import Device, model_device, place
 from torchslim.core.plan import CompressionPlan
+from torchslim.core.task import move
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress, TrainConfig, fit
+from torchslim.transforms.awq import AWQConfig, awq_
 from torchslim.transforms.channels import ChannelPruneConfig, channel_prune_
+from torchslim.transforms.gptq import GPTQConfig, gptq_
+from torchslim.transforms.layerwise import calibration_inputs
+from torchslim.transforms.lowrank import LowRankConfig, lowrank_
 from torchslim.transforms.mixed_precision import MixedPrecisionConfig, mixed_precision_
 from torchslim.transforms.prune import MagnitudePruneConfig, frozen_zeros, prune_
 from torchslim.transforms.quantize import QuantizeConfig, quantize_
 from torchslim.transforms.share import ShareConfig, share_
+from torchslim.transforms.sparsify import SparsifyConfig, sparsify_
 
 log = logging.getLogger(__name__)
 
-ORDER = ("channels", "prune", "recover", "share", "quantize")
-"""The techniques in the order ``compress`` applies them (a recipe's steps follow it too)."""
+ORDER = ("channels", "prune", "recover", "lowrank", "sparsify", "share", "gptq", "awq", "quantize")
+"""The techniques in the order ``compress`` applies them (a recipe's steps follow it too); why
+this order: the module docstring."""
+
+ONE_SHOT: dict[str, Callable[..., Any]] = {"lowrank": lowrank_, "sparsify": sparsify_, "gptq": gptq_, "awq": awq_}
+"""The one-shot methods (block by block on calibration batches, no training), in ``ORDER``."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,14 @@ class CompressSettings:
         quantize: how the plan's quantized layers are quantized (scheme, calibration).
         mixed_precision: choose the int8 layers under an accuracy budget, when the plan
             quantizes no layer; exclusive with ``quantize``.
+        lowrank, sparsify, gptq, awq: the one-shot methods for transformers
+            (:func:`~torchslim.transforms.lowrank.lowrank_`, ``sparsify_``, ``gptq_``,
+            ``awq_``): each runs when set, on the layers its own config's ``layers`` names,
+            with the first ``calib_batches`` calibration batches of ``data``. They decide for
+            themselves and add no plan rules: the plan's fields are the targets of the
+            techniques above, which a replay of the plan would apply again; what they did per
+            layer is in their results. ``gptq`` and ``awq`` exclude each other (both quantize
+            the same layers to int4).
 
     Example:
         >>> settings = CompressSettings(prune=MagnitudePruneConfig(steps=3), share=ShareConfig(finetune=None))
@@ -71,10 +95,16 @@ class CompressSettings:
     share: ShareConfig | None = None
     quantize: QuantizeConfig | None = None
     mixed_precision: MixedPrecisionConfig | None = None
+    lowrank: LowRankConfig | None = None
+    sparsify: SparsifyConfig | None = None
+    gptq: GPTQConfig | None = None
+    awq: AWQConfig | None = None
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.mixed_precision is not None:
             raise ConfigError("give quantize or mixed_precision, not both (mixed_precision holds its own quantize)")
+        if self.gptq is not None and self.awq is not None:
+            raise ConfigError("give gptq or awq, not both: each quantizes the same Linear layers to int4")
 
 
 @dataclass
@@ -141,7 +171,9 @@ def compress(
     if (ran_channels or ran_prune) and settings.recover is not None and data is not None:
         with frozen_zeros(m for _, m in weight_layers(work)):
             done.results["recover"] = fit(work, data, settings.recover, bar("recover"), teacher)
+    _one_shot(work, ("lowrank", "sparsify"), settings, ctx, done)
     _share(work, plan, settings.share, ctx, done)
+    _one_shot(work, ("gptq", "awq"), settings, ctx, done)
     _quantize(work, plan, settings, ctx, done)
     work.eval()
     return done
@@ -157,6 +189,24 @@ def _record(done: CompressResult, technique: str, result: Any) -> None:
     done.results[technique] = result
     done.plan = done.plan.updated(result.plan)
     log.info("compress: %s done", technique)
+
+
+def _one_shot(
+    work: nn.Module, kinds: tuple[str, ...], settings: CompressSettings, ctx: _Inputs, done: CompressResult
+) -> None:
+    """Run the one-shot methods of ``kinds`` that ``settings`` sets, on the calibration batches
+    of ``ctx.data`` moved to the model's device (without data, the verb says whether it needs
+    them); record each result (they add no plan rules)."""
+    for kind in kinds:
+        cfg = getattr(settings, kind)
+        if cfg is None:
+            continue
+        batches = None
+        if ctx.data is not None:
+            device = model_device(work)
+            batches = [move(b, device) for b in calibration_inputs(ctx.data, cfg.calib_batches)]
+        done.results[kind] = ONE_SHOT[kind](work, cfg, batches, progress=ctx.bar(kind))
+        log.info("compress: %s done: %s", kind, done.results[kind].summary())
 
 
 def _channels(

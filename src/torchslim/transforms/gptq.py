@@ -17,6 +17,7 @@ symmetric scales per group of inputs, stored packed in the `.tslim`), with other
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -111,32 +112,29 @@ class GPTQResult:
         )
 
 
-def cholesky_inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+def cholesky_inverse_factor(fresh: Callable[[], torch.Tensor], damp: float) -> tuple[torch.Tensor, float]:
     """The upper Cholesky factor of ``(H + λI)⁻¹`` and the damping fraction it took: ``damp``,
-    or ten times more until ``H`` is positive definite. ``H``'s diagonal is damped in place and
-    restored; at most two more matrices of its size are alive at once (a large layer's ``H``
-    is the biggest thing these algorithms hold)."""
-    mean = float(torch.diag(h).mean())
-    added = 0.0
-    try:
-        while True:
-            h.diagonal().add_(damp * mean - added)
-            added = damp * mean
-            factor, info = torch.linalg.cholesky_ex(h)
+    or ten times more until ``H`` is positive definite. ``fresh()`` gives a new copy of ``H``
+    (its dtype is the factor's), called again for each retry; the factor is computed in that
+    copy's memory (LAPACK works in place), so besides the caller's ``H`` one matrix of its size
+    is alive -- a large layer's ``H`` is the biggest thing these algorithms hold."""
+    info = torch.zeros((), dtype=torch.int32)
+    while True:
+        h = fresh()
+        h.diagonal().add_(damp * float(h.diagonal().mean()))
+        torch.linalg.cholesky_ex(h, out=(h, info))
+        if int(info) == 0:
+            torch.cholesky_inverse(h, out=h)
+            torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
             if int(info) == 0:
-                factor = torch.cholesky_inverse(factor)
-                factor, info = torch.linalg.cholesky_ex(factor, upper=True)
-                if int(info) == 0:
-                    return factor, damp
-            del factor
-            if damp * 10 > _MAX_DAMP:
-                raise ConfigError(
-                    f"H stays singular with damping {damp:g} of its mean diagonal: calibrate on more tokens "
-                    "(at least the layer's input features)"
-                )
-            damp *= 10
-    finally:
-        h.diagonal().sub_(added)
+                return h, damp
+        del h
+        if damp * 10 > _MAX_DAMP:
+            raise ConfigError(
+                f"H stays singular with damping {damp:g} of its mean diagonal: calibrate on more tokens "
+                "(at least the layer's input features)"
+            )
+        damp *= 10
 
 
 @torch.no_grad()
@@ -151,7 +149,7 @@ def gptq_weight(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Signed int4 values ``(out, in)``, their float16-exact scales ``(out, groups)`` and the
     damping used, for ``weight`` given its inputs' ``hessian`` (``Σ x xᵀ``)."""
-    w = weight.detach().float().clone()  # float32 as in the paper; the Cholesky factor is computed in float64
+    w = weight.detach().float().clone()  # float32 throughout, as in the paper
     cols = w.shape[1]
     dead = torch.diag(hessian) == 0  # inputs never non-zero: their weights cannot matter
     w[:, dead] = 0.0
@@ -159,11 +157,13 @@ def gptq_weight(
     scales = weight_scales(w, bits, group_size).half().float()  # (out, groups); act-order fixes them now
     perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(cols)
     w = w[:, perm]
-    h = hessian.index_select(0, perm).index_select(1, perm).double()
-    h.diagonal()[dead[perm]] = 1.0
-    upper, used = cholesky_inverse_factor(h, damp)
-    del h
-    upper = upper.float()
+
+    def permuted() -> torch.Tensor:
+        h = hessian[perm.unsqueeze(1), perm]  # one copy
+        h.diagonal()[dead[perm]] = 1.0
+        return h
+
+    upper, used = cholesky_inverse_factor(permuted, damp)
     q = torch.zeros_like(w)
     step = group_size * max(1, block // group_size)  # whole groups per block
     for b0 in range(0, cols, step):
@@ -188,9 +188,16 @@ def gptq_weight(
 
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    d, w, h = weight.double() - approx.double(), weight.double(), hessian.double()
-    num = float(torch.einsum("oi,ij,oj->", d, h, d))
-    den = float(torch.einsum("oi,ij,oj->", w, h, w))
+    """``‖(W - Ŵ) X‖² / ‖W X‖²`` over the calibration inputs, from their ``H = Σ x xᵀ`` (float32
+    products summed in float64), a few hundred output rows at a time (a vocabulary-sized head
+    stays small)."""
+    h = hessian.float()
+    num = den = 0.0
+    for r0 in range(0, weight.shape[0], 512):
+        w = weight[r0 : r0 + 512].float()
+        d = w - approx[r0 : r0 + 512].float()
+        num += float(((d @ h) * d).sum(dtype=torch.float64))
+        den += float(((w @ h) * w).sum(dtype=torch.float64))
     return num / den if den > 0 else 0.0
 
 

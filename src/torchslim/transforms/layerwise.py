@@ -24,6 +24,7 @@ from torch import nn
 from torchslim.core.data import Data
 from torchslim.core.linears import in_features, is_linear
 from torchslim.core.plan import match_layer
+from torchslim.core.qlayers import QuantizedLayer
 from torchslim.core.task import call_model
 from torchslim.errors import ConfigError
 from torchslim.transforms.calibrate import calibration_batches, inputs_of
@@ -85,7 +86,9 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list) -> In
     inputs: Inputs = []
 
     def grab(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        inputs.append((args, dict(kwargs)))
+        hidden = args[0] if args else kwargs["hidden_states"]
+        args, kwargs = _with_hidden(args, dict(kwargs), hidden.clone())  # its own memory: run_block writes over it
+        inputs.append((args, kwargs))
         raise _Captured
 
     hook = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -106,12 +109,60 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list) -> In
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
-    """The block on every batch's arguments: the next block's arguments, replacing each batch's
-    in place (only one batch's hidden states held twice)."""
+    """The block on every batch's arguments: the next block's arguments. Each batch's output
+    is written over its input, a few rows at a time (:func:`row_chunks`), so the calibration
+    set's hidden states are allocated once, not once per block."""
     for i, (a, k) in enumerate(inputs):
-        inputs[i] = _with_hidden(a, k, _hidden(block(*a, **k)))
+        hidden = a[0] if a else k["hidden_states"]
+        parts = []
+        for rows, ca, ck in row_chunks(a, k):
+            out = _hidden(block(*ca, **ck))
+            if not parts and out.shape == hidden[rows].shape and out.dtype == hidden.dtype:
+                hidden[rows] = out  # rows are independent: the rows still to come are unchanged
+            else:  # a block that changes the width or type: the outputs replace the inputs
+                parts.append(out)
+        if parts:
+            inputs[i] = _with_hidden(a, k, torch.cat(parts))
         release_free_memory()
     return inputs
+
+
+CHUNK_TOKENS = 512
+"""A block runs on at most this many tokens' rows at a time (at least one row): its
+intermediate activations (a feed-forward layer's, attention's) then stay a small fraction of
+the calibration set's hidden states, whatever the batch size."""
+
+
+def row_chunks(args: tuple, kwargs: dict, tokens: int | None = None) -> Iterator[tuple[slice, tuple, dict]]:
+    """A batch's arguments cut into runs of rows of about ``tokens`` tokens, each with its
+    slice of rows: every tensor of two or more dimensions whose first is the batch's row count
+    is sliced, everything else (a mask or positions broadcast over rows, flags) passed whole.
+    Rows are independent in a transformer block, so the outputs, concatenated, are the whole
+    batch's. ``tokens``: :data:`CHUNK_TOKENS` by default."""
+    tokens = CHUNK_TOKENS if tokens is None else tokens
+    hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_ids"))
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        yield slice(None), args, kwargs
+        return
+    rows = hidden.shape[0]
+    step = max(1, tokens // max(1, hidden.shape[1]))  # rows of (rows, tokens, ...) at a time
+    if step >= rows:
+        yield slice(None), args, kwargs
+        return
+    for r0 in range(0, rows, step):
+        part = slice(r0, r0 + step)
+        cut = functools.partial(_rows, rows=rows, part=part)
+        yield part, tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+def _rows(value: Any, rows: int, part: slice) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[part] if value.dim() >= 2 and value.shape[0] == rows else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, rows, part) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, rows, part) for k, v in value.items()}
+    return value
 
 
 @torch.no_grad()
@@ -127,7 +178,8 @@ def input_statistics(block: nn.Module, inputs: Inputs, layers: dict[str, nn.Modu
     hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n, m in layers.items()]
     try:
         for a, k in inputs:
-            block(*a, **k)
+            for _, ca, ck in row_chunks(a, k):
+                block(*ca, **ck)
             release_free_memory()
     finally:
         for h in hooks:
@@ -151,6 +203,14 @@ def _accumulate(s: dict[str, Any], x: torch.Tensor) -> None:
     s["sq_norm"] += x.pow(2).sum(0, dtype=torch.float64)
     s["abs_sum"] += x.abs().sum(0, dtype=torch.float64)
     s["tokens"] += x.shape[0]
+
+
+def release_kernel_caches(module: nn.Module) -> None:
+    """Drop the int4 kernels' packed weights in ``module`` (made again when the model next runs):
+    a calibration pass runs each layer once per batch and need not keep a second copy."""
+    for m in module.modules():
+        if isinstance(m, QuantizedLayer):
+            m.release_kernel_cache()
 
 
 def release_free_memory() -> None:
@@ -190,6 +250,7 @@ def blockwise(
             for i, block in enumerate(blocks):
                 visit(f"{prefix}.{i}", block, inputs)
                 inputs = run_block(block, inputs)
+                release_kernel_caches(block)
                 if progress is not None:
                     progress(i + 1, len(blocks))
     finally:
@@ -254,6 +315,8 @@ def each_layer(
             layer.weight = weight
             block.set_submodule(name, layer)
         raise
+    done.clear()  # the originals go: their memory back to the system now, not at the next verb
+    release_free_memory()
 
 
 def calibration_inputs(data: Data | list, batches: int) -> list:
@@ -299,11 +362,24 @@ def head_statistics(model: nn.Module, batches: list, head: nn.Module) -> dict[st
     try:
         with _no_cache(model):
             for batch in batches:
-                try:
-                    call_model(model, batch)
-                except _Captured:
-                    pass
+                for part in _batch_chunks(batch):
+                    try:
+                        call_model(model, part)
+                    except _Captured:
+                        pass
+                release_free_memory()
     finally:
         hook.remove()
         model.train(was_training)
+        release_kernel_caches(model)
     return stats
+
+
+def _batch_chunks(batch: Any) -> Iterator[Any]:
+    """A model batch (token ids, or a dict of them) in runs of rows, as :func:`row_chunks`."""
+    if isinstance(batch, dict):
+        for _, _, kwargs in row_chunks((), batch):
+            yield kwargs
+    else:
+        for _, args, _ in row_chunks((batch,), {}):
+            yield args[0]

@@ -160,12 +160,16 @@ def prune_mask(score: torch.Tensor, config: SparsifyConfig, per_row: bool) -> to
 def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, config: SparsifyConfig) -> tuple[torch.Tensor, float]:
     """SparseGPT's sparse ``(out, in)`` weight for ``weight`` given its inputs' ``hessian``, and the damping used."""
     w = weight.detach().double().clone()
-    h = hessian.to(torch.float64, copy=True)  # its diagonal is changed below
     cols = w.shape[1]
-    dead = torch.diag(h) == 0
-    h.diagonal()[dead] = 1.0
+    dead = torch.diag(hessian) == 0
     w[:, dead] = 0.0
-    upper, used = cholesky_inverse_factor(h, config.damp)
+
+    def fresh() -> torch.Tensor:
+        h = hessian.to(torch.float64, copy=True)
+        h.diagonal()[dead] = 1.0
+        return h
+
+    upper, used = cholesky_inverse_factor(fresh, config.damp)
     group = config.nm[1] if config.nm else 1
     step = max(group, config.block // group * group)
     for b0 in range(0, cols, step):
