@@ -198,3 +198,16 @@ def test_blocks_run_a_few_rows_at_a_time_give_the_whole_batch_outputs(monkeypatc
     for want, (a, k) in zip(whole, chunked, strict=True):
         got = a[0] if a else k["hidden_states"]
         assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_gptq_after_2_4_sparsity_keeps_every_zero_and_beats_rounding(tiny_lm, token_batches):
+    model = tiny_lm()
+    calib = token_batches(8)
+    ts.sparsify_(model, ts.SparsifyConfig("sparsegpt", pattern="2:4", calib_batches=8), data=calib)
+    masks = {n: m.weight == 0 for n, m in model.named_modules() if _in_blocks(n) and is_linear(m)}
+    assert all(float(z.float().mean()) == 0.5 for z in masks.values())
+    result = ts.gptq_(model, ts.GPTQConfig(group_size=32, calib_batches=8), data=calib)
+    for name, zeros in masks.items():
+        w = model.get_submodule(name).dequantized_weight()
+        assert torch.equal(w[zeros], torch.zeros_like(w[zeros])), name  # the 2:4 pattern survives int4
+    assert all(r.output_error < r.rtn_output_error for r in result.layers), result.to_dict()

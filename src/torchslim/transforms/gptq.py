@@ -148,15 +148,20 @@ def gptq_weight(
     bits: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Signed int4 values ``(out, in)``, their float16-exact scales ``(out, groups)`` and the
-    damping used, for ``weight`` given its inputs' ``hessian`` (``Σ x xᵀ``)."""
-    w = weight.detach().float().clone()  # float32 throughout, as in the paper
-    cols = w.shape[1]
+    damping used, for ``weight`` given its inputs' ``hessian`` (``Σ x xᵀ``).
+
+    A weight that is exactly zero stays zero (a pruned model, e.g. SparseGPT's 2:4, keeps its
+    mask): its value after the earlier columns' updates is error like any rounding's, spread
+    over the columns not yet quantized."""
+    cols = weight.shape[1]
     dead = torch.diag(hessian) == 0  # inputs never non-zero: their weights cannot matter
-    w[:, dead] = 0.0
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    scales = weight_scales(w, bits, group_size).half().float()  # (out, groups); act-order fixes them now
+    live = weight.detach().float().masked_fill(dead, 0.0)
+    scales = weight_scales(live, bits, group_size).half().float()  # (out, groups); act-order fixes them now
+    del live
     perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(cols)
-    w = w[:, perm]
+    w = weight.detach().float()[:, perm].masked_fill_(dead[perm], 0.0)  # float32 throughout, as in the paper
+    zero = w == 0
 
     def permuted() -> torch.Tensor:
         h = hessian[perm.unsqueeze(1), perm]  # one copy
@@ -164,7 +169,7 @@ def gptq_weight(
         return h
 
     upper, used = cholesky_inverse_factor(permuted, damp)
-    q = torch.zeros_like(w)
+    q = torch.zeros(w.shape, dtype=torch.int8)  # the integers alone: a vocabulary-sized head's copy stays small
     step = group_size * max(1, block // group_size)  # whole groups per block
     for b0 in range(0, cols, step):
         b1 = min(b0 + step, cols)
@@ -174,17 +179,18 @@ def gptq_weight(
             c = int(perm[b0 + j])
             g = c // group_size
             if not act_order and c % group_size == 0:  # the group starts here: its scale from the updated weights
-                peak = w1[:, j : j + group_size].abs().amax(1)
+                kept = ~zero[:, b0 + j : b0 + j + group_size]
+                peak = (w1[:, j : j + group_size].abs() * kept).amax(1)
                 scales[:, g] = torch.where(peak > 0, peak / hi, torch.ones_like(peak)).half().float()
             s = scales[:, g]
-            qc = torch.clamp(torch.round(w1[:, j] / s), lo, hi)
+            qc = torch.clamp(torch.round(w1[:, j] / s), lo, hi).masked_fill_(zero[:, b0 + j], 0.0)
             err = (w1[:, j] - qc * s) / upper[b0 + j, b0 + j]
             w1[:, j + 1 :] -= err.unsqueeze(1) * upper[b0 + j, b0 + j + 1 : b1].unsqueeze(0)
             errors[:, j] = err
-            q[:, b0 + j] = qc
+            q[:, b0 + j] = qc.to(torch.int8)
         w[:, b1:] -= errors @ upper[b0:b1, b1:]
     inverse = torch.argsort(perm)
-    return q[:, inverse].to(torch.int8), scales.float(), used
+    return q[:, inverse], scales.float(), used
 
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
