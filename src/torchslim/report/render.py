@@ -317,7 +317,9 @@ def to_markdown(report: RunReport) -> str:
         f"safetensors. The {report.metric['name']} is measured on the model loaded back from that file.",
         "## Before / after",
         markdown_table(("metric", "baseline", "compressed"), summary_rows(report)),
-        "Latency runs the decoded weights with PyTorch's dense eager kernels: removed channels make "
+        "Latency runs the model loaded from the file on the backend the table names. In eager mode int4 "
+        "layers run PyTorch's CPU int4 kernel and the others dense float kernels (int8 layers on their "
+        "dequantized weights; compiled backends run int8 GEMMs): removed channels and low-rank factors make "
         "them faster; unstructured zeros and shared values make the file small, not the matmuls faster.",
         *distill_parts(report.distillation, Metric(**report.metric)),
         *structure_parts(report.structure),
