@@ -583,7 +583,8 @@ def section(r: dict) -> str:
         "with zeros; the file stores the zeros as entropy-coded positions (2:4 costs no more than any 50 % mask "
         "there). No CPU kernel runs 2:4 faster than dense: the sparse rows are smaller, not faster. "
         "`sparsegpt 2:4 + gptq int4`: GPTQ keeps every zero of the 2:4 mask (the share of zeros kept is in the "
-        "results file); its zeros are int4 values like any other, so the file is the int4 file (float table). "
+        "results file). The file codes each packed int4 weight (two values a byte) where that is smaller: a 2:4 "
+        "weight's all-zero bytes become coded positions and the rest a codebook of bytes (float table). "
         "`svd` rows: each layer's rank the smallest keeping that share of its squared singular values; the "
         "results file gives the parameters kept.",
         "",

@@ -211,3 +211,23 @@ def test_gptq_after_2_4_sparsity_keeps_every_zero_and_beats_rounding(tiny_lm, to
         w = model.get_submodule(name).dequantized_weight()
         assert torch.equal(w[zeros], torch.zeros_like(w[zeros])), name  # the 2:4 pattern survives int4
     assert all(r.output_error < r.rtn_output_error for r in result.layers), result.to_dict()
+
+
+def test_packed_int4_weights_are_entropy_coded_and_a_2_4_int4_file_is_smaller(tmp_path, tiny_lm, token_batches):
+    from torchslim.artifact.tslim import read
+
+    calib = token_batches(8)
+    dense, sparse = tiny_lm(), tiny_lm()
+    ts.sparsify_(sparse, ts.SparsifyConfig("sparsegpt", pattern="2:4", calib_batches=8), data=calib)
+    for m in (dense, sparse):
+        ts.gptq_(m, ts.GPTQConfig(group_size=32, calib_batches=8), data=calib)
+    paths = [ts.save(m, tmp_path / f"{i}.tslim") for i, m in enumerate((dense, sparse))]
+    int4_bytes = []
+    for path in paths:  # each packed weight stored as it is, or as a coded blob where that is smaller
+        manifest, stored = read(path)
+        int4_bytes.append(sum(stored[f"{n}.weight"].numel() for n in manifest.quant))
+    assert any(f"{n}.weight" in manifest.coded for n in manifest.quant)  # the 2:4 file: coded where smaller
+    assert int4_bytes[1] < 0.9 * int4_bytes[0]  # the zero pairs cost positions, not bytes (tiny layers: overheads)
+    restored = ts.load(paths[1], model=tiny_lm())
+    batch = token_batches(1, seed=3)[0]
+    assert torch.equal(_logits(restored, batch), _logits(sparse, batch))

@@ -23,8 +23,16 @@ ALPHA = 4.0
 MAX_CODEBOOK = 256
 MAX_NUMEL = 2**31
 """Largest coded tensor the format allows (docs/format.md, section 3)."""
-_CODABLE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8"}
-"""Dtypes a tensor may be coded from: floats, and int8 (quantized weights: at most 256 values)."""
+_CODABLE = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+}
+"""Dtypes a tensor may be coded from: floats, int8 (quantized weights: at most 256 values) and
+uint8 (packed int4 weights), coded as the int8 tensor with the same bits."""
+_BYTES = ("int8", "uint8")  # the dtypes coded as a codebook of signed bytes
 _DTYPES = {v: k for k, v in _CODABLE.items()}
 
 
@@ -215,6 +223,9 @@ def encode_tensor(t: torch.Tensor, alpha: float = ALPHA) -> Coded | None:
     """
     if t.dtype not in _CODABLE or t.numel() == 0:
         return None
+    dtype = _CODABLE[t.dtype]
+    if t.dtype == torch.uint8:
+        t = t.view(torch.int8)  # the same bits: 0..127 as they are, 128..255 as -128..-1
     w = _matrix(t)
     mask = w != 0
     values = w[mask]  # row-major non-zeros
@@ -225,11 +236,11 @@ def encode_tensor(t: torch.Tensor, alpha: float = ALPHA) -> Coded | None:
         positions = candidates[rowcol]
     elif values.size == 0:
         positions = encode_positions(mask, alpha, False)
-    codings = _value_codings(values, integers=t.dtype == torch.int8)
+    codings = _value_codings(values, integers=dtype in _BYTES)
     kind = min(codings, key=lambda name: (len(codings[name][0]) + len(codings[name][1]), name))
     head, stream, k = codings[kind]
     entry = {
-        "dtype": _CODABLE[t.dtype],
+        "dtype": dtype,
         "shape": list(t.shape),
         "nnz": int(values.size),
         "values": kind,
@@ -300,9 +311,11 @@ class CodedEntry:
             raise ArtifactError(f"tensor {name!r}: {kind} values with k={k} do not fit {head_len} bytes for nnz={nnz}")
         if (nnz in (0, numel) and model == "rowcol") or (nnz == numel and pos_len):
             raise ArtifactError(f"tensor {name!r}: a position section that nnz={nnz} of {numel} rules out")
-        if (kind == "codebook8") != (dtype == "int8") and kind != "codebook":
+        old_int8 = dtype == "int8" and kind == "codebook"  # version 4 writers' int8 codebooks
+        if (kind == "codebook8") != (dtype in _BYTES) and not old_int8 and (kind != "codebook" or dtype == "uint8"):
             raise ArtifactError(
-                f"tensor {name!r}: {kind!r} values cannot decode to {dtype}; an int8 tensor uses a codebook"
+                f"tensor {name!r}: {kind!r} values cannot decode to {dtype}; an int8 tensor uses a codebook, "
+                "a uint8 tensor a codebook8"
             )
         return cls(dtype, tuple(shape), nnz, kind, k, float(alpha), model, (head_len, pos_len, idx_len))
 
@@ -336,10 +349,14 @@ def decode_tensor(blob: bytes, entry: CodedEntry | dict, name: str) -> torch.Ten
             f"tensor {name!r}: position stream holds {int(mask.sum())} non-zeros, manifest says {e.nnz}"
         )
     values = _decode_values(head, idx, e.values, e.k, e.nnz, name) if e.nnz else np.zeros(0, dtype=np.float32)
-    if e.dtype == "int8" and not np.isin(values, np.arange(-128, 128)).all():
-        raise ArtifactError(f"tensor {name!r}: an int8 tensor's values must be a codebook of integers in [-128, 127]")
+    if e.dtype in _BYTES and not np.isin(values, np.arange(-128, 128)).all():
+        raise ArtifactError(
+            f"tensor {name!r}: an {e.dtype} tensor's values must be a codebook of integers in [-128, 127]"
+        )
     out = np.zeros((rows, cols), dtype=np.float32)
     out[mask] = values
+    if e.dtype == "uint8":  # coded as the int8 tensor with the same bits
+        return torch.from_numpy(out).reshape(e.shape).to(torch.int8).view(torch.uint8)
     return torch.from_numpy(out).reshape(e.shape).to(_DTYPES[e.dtype])
 
 
