@@ -106,3 +106,31 @@ def cpu() -> dict:
 def cpu_name(c: dict) -> str:
     """The processor as the docs name it: its name, and its family / model when recorded."""
     return c.get("name", "?") + (f" family {c['family']}" if c.get("family") else "")
+
+
+def input_outliers(model, batch: dict) -> dict:
+    """How uneven the inputs of the Linear layers in a transformer's blocks are, on one batch:
+    per layer, the largest input feature's RMS over the median feature's; the median and the
+    largest over layers (the activation outliers Wanda, AWQ and SmoothQuant exploit reach
+    ratios of tens to hundreds in large trained LLMs)."""
+    import statistics
+
+    import torch
+
+    from torchslim.transforms.layerwise import linear_layers, repeated_blocks
+
+    ratios: list[float] = []
+
+    def record(_m, args) -> None:
+        rms = args[0].reshape(-1, args[0].shape[-1]).float().pow(2).mean(0).sqrt()
+        ratios.append(float(rms.max() / rms.median().clamp_min(1e-12)))
+
+    _, blocks = repeated_blocks(model)
+    hooks = [m.register_forward_pre_hook(record) for b in blocks for m in linear_layers(b).values()]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"median": statistics.median(ratios), "max": max(ratios)}

@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import TMP, cpu, cpu_name, end_section, markers, output_args, publish, saved_results  # noqa: E402
+from bench_common import TMP, cpu, cpu_name, end_section, input_outliers, markers, output_args, publish, saved_results  # noqa: E402
 
 START, END = markers("llm")
 
@@ -197,26 +197,6 @@ def file_bytes(model, name: str) -> int | None:
     if name.startswith("torchao"):
         return None  # torchao's tensor subclasses are saved by torch.save (a pickle): not compared
     return ts.save(model, tslim_path(name)).stat().st_size
-
-
-@torch.no_grad()
-def outlier_ratio(model, batch: dict) -> dict:
-    """How uneven the Linear layers' input features are: per layer, the largest feature's RMS
-    over the median feature's, on one calibration batch (the activation outliers that Wanda,
-    AWQ and SmoothQuant exploit reach ratios of tens to hundreds in large trained LLMs)."""
-    ratios: list[float] = []
-
-    def record(_m, args) -> None:
-        rms = args[0].reshape(-1, args[0].shape[-1]).float().pow(2).mean(0).sqrt()
-        ratios.append(float(rms.max() / rms.median().clamp_min(1e-12)))
-
-    hooks = [model.get_submodule(n).register_forward_pre_hook(record) for n in block_linears(model)]
-    try:
-        model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {"median": statistics.median(ratios), "max": max(ratios)}
 
 
 # ---------------------------------------------------------------- speed
@@ -446,7 +426,7 @@ def run(args) -> dict:
         f"model: {info['parameters']:,} parameters, {fp32_bytes / 1e6:.1f} MB ({time.perf_counter() - t0:.0f} s)",
         flush=True,
     )
-    outliers = outlier_ratio(fp32, calib[0])
+    outliers = input_outliers(fp32, calib[0])
     print(f"input feature RMS, largest / median: {outliers}", flush=True)
     rows: dict[str, dict] = {}
     kept: dict[str, torch.nn.Module] = {"fp32": fp32}

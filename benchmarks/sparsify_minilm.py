@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,11 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_common import cpu, cpu_name, end_section, markers, output_args, publish, saved_results  # noqa: E402
+from bench_common import cpu, cpu_name, end_section, input_outliers, markers, output_args, publish, saved_results  # noqa: E402
 
 import torchslim as ts  # noqa: E402
 from torchslim.core.encoders import debian_text_data, sentence_embedder  # noqa: E402
-from torchslim.transforms.layerwise import linear_layers, repeated_blocks  # noqa: E402
 
 NAME = "sparsify_minilm"
 START, END = markers(NAME)
@@ -42,25 +40,6 @@ CALIB_BATCHES = 8  # of 32 texts (synopsis and description of 128 calibration pa
 @torch.no_grad()
 def cosines(model, reference, batches) -> torch.Tensor:
     return torch.cat([F.cosine_similarity(model(**b), reference(**b), dim=-1) for b in batches])
-
-
-@torch.no_grad()
-def outlier_ratio(model, batch: dict) -> dict:
-    """Per Linear layer of the blocks: the largest input feature's RMS over the median feature's."""
-    ratios: list[float] = []
-
-    def record(_m, args) -> None:
-        rms = args[0].reshape(-1, args[0].shape[-1]).float().pow(2).mean(0).sqrt()
-        ratios.append(float(rms.max() / rms.median().clamp_min(1e-12)))
-
-    _, blocks = repeated_blocks(model)
-    hooks = [m.register_forward_pre_hook(record) for b in blocks for m in linear_layers(b).values()]
-    try:
-        model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {"median": statistics.median(ratios), "max": max(ratios)}
 
 
 def run() -> dict:
@@ -90,7 +69,7 @@ def run() -> dict:
         "cpu": cpu(),
         "torch": torch.__version__,
         "texts": {"calibration": CALIB_BATCHES * 32, "eval": sum(len(b["input_ids"]) for b in evals)},
-        "input_outliers": outlier_ratio(model, evals[0]),
+        "input_outliers": input_outliers(model, evals[0]),
         "methods": rows,
     }
 

@@ -27,7 +27,7 @@ from torchslim.core.data import Data
 from torchslim.core.linears import weight_matrix
 from torchslim.errors import ConfigError
 from torchslim.train.fit import Progress
-from torchslim.transforms.gptq import grouped_layers, int4_layer, relative_output_error, rtn_layer
+from torchslim.transforms.gptq import dequantized, grouped_layers, int4_layer, relative_output_error, rtn_weight
 from torchslim.transforms.layerwise import calibration_inputs, each_layer
 
 _FLOOR = 1e-4
@@ -115,10 +115,6 @@ def _round(
     return ints.reshape(w.shape), scales
 
 
-def _dequantized(ints: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    return (ints.reshape(ints.shape[0], -1, group_size) * scales.unsqueeze(-1)).reshape(ints.shape)
-
-
 def _clip_ratios(w: torch.Tensor, h: torch.Tensor, config: AWQConfig) -> torch.Tensor:
     """Per ``(out, group)``: the clipping ratio whose rounding error costs that group's inputs
     least, ``dᵀ H_gg d`` with ``H_gg`` the group's block of ``H``."""
@@ -131,7 +127,7 @@ def _clip_ratios(w: torch.Tensor, h: torch.Tensor, config: AWQConfig) -> torch.T
     steps = [1.0] if config.clip_grid == 1 else torch.linspace(1.0, config.min_clip, config.clip_grid).tolist()
     for r in steps:
         ints, scales = _round(w, gs, config.bits, r)
-        d = (wg - _dequantized(ints, scales, gs).reshape(wg.shape)).to(h.dtype)  # (out, g, gs)
+        d = (wg - dequantized(ints, scales, gs).reshape(wg.shape)).to(h.dtype)  # (out, g, gs)
         err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
         better = err < best
         best = torch.where(better, err, best)
@@ -155,7 +151,7 @@ def awq_weight(
         s = mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
         ints, scales = _round(w * s, gs, config.bits)
-        err = relative_output_error(w, _dequantized(ints, scales, gs) / s, h)
+        err = relative_output_error(w, dequantized(ints, scales, gs) / s, h)
         if best is None or err < best[0]:
             best = (err, alpha, s)
     _, alpha, s = best
@@ -186,9 +182,7 @@ def awq_(
         w = weight_matrix(layer).float().cpu()
         h = s["hessian"]
         ints, scales, smooth, alpha, clip = awq_weight(w, h, s["abs_sum"] / max(s["tokens"], 1), config)
-        q = int4_layer(layer, ints, scales, config.group_size, smooth)
-        rtn = rtn_layer(layer, config.bits, config.group_size)
-        approx = (q.dequantized_weight() / q.input_smooth).cpu()
+        approx = dequantized(ints, scales, config.group_size) / smooth
         records.append(
             AWQLayer(
                 name=f"{prefix}.{name}",
@@ -196,10 +190,10 @@ def awq_(
                 alpha=alpha,
                 mean_clip=clip,
                 output_error=relative_output_error(w, approx, h),
-                rtn_output_error=relative_output_error(w, rtn.dequantized_weight(), h),
+                rtn_output_error=relative_output_error(w, rtn_weight(w, config.bits, config.group_size), h),
             )
         )
-        block.set_submodule(name, q)
+        block.set_submodule(name, int4_layer(layer, ints, scales, config.group_size, smooth))
 
     each_layer(  # a failure leaves the float model as it was
         model,

@@ -214,6 +214,17 @@ def rtn_layer(layer: nn.Module, bits: int, group_size: int) -> QuantizedLayer:
     return int4_layer(layer, quantize_weight(w, scales, bits, group_size), scales, group_size)
 
 
+def rtn_weight(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """The float weight round-to-nearest gives ``w`` ``(out, in)`` (what :func:`rtn_layer` holds)."""
+    scales = weight_scales(w, bits, group_size).half().float()
+    return dequantized(quantize_weight(w, scales, bits, group_size), scales, group_size)
+
+
+def dequantized(ints: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``ints`` ``(out, in)`` times their group ``scales`` ``(out, in / group_size)``."""
+    return (ints.reshape(ints.shape[0], -1, group_size) * scales.unsqueeze(-1)).reshape(ints.shape)
+
+
 def int4_layer(
     layer: nn.Module,
     ints: torch.Tensor,
@@ -264,8 +275,6 @@ def gptq_(
         ints, scales, used = gptq_weight(
             w, h, config.group_size, config.act_order, config.damp, config.block, config.bits
         )
-        quantized = int4_layer(layer, ints, scales, config.group_size)
-        rtn = rtn_layer(layer, config.bits, config.group_size)
         full = f"{prefix}.{name}" if prefix else name
         note = damping_note(s["tokens"], in_features(layer), used, config.damp, full)
         records.append(
@@ -273,12 +282,12 @@ def gptq_(
                 name=full,
                 tokens=s["tokens"],
                 damp=used,
-                output_error=relative_output_error(w, quantized.dequantized_weight().cpu(), h),
-                rtn_output_error=relative_output_error(w, rtn.dequantized_weight().cpu(), h),
+                output_error=relative_output_error(w, dequantized(ints, scales, config.group_size), h),
+                rtn_output_error=relative_output_error(w, rtn_weight(w, config.bits, config.group_size), h),
                 note=note,
             )
         )
-        block.set_submodule(name, quantized)
+        block.set_submodule(name, int4_layer(layer, ints, scales, config.group_size))
 
     if config.head:
         name, head = output_head(model)

@@ -74,6 +74,11 @@ def _hidden(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _hidden_arg(args: tuple, kwargs: dict) -> Any:
+    """A block's hidden-state argument: its first positional one, else ``hidden_states``."""
+    return args[0] if args else kwargs.get("hidden_states")
+
+
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden, *args[1:]), kwargs
@@ -86,8 +91,9 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list) -> In
     inputs: Inputs = []
 
     def grab(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        args, kwargs = _with_hidden(args, dict(kwargs), hidden.clone())  # its own memory: run_block writes over it
+        args, kwargs = _with_hidden(
+            args, dict(kwargs), _hidden_arg(args, kwargs).clone()
+        )  # its own memory: run_block writes over it
         inputs.append((args, kwargs))
         raise _Captured
 
@@ -113,7 +119,7 @@ def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
     is written over its input, a few rows at a time (:func:`row_chunks`), so the calibration
     set's hidden states are allocated once, not once per block."""
     for i, (a, k) in enumerate(inputs):
-        hidden = a[0] if a else k["hidden_states"]
+        hidden = _hidden_arg(a, k)
         parts = []
         for rows, ca, ck in row_chunks(a, k):
             out = _hidden(block(*ca, **ck))
@@ -140,7 +146,7 @@ def row_chunks(args: tuple, kwargs: dict, tokens: int | None = None) -> Iterator
     Rows are independent in a transformer block, so the outputs, concatenated, are the whole
     batch's. ``tokens``: :data:`CHUNK_TOKENS` by default."""
     tokens = CHUNK_TOKENS if tokens is None else tokens
-    hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_ids"))
+    hidden = _hidden_arg(args, kwargs) if args or "hidden_states" in kwargs else kwargs.get("input_ids")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
         yield slice(None), args, kwargs
         return
