@@ -81,6 +81,29 @@ def test_zoo_models_load_without_a_builder(tmp_path, compressed):
     assert torch.equal(load(user, model=lambda: lenet_300_100(in_features=64))(x), compressed(x))
 
 
+class _ReadsItsWeights(nn.Module):
+    """A model whose constructor needs real parameter values (it cannot be built on meta)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("peak", torch.tensor(float(self.fc.weight.abs().max())), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) / self.peak
+
+
+def test_a_builder_that_needs_real_weights_is_built_as_usual(tmp_path):
+    model = _ReadsItsWeights()
+    with torch.no_grad():
+        model.fc.weight.mul_(2)  # what the file holds differs from what the builder makes
+    restored = load(save(model, tmp_path / "r.tslim"), model=_ReadsItsWeights)
+    assert not any(p.is_meta for p in restored.parameters())
+    x = torch.randn(5, 4)
+    assert torch.equal(restored(x), model(x))
+
+
 def test_inspect_accounts_for_every_byte_of_payload(tmp_path, compressed):
     path = save(compressed, tmp_path / "i.tslim")
     rows, _ = inspect_file(path)

@@ -231,3 +231,23 @@ def test_packed_int4_weights_are_entropy_coded_and_a_2_4_int4_file_is_smaller(tm
     restored = ts.load(paths[1], model=tiny_lm())
     batch = token_batches(1, seed=3)[0]
     assert torch.equal(_logits(restored, batch), _logits(sparse, batch))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_model_built_for_loading_gets_no_float_weights_of_its_own(tmp_path, tiny_lm, token_batches, arch):
+    model = tiny_lm(arch)
+    ts.gptq_(model, ts.GPTQConfig(group_size=32, calib_batches=2), data=token_batches(2))
+    path = ts.save(model, tmp_path / "int4.tslim")
+    built: dict[str, bool] = {}
+
+    def build():
+        fresh = tiny_lm(arch)
+        built["on meta"] = all(p.is_meta for p in fresh.parameters())
+        return fresh
+
+    restored = ts.load(path, model=build)
+    assert built["on meta"]
+    assert not any(t.is_meta for t in [*restored.parameters(), *restored.buffers()])
+    assert restored.lm_head.weight is restored.get_input_embeddings().weight
+    batch = token_batches(1, seed=5)[0]  # equal logits: the rotary / position buffers made at build are real
+    assert torch.equal(_logits(restored, batch), _logits(model, batch))

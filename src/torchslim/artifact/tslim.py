@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import os
 import zlib
@@ -27,7 +28,7 @@ from torch import nn
 from torchslim.artifact.codecs import CodedEntry, decode_tensor, encode_tensor
 from torchslim.artifact.structure import ModuleEntry, describe, parse_modules, resize_
 from torchslim.core.attention import attention_precision, set_attention_precision_
-from torchslim.core.device import Device, place
+from torchslim.core.device import Device, parameters_on_meta, place
 from torchslim.core.files import output_path, write_atomic
 from torchslim.core.lowrank import check_ranks, lowrank_layers, lowrank_layers_in_, parse_lowrank
 from torchslim.core.qlayers import (
@@ -385,7 +386,9 @@ def load(
     Args:
         path: the file.
         model: a freshly built model of the right architecture, or a builder returning one.
-            When omitted, the zoo model named in the file is built.
+            When omitted, the zoo model named in the file is built. A builder is run with its
+            parameters on the meta device, so only what the file holds takes memory (an int4
+            LLM never exists in fp32); prefer it to a built model for large models.
         device: where the restored model goes (``"auto"``, ``"cpu"``, ``"cuda:N"``); the file
             itself is device-independent. ``None``: where ``model`` was (CPU when built here).
 
@@ -414,7 +417,8 @@ def _into(module: nn.Module, manifest: Manifest, stored: Mapping[str, torch.Tens
     _requantize(module, manifest.quant, path)
     resize_(module, manifest.modules, shapes, path)  # structurally pruned files shrink the model
     check_ranks(module, manifest.lowrank, path)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    current = module.state_dict()
+    expected = {k: tuple(v.shape) for k, v in current.items()}
     extra, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
     if extra or missing:
         raise ShapeMismatchError(
@@ -437,7 +441,15 @@ def _into(module: nn.Module, manifest: Manifest, stored: Mapping[str, torch.Tens
         smooth = state.get(f"{name}.input_smooth")
         if smooth is not None and not (torch.isfinite(smooth).all() and (smooth > 0).all()):
             raise ArtifactError(f"{path}: {name}.input_smooth must be positive and finite; the file is inconsistent")
-    module.load_state_dict(state)
+    empty = any(p.is_meta for p in module.parameters())  # built on meta: take the decoded tensors themselves
+    if empty:
+        state = {k: t.to(current[k].dtype) for k, t in state.items()}
+    module.load_state_dict(state, assign=empty)
+    unfilled = [n for n, t in itertools.chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
+    if unfilled:
+        raise ShapeMismatchError(
+            f"{path}: the file does not fill {unfilled[:5]}; pass the builder of the model that was saved"
+        )
     tie_(module, manifest.tied)  # a builder that does not tie them itself gets the file's ties
     if manifest.attention is not None:
         try:
@@ -489,7 +501,7 @@ def _target(manifest: Manifest, model: nn.Module | Callable[[], nn.Module] | Non
                 f"load(model={model!r}): pass a fresh model or a function that builds one (e.g. model=build); "
                 "for a zoo model leave model out and the file's own builder is used"
             )
-        built = model()
+        built = _build(model)
         if not isinstance(built, nn.Module):
             raise ConfigError(
                 f"load(model=...): the builder returned {type(built).__name__}, not a torch.nn.Module; "
@@ -507,6 +519,16 @@ def _target(manifest: Manifest, model: nn.Module | Callable[[], nn.Module] | Non
     if not all(type(v) is int and 1 <= v <= MAX_ZOO_ARG for v in kwargs.values()):
         raise ArtifactError(f"{path}: zoo arguments {kwargs} must be integers from 1 to {MAX_ZOO_ARG}")
     try:
-        return build_model(name, **kwargs)
+        return _build(lambda: build_model(name, **kwargs))
     except (ConfigError, RuntimeError, ValueError) as exc:
         raise ArtifactError(f"{path}: cannot build the model the manifest names: {exc}") from None
+
+
+def _build(builder: Callable[[], Any]) -> Any:
+    """``builder()`` with its parameters on the meta device (the file fills them: the float model
+    never takes memory), or built as usual where the builder needs real parameter values."""
+    try:
+        with parameters_on_meta():
+            return builder()
+    except Exception:  # noqa: BLE001 -- it needs real values (say .item() on a weight): build it as usual
+        return builder()

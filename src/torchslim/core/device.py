@@ -7,10 +7,13 @@ written from CPU copies and load onto any device.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from torchslim.errors import ConfigError
 
@@ -57,3 +60,24 @@ def place(model: nn.Module, device: Device) -> nn.Module:
     """``model`` moved to ``device`` (in place, as ``Module.to`` does); ``None`` leaves it."""
     dev = resolve_device(device)
     return model.to(dev) if dev is not None else model
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Inside, every parameter a module registers goes to the ``meta`` device: a model built
+    here holds no parameter memory (its initialisers run on meta, costing nothing) until
+    ``load_state_dict(..., assign=True)`` gives it the real tensors. Buffers are made as usual,
+    so values computed at construction and not saved (rotary frequencies, say) stay real.
+    The patch is process-wide while the context lasts."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta" and not is_lazy(param):
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
