@@ -340,29 +340,31 @@ def decode_tensor(blob: bytes, entry: CodedEntry | dict, name: str) -> torch.Ten
     head, pos, idx = blob[:head_len], blob[head_len : head_len + pos_len], blob[head_len + pos_len :]
     rows = _rows(e.shape)
     cols = e.numel // rows
-    if e.nnz == e.numel:
-        mask = np.ones((rows, cols), dtype=bool)
-    else:
-        mask = decode_positions(pos, rows, cols, e.nnz, e.alpha, e.positions == "rowcol")
-    if int(mask.sum()) != e.nnz:
+    whole = e.nnz == e.numel  # dense: the values are the tensor, no mask
+    mask = None if whole else decode_positions(pos, rows, cols, e.nnz, e.alpha, e.positions == "rowcol")
+    if mask is not None and int(mask.sum()) != e.nnz:
         raise ArtifactError(
             f"tensor {name!r}: position stream holds {int(mask.sum())} non-zeros, manifest says {e.nnz}"
         )
-    values = _decode_values(head, idx, e.values, e.k, e.nnz, name) if e.nnz else np.zeros(0, dtype=np.float32)
-    if e.dtype in _BYTES and not np.isin(values, np.arange(-128, 128)).all():
-        raise ArtifactError(
-            f"tensor {name!r}: an {e.dtype} tensor's values must be a codebook of integers in [-128, 127]"
-        )
-    out = np.zeros((rows, cols), dtype=np.float32)
-    out[mask] = values
+    small = e.dtype in _BYTES  # decoded as bytes: a quarter of float32's memory
+    values = _decode_values(head, idx, e.values, e.k, e.nnz, name, small) if e.nnz else np.zeros(0, np.float32)
+    if whole:
+        out = values.reshape(rows, cols)
+    else:
+        out = np.zeros((rows, cols), dtype=np.int8 if small else np.float32)
+        out[mask] = values
+    t = torch.from_numpy(out).reshape(e.shape)
     if e.dtype == "uint8":  # coded as the int8 tensor with the same bits
-        return torch.from_numpy(out).reshape(e.shape).to(torch.int8).view(torch.uint8)
-    return torch.from_numpy(out).reshape(e.shape).to(_DTYPES[e.dtype])
+        return t.view(torch.uint8)
+    return t.to(_DTYPES[e.dtype])
 
 
-def _decode_values(head: bytes, idx: bytes, kind: str, k: int, nnz: int, name: str) -> np.ndarray:
+def _decode_values(head: bytes, idx: bytes, kind: str, k: int, nnz: int, name: str, small: bool = False) -> np.ndarray:
+    """The non-zero values in order: float32, or int8 when ``small`` (an int8 / uint8 tensor,
+    whose values must then be integers in [-128, 127])."""
     if kind in ("raw", "raw16"):
-        return np.frombuffer(head, dtype="<f4" if kind == "raw" else "<f2").astype(np.float32)
+        raw = np.frombuffer(head, dtype="<f4" if kind == "raw" else "<f2").astype(np.float32)
+        return _as_bytes(raw, name) if small else raw
     width = 1 if kind == "codebook8" else 4
     if len(head) < width * k:
         raise ArtifactError(f"tensor {name!r}: value section too short for a {k}-entry codebook")
@@ -373,7 +375,14 @@ def _decode_values(head: bytes, idx: bytes, kind: str, k: int, nnz: int, name: s
     counts = np.asarray(counts, dtype=np.int64)
     if end != len(head) or int(counts.sum()) != nnz or (counts < 1).any():
         raise ArtifactError(f"tensor {name!r}: codebook counts do not match nnz={nnz}")
-    return codebook[decode_indices(idx, counts)]
+    return (_as_bytes(codebook, name) if small else codebook)[decode_indices(idx, counts)]
+
+
+def _as_bytes(values: np.ndarray, name: str) -> np.ndarray:
+    """``values`` as int8, or an :class:`ArtifactError` when one is not an integer in [-128, 127]."""
+    if not np.isin(values, np.arange(-128, 128)).all():
+        raise ArtifactError(f"tensor {name!r}: an int8 or uint8 tensor's values must be integers in [-128, 127]")
+    return values.astype(np.int8)
 
 
 def stream_bounds(t: torch.Tensor, alpha: float = ALPHA, rowcol: bool = False) -> dict[str, float]:
