@@ -134,3 +134,15 @@ def input_outliers(model, batch: dict) -> dict:
         for h in hooks:
             h.remove()
     return {"median": statistics.median(ratios), "max": max(ratios)}
+
+
+def mcnemar(ours, peer) -> dict:
+    """Paired comparison on the same test images (boolean tensors, right or not): how many only
+    ours / only the peer gets right, and the exact two-sided McNemar p-value (a binomial test on
+    those discordant images)."""
+    import math
+
+    b, c = int((ours & ~peer).sum()), int((~ours & peer).sum())
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n if n else 1.0
+    return {"only_ours": b, "only_peer": c, "p": min(1.0, 2 * tail)}

@@ -25,7 +25,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -33,7 +32,7 @@ import sys
 import time
 import warnings
 
-from bench_common import TMP, cpu, end_section, markers, output_args, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
+from bench_common import TMP, cpu, end_section, markers, mcnemar, output_args, publish, saved_results, write_section  # noqa: E402  (sets the cache folders)
 
 START, END = markers("quantization")
 
@@ -74,15 +73,6 @@ def correct(fn, data) -> torch.Tensor:
 def run_acc(fn, data) -> float:
     """Top-1 accuracy of any callable over the test set."""
     return float(correct(fn, data).float().mean())
-
-
-def mcnemar(ours: torch.Tensor, peer: torch.Tensor) -> dict:
-    """Paired comparison on the same test images: how many only ours / only the peer gets right,
-    and the exact two-sided McNemar p-value (a binomial test on those discordant images)."""
-    b, c = int((ours & ~peer).sum()), int((~ours & peer).sum())
-    n = b + c
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n if n else 1.0
-    return {"only_ours": b, "only_peer": c, "p": min(1.0, 2 * tail)}
 
 
 def latencies(fn_for_batch, data) -> dict:

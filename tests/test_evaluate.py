@@ -56,7 +56,8 @@ def test_paired_latency_alternates_blocks_and_ranks_the_faster_side():
 def test_import_is_lean():
     code = (
         "import sys, torchslim; "
-        "print(','.join(m for m in ('onnx','onnxruntime','ray','optuna','matplotlib','transformers','sklearn') "
+        "print(','.join(m for m in ('onnx','onnxruntime','ray','optuna','matplotlib','transformers','sklearn', "
+        "'flwr','torch.distributed.run','torch.distributed.elastic') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -198,7 +198,7 @@ def test_two_ray_workers_are_pinned_to_their_own_cores(digits_mlp, digits, tmp_p
     report = search(digits_mlp, digits, small_config(4, workers=2), tmp_path / "run", name="s", zoo=ZOO)
     assert report.search.trials_done == 4 and report.final is not None
     executor = report.search.executor
-    assert "2 Ray workers" in executor and "cores [[0], [1]]" in executor
+    assert "2 Ray workers" in executor and "(1 node)" in executor and "cores [[0], [1]]" in executor
 
 
 RECIPE = """

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,12 +75,23 @@ def compress(
     recipe: str | None = typer.Argument(None, help="recipe YAML path or built-in name (default: lenet_300_100)"),
     out: Path | None = typer.Option(None, "--out", help="output folder (overrides the recipe's)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (compress: only the before/after table)"),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="train on N processes, data-parallel (torchrun; same global batch, same results)"
+    ),
 ) -> None:
     """Run a recipe: train (or reuse) the baseline, compress, save the .tslim, write the report."""
     from torchslim.recipe.run import run_recipe
     from torchslim.recipe.schema import load_recipe
     from torchslim.report.render import summary_rows
+    from torchslim.train.distributed import init_from_env, is_main
 
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch(
+            nproc, [*([recipe] if recipe else []), *(["--out", str(out)] if out else []), *(["-q"] if quiet else [])]
+        )
+        return
+    if init_from_env() and not is_main():
+        console.quiet = True  # rank 0 alone prints
     try:
         spec = load_recipe(recipe)
         if out is not None:
@@ -99,6 +113,24 @@ def compress(
         _details(report)
     out_dir = Path(report.artifact).parent
     console.print(f"wrote {report.artifact}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+
+
+def _launch(nproc: int, args: list[str]) -> None:
+    """Run ``compress ARGS`` on ``nproc`` processes under torchrun; a failed process stops the
+    run with a clear error (a rerun resumes the training from its epoch checkpoints)."""
+    from torchslim.errors import TrainingError
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["--module", "torchslim.cli", "compress", *args]
+    code = subprocess.run(cmd, check=False).returncode
+    if code != 0:
+        _fail(
+            TrainingError(
+                f"a training process of the {nproc} failed (torchrun exited with {code}; its message is above). "
+                "Rerun the same command: training resumes from the last finished epoch (checkpoints in the run's "
+                "output folder, removed once a run succeeds)"
+            )
+        )
 
 
 def _details(report: RunReport) -> None:

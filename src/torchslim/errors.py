@@ -46,3 +46,13 @@ class WeightsError(TorchslimError, ValueError):
 class OutputError(TorchslimError, OSError):
     """An output file cannot be written where asked: an empty path, a folder, a path under a
     file, no permission, or a full disk. Any earlier file at the path is left as it was."""
+
+
+class TrainingError(TorchslimError, RuntimeError):
+    """A training process failed (one of several under torchrun); a rerun resumes from its checkpoints."""
+
+
+class UpdateRejectedError(TorchslimError, ValueError):
+    """A federated server refused a client's model update: undecodable bytes, tensors of other
+    names or shapes than the global model's, NaN or Inf values, or a payload over the size
+    limit. The update is dropped and the global model is left as it was."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +32,8 @@ from torchslim.report.records import Measurement, RunReport, StepRecord
 from torchslim.report.render import write_report
 from torchslim.search.result import SearchResult
 from torchslim.train.baseline import trained_baseline
+from torchslim.train.checkpoint import checkpoints
+from torchslim.train.distributed import barrier, is_main, local_processes
 from torchslim.train.fit import Progress, fit
 from torchslim.transforms.compress import ONE_SHOT, compress
 from torchslim.transforms.distill import distill
@@ -175,8 +179,17 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> RunRe
         raise RecipeError(
             f"recipe {recipe.name!r} has no steps: add steps for `torchslim compress`, or run `torchslim search` with it"
         )
+    folder = recipe.out_dir() / "checkpoints"
+    with checkpoints(folder):  # a rerun after a killed run resumes its training from here
+        report = _run_recipe(recipe, progress)
+    if is_main():
+        shutil.rmtree(folder, ignore_errors=True)
+    return report
+
+
+def _run_recipe(recipe: Recipe, progress: ProgressFactory | None) -> RunReport:
     bar = progress or (lambda _description: None)
-    torch.set_num_threads(recipe.threads)
+    torch.set_num_threads(max(1, recipe.threads // local_processes()))  # processes on one machine share its cores
     start = time.perf_counter()
     source = model_source(recipe, bar)
     data, baseline, cached = source.data, source.baseline, source.ready
@@ -200,6 +213,10 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> RunRe
         run.timings[f"step{i}_{step.kind}_s"] = run.steps[-1].seconds
     run.model.cpu().eval()  # the artifact is measured and verified on the CPU
     baseline.cpu()
+    if not is_main():  # rank 0 alone saves, verifies and reports; the other ranks take its report
+        barrier()
+        path = recipe.out_dir() / "report.json"
+        return RunReport.from_dict(json.loads(path.read_text()), str(path))
     t0 = time.perf_counter()
     artifact = recipe.artifact_path()
     metric = data.task.metric.name
@@ -216,6 +233,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFactory | None = None) -> RunRe
     report = _report(recipe, run, baseline, restored, data, cached)
     report.timings["total_s"] = time.perf_counter() - start
     write_report(report, recipe.out_dir())
+    barrier()
     return report
 
 
@@ -290,7 +308,7 @@ def run_search(
 
     bar = progress or (lambda _description: None)
     config = (recipe.search or SearchSection()).config(recipe.threads, recipe.seed, **overrides)
-    torch.set_num_threads(recipe.threads)
+    torch.set_num_threads(max(1, recipe.threads // local_processes()))  # processes on one machine share its cores
     start = time.perf_counter()
     source = model_source(recipe, bar)
     baseline, data, cached = source.baseline.cpu(), source.data, source.ready

@@ -2,8 +2,9 @@
 
 Both executors take ``submit(key, params)`` and hand results back through ``wait()``, so the
 study loop does not care which one runs. On Ray, each worker is an actor that holds one copy
-of the model and the data (rebuilt from the zoo name, a safetensors weights file and the data
-spec: nothing is pickled but plain values and plans). A local Ray gets ``workers x threads``
+of the model and the data (rebuilt from the zoo name, the baseline's safetensors bytes and the
+data spec: nothing is pickled but plain values and plans), so no node reads the driver's files;
+trial results come back through Ray. A local Ray gets ``workers x threads``
 CPUs; each actor reserves ``threads`` of them and, on a local machine, pins its process to
 its own cores (``os.sched_setaffinity``) and sets torch's thread count to match, so two
 trials never share a core and their latency measurements do not disturb each other. On an
@@ -52,7 +53,7 @@ class WorkerSpec:
 
     zoo: str
     kwargs: dict
-    weights: str  # a safetensors file
+    weights: bytes  # the baseline's state, safetensors bytes (sent through Ray: no shared storage)
     data: dict  # a DataSpec's fields
     config: Any  # the SearchConfig
     threads: int
@@ -62,7 +63,7 @@ class TrialWorker:
     """A Ray actor's body: pinned to its cores, one model and dataset, runs trials on request."""
 
     def __init__(self, spec: WorkerSpec, index: int, pin: bool) -> None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         from torchslim.core.data import DataSpec, load_data
         from torchslim.core.models import build_model
@@ -75,12 +76,18 @@ class TrialWorker:
                 os.sched_setaffinity(0, mine)
         torch.set_num_threads(spec.threads)
         model = build_model(spec.zoo, **spec.kwargs)
-        model.load_state_dict(load_file(spec.weights))
+        model.load_state_dict(load(spec.weights))
         data = load_data(DataSpec(**spec.data))
         self.evaluate = Evaluator(model, data, spec.config, {"zoo": spec.zoo, "kwargs": spec.kwargs})
 
     def cores(self) -> list[int]:
         return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+    def node(self) -> str:
+        """The Ray node this worker runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def run(self, params: Mapping[str, Any]) -> dict:
         return self.evaluate(params)
@@ -108,10 +115,14 @@ class RayPool:
         actor = ray.remote(num_cpus=spec.threads)(TrialWorker)
         self.free = deque(actor.remote(spec, i, address is None) for i in range(workers))
         self.pinned = ray.get([a.cores.remote() for a in self.free])
+        self.nodes = len(set(ray.get([a.node.remote() for a in self.free])))
         self.running: dict[Any, tuple[Any, Any]] = {}
         self.slots = workers
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        self.description = f"{workers} Ray worker{'s' if workers > 1 else ''} on {where}, {spec.threads} thread(s) each, cores {self.pinned}"
+        self.description = (
+            f"{workers} Ray worker{'s' if workers > 1 else ''} on {where} ({self.nodes} node"
+            f"{'s' if self.nodes > 1 else ''}), {spec.threads} thread(s) each, cores {self.pinned}"
+        )
 
     def submit(self, key: Any, params: Mapping[str, Any]) -> None:
         worker = self.free.popleft()

@@ -258,7 +258,7 @@ def _worker_spec(
     if zoo is None or data.spec is None:  # a user's model or loaders: a worker could not load them again
         return None
     return lambda: WorkerSpec(
-        zoo["zoo"], dict(zoo.get("kwargs", {})), str(weights), asdict(data.spec), config, config.latency.threads
+        zoo["zoo"], dict(zoo.get("kwargs", {})), weights.read_bytes(), asdict(data.spec), config, config.latency.threads
     )
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save
 from torchslim.core.data import Data
 from torchslim.core.files import write_atomic
 from torchslim.core.models import build_model
+from torchslim.train.distributed import is_main
 from torchslim.train.fit import Progress, TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -70,5 +71,6 @@ def trained_baseline(
             torch.manual_seed(config.seed)
             net = build_model(model, **kwargs)
     fit(net, data, config, progress)
-    write_atomic(path, save({k: v.contiguous() for k, v in net.state_dict().items()}))
+    if is_main():  # one writer under torchrun
+        write_atomic(path, save({k: v.contiguous() for k, v in net.state_dict().items()}))
     return net.eval(), False

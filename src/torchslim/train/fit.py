@@ -20,6 +20,8 @@ from torch import nn
 from torchslim.core.data import Data
 from torchslim.core.task import Task, forward, move
 from torchslim.errors import ConfigError, DataError
+from torchslim.train.checkpoint import Resumed, for_fit
+from torchslim.train.distributed import average_gradients, broadcast_, mean_over_ranks, shard, world
 from torchslim.train.losses import check_alpha, check_temperature
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,10 @@ def fit(
     (e.g. its projections) are trained along. Each batch is moved to the device of the
     model's parameters.
 
+    Under torchrun each rank trains on its slice of every batch and the gradients are averaged
+    over the ranks (:mod:`torchslim.train.distributed`); inside
+    :func:`~torchslim.train.checkpoint.checkpoints` each epoch is checkpointed and a rerun resumes.
+
     Example:
         >>> losses = fit(model, data, TrainConfig(epochs=2))  # doctest: +SKIP
     """
@@ -99,25 +105,39 @@ def fit(
     total = steps_per_epoch * config.epochs if steps_per_epoch else None
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = _schedule(opt, config, total)
-    losses, done = [], 0
+    losses, done, first = [], 0, 0
     if objective is None:
         objective = _default_objective(model, data.task, config, teacher)
     device = params[0].device
     autocast, scaler = _mixed_precision(config.precision, device)
+    rank, size = world()
+    broadcast_([*params, *model.buffers()])  # every rank starts from rank 0's model
+    extra = list(extra_params)
+    checkpoint = for_fit(model, extra, config)
+    if checkpoint is not None and (resumed := checkpoint.resume(model, extra, opt, sched)) is not None:
+        losses, done, first = resumed.losses, resumed.steps, resumed.epochs
+        log.warning("resumed training from %s after epoch %d of %d", checkpoint.path, first, config.epochs)
     model.train()
     if teacher is not None:
         teacher.eval()
-    for epoch in range(config.epochs):
+    for epoch in range(first, config.epochs):
         running, steps = 0.0, 0
         for batch, rows in data.train_batches(epoch_seed=config.seed * 1000 + epoch):
+            weight = 1.0
+            if size > 1:  # this rank's rows of the global batch
+                (batch, rows), weight = shard((batch, rows), rank, size)
             with autocast():
                 loss = objective(move(batch, device), rows)
+            if weight != 1.0:
+                loss = loss * weight
             opt.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
+                average_gradients(params)
                 opt.step()
             else:
                 scaler.scale(loss).backward()
+                average_gradients(params)
                 scaler.step(opt)
                 scaler.update()
             sched.step()
@@ -127,8 +147,11 @@ def fit(
                 progress(done, total or done)
         if steps == 0:
             raise DataError("the training loader yielded no batches; give it at least one batch")
-        losses.append(running / steps)
+        losses.append(mean_over_ranks(running / steps))
         log.info("epoch %d/%d loss %.4f", epoch + 1, config.epochs, losses[-1])
+        if checkpoint is not None:
+            checkpoint.save(model, extra, opt, sched, Resumed(epoch + 1, losses, done, epoch + 1 == config.epochs))
+    broadcast_(model.buffers())  # BatchNorm statistics: rank 0's everywhere
     model.eval()
     return losses
 
