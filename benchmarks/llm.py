@@ -411,10 +411,15 @@ def deployed(folder: Path, int4: bool) -> dict:
     return out
 
 
-def generation_memory(folder: Path, tslim: Path | None) -> dict:
+def generation_memory(folder: Path, tslim: Path | None, runs: int = 3) -> dict:
+    """The child's figures over ``runs`` fresh processes: each field's median (the heap's peak
+    varies from process to process), and every run's peak."""
     cmd = [sys.executable, __file__, "--generation-child", str(folder)] + ([str(tslim)] if tslim else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    rows = []
+    for _ in range(runs):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]} | {"peak_mb_runs": [r["peak_mb"] for r in rows]}
 
 
 # ---------------------------------------------------------------- run
@@ -598,7 +603,7 @@ def section(r: dict) -> str:
         ),
         "",
         "Deployed: a fresh process loads the model (fp32 from its folder; the int4 model's `.tslim` into a model "
-        "of the folder's config) and generates 64 tokens at batch 1; RSS above the warmed-up libraries:",
+        "of the folder's config) and generates 64 tokens at batch 1; RSS above the warmed-up libraries, the median of 3 fresh processes:",
         "",
         "| model | RSS once loaded MB | peak over loading and generating MB | decode tokens/s |",
         "|---|---|---|---|",
