@@ -72,10 +72,12 @@ def checkpoint_epochs(folder: Path) -> int:
     """Epochs saved in the first fit's checkpoint (the baseline's), 0 when none yet."""
     from safetensors import safe_open
 
+    from torchslim.train.checkpoint import META
+
     for path in folder.glob("fit-1-*.safetensors"):
         try:
             with safe_open(str(path), "pt") as f:
-                return json.loads(f.metadata()["torchslim-fit"])["epochs"]
+                return json.loads(f.metadata()[META])["epochs"]
         except Exception:  # noqa: BLE001 -- a file being replaced: look again
             return 0
     return 0

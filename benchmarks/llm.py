@@ -97,18 +97,28 @@ DEPLOY = "gptq int4 + head"  # the int4 model a user ships: the file, perplexity
 
 def texts(recipe: llm_model.Recipe, tokenizer, quick: bool) -> tuple[list[dict], list[torch.Tensor]]:
     """Calibration batches (training text, seeded) and held-out evaluation sequences."""
+    calib_n, eval_n = (16, 8) if quick else (CALIB, EVAL)
+    return token_rows(recipe, tokenizer, calib_n, eval_n, recipe.context, CALIB_BATCH, 8, pool=8)
+
+
+def token_rows(
+    recipe: llm_model.Recipe, tokenizer, calib_n: int, eval_n: int, context: int, batch: int, eval_batch: int, pool: int
+) -> tuple[list[dict], list[torch.Tensor]]:
+    """``calib_n`` calibration rows of ``context`` tokens from ``pool * calib_n`` training packages
+    (a seeded draw), in batches of ``batch``, and ``eval_n`` held-out rows in batches of
+    ``eval_batch``; every text tokenized by ``tokenizer``."""
     train, held = llm_model.split_records(recipe)
     g = torch.Generator().manual_seed(1)
-    calib_n, eval_n = (16, 8) if quick else (CALIB, EVAL)
-    pool = [train[int(i)] for i in torch.randperm(len(train), generator=g)[: calib_n * 8]]
-    calib = llm_model.chunks(
-        llm_model.token_stream(tokenizer, [llm_model.record_text(r) for r in pool]), recipe.context
-    )
-    calib = calib[:calib_n]
+    drawn = [train[int(i)] for i in torch.randperm(len(train), generator=g)[: calib_n * pool]]
+    calib = llm_model.chunks(llm_model.token_stream(tokenizer, [llm_model.record_text(r) for r in drawn]), context)[
+        :calib_n
+    ]
     held_stream = llm_model.token_stream(tokenizer, [llm_model.record_text(r) for r in held])
-    evals = llm_model.chunks(held_stream, recipe.context)[:eval_n]
-    batches = [{"input_ids": calib[i : i + CALIB_BATCH]} for i in range(0, len(calib), CALIB_BATCH)]
-    return batches, [evals[i : i + 8] for i in range(0, len(evals), 8)]
+    evals = llm_model.chunks(held_stream, context)[:eval_n]
+    if len(calib) < calib_n or len(evals) < eval_n:
+        raise SystemExit(f"too little text: {len(calib)} calibration and {len(evals)} held-out sequences")
+    batches = [{"input_ids": calib[i : i + batch]} for i in range(0, len(calib), batch)]
+    return batches, [evals[i : i + eval_batch] for i in range(0, len(evals), eval_batch)]
 
 
 @torch.no_grad()

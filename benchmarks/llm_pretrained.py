@@ -116,20 +116,8 @@ def pretrained_folder() -> Path:
 
 def texts(tokenizer, quick: bool) -> tuple[list[dict], list[torch.Tensor]]:
     """Calibration batches (training packages, seeded) and held-out evaluation sequences."""
-    recipe = llm_model.Recipe()
-    train, held = llm_model.split_records(recipe)
     calib_n, eval_n = (8, 4) if quick else (CALIB, EVAL)
-    g = torch.Generator().manual_seed(1)
-    pool = [train[int(i)] for i in torch.randperm(len(train), generator=g)[: calib_n * 16]]
-    calib = llm_model.chunks(llm_model.token_stream(tokenizer, [llm_model.record_text(r) for r in pool]), CONTEXT)[
-        :calib_n
-    ]
-    held_stream = llm_model.token_stream(tokenizer, [llm_model.record_text(r) for r in held])
-    evals = llm_model.chunks(held_stream, CONTEXT)[:eval_n]
-    if len(calib) < calib_n or len(evals) < eval_n:
-        raise SystemExit(f"too little text: {len(calib)} calibration and {len(evals)} held-out sequences")
-    batches = [{"input_ids": calib[i : i + 4]} for i in range(0, len(calib), 4)]
-    return batches, [evals[i : i + 4] for i in range(0, len(evals), 4)]
+    return llm.token_rows(llm_model.Recipe(), tokenizer, calib_n, eval_n, CONTEXT, 4, 4, pool=16)
 
 
 def run(args) -> dict:
